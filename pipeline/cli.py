@@ -1,0 +1,102 @@
+"""`pipeline` command line: one subcommand per process role (see ../shared/SPEC.md).
+
+Each role lives in its own module exposing `add_arguments(parser)` and
+`main(settings, args) -> int`; the module is imported only when its command runs, so a broken
+role cannot stop the others from starting. A SettingsError anywhere during start-up prints one
+line naming the setting and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline.config import load_settings
+from pipeline.errors import SettingsError
+from pipeline.logs import register_secret, setup_logging
+
+# command -> module holding add_arguments() and main()
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("ingest", "market"): ("pipeline.ingest_market", "market-data ingestor"),
+    ("ingest", "user"): ("pipeline.ingest_user", "user-data ingestor"),
+    ("project",): ("projections.runner", "run the projector consumer groups"),
+    ("replay",): ("projections.replay", "rebuild views from the log, then exit"),
+    ("status",): ("pipeline.status", "connections, streams, lag, view ages, dead letters"),
+    ("simulate",): ("pipeline.simulator.server", "local Binance-protocol exchange simulator"),
+    ("demo",): ("pipeline.demo", "the whole system on one machine, no account needed"),
+}
+
+# flag -> environment variable it overrides
+COMMON_FLAGS: dict[str, str] = {
+    "--redis-url": "REDIS_URL",
+    "--ws-url": "BINANCE_WS_URL",
+    "--rest-url": "BINANCE_REST_URL",
+    "--symbols": "PIPELINE_SYMBOLS",
+    "--streams": "PIPELINE_MARKET_STREAMS",
+    "--view-prefix": "PIPELINE_VIEW_PREFIX",
+    "--retention": "PIPELINE_RETENTION",
+    "--silence-timeout": "PIPELINE_SILENCE_TIMEOUT",
+    "--rotate-after": "PIPELINE_ROTATE_AFTER",
+    "--buffer-frames": "PIPELINE_BUFFER_FRAMES",
+    "--metrics-port": "PIPELINE_METRICS_PORT",
+    "--log-format": "PIPELINE_LOG_FORMAT",
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    for flag, env in COMMON_FLAGS.items():
+        parser.add_argument(flag, dest=env, default=None, help=f"overrides ${env}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, (module_name, help_text) in COMMANDS.items():
+        if len(words) == 1:
+            p = sub.add_parser(words[0], help=help_text)
+        else:
+            if words[0] not in groups:
+                g = sub.add_parser(words[0], help=f"{words[0]} roles")
+                groups[words[0]] = g.add_subparsers(dest="role", required=True)
+            p = groups[words[0]].add_parser(words[1], help=help_text)
+        _add_common(p)
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse once to find the command, then let its module add its own flags and parse again.
+    known, _ = parser.parse_known_args(argv)
+    module = importlib.import_module(known._module)
+    sub = _subparser_for(parser, known)
+    module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    overrides = {env: getattr(args, env) for env in COMMON_FLAGS.values()}
+    try:
+        settings = load_settings(overrides)
+        setup_logging(settings.log_format)
+        for secret in (settings.api_key, settings.api_secret):
+            if secret is not None:
+                register_secret(secret.value)
+        return int(module.main(settings, args) or 0)
+    except SettingsError as exc:
+        print(f"pipeline: bad setting {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("pipeline").info("interrupted")
+        return 130
+
+
+def _subparser_for(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = action.choices[ns.command]
+    if getattr(ns, "role", None):
+        inner = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        p = inner.choices[ns.role]
+    return p

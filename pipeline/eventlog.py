@@ -1,0 +1,191 @@
+"""The event log: which `raw:` stream a frame goes to and what one entry holds.
+
+Pure: no I/O. The writer (`pipeline.writer`) turns these entries into XADD commands; the
+projectors (`projections.runner`) read them back with `decode_entry`.
+
+Keys (documented with sizes in docs/architecture.md):
+- `raw:market:{family}`  one stream per market stream family (markPrice, depth20, depth,
+  aggTrade, kline_1m, bookTicker, forceOrder, markPrice_arr). Every symbol of a family shares it;
+  the frame's own "stream" field tells the symbol. A symbol's frames are in exchange order.
+- `raw:market:other`  frames that name no known stream: SUBSCRIBE replies, malformed, binary,
+  oversized or unknown frames. Logged as received and counted, never dropped.
+- `raw:user`  every frame of the user-data stream plus the REST snapshots of reconciliation.
+- `raw:conn`  connection lifecycle: opened, closed, silent, rotated.
+
+Entry fields:
+- frame entry: `frame` (exact bytes as received), `recv_ts` (local receipt time, unix seconds
+  with microseconds, as text), `conn` (connection id), `seq` (frame number on that connection).
+  A retried XADD after a Redis failure may log a frame twice: a duplicate is an entry with the
+  same `conn` and `seq` as an earlier one. Projections ignore it because its order key (event
+  time, update id) is not newer than what the view holds.
+- control entry (no `frame` field): `ctl` (opened, closed, silent, gap, snapshot, reconcile,
+  ...), `body` (JSON), `recv_ts`, `conn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import orjson
+
+from pipeline.errors import SettingsError
+
+RAW_PREFIX = "raw:"
+MARKET_PREFIX = "raw:market:"
+KEY_OTHER = "raw:market:other"
+KEY_USER = "raw:user"
+KEY_CONN = "raw:conn"
+
+_COMBINED_PREFIX = b'{"stream":"'
+
+
+def market_key(family: str) -> str:
+    return MARKET_PREFIX + family
+
+
+def family_of_stream(stream_name: str) -> str | None:
+    """`btcusdt@depth20@100ms` -> `depth20`; `!markPrice@arr@1s` -> `markPrice_arr`."""
+    if stream_name.startswith("!markPrice@arr"):
+        return "markPrice_arr"
+    parts = stream_name.split("@")
+    if len(parts) < 2:
+        return None
+    kind = parts[1]
+    if kind == "markPrice" or kind == "aggTrade" or kind == "bookTicker" or kind == "forceOrder":
+        return kind
+    if kind.startswith("kline_"):
+        return kind
+    if kind in ("depth", "depth5", "depth10", "depth20"):
+        return kind
+    return None
+
+
+def route_frame(frame: bytes | str) -> str:
+    """The raw key a market frame belongs to, read from the combined wrapper's first field.
+
+    Hot path (every market frame): slices the bytes instead of parsing the JSON. Binance writes
+    `{"stream":"<name>","data":...}` with "stream" first; anything else goes to `raw:market:other`.
+    """
+    if isinstance(frame, str):
+        frame = frame.encode()
+    if not frame.startswith(_COMBINED_PREFIX):
+        return KEY_OTHER
+    end = frame.find(b'"', len(_COMBINED_PREFIX), 120)
+    if end < 0:
+        return KEY_OTHER
+    family = family_of_stream(frame[len(_COMBINED_PREFIX):end].decode("ascii", "replace"))
+    return market_key(family) if family else KEY_OTHER
+
+
+def format_ts(ts: float) -> bytes:
+    return b"%.6f" % ts
+
+
+def frame_entry(frame: bytes, recv_ts: float, conn: str, seq: int) -> dict[bytes, bytes]:
+    return {b"frame": frame, b"recv_ts": format_ts(recv_ts), b"conn": conn.encode(),
+            b"seq": b"%d" % seq}
+
+
+def control_entry(ctl: str, body: Mapping[str, Any], recv_ts: float, conn: str = "") -> dict[
+    bytes, bytes
+]:
+    return {b"ctl": ctl.encode(), b"body": orjson.dumps(body), b"recv_ts": format_ts(recv_ts),
+            b"conn": conn.encode()}
+
+
+@attrs.frozen
+class FrameEntry:
+    id: bytes
+    frame: bytes
+    recv_ts: float
+    conn: str
+    seq: int
+
+
+@attrs.frozen
+class ControlEntry:
+    id: bytes
+    ctl: str
+    body: Any
+    recv_ts: float
+    conn: str
+
+
+def decode_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> FrameEntry | ControlEntry:
+    """Read one stream entry back. Raises ValueError on an entry this project did not write."""
+    try:
+        recv_ts = float(fields[b"recv_ts"])
+        conn = fields.get(b"conn", b"").decode()
+        if b"frame" in fields:
+            return FrameEntry(entry_id, fields[b"frame"], recv_ts, conn,
+                              int(fields.get(b"seq", b"0")))
+        return ControlEntry(entry_id, fields[b"ctl"].decode(), orjson.loads(fields[b"body"]),
+                            recv_ts, conn)
+    except (KeyError, ValueError, orjson.JSONDecodeError) as exc:
+        raise ValueError(f"not an event-log entry: {exc!r}") from exc
+
+
+# --- retention -----------------------------------------------------------------------------
+
+@attrs.frozen
+class Retention:
+    """Either a count (XADD MAXLEN ~ n) or an age (XADD MINID ~ now-age); None keeps all."""
+
+    maxlen: int | None = None
+    max_age_s: float | None = None
+
+    def describe(self) -> str:
+        if self.maxlen is not None:
+            return f"~{self.maxlen} entries"
+        if self.max_age_s is not None:
+            return f"~{self.max_age_s:g} s"
+        return "kept forever"
+
+
+# Sized for the whole market (~400 symbols) on one Redis with ~8 GB: see docs/architecture.md.
+DEFAULT_RETENTION: dict[str, Retention] = {
+    "markPrice": Retention(maxlen=1_000_000),  # ~40 min at 400 symbols x 1/s, ~300 B each
+    "markPrice_arr": Retention(maxlen=3_600),  # 1 h at 1/s, ~100 KB each
+    "depth5": Retention(maxlen=300_000),
+    "depth10": Retention(maxlen=300_000),
+    "depth20": Retention(maxlen=300_000),  # ~75 s of the full market at 10/s, ~2 KB each
+    "depth": Retention(maxlen=1_000_000),  # diff depth, ~500 B each
+    "aggTrade": Retention(maxlen=2_000_000),
+    "bookTicker": Retention(maxlen=1_000_000),
+    "forceOrder": Retention(maxlen=100_000),
+    "kline": Retention(maxlen=500_000),  # every kline_<interval> key
+    "other": Retention(maxlen=100_000),
+    "conn": Retention(maxlen=100_000),
+    "user": Retention(),  # user data is never trimmed by default
+}
+
+
+def retention_family(key: str) -> str:
+    """`raw:market:kline_1m` -> `kline`; `raw:user` -> `user`."""
+    if key.startswith(MARKET_PREFIX):
+        fam = key[len(MARKET_PREFIX):]
+        return "kline" if fam.startswith("kline_") else fam
+    return key[len(RAW_PREFIX):]
+
+
+def parse_retention(value: str) -> dict[str, Retention]:
+    """PIPELINE_RETENTION, e.g. `depth20=200000,aggTrade=age:3600,user=none` over the defaults."""
+    out = dict(DEFAULT_RETENTION)
+    for item in (p.strip() for p in value.split(",")):
+        if not item:
+            continue
+        fam, sep, spec = item.partition("=")
+        if not sep or fam not in DEFAULT_RETENTION:
+            raise SettingsError("PIPELINE_RETENTION", f"bad item {item!r}")
+        try:
+            if spec == "none":
+                out[fam] = Retention()
+            elif spec.startswith("age:"):
+                out[fam] = Retention(max_age_s=float(spec[4:]))
+            else:
+                out[fam] = Retention(maxlen=int(spec))
+        except ValueError:
+            raise SettingsError("PIPELINE_RETENTION", f"bad item {item!r}") from None
+    return out

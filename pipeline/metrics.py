@@ -1,0 +1,75 @@
+"""Prometheus series of every long-running command, and the /metrics + /healthz server.
+
+All series are defined here, once, so a reader sees the whole list in one screen and the
+commands share the names. `serve(port, health)` runs a small HTTP server in a daemon thread:
+`/metrics` in the Prometheus text format, `/healthz` answering 200 while `health()` is true
+and 503 otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+FRAMES_RECEIVED = Counter(
+    "pipeline_frames_received", "Websocket frames received", ["path"])
+FRAMES_LOGGED = Counter(
+    "pipeline_frames_logged", "Frames appended to the raw: streams", ["key"])
+FRAMES_DROPPED = Counter(
+    "pipeline_frames_dropped", "Frames dropped because the buffer was full", ["key"])
+BAD_FRAMES = Counter(
+    "pipeline_bad_frames", "Frames logged to raw:market:other (unknown, malformed, binary)")
+BATCH_SIZE = Histogram(
+    "pipeline_batch_size", "Entries per Redis write batch",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
+REDIS_WRITE_SECONDS = Histogram(
+    "pipeline_redis_write_seconds", "Time of one batch write to Redis",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
+RECONNECTS = Counter(
+    "pipeline_reconnects", "Websocket reconnects", ["reason"])
+GAPS = Counter("pipeline_gaps", "Gaps recorded in the log", ["key"])
+BUFFER_FILL = Gauge("pipeline_buffer_fill", "Entries waiting in the ingest buffer")
+CONNECTIONS = Gauge("pipeline_connections", "Open websocket connections", ["path"])
+CONSUMER_LAG = Gauge(
+    "pipeline_consumer_lag", "Entries not yet delivered to a projection's group", ["group", "key"])
+VIEW_AGE = Gauge("pipeline_view_age_seconds", "Age of the newest value a projection wrote",
+                 ["projection"])
+EVENTS_PROJECTED = Counter(
+    "pipeline_events_projected", "Log entries a projection has applied", ["projection"])
+DEAD_LETTERS = Counter(
+    "pipeline_dead_letters", "Entries moved to a dead-letter stream", ["projection"])
+UNKNOWN_EVENTS = Counter(
+    "pipeline_unknown_events", "Events of a type this version does not know", ["type"])
+REST_WEIGHT = Gauge(
+    "pipeline_rest_weight_used_1m", "Last X-MBX-USED-WEIGHT-1M reported by the exchange")
+
+
+def serve(port: int, health: Callable[[], bool] = lambda: True,
+          host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - containers need it
+    """Start /metrics and /healthz on `port` (0 picks a free one: read `server.server_port`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.startswith("/metrics"):
+                body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
+            elif self.path.startswith("/healthz"):
+                ok = health()
+                body, status, ctype = (b"ok\n" if ok else b"unhealthy\n"), (200 if ok else 503), \
+                    "text/plain"
+            else:
+                body, status, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

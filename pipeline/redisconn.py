@@ -1,0 +1,66 @@
+"""The one place a Redis client is made and redis-py's errors become ours.
+
+Settings that bite under Trio (redis-py's asyncio client does not run on Trio, so the
+ingestor and projectors use the sync client from worker threads):
+- `socket_timeout` (10 s) is longer than any BLOCK this project issues (`MAX_BLOCK_MS`), so a
+  blocking XREADGROUP never looks like a dead server;
+- no automatic retry: redis-py would re-send an `XADD *` after a timeout and log the frame twice;
+  the writer retries whole batches itself (see `pipeline.eventlog` for what a duplicate is);
+- RESP2 and legacy response shapes, so XREADGROUP/XAUTOCLAIM replies keep one shape across
+  redis-py upgrades; bytes in, bytes out (`decode_responses=False`): frames stay exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline.config import redact_url
+from pipeline.errors import RedisUnavailable, SettingsError
+
+SOCKET_TIMEOUT_S = 10.0
+MAX_BLOCK_MS = 2_000
+
+
+def make_client(url: str, *, name: str = "pipeline") -> redis.Redis:
+    """A client with the pinned settings above. Does not connect yet."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        protocol=2,
+        legacy_responses=True,
+        decode_responses=False,
+        health_check_interval=0,
+        client_name=name,
+    )
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn redis-py's connection-level failures into RedisUnavailable."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+
+
+def connect_checked(url: str, *, name: str = "pipeline") -> redis.Redis:
+    """make_client + PING; a failure is a settings error naming REDIS_URL (exit 2 at start)."""
+    client = make_client(url, name=name)
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        raise SettingsError("REDIS_URL", f"authentication failed at {redact_url(url)}") from None
+    except redis.ResponseError as exc:
+        # e.g. NOPERM on PING for a badly written ACL: say so without the password
+        raise SettingsError("REDIS_URL", f"{redact_url(url)} refused PING: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        raise SettingsError("REDIS_URL", f"cannot reach redis at {redact_url(url)}") from None
+    return client

@@ -1,0 +1,156 @@
+"""Binance market stream kinds: parsing the settings, naming streams, routing them to a path.
+
+Pure: no I/O. Since 2026 Binance routes USD-M market streams by path:
+`/public` carries the order book streams (depth, bookTicker), `/market` everything else.
+A stream on the wrong path is accepted and then stays silent, which is why routing lives in one
+table here and the connection watches for silence (`pipeline.wsconn`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from enum import Enum
+
+import attrs
+
+from pipeline.errors import SettingsError
+
+
+class Path(str, Enum):
+    PUBLIC = "public"
+    MARKET = "market"
+    PRIVATE = "private"
+
+
+KLINE_INTERVALS = (
+    "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M",
+)
+PARTIAL_DEPTHS = (5, 10, 20)
+DEPTH_SPEEDS = ("100ms", "250ms", "500ms")
+
+_SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,24}(_[0-9]{6})?$")
+
+
+@attrs.frozen
+class StreamKind:
+    """One entry of PIPELINE_MARKET_STREAMS, e.g. `depth20@100ms`.
+
+    `family` names the raw log key (`raw:market:{family}`) and the projection that reads it.
+    `per_symbol` is False only for the all-market `!markPrice@arr` stream.
+    """
+
+    spec: str  # as written in the setting, e.g. "markPrice@1s"
+    family: str  # markPrice, markPrice_arr, depth5, depth10, depth20, depth, aggTrade, kline_1m, ...
+    path: Path
+    per_symbol: bool = True
+    # Streams that tick at least once a second; the silence timeout only applies to those.
+    ticks_every_second: bool = True
+
+    def stream_name(self, symbol: str | None) -> str:
+        """The name Binance uses in URLs and in the combined wrapper's "stream" field."""
+        if not self.per_symbol:
+            return self.spec
+        assert symbol is not None
+        return f"{symbol.lower()}@{self.spec}"
+
+
+def parse_stream_kind(spec: str) -> StreamKind:
+    """Parse one stream kind; raises SettingsError naming PIPELINE_MARKET_STREAMS."""
+    s = spec.strip()
+    bad = SettingsError("PIPELINE_MARKET_STREAMS", f"unknown stream kind {s!r}")
+    if s in ("markPrice", "markPrice@1s"):
+        return StreamKind(s, "markPrice", Path.MARKET)
+    if s in ("!markPrice@arr", "!markPrice@arr@1s"):
+        return StreamKind(s, "markPrice_arr", Path.MARKET, per_symbol=False)
+    if s in ("aggTrade",):
+        # a quiet symbol may trade less than once a second: no silence rule of its own
+        return StreamKind(s, "aggTrade", Path.MARKET, ticks_every_second=False)
+    if s == "forceOrder":
+        return StreamKind(s, "forceOrder", Path.MARKET, ticks_every_second=False)
+    if s == "bookTicker":
+        return StreamKind(s, "bookTicker", Path.PUBLIC)
+    if s.startswith("kline_"):
+        if s[len("kline_"):] not in KLINE_INTERVALS:
+            raise bad
+        return StreamKind(s, s, Path.MARKET)
+    m = re.fullmatch(r"depth(5|10|20)?(?:@(100ms|250ms|500ms))?", s)
+    if m:
+        levels = m.group(1)
+        return StreamKind(s, f"depth{levels}" if levels else "depth", Path.PUBLIC)
+    raise bad
+
+
+def parse_stream_kinds(value: str) -> tuple[StreamKind, ...]:
+    items = [v for v in (p.strip() for p in value.split(",")) if v]
+    if not items:
+        raise SettingsError("PIPELINE_MARKET_STREAMS", "is empty")
+    kinds = tuple(parse_stream_kind(v) for v in items)
+    families = [k.family for k in kinds]
+    dup = {f for f in families if families.count(f) > 1}
+    if dup:
+        raise SettingsError("PIPELINE_MARKET_STREAMS", f"more than one speed for {sorted(dup)}")
+    return kinds
+
+
+def parse_symbols(value: str) -> tuple[str, ...] | None:
+    """Upper-case symbols, or None for `ALL` (resolved later from exchangeInfo)."""
+    items = [v.strip().upper() for v in value.split(",") if v.strip()]
+    if not items:
+        raise SettingsError("PIPELINE_SYMBOLS", "is empty")
+    if items == ["ALL"]:
+        return None
+    for sym in items:
+        if not _SYMBOL_RE.match(sym):
+            raise SettingsError("PIPELINE_SYMBOLS", f"malformed symbol {sym!r}")
+    return tuple(dict.fromkeys(items))
+
+
+@attrs.frozen
+class Subscription:
+    """One stream on one path: what a connection subscribes to."""
+
+    name: str  # e.g. "btcusdt@depth20@100ms"
+    kind: StreamKind
+
+
+MAX_STREAMS_PER_CONNECTION = 1024
+
+
+def plan_subscriptions(
+    symbols: Sequence[str], kinds: Iterable[StreamKind]
+) -> dict[Path, list[Subscription]]:
+    """Every stream to subscribe, grouped by the path it must be served on."""
+    plan: dict[Path, list[Subscription]] = {}
+    for kind in kinds:
+        names = [kind.stream_name(None)] if not kind.per_symbol else [
+            kind.stream_name(sym) for sym in symbols
+        ]
+        plan.setdefault(kind.path, []).extend(Subscription(n, kind) for n in names)
+    return plan
+
+
+def plan_connections(
+    symbols: Sequence[str],
+    kinds: Iterable[StreamKind],
+    max_per_connection: int = MAX_STREAMS_PER_CONNECTION,
+) -> list[tuple[Path, list[Subscription]]]:
+    """Split the subscriptions into connections of at most `max_per_connection` streams.
+
+    All stream kinds of one symbol that share a path stay on one connection, so the frames of a
+    symbol reach the log in the order the exchange sent them.
+    """
+    out: list[tuple[Path, list[Subscription]]] = []
+    for path, subs in plan_subscriptions(symbols, kinds).items():
+        by_symbol: dict[str, list[Subscription]] = {}
+        for sub in subs:
+            by_symbol.setdefault(sub.name.split("@", 1)[0], []).append(sub)
+        current: list[Subscription] = []
+        for group in by_symbol.values():
+            if current and len(current) + len(group) > max_per_connection:
+                out.append((path, current))
+                current = []
+            current.extend(group)
+        if current:
+            out.append((path, current))
+    return out
