@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _subparser_for(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+def _subparser_for(
+    parser: argparse.ArgumentParser, ns: argparse.Namespace
+) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     p = action.choices[ns.command]
     if getattr(ns, "role", None):

@@ -89,9 +89,11 @@ class Settings:
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
-            raise SettingsError("BINANCE_API_KEY", "is required for `ingest user` (or BINANCE_API_KEY_FILE)")
+            raise SettingsError("BINANCE_API_KEY",
+                                "is required for `ingest user` (or BINANCE_API_KEY_FILE)")
         if self.api_secret is None:
-            raise SettingsError("BINANCE_API_SECRET", "is required for `ingest user` (or BINANCE_API_SECRET_FILE)")
+            raise SettingsError(
+                "BINANCE_API_SECRET", "is required for `ingest user` (or BINANCE_API_SECRET_FILE)")
         return self.api_key, self.api_secret
 
 

@@ -48,11 +48,11 @@ REST_WEIGHT = Gauge(
 
 
 def serve(port: int, health: Callable[[], bool] = lambda: True,
-          host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - containers need it
+          host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Start /metrics and /healthz on `port` (0 picks a free one: read `server.server_port`)."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):
@@ -67,7 +67,7 @@ def serve(port: int, health: Callable[[], bool] = lambda: True,
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
     server = ThreadingHTTPServer((host, port), Handler)

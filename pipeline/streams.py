@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from enum import Enum
+from enum import StrEnum
 
 import attrs
 
 from pipeline.errors import SettingsError
 
 
-class Path(str, Enum):
+class Path(StrEnum):
     PUBLIC = "public"
     MARKET = "market"
     PRIVATE = "private"
@@ -41,7 +41,8 @@ class StreamKind:
     """
 
     spec: str  # as written in the setting, e.g. "markPrice@1s"
-    family: str  # markPrice, markPrice_arr, depth5, depth10, depth20, depth, aggTrade, kline_1m, ...
+    # markPrice, markPrice_arr, depth5, depth10, depth20, depth, aggTrade, kline_1m, ...
+    family: str
     path: Path
     per_symbol: bool = True
     # Streams that tick at least once a second; the silence timeout only applies to those.

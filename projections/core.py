@@ -1,0 +1,110 @@
+"""What a projection is, and the writes it asks for. Pure: imports neither trio nor redis.
+
+A projection folds one log entry at a time: `apply(entry) -> list[Output]`. It never touches
+Redis. The shell (`projections.runner`) coalesces the outputs of a batch, hands them to
+`projections.viewstore`, which performs each as one atomic, forward-only Redis operation, and
+acknowledges the batch afterwards. Every write carries a version; the store keeps whichever is
+newer, so redelivery, a second consumer, or a replay never moves a view backwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import attrs
+
+from pipeline.eventlog import ControlEntry, FrameEntry
+
+Entry = FrameEntry | ControlEntry
+
+
+class PoisonEntry(Exception):
+    """The entry cannot be parsed or applied. The runner retries it a bounded number of times,
+    then moves it to the projection's dead-letter stream."""
+
+
+@attrs.frozen
+class ViewWrite:
+    """SET `key` to the JSON `value` if `version` > the number in the stored JSON's
+    `version_field` (or the key is missing), with PEXPIREAT `expire_at_ms` (0: no expiry).
+    Nothing is written when `expire_at_ms` is already past: replaying old frames brings back
+    no stale key."""
+
+    key: str
+    value: bytes
+    version: float
+    version_field: str
+    expire_at_ms: int = 0
+
+
+@attrs.frozen
+class ListPushIfNewer:
+    """LPUSH the JSON `value` onto the capped list `key` (LTRIM to `cap`) if `version` > the
+    number in the head element's `version_field`. Used for closed klines."""
+
+    key: str
+    value: bytes
+    version: float
+    version_field: str
+    cap: int
+
+
+@attrs.frozen
+class NeedSnapshot:
+    """A sequencer needs a REST snapshot for `symbol` (diff depth). The shell fetches it and
+    appends it to the log as a `snapshot` control entry; the projection applies it from there,
+    so a replay sees exactly what the live projector saw."""
+
+    symbol: str
+    reason: str
+
+
+@attrs.frozen
+class LogGap:
+    """A break the projection detected (e.g. a `pu` that is not the previous `u`); the shell
+    appends a `gap` control entry to `raw_key`."""
+
+    raw_key: str
+    body: dict[str, object]
+
+
+Output = ViewWrite | ListPushIfNewer | NeedSnapshot | LogGap | object
+# `object`: the user-data projections add their own write types (projections.orders), which
+# projections.viewstore knows how to perform.
+
+
+class Projection(Protocol):
+    name: str  # consumer group name and dead-letter stream `dlq:{name}`
+    sources: Sequence[str]  # raw: keys it reads
+    # True when the fold keeps state in memory (diff-depth book, orders): only one process runs
+    # it at a time, holding a lease; the others wait as standbys.
+    exclusive: bool
+
+    def apply(self, entry: Entry) -> Iterable[Output]: ...
+
+
+def coalesce(outputs: Iterable[Output]) -> list[Output]:
+    """Keep only the newest ViewWrite per key (in first-seen key order); others pass through.
+
+    Within a batch the newest event of a view wins anyway; writing only it saves Redis work.
+    """
+    newest: dict[str, ViewWrite] = {}
+    rest: list[Output] = []
+    order: list[str] = []
+    for out in outputs:
+        if isinstance(out, ViewWrite):
+            held = newest.get(out.key)
+            if held is None:
+                order.append(out.key)
+                newest[out.key] = out
+            elif out.version > held.version:
+                newest[out.key] = out
+        else:
+            rest.append(out)
+    return [newest[k] for k in order] + rest
+
+
+def view_key(prefix: str, *parts: str) -> str:
+    """`view_key("websocket", "mark_price", "btcusdt")` -> `websocket:mark_price:btcusdt`."""
+    return ":".join((prefix, *parts))
