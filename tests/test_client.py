@@ -1,0 +1,104 @@
+"""The consumer library as the analyzer and the order listener use it (real Redis)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import orjson
+import redis
+
+from projections.client import (
+    MarketReader,
+    OrderEvent,
+    OrdersConsumer,
+    open_algo_orders,
+    open_orders,
+)
+
+
+def _mark(ts: float, price: str = "100.5") -> bytes:
+    return orjson.dumps({"mark_price": price, "index_price": "100.4", "funding_rate": "0.0001",
+                         "next_funding_time": 1, "timestamp": ts, "source": "websocket"})
+
+
+def test_fresh_mark_price_comes_from_the_view(r: redis.Redis) -> None:
+    r.set("websocket:mark_price:btcusdt", _mark(time.time()))
+    reader = MarketReader(r, rest_url="http://127.0.0.1:1", fallback=True)
+    mp = reader.mark_price("BTCUSDT", max_age=5)
+    assert mp is not None and mp["mark_price"] == "100.5" and mp["source"] == "websocket"
+
+
+def test_stale_view_without_fallback_is_none(r: redis.Redis) -> None:
+    r.set("websocket:mark_price:btcusdt", _mark(time.time() - 60))
+    reader = MarketReader(r, fallback=False)
+    assert reader.mark_price("BTCUSDT", max_age=5) is None
+
+
+def test_unreachable_rest_returns_the_stale_view_rather_than_raising(r: redis.Redis) -> None:
+    r.set("websocket:orderbook:btcusdt:20", orjson.dumps(
+        {"bids": [["1", "2"]], "asks": [["3", "4"]], "timestamp": time.time() - 60,
+         "last_update_id": 7, "source": "websocket"}))
+    reader = MarketReader(r, rest_url="http://127.0.0.1:1")
+    book = reader.order_book("BTCUSDT", 20, max_age=5)
+    assert book is not None and book["last_update_id"] == 7
+
+
+def test_open_orders_reads_every_symbol_sorted_by_order_id(r: redis.Redis) -> None:
+    r.hset("websocket:open_orders:ethusdt", "9", json.dumps({"orderId": 9, "symbol": "ETHUSDT"}))
+    r.hset("websocket:open_orders:btcusdt", mapping={
+        "12": json.dumps({"orderId": 12, "symbol": "BTCUSDT"}),
+        "3": json.dumps({"orderId": 3, "symbol": "BTCUSDT"})})
+    assert [o["orderId"] for o in open_orders(r)] == [3, 9, 12]
+    assert [o["orderId"] for o in open_orders(r, "BTCUSDT")] == [3, 12]
+    assert open_algo_orders(r) == []
+
+
+def _emit(r: redis.Redis, order_id: int, status: str) -> bytes:
+    return r.xadd("websocket:orders", {"order_id": str(order_id), "status": status,
+                                       "symbol": "BTCUSDT", "kind": "order",
+                                       "source": "stream", "data": json.dumps({"i": order_id})})
+
+
+def test_listener_crashing_mid_handler_gets_the_entry_again(r: redis.Redis) -> None:
+    seen: list[tuple[str, str]] = []
+    crash = {"armed": True}
+
+    def handler(ev: OrderEvent) -> None:
+        if crash["armed"]:
+            crash["armed"] = False
+            raise RuntimeError("listener bug")
+        seen.append((ev.order_id, ev.status))
+
+    consumer = OrdersConsumer(r, group="listener", consumer="a", handler=handler, block_ms=10,
+                              start_id="0")
+    _emit(r, 1, "FILLED")
+    assert consumer.poll_once() == 0  # the handler raised: nothing acknowledged
+    assert r.xpending("websocket:orders", "listener")["pending"] == 1
+    consumer.poll_once()
+    assert seen == [("1", "FILLED")]
+    assert r.xpending("websocket:orders", "listener")["pending"] == 0
+
+
+def test_entries_of_a_dead_consumer_are_taken_over(r: redis.Redis) -> None:
+    OrdersConsumer(r, group="listener", consumer="dead", handler=lambda ev: None, start_id="0")
+    _emit(r, 5, "CANCELED")
+    # the "dead" consumer read the entry and was killed before acknowledging it
+    r.xreadgroup("listener", "dead", {"websocket:orders": ">"}, count=10)
+    assert r.xpending("websocket:orders", "listener")["pending"] == 1
+    seen: list[str] = []
+    alive = OrdersConsumer(r, group="listener", consumer="alive", block_ms=10, claim_idle_ms=0,
+                           handler=lambda ev: seen.append(ev.order_id))
+    alive.poll_once()
+    assert seen == ["5"]
+    assert r.xpending("websocket:orders", "listener")["pending"] == 0
+
+
+def test_handler_sees_the_order_fields(r: redis.Redis) -> None:
+    got: list[OrderEvent] = []
+    consumer = OrdersConsumer(r, group="g", consumer="c", handler=got.append, block_ms=10,
+                              start_id="0")
+    _emit(r, 77, "PARTIALLY_FILLED")
+    consumer.poll_once()
+    assert got[0].order_id == "77" and got[0].status == "PARTIALLY_FILLED"
+    assert got[0].symbol == "BTCUSDT" and got[0].data == {"i": 77} and got[0].source == "stream"
