@@ -1,0 +1,204 @@
+"""What `pipeline demo` shows: one snapshot of the views, read from Redis the way a reader
+would (GET, HGETALL, XREVRANGE), then drawn as a rich layout or written as a plain summary.
+
+`read_snapshot` is the only function here that touches Redis; the rest turns a `Snapshot`
+into text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import attrs
+import orjson
+import redis
+from rich.console import Group as RichGroup
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.eventlog import RAW_PREFIX
+
+EVENTS_SHOWN = 10
+
+
+@attrs.frozen
+class Mark:
+    symbol: str
+    price: str
+    funding_rate: str
+    age_s: float
+
+
+@attrs.frozen
+class Top:
+    symbol: str
+    bid: str
+    bid_qty: str
+    ask: str
+    ask_qty: str
+
+
+@attrs.frozen
+class OrderEvent:
+    entry_id: str
+    symbol: str
+    order_id: str
+    kind: str
+    status: str
+    source: str
+
+
+@attrs.frozen
+class Snapshot:
+    marks: tuple[Mark, ...]
+    tops: tuple[Top, ...]
+    open_orders: tuple[dict[str, Any], ...]
+    open_algo_orders: tuple[dict[str, Any], ...]
+    events: tuple[OrderEvent, ...]  # newest first
+    order_events: int  # entries on P:orders
+    frames_logged: Mapping[str, int]  # raw key -> entries ever added (XINFO entries-added)
+    lag: Mapping[str, int]  # group -> entries not yet delivered, summed over its raw keys
+    views: Mapping[str, int]  # view family -> keys
+
+    @property
+    def frames_total(self) -> int:
+        return sum(self.frames_logged.values())
+
+
+def _json(raw: bytes | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_snapshot(client: redis.Redis, prefix: str, symbols: Sequence[str],
+                  now: float | None = None) -> Snapshot:
+    now = time.time() if now is None else now
+    syms = [s.lower() for s in symbols]
+    with client.pipeline(transaction=False) as pipe:
+        for s in syms:
+            pipe.get(f"{prefix}:mark_price:{s}")
+            pipe.get(f"{prefix}:orderbook:{s}:20")
+            pipe.hgetall(f"{prefix}:open_orders:{s}")
+            pipe.hgetall(f"{prefix}:open_algo_orders:{s}")
+        pipe.xrevrange(f"{prefix}:orders", count=EVENTS_SHOWN)
+        pipe.xlen(f"{prefix}:orders")
+        replies = pipe.execute()
+    marks: list[Mark] = []
+    tops: list[Top] = []
+    orders: list[dict[str, Any]] = []
+    algos: list[dict[str, Any]] = []
+    for i, s in enumerate(syms):
+        mark, book, open_o, open_a = replies[4 * i: 4 * i + 4]
+        if (m := _json(mark)) is not None:
+            marks.append(Mark(s.upper(), str(m.get("mark_price")), str(m.get("funding_rate")),
+                              max(0.0, now - float(m.get("timestamp", now)))))
+        if (b := _json(book)) is not None and b.get("bids") and b.get("asks"):
+            (bid, bq), (ask, aq) = b["bids"][0][:2], b["asks"][0][:2]
+            tops.append(Top(s.upper(), bid, bq, ask, aq))
+        orders.extend(d for v in open_o.values() if (d := _json(v)) is not None)
+        algos.extend(d for v in open_a.values() if (d := _json(v)) is not None)
+    events = tuple(_event(eid, fields) for eid, fields in replies[-2])
+    frames, lag = _log_counts(client)
+    return Snapshot(tuple(marks), tuple(tops), tuple(orders), tuple(algos), events,
+                    int(replies[-1]), frames, lag, _view_counts(client, prefix))
+
+
+def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> OrderEvent:
+    def get(name: str) -> str:
+        return fields.get(name.encode(), b"").decode()
+
+    return OrderEvent(entry_id.decode(), get("symbol"), get("order_id"), get("kind") or "order",
+                      get("status"), get("source"))
+
+
+def _log_counts(client: redis.Redis) -> tuple[dict[str, int], dict[str, int]]:
+    frames: dict[str, int] = {}
+    lag: Counter[str] = Counter()
+    for raw_key in client.scan_iter(match=f"{RAW_PREFIX}*", count=1000, _type="stream"):
+        key = raw_key.decode()
+        info = cast(dict[str, Any], client.xinfo_stream(key))
+        frames[key] = int(info.get("entries-added") or info["length"])
+        for g in cast(list[dict[str, Any]], client.xinfo_groups(key)):
+            lag[g["name"].decode()] += int(g.get("lag") or 0)
+    return frames, dict(lag)
+
+
+def _view_counts(client: redis.Redis, prefix: str) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for i, key in enumerate(client.scan_iter(match=f"{prefix}:*", count=1000)):
+        if i >= 20_000:
+            break
+        counts[key.decode()[len(prefix) + 1:].split(":", 1)[0]] += 1
+    return dict(sorted(counts.items()))
+
+
+# --- the live terminal view ----------------------------------------------------------------
+
+def _market_table(snap: Snapshot) -> Table:
+    t = Table(title="market", title_justify="left", expand=False)
+    for col in ("symbol", "mark price", "funding", "age", "best bid", "best ask"):
+        t.add_column(col, justify="left" if col == "symbol" else "right")
+    tops = {tp.symbol: tp for tp in snap.tops}
+    for m in snap.marks:
+        tp = tops.get(m.symbol)
+        t.add_row(m.symbol, m.price, m.funding_rate, f"{m.age_s:.1f} s",
+                  f"{tp.bid} x {tp.bid_qty}" if tp else "-",
+                  f"{tp.ask} x {tp.ask_qty}" if tp else "-")
+    return t
+
+
+def _orders_table(snap: Snapshot) -> Table:
+    t = Table(title="open orders", title_justify="left")
+    for col in ("symbol", "id", "side", "type", "price", "qty", "status"):
+        t.add_column(col)
+    for o in snap.open_orders:
+        t.add_row(str(o.get("symbol")), str(o.get("orderId")), str(o.get("side")),
+                  str(o.get("type")), str(o.get("price")), str(o.get("origQty")),
+                  str(o.get("status")))
+    for a in snap.open_algo_orders:
+        t.add_row(str(a.get("symbol")), f"algo {a.get('algoId')}", str(a.get("side")),
+                  str(a.get("orderType") or a.get("type")), str(a.get("triggerPrice")),
+                  str(a.get("quantity")), str(a.get("algoStatus")))
+    return t
+
+
+def _events_table(snap: Snapshot) -> Table:
+    t = Table(title=f"order events ({snap.order_events} on the orders stream)",
+              title_justify="left")
+    for col in ("entry", "symbol", "order", "kind", "status", "from"):
+        t.add_column(col)
+    for e in snap.events:
+        t.add_row(e.entry_id, e.symbol, e.order_id, e.kind, e.status, e.source)
+    return t
+
+
+def render_live(snap: Snapshot, fps: float, processes: str) -> RichGroup:
+    lag = max(snap.lag.values(), default=0)
+    footer = Text(f"frames logged {snap.frames_total}   {fps:,.0f} frames/s   "
+                  f"max group lag {lag}   Ctrl-C stops everything\n{processes}")
+    return RichGroup(_market_table(snap), _orders_table(snap), _events_table(snap), footer)
+
+
+def summary_lines(snap: Snapshot) -> list[str]:
+    """The plain-text summary of `pipeline demo --seconds N` (one fact per line)."""
+    statuses = Counter(e.status for e in snap.events)
+    by_kind = ", ".join(f"{k} {n}" for k, n in snap.frames_logged.items())
+    return [
+        f"frames logged: {snap.frames_total} ({by_kind})",
+        "views found: " + (", ".join(f"{k} {n}" for k, n in snap.views.items()) or "none"),
+        "mark prices: " + (", ".join(f"{m.symbol} {m.price}" for m in snap.marks) or "none"),
+        "order books: " + (", ".join(f"{t.symbol} bid {t.bid} ask {t.ask}"
+                                     for t in snap.tops) or "none"),
+        f"order events seen: {snap.order_events} (latest: "
+        + (", ".join(f"{s} {n}" for s, n in statuses.items()) or "none") + ")",
+        f"open orders: {len(snap.open_orders)}, open algo orders: {len(snap.open_algo_orders)}",
+        "group lag: " + (", ".join(f"{g} {n}" for g, n in sorted(snap.lag.items())) or "none"),
+    ]

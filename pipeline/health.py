@@ -1,0 +1,191 @@
+"""What `pipeline status` knows about a running system, and the rules that call it unhealthy.
+
+Pure: no I/O. `pipeline.status` reads Redis into these values; `assess` turns them into the
+list of problems (empty: healthy). The rules:
+
+- lag: a projector group on a `raw:` stream with more than `max_lag` entries not yet delivered;
+  a stopped projector shows here first, its views go stale next;
+- stale view: the newest value of a view family is older than its limit (`VIEW_LIMITS`, by the
+  value's own "timestamp", i.e. event time), or a family has no key at all while the raw stream
+  that feeds it is fresh (the views expired because nothing writes them);
+- silent connection: a connection the log says is open (its last `raw:conn` entry is `opened`)
+  for longer than the silence timeout, on a path whose raw streams got nothing for that long.
+  Binance accepts a stream on the wrong path and then sends nothing, and an ingestor killed
+  without a `closed` entry looks the same: both deserve a page.
+
+Dead letters, pending entries and REST weight are reported, not judged: they need a human look
+but do not mean the views are wrong now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from pipeline.eventlog import MARKET_PREFIX, ControlEntry
+from pipeline.streams import Path, parse_stream_kind
+
+# Newest value of a view family older than this (seconds) is unhealthy. None: event-driven
+# views (positions, balances) whose age says nothing about health.
+VIEW_LIMITS: dict[str, float | None] = {
+    "mark_price": 10.0,    # markPrice@1s: a value every second per symbol
+    "orderbook": 10.0,     # depth 10/s
+    "book_ticker": 10.0,
+    "kline": 30.0,         # the open candle is pushed every 250 ms
+    "last_price": 120.0,   # aggTrade: quiet markets trade less often
+    "position": None,
+    "balance": None,
+}
+
+# raw family -> the view family it feeds (only those with a freshness limit)
+FEEDS: dict[str, str] = {
+    "markPrice": "mark_price", "markPrice_arr": "mark_price",
+    "depth5": "orderbook", "depth10": "orderbook", "depth20": "orderbook", "depth": "orderbook",
+    "bookTicker": "book_ticker", "aggTrade": "last_price",
+}
+
+
+def feeds(raw_key: str) -> str | None:
+    if not raw_key.startswith(MARKET_PREFIX):
+        return None
+    family = raw_key[len(MARKET_PREFIX):]
+    return "kline" if family.startswith("kline_") else FEEDS.get(family)
+
+
+def path_of(raw_key: str) -> Path | None:
+    """The websocket path whose frames land in `raw_key`, for families that tick every second."""
+    if not raw_key.startswith(MARKET_PREFIX):
+        return None
+    family = raw_key[len(MARKET_PREFIX):]
+    spec = {"markPrice_arr": "!markPrice@arr@1s", "depth": "depth@100ms"}.get(family, family)
+    try:
+        kind = parse_stream_kind(spec)
+    except Exception:
+        return None
+    return kind.path if kind.ticks_every_second else None
+
+
+@attrs.frozen
+class Group:
+    key: str
+    name: str
+    consumers: int
+    pending: int
+    lag: int | None  # None: Redis could not tell and it was not counted
+    lag_exact: bool = True  # False: counted up to a bound (`lag` is a lower bound)
+
+
+@attrs.frozen
+class Stream:
+    key: str
+    length: int
+    memory_bytes: int | None
+    newest_age_s: float | None  # None: empty
+    groups: tuple[Group, ...] = ()
+
+
+@attrs.frozen
+class ViewFamily:
+    family: str
+    kind: str  # string, hash, list, stream
+    keys: int  # keys seen (bounded by the scan)
+    newest_age_s: float | None  # None: no timestamp to read
+    limit_s: float | None
+
+
+@attrs.frozen
+class Connection:
+    id: str
+    name: str
+    path: str
+    age_s: float
+    streams: int
+    silent: bool = False
+
+
+@attrs.frozen
+class Report:
+    connections: tuple[Connection, ...]
+    streams: tuple[Stream, ...]
+    views: tuple[ViewFamily, ...]
+    dead_letters: Mapping[str, int]
+    weight_used_1m: int | None
+    problems: tuple[str, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        doc = attrs.asdict(self, recurse=True)
+        doc["healthy"] = self.healthy
+        return doc
+
+
+def open_connections(entries: Iterable[ControlEntry], now: float) -> list[Connection]:
+    """Connections whose last `raw:conn` entry is `opened`, oldest entries first in `entries`.
+
+    A connection whose name was opened again later was replaced (or its process restarted
+    without writing `closed`): only the newest of a name counts.
+    """
+    last: dict[str, ControlEntry] = {}
+    opened: dict[str, ControlEntry] = {}
+    newest_of_name: dict[str, str] = {}
+    for entry in entries:
+        last[entry.conn] = entry
+        if entry.ctl == "opened":
+            opened[entry.conn] = entry
+            body = entry.body if isinstance(entry.body, dict) else {}
+            newest_of_name[str(body.get("name", entry.conn))] = entry.conn
+    out = []
+    for cid, entry in last.items():
+        if entry.ctl != "opened" or cid not in newest_of_name.values():
+            continue
+        body = entry.body if isinstance(entry.body, dict) else {}
+        out.append(Connection(cid, str(body.get("name", cid)), str(body.get("path", "?")),
+                              max(0.0, now - opened[cid].recv_ts), int(body.get("streams", 0))))
+    return sorted(out, key=lambda c: (c.path, c.name))
+
+
+def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
+                silence_timeout: float) -> list[Connection]:
+    """Flag open connections on a path whose every-second raw streams are all quiet."""
+    freshest: dict[str, float] = {}
+    for s in streams:
+        path = path_of(s.key)
+        if path is not None and s.newest_age_s is not None:
+            freshest[path.value] = min(freshest.get(path.value, float("inf")), s.newest_age_s)
+    out = []
+    for c in conns:
+        quiet = freshest.get(c.path, float("inf")) > silence_timeout
+        watched = c.path in (Path.PUBLIC.value, Path.MARKET.value)
+        out.append(attrs.evolve(c, silent=watched and c.age_s > silence_timeout and quiet))
+    return out
+
+
+def assess(conns: Sequence[Connection], streams: Sequence[Stream],
+           views: Sequence[ViewFamily], *, max_lag: int) -> list[str]:
+    problems = []
+    for s in streams:
+        for g in s.groups:
+            if s.key.startswith("raw:") and g.lag is not None and g.lag > max_lag:
+                more = "" if g.lag_exact else " or more"
+                problems.append(f"group {g.name} on {s.key}: lag {g.lag}{more} > {max_lag}")
+    for v in views:
+        if v.limit_s is not None and v.newest_age_s is not None and v.newest_age_s > v.limit_s:
+            problems.append(f"views {v.family}: newest is {v.newest_age_s:.1f} s old "
+                            f"(limit {v.limit_s:g} s)")
+    present = {v.family for v in views if v.keys}
+    missing: dict[str, str] = {}
+    for s in streams:
+        family = feeds(s.key)
+        if (family and family not in present and s.newest_age_s is not None
+                and s.newest_age_s < 60 and s.length):
+            missing.setdefault(family, s.key)
+    problems.extend(f"views {family}: none, while {key} is being written"
+                    for family, key in missing.items())
+    problems.extend(f"connection {c.id} ({c.path}) is silent: no frame on its path for "
+                    f"its whole silence timeout" for c in conns if c.silent)
+    return problems

@@ -1,0 +1,166 @@
+"""`pipeline ingest market`: the market-data ingestor.
+
+Start-up, in this order, so that a bad setting stops the command before anything connects:
+1. `connect_checked(REDIS_URL)`: unreachable Redis is a settings error (exit 2);
+2. `PIPELINE_SYMBOLS=ALL` is resolved from `GET /fapi/v1/exchangeInfo` (TRADING symbols);
+3. `plan_connections` splits the streams by path and into connections of at most 1024 streams.
+
+Then one task per connection (`pipeline.wsconn.WsConnection`), the writer task
+(`pipeline.writer.LogWriter`) and, when PIPELINE_METRICS_PORT > 0, /metrics and /healthz.
+SIGINT/SIGTERM stop the connections (each appends its `closed` entry), the writer then gets up
+to `LogWriter.final_flush_timeout` seconds to write what is buffered, and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+import attrs
+import redis
+import trio
+
+from pipeline import metrics
+from pipeline.config import Settings
+from pipeline.errors import ExchangeError, SettingsError
+from pipeline.eventlog import route_frame
+from pipeline.redisconn import connect_checked
+from pipeline.rest import RestClient
+from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Subscription, plan_connections
+from pipeline.writer import LogWriter
+from pipeline.wsconn import ConnSpec, Timing, WsConnection
+
+log = logging.getLogger("pipeline.ingest_market")
+
+URL_STREAMS = 200  # streams named in the URL; the rest of a connection's streams are SUBSCRIBEd
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-streams-per-connection", type=int,
+                        default=MAX_STREAMS_PER_CONNECTION,
+                        help="split connections above this many streams (Binance: 1024)")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    max_per = int(getattr(args, "max_streams_per_connection", MAX_STREAMS_PER_CONNECTION))
+    if not 1 <= max_per <= MAX_STREAMS_PER_CONNECTION:
+        raise SettingsError("--max-streams-per-connection",
+                            f"{max_per} is not between 1 and {MAX_STREAMS_PER_CONNECTION}")
+    client = connect_checked(settings.redis_url, name="ingest-market")
+    symbols = trio.run(resolve_symbols, settings)
+    running: list[MarketIngest] = []
+    server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
+                           ) if settings.metrics_port > 0 else None
+    try:
+        trio.run(_serve_until_signal, settings, client, symbols, max_per, running)
+    finally:
+        if server is not None:
+            server.shutdown()
+        client.close()
+    return 0
+
+
+async def resolve_symbols(settings: Settings) -> tuple[str, ...]:
+    if settings.symbols is not None:
+        return settings.symbols
+    rest = RestClient(settings.rest_url)
+    try:
+        symbols = await rest.trading_symbols()
+    except (ExchangeError, KeyError, TypeError) as exc:
+        raise SettingsError("PIPELINE_SYMBOLS",
+                            f"ALL needs GET /fapi/v1/exchangeInfo from BINANCE_REST_URL: {exc}"
+                            ) from None
+    finally:
+        await rest.aclose()
+    if not symbols:
+        raise SettingsError("PIPELINE_SYMBOLS", "ALL: exchangeInfo lists no TRADING symbol")
+    log.info("symbols resolved from exchangeInfo", extra={"symbols": len(symbols)})
+    return tuple(symbols)
+
+
+def market_specs(settings: Settings, symbols: Sequence[str],
+                 max_per_connection: int = MAX_STREAMS_PER_CONNECTION) -> list[ConnSpec]:
+    """One ConnSpec per planned connection: the first 200 streams in the URL, the rest
+    SUBSCRIBEd; the silence rule only where a stream ticks at least once a second."""
+    specs = []
+    plan = plan_connections(symbols, settings.market_streams, max_per_connection)
+    for i, (path, subs) in enumerate(plan, start=1):
+        names = [s.name for s in subs]
+        url = f"{settings.ws_url}/{path.value}/stream?streams=" + "/".join(names[:URL_STREAMS])
+        specs.append(ConnSpec(
+            name=f"mkt-{i}", path=path.value, url=_constant(url), route=route_frame,
+            subscribe=tuple(names[URL_STREAMS:]),
+            silence_timeout=settings.silence_timeout if _ticks(subs) else None,
+            rotate_after=settings.rotate_after, streams=len(names)))
+    return specs
+
+
+def _ticks(subs: Sequence[Subscription]) -> bool:
+    return any(s.kind.ticks_every_second for s in subs)
+
+
+def _constant(url: str) -> Callable[[], str]:
+    return lambda: url
+
+
+@attrs.define(eq=False)
+class MarketIngest:
+    """What a running ingestor exposes to its caller (tests, the demo)."""
+
+    writer: LogWriter
+    connections: list[WsConnection]
+    _readers: trio.CancelScope
+
+    def stop(self) -> None:
+        """Close the connections; `run_market_ingest` then flushes and returns."""
+        self._readers.cancel()
+
+    def healthy(self) -> bool:
+        return self.writer.healthy and all(c.current is not None for c in self.connections)
+
+
+async def run_market_ingest(
+    settings: Settings,
+    client: redis.Redis,
+    symbols: Sequence[str],
+    *,
+    max_per_connection: int = MAX_STREAMS_PER_CONNECTION,
+    timing: Timing | None = None,
+    writer: LogWriter | None = None,
+    task_status: trio.TaskStatus[MarketIngest] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
+    writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
+    conns = [WsConnection(spec, writer, timing=timing or Timing())
+             for spec in market_specs(settings, symbols, max_per_connection)]
+    log.info("ingesting", extra={"connections": len(conns), "symbols": len(symbols)})
+    async with trio.open_nursery() as top:
+        await top.start(writer.run)
+        try:
+            async with trio.open_nursery() as readers:
+                for conn in conns:
+                    readers.start_soon(conn.run)
+                task_status.started(MarketIngest(writer, conns, readers.cancel_scope))
+        finally:
+            # the connections have appended their `closed` entries: write them, then stop
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + writer.final_flush_timeout
+                await writer.flush()
+            top.cancel_scope.cancel()
+
+
+async def _serve_until_signal(settings: Settings, client: redis.Redis, symbols: Sequence[str],
+                              max_per: int, running: list[MarketIngest]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            ingest: MarketIngest = await nursery.start(
+                lambda task_status: run_market_ingest(settings, client, symbols,
+                                                      max_per_connection=max_per,
+                                                      task_status=task_status))
+            running.append(ingest)
+            async for signum in signals:
+                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                ingest.stop()
+                break

@@ -1,0 +1,300 @@
+"""`pipeline ingest user`: the user-data ingestor.
+
+Start-up, in this order, so that a bad setting stops the command before anything connects:
+1. `Settings.require_api_key()`: no BINANCE_API_KEY (or _SECRET) is a settings error (exit 2);
+   a secret that is a PEM Ed25519 private key signs with Ed25519, anything else with HMAC;
+2. `connect_checked(REDIS_URL)` (exit 2 when unreachable).
+
+Then, in one nursery:
+- the writer (`pipeline.writer.LogWriter`): every frame of the private stream goes to `raw:user`
+  byte-exact, as market frames go to theirs; connection lifecycle to `raw:conn`;
+- the connection (`pipeline.wsconn.WsConnection`) to `/private/ws?listenKey=K&events=...`
+  naming every event type the projections consume. The URL is built per connect from the
+  current key, and is logged and recorded only through `redact_url`. No silence rule: a quiet
+  account sends nothing for hours. Rotation before 24 h as for market connections;
+- the listenKey keep-alive (`pipeline.listenkey`): PUT every `--keepalive-every` seconds; on
+  -1125 a new key and a reconnect;
+- reconciliation (`pipeline.reconcile`) on every connect and reconnect (the connection's
+  `on_connected` hook) and every `--reconcile-every` seconds;
+- a `listenKeyExpired` frame (logged like any other frame) makes a new key, then the connection
+  is closed and reopened with it; the reconnect reconciles.
+
+SIGINT/SIGTERM: the connection closes (its `closed` entry), the key is DELETEd, the writer gets
+up to `LogWriter.final_flush_timeout` s for what is buffered, and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import attrs
+import httpx
+import orjson
+import redis
+import trio
+
+from pipeline import metrics
+from pipeline.config import Secret, Settings
+from pipeline.errors import ExchangeError, SettingsError
+from pipeline.eventlog import KEY_USER
+from pipeline.listenkey import DEFAULT_KEEPALIVE_S, ListenKeys
+from pipeline.reconcile import Reconciler
+from pipeline.redisconn import connect_checked, make_client
+from pipeline.rest import RestClient
+from pipeline.signing import (
+    DEFAULT_RECV_WINDOW_MS,
+    MAX_RECV_WINDOW_MS,
+    SignedRest,
+    Signer,
+    make_signer,
+)
+from pipeline.writer import LogWriter
+from pipeline.wsconn import ConnSpec, Timing, WsConnection
+
+log = logging.getLogger("pipeline.ingest_user")
+
+# Every user-data event type the projections consume (the `events=` filter of /private/ws).
+USER_EVENTS = (
+    "ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE", "TRADE_LITE", "MARGIN_CALL",
+    "ACCOUNT_CONFIG_UPDATE", "STRATEGY_UPDATE", "listenKeyExpired",
+)
+DEFAULT_RECONCILE_S = 300.0
+CONN_NAME = "usr"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reconcile-every", type=float, default=DEFAULT_RECONCILE_S,
+                        help="seconds between periodic REST reconciliations (default 300)")
+    parser.add_argument("--keepalive-every", type=float, default=DEFAULT_KEEPALIVE_S,
+                        help="seconds between listenKey keep-alives (default 1800; key lives 3600)")
+    parser.add_argument("--recv-window", type=int, default=DEFAULT_RECV_WINDOW_MS,
+                        help="recvWindow of signed requests in ms (default 5000, max 60000)")
+
+
+@attrs.frozen
+class UserOptions:
+    reconcile_every: float = DEFAULT_RECONCILE_S
+    keepalive_every: float = DEFAULT_KEEPALIVE_S
+    recv_window_ms: int = DEFAULT_RECV_WINDOW_MS
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> UserOptions:
+        opts = cls(float(getattr(args, "reconcile_every", DEFAULT_RECONCILE_S)),
+                   float(getattr(args, "keepalive_every", DEFAULT_KEEPALIVE_S)),
+                   int(getattr(args, "recv_window", DEFAULT_RECV_WINDOW_MS)))
+        if opts.reconcile_every <= 0:
+            raise SettingsError("--reconcile-every", f"{opts.reconcile_every:g} must be > 0")
+        if not 0 < opts.keepalive_every < 3600:
+            raise SettingsError("--keepalive-every",
+                                f"{opts.keepalive_every:g} must be between 0 and 3600 (key life)")
+        if not 0 < opts.recv_window_ms <= MAX_RECV_WINDOW_MS:
+            raise SettingsError("--recv-window", f"{opts.recv_window_ms} must be 1..60000")
+        return opts
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    api_key, api_secret = settings.require_api_key()
+    signer = make_signer(api_secret)
+    opts = UserOptions.from_args(args)
+    client = connect_checked(settings.redis_url, name="ingest-user")
+    running: list[UserIngest] = []
+    server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
+                           ) if settings.metrics_port > 0 else None
+    try:
+        trio.run(_serve_until_signal, settings, client, api_key, signer, opts, running)
+    except ExchangeError as exc:
+        # start-up failed at the exchange (e.g. -2015 wrong key): one line, no secret
+        log.error("cannot start the user stream", extra={"error": str(exc)})
+        return 1
+    finally:
+        if server is not None:
+            server.shutdown()
+        client.close()
+    return 0
+
+
+def private_url(ws_base: str, key: Secret, events: tuple[str, ...] = USER_EVENTS) -> str:
+    """The private stream URL. It holds the key: pass it only through redact_url to logs."""
+    return f"{ws_base}/private/ws?listenKey={key.value}&events={'/'.join(events)}"
+
+
+def is_listen_key_expired(frame: bytes) -> bool:
+    """True for the `listenKeyExpired` event. The substring test keeps other frames unparsed."""
+    if b"listenKeyExpired" not in frame:
+        return False
+    try:
+        doc = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and doc.get("e") == "listenKeyExpired"
+
+
+def redact_key(frame: bytes) -> bytes:
+    """`listenKeyExpired` names the expired key (`"listenKey":"..."`). A key never goes to
+    Redis, so its value is replaced by `***` in that frame; every other byte stays as sent."""
+    try:
+        key = orjson.loads(frame).get("listenKey")
+    except (orjson.JSONDecodeError, AttributeError):
+        return frame
+    if not isinstance(key, str) or not key:
+        return frame
+    return frame.replace(key.encode(), b"***")
+
+
+class _FrameTap:
+    """The writer as the connection sees it: frames pass `tap` on their way to the log.
+
+    WsConnection calls only `append_frame` and `append_control`; routing stays a pure function.
+    """
+
+    def __init__(self, writer: LogWriter, tap: Callable[[bytes], bytes]) -> None:
+        self.writer = writer
+        self.tap = tap
+
+    def append_frame(self, key: str, frame: bytes, recv_ts: float, conn: str, seq: int) -> bool:
+        return self.writer.append_frame(key, self.tap(frame), recv_ts, conn, seq)
+
+    def append_control(self, key: str, ctl: str, body: Mapping[str, Any], conn: str = "") -> bool:
+        return self.writer.append_control(key, ctl, body, conn)
+
+
+@attrs.define(eq=False)
+class UserIngest:
+    """What a running user ingestor exposes to its caller (tests, the demo)."""
+
+    writer: LogWriter
+    connection: WsConnection
+    keys: ListenKeys
+    reconciler: Reconciler
+    _readers: trio.CancelScope
+
+    def stop(self) -> None:
+        """Close the connection; `run_user_ingest` then closes the key, flushes and returns."""
+        self._readers.cancel()
+
+    def healthy(self) -> bool:
+        return self.writer.healthy and self.connection.current is not None
+
+
+class _Session:
+    """The parts that react to each other: key changes reconnect, connects reconcile."""
+
+    def __init__(self, settings: Settings, api: SignedRest, writer: LogWriter,
+                 views: redis.Redis, opts: UserOptions, timing: Timing) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.keys = ListenKeys(api, keepalive_every=opts.keepalive_every)
+        self.reconciler = Reconciler(api, views, settings.view_prefix, self._append)
+        self.expired = trio.Event()
+        self.stale: Secret | None = None  # a key the stream said is expired, until replaced
+        self.connection = WsConnection(ConnSpec(
+            name=CONN_NAME, path="private", url=self._url, route=self._route,
+            on_connected=self._on_connected, silence_timeout=None,
+            rotate_after=settings.rotate_after, streams=1),
+            cast(LogWriter, _FrameTap(writer, self.on_frame)), timing=timing)
+
+    def _append(self, ctl: str, body: Mapping[str, Any]) -> None:
+        self.writer.append_control(KEY_USER, ctl, body)
+
+    async def _url(self) -> str:
+        if self.stale is not None:
+            # the stream announced expiry before the watcher replaced the key: do it now
+            await self.keys.replace(self.stale)
+            self.stale = None
+        return private_url(self.settings.ws_url, self.keys.current())
+
+    def _route(self, frame: bytes) -> str:
+        return KEY_USER
+
+    def on_frame(self, frame: bytes) -> bytes:
+        """Sees each frame before it is logged: notices the expiry announcement, and takes the
+        (dead) key out of it, the one change ever made to a logged frame (see `redact_key`)."""
+        if not is_listen_key_expired(frame):
+            return frame
+        self.stale = self.keys.key
+        self.expired.set()
+        return redact_key(frame)
+
+    async def _on_connected(self, conn_id: str) -> None:
+        await self.reconciler.run_once(f"connected {conn_id}")
+
+    async def watch_expiry(self) -> None:
+        while True:
+            await self.expired.wait()
+            self.expired = trio.Event()
+            log.warning("listenKeyExpired on the stream: new key, reconnect, reconcile")
+            if self.stale is not None:
+                await self.keys.replace(self.stale)
+                self.stale = None
+            self.reconnect("listen_key_expired")
+
+    async def key_replaced(self) -> None:
+        self.reconnect("listen_key_replaced")
+
+    def reconnect(self, reason: str) -> None:
+        link = self.connection.current
+        if link is not None:
+            link.close(reason)
+
+
+async def run_user_ingest(
+    settings: Settings,
+    client: redis.Redis,
+    api_key: Secret,
+    signer: Signer,
+    opts: UserOptions = UserOptions(),
+    *,
+    timing: Timing | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    task_status: trio.TaskStatus[UserIngest] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Ingest the user stream until `UserIngest.stop()` (or cancel); then close the key and
+    write what is buffered."""
+    writer = LogWriter(client, settings.retention, bound=settings.buffer_frames)
+    rest = RestClient(settings.rest_url, transport=transport)
+    api = SignedRest(rest, api_key, signer, recv_window_ms=opts.recv_window_ms)
+    views = make_client(settings.redis_url, name="ingest-user-views")
+    session = _Session(settings, api, writer, views, opts, timing or Timing())
+    try:
+        offset = await api.sync_time()
+        log.info("clock offset to the exchange", extra={"offset_ms": offset})
+        await session.keys.create()
+        async with trio.open_nursery() as top:
+            await top.start(writer.run)
+            try:
+                async with trio.open_nursery() as readers:
+                    readers.start_soon(session.connection.run)
+                    readers.start_soon(session.keys.keep_alive, session.key_replaced)
+                    readers.start_soon(session.reconciler.every, opts.reconcile_every)
+                    readers.start_soon(session.watch_expiry)
+                    task_status.started(UserIngest(writer, session.connection, session.keys,
+                                                   session.reconciler, readers.cancel_scope))
+            finally:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + writer.final_flush_timeout
+                    await session.keys.close()
+                    await writer.flush()
+                top.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await rest.aclose()
+        views.close()
+
+
+async def _serve_until_signal(settings: Settings, client: redis.Redis, api_key: Secret,
+                              signer: Signer, opts: UserOptions,
+                              running: list[UserIngest]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            ingest: UserIngest = await nursery.start(
+                lambda task_status: run_user_ingest(settings, client, api_key, signer, opts,
+                                                    task_status=task_status))
+            running.append(ingest)
+            async for signum in signals:
+                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                ingest.stop()
+                break

@@ -1,0 +1,572 @@
+"""The market side of the simulated exchange: stream names, payloads, REST bodies, faults.
+
+Pure: no trio, no sockets; the server (`pipeline.simulator.server`) owns the I/O and the clock.
+
+Hot path. With `rate=0` the simulator must outrun any client, so payloads are never built as
+dicts and serialised: each is one f-string over pre-formatted pieces (a book level's wire text
+is cached when the level changes, see `book.py`), and the combined wrapper is a prefix and a
+suffix computed once per subscription. The field order is Binance's own.
+
+Per connection, each subscribed stream has a `StreamState` (its cursor in the diff-depth chain);
+`Pacer` decides which streams are due when (Binance's speeds, a fixed rate, or flat out, plus
+bursts); `ControlProtocol` answers SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS and enforces
+the limits of 10 incoming messages a second and 1024 streams a connection.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import attrs
+import orjson
+
+from pipeline.simulator.book import Book, SymbolSpec, symbol_spec
+
+MAX_STREAMS = 1024
+MAX_MESSAGES_PER_SECOND = 10
+
+PUBLIC = "public"
+MARKET = "market"
+
+_SPEEDS = {"100ms": 0.1, "250ms": 0.25, "500ms": 0.5}
+KLINE_MS = {
+    "1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
+    "1h": 3_600_000, "2h": 7_200_000, "4h": 14_400_000, "6h": 21_600_000, "8h": 28_800_000,
+    "12h": 43_200_000, "1d": 86_400_000, "3d": 259_200_000, "1w": 604_800_000,
+    "1M": 2_592_000_000,
+}
+FUNDING_MS = 8 * 3_600_000
+
+
+# --- stream names ----------------------------------------------------------------------------
+
+@attrs.frozen
+class StreamSpec:
+    """A stream name understood: what it carries, for whom, on which path, how often."""
+
+    name: str
+    kind: str  # markPrice, markPrice_arr, depth, partial, aggTrade, kline, bookTicker, forceOrder
+    symbol: str | None
+    path: str  # PUBLIC or MARKET
+    interval: float  # Binance's own seconds between frames
+    levels: int = 0  # partial depth: 5, 10 or 20
+    kline: str = ""  # kline interval, e.g. "1m"
+    jitter: bool = False  # irregular streams (trades, liquidations)
+
+
+def parse_stream(name: str, symbols: Iterable[str]) -> StreamSpec | None:
+    """The spec of a stream this exchange serves, or None (unknown name or symbol: silence)."""
+    if name in ("!markPrice@arr", "!markPrice@arr@1s"):
+        return StreamSpec(name, "markPrice_arr", None, MARKET, 1.0 if name.endswith("1s") else 3.0)
+    sym, _, rest = name.partition("@")
+    if sym != sym.lower() or sym.upper() not in set(symbols):
+        return None
+    kind, _, speed = rest.partition("@")
+    symbol = sym.upper()
+    if kind == "markPrice" and speed in ("", "1s"):
+        return StreamSpec(name, "markPrice", symbol, MARKET, 1.0 if speed else 3.0)
+    if kind in ("depth", "depth5", "depth10", "depth20") and (speed == "" or speed in _SPEEDS):
+        interval = _SPEEDS.get(speed, 0.25)
+        if kind == "depth":
+            return StreamSpec(name, "depth", symbol, PUBLIC, interval)
+        return StreamSpec(name, "partial", symbol, PUBLIC, interval, levels=int(kind[5:]))
+    if speed:
+        return None
+    if kind == "aggTrade":
+        return StreamSpec(name, "aggTrade", symbol, MARKET, 0.2, jitter=True)
+    if kind == "bookTicker":
+        return StreamSpec(name, "bookTicker", symbol, PUBLIC, 0.1, jitter=True)
+    if kind == "forceOrder":
+        return StreamSpec(name, "forceOrder", symbol, MARKET, 10.0, jitter=True)
+    if kind.startswith("kline_") and kind[6:] in KLINE_MS:
+        return StreamSpec(name, "kline", symbol, MARKET, 0.25, kline=kind[6:])
+    return None
+
+
+def streams_of_query(query: str) -> list[str]:
+    """`streams=a/b/c` (already URL-decoded) -> ["a", "b", "c"]."""
+    return [s for s in query.split("/") if s]
+
+
+# --- per-symbol state ------------------------------------------------------------------------
+
+@attrs.define
+class Kline:
+    start: int  # open time, ms
+    first_trade: int
+    open: int = 0
+    high: int = 0
+    low: int = 0
+    close: int = 0
+    volume: int = 0  # qty units
+    taker_volume: int = 0
+    trades: int = 0
+    last_trade: int = 0
+
+
+class SymbolMarket:
+    """Everything one symbol's streams read: the book, trade ids, funding, klines."""
+
+    def __init__(self, spec: SymbolSpec, rng: random.Random) -> None:
+        self.spec = spec
+        self.rng = rng
+        self.book = Book(spec, rng)
+        self.agg_id = rng.randrange(100_000_000, 900_000_000)
+        self.trade_id = self.agg_id * 3
+        self.funding_bp = rng.uniform(-1.0, 3.0)  # funding rate in basis points
+        self.klines: dict[str, Kline] = {}
+
+    def mark_units(self) -> int:
+        return self.book.mid_units() + self.rng.randint(-2, 2) * self.spec.tick
+
+    def long_price(self, units: int) -> str:
+        """Mark and index prices carry 8 decimals on the wire, e.g. "95000.10000000"."""
+        return self.spec.price_text(units) + "0" * (8 - self.spec.price_decimals)
+
+
+def next_funding_ms(now_ms: int) -> int:
+    return now_ms - now_ms % FUNDING_MS + FUNDING_MS
+
+
+@attrs.define
+class StreamState:
+    """One subscribed stream on one connection: its spec, wrapper, and diff-depth cursor."""
+
+    spec: StreamSpec
+    prefix: str  # '{"stream":"<name>","data":' in combined form, '' in raw form
+    suffix: str
+    cursor: int = 0  # last update id this connection saw (depth streams)
+    breaks: int = 0  # the book's forced-break count this cursor has accounted for
+
+
+class Market:
+    """All symbols' state and the payload makers. One per simulator, shared by connections."""
+
+    def __init__(self, symbols: Iterable[str], seed: int) -> None:
+        self.symbols = tuple(symbols)
+        self.rng = random.Random(seed)
+        self._symbols: dict[str, SymbolMarket] = {}
+        self._makers: dict[str, Callable[[StreamState, int], str]] = {
+            "markPrice": self._mark_price, "markPrice_arr": self._mark_price_arr,
+            "depth": self._diff_depth, "partial": self._partial_depth,
+            "aggTrade": self._agg_trade, "kline": self._kline,
+            "bookTicker": self._book_ticker, "forceOrder": self._force_order,
+        }
+
+    def symbol(self, symbol: str) -> SymbolMarket:
+        """Created on first use, so a simulator with hundreds of symbols starts at once."""
+        sm = self._symbols.get(symbol)
+        if sm is None:
+            seed = self.rng.random()
+            sm = self._symbols[symbol] = SymbolMarket(symbol_spec(symbol), random.Random(seed))
+        return sm
+
+    def open_stream(self, spec: StreamSpec, combined: bool) -> StreamState:
+        prefix, suffix = (f'{{"stream":"{spec.name}","data":', "}") if combined else ("", "")
+        state = StreamState(spec, prefix, suffix)
+        if spec.symbol is not None and spec.kind in ("depth", "partial"):
+            book = self.symbol(spec.symbol).book
+            state.cursor, state.breaks = book.update_id, book.breaks
+        return state
+
+    def frame(self, state: StreamState, now_ms: int) -> str:
+        return state.prefix + self._makers[state.spec.kind](state, now_ms) + state.suffix
+
+    def sequence_break(self, symbol: str) -> None:
+        """The next diff-depth event of `symbol` on every connection skips one event."""
+        self.symbol(symbol).book.breaks += 1
+
+    # -- payloads (field order as Binance sends them) --
+
+    def _mark_payload(self, sm: SymbolMarket, now_ms: int) -> str:
+        mark = sm.mark_units()
+        index = mark + self.rng.randint(-3, 3) * sm.spec.tick
+        sm.funding_bp = min(7.5, max(-7.5, sm.funding_bp + self.rng.uniform(-0.01, 0.01)))
+        return (f'{{"e":"markPriceUpdate","E":{now_ms},"s":"{sm.spec.symbol}",'
+                f'"p":"{sm.long_price(mark)}","i":"{sm.long_price(index)}",'
+                f'"P":"{sm.long_price(index)}","r":"{sm.funding_bp / 10_000:.8f}",'
+                f'"T":{next_funding_ms(now_ms)}}}')
+
+    def _mark_price(self, state: StreamState, now_ms: int) -> str:
+        return self._mark_payload(self.symbol(state.spec.symbol or ""), now_ms)
+
+    def _mark_price_arr(self, _state: StreamState, now_ms: int) -> str:
+        return "[" + ",".join(self._mark_payload(self.symbol(s), now_ms)
+                              for s in self.symbols) + "]"
+
+    def _diff_depth(self, state: StreamState, now_ms: int) -> str:
+        sm = self.symbol(state.spec.symbol or "")
+        book = sm.book
+        if state.breaks != book.breaks:
+            # forced gap: one event happens that this connection never gets
+            state.breaks = book.breaks
+            book.step()
+            state.cursor = book.update_id
+        book.step()
+        first, last, prev, bids, asks = book.diff_since(state.cursor)
+        state.cursor = last
+        return (f'{{"e":"depthUpdate","E":{now_ms},"T":{now_ms - 1},"s":"{sm.spec.symbol}",'
+                f'"U":{first},"u":{last},"pu":{prev},"b":{bids},"a":{asks}}}')
+
+    def _partial_depth(self, state: StreamState, now_ms: int) -> str:
+        sm = self.symbol(state.spec.symbol or "")
+        book = sm.book
+        book.step()
+        prev, state.cursor = state.cursor, book.update_id
+        n = state.spec.levels
+        return (f'{{"e":"depthUpdate","E":{now_ms},"T":{now_ms - 1},"s":"{sm.spec.symbol}",'
+                f'"U":{prev + 1},"u":{book.update_id},"pu":{prev},'
+                f'"b":{book.bids.levels_json(n)},"a":{book.asks.levels_json(n)}}}')
+
+    def _agg_trade(self, state: StreamState, now_ms: int) -> str:
+        sm = self.symbol(state.spec.symbol or "")
+        maker = sm.rng.random() < 0.5
+        price = sm.book.bids.best() if maker else sm.book.asks.best()
+        qty = sm.spec.step * sm.rng.randint(1, 2000)
+        sm.agg_id += 1
+        first = sm.trade_id + 1
+        sm.trade_id += sm.rng.randint(1, 4)
+        self._kline_trade(sm, now_ms, price, qty, not maker, sm.trade_id - first + 1)
+        return (f'{{"e":"aggTrade","E":{now_ms},"a":{sm.agg_id},"s":"{sm.spec.symbol}",'
+                f'"p":"{sm.spec.price_text(price)}","q":"{sm.spec.qty_text(qty)}",'
+                f'"f":{first},"l":{sm.trade_id},"T":{now_ms - 1},'
+                f'"m":{"true" if maker else "false"}}}')
+
+    def _kline_trade(self, sm: SymbolMarket, now_ms: int, price: int, qty: int, taker_buy: bool,
+                     trades: int) -> None:
+        for k in sm.klines.values():
+            if k.start <= now_ms:
+                k.high, k.low, k.close = max(k.high, price), min(k.low, price), price
+                k.volume += qty
+                k.taker_volume += qty if taker_buy else 0
+                k.trades += trades
+                k.last_trade = sm.trade_id
+
+    def _kline(self, state: StreamState, now_ms: int) -> str:
+        sm = self.symbol(state.spec.symbol or "")
+        interval = state.spec.kline
+        span = KLINE_MS[interval]
+        start = now_ms - now_ms % span
+        k = sm.klines.get(interval)
+        closing = k is not None and k.start < start
+        if k is None or (closing and k.start + span + 1000 < now_ms):
+            k = self._new_kline(sm, interval, start)
+            closing = False
+        elif not closing:
+            # the candle follows the book even when no trade stream is subscribed
+            mid = sm.book.mid_units()
+            k.high, k.low, k.close = max(k.high, mid), min(k.low, mid), mid
+        text = self._kline_text(sm, k, interval, span, now_ms, closing)
+        if closing:
+            self._new_kline(sm, interval, start)
+        return text
+
+    def _new_kline(self, sm: SymbolMarket, interval: str, start: int) -> Kline:
+        price = sm.book.mid_units()
+        k = Kline(start, sm.trade_id + 1, price, price, price, price, last_trade=sm.trade_id)
+        sm.klines[interval] = k
+        return k
+
+    def _kline_text(self, sm: SymbolMarket, k: Kline, interval: str, span: int, now_ms: int,
+                    closing: bool) -> str:
+        spec = sm.spec
+        p = spec.price_text
+        scale = 10 ** (spec.price_decimals + spec.qty_decimals)
+        quote = k.volume * k.close / scale
+        taker_quote = k.taker_volume * k.close / scale
+        return (f'{{"e":"kline","E":{now_ms},"s":"{spec.symbol}","k":{{"t":{k.start},'
+                f'"T":{k.start + span - 1},"s":"{spec.symbol}","i":"{interval}",'
+                f'"f":{k.first_trade},"L":{k.last_trade},"o":"{p(k.open)}","c":"{p(k.close)}",'
+                f'"h":"{p(k.high)}","l":"{p(k.low)}","v":"{spec.qty_text(k.volume)}",'
+                f'"n":{k.trades},"x":{"true" if closing else "false"},"q":"{quote:.4f}",'
+                f'"V":"{spec.qty_text(k.taker_volume)}","Q":"{taker_quote:.4f}","B":"0"}}}}')
+
+    def _book_ticker(self, state: StreamState, now_ms: int) -> str:
+        sm = self.symbol(state.spec.symbol or "")
+        book = sm.book
+        book.step()
+        bid, ask = book.bids.best(), book.asks.best()
+        t = sm.spec.price_text
+        q = sm.spec.qty_text
+        return (f'{{"e":"bookTicker","u":{book.update_id},"s":"{sm.spec.symbol}",'
+                f'"b":"{t(bid)}","B":"{q(book.bids.qty[bid])}","a":"{t(ask)}",'
+                f'"A":"{q(book.asks.qty[ask])}","T":{now_ms - 1},"E":{now_ms}}}')
+
+    def _force_order(self, state: StreamState, now_ms: int) -> str:
+        sm = self.symbol(state.spec.symbol or "")
+        sell = sm.rng.random() < 0.5
+        price = (sm.book.bids.nth(5) if sell else sm.book.asks.nth(5))
+        qty = sm.spec.qty_text(sm.spec.step * sm.rng.randint(1, 500))
+        px = sm.spec.price_text(price)
+        return (f'{{"e":"forceOrder","E":{now_ms},"o":{{"s":"{sm.spec.symbol}",'
+                f'"S":"{"SELL" if sell else "BUY"}","o":"LIMIT","f":"IOC","q":"{qty}",'
+                f'"p":"{px}","ap":"{px}","X":"FILLED","l":"{qty}","z":"{qty}","T":{now_ms}}}}}')
+
+    # -- REST bodies --
+
+    def depth_snapshot(self, symbol: str, limit: int, now_ms: int) -> str:
+        return self.symbol(symbol).book.snapshot_json(limit, now_ms)
+
+    def premium_index(self, symbol: str, now_ms: int) -> dict[str, object]:
+        sm = self.symbol(symbol)
+        mark = sm.mark_units()
+        index = mark + self.rng.randint(-3, 3) * sm.spec.tick
+        return {"symbol": symbol, "markPrice": sm.long_price(mark),
+                "indexPrice": sm.long_price(index), "estimatedSettlePrice": sm.long_price(index),
+                "lastFundingRate": f"{sm.funding_bp / 10_000:.8f}", "interestRate": "0.00010000",
+                "nextFundingTime": next_funding_ms(now_ms), "time": now_ms}
+
+    def exchange_info(self, now_ms: int) -> dict[str, object]:
+        return {
+            "timezone": "UTC", "serverTime": now_ms, "futuresType": "U_MARGINED",
+            "rateLimits": [
+                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
+                 "limit": 2400},
+                {"rateLimitType": "ORDERS", "interval": "MINUTE", "intervalNum": 1,
+                 "limit": 1200},
+            ],
+            "exchangeFilters": [],
+            "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
+            "symbols": [_symbol_info(symbol_spec(s)) for s in self.symbols],
+        }
+
+
+def _symbol_info(spec: SymbolSpec) -> dict[str, object]:
+    base = spec.symbol.removesuffix("USDT")
+    return {
+        "symbol": spec.symbol, "pair": spec.symbol, "contractType": "PERPETUAL",
+        "deliveryDate": 4133404800000, "onboardDate": 1569398400000, "status": "TRADING",
+        "maintMarginPercent": "2.5000", "requiredMarginPercent": "5.0000",
+        "baseAsset": base, "quoteAsset": "USDT", "marginAsset": "USDT",
+        "pricePrecision": spec.price_decimals, "quantityPrecision": spec.qty_decimals,
+        "baseAssetPrecision": 8, "quotePrecision": 8, "underlyingType": "COIN",
+        "underlyingSubType": [], "triggerProtect": "0.0500", "liquidationFee": "0.012500",
+        "marketTakeBound": "0.05",
+        "filters": [
+            {"filterType": "PRICE_FILTER", "tickSize": spec.price_text(spec.tick),
+             "minPrice": spec.price_text(spec.tick), "maxPrice": "10000000"},
+            {"filterType": "LOT_SIZE", "stepSize": spec.qty_text(spec.step),
+             "minQty": spec.qty_text(spec.step), "maxQty": "1000000"},
+            {"filterType": "MIN_NOTIONAL", "notional": "5"},
+        ],
+        "orderTypes": ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT",
+                       "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"],
+        "timeInForce": ["GTC", "IOC", "FOK", "GTX", "GTD"],
+    }
+
+
+DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
+
+
+def depth_weight(limit: int) -> int:
+    """Binance: limit 5-50 -> 2, 100 -> 5, 500 -> 10, 1000 -> 20."""
+    if limit <= 50:
+        return 2
+    if limit <= 100:
+        return 5
+    if limit <= 500:
+        return 10
+    return 20
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+OVERSIZED_BYTES = 2 * 1024 * 1024
+_OVERSIZED: str | None = None
+
+
+def malformed_frames(count: int, now_ms: int) -> list[str | bytes]:
+    """`count` bad frames cycling through five kinds a reader must survive."""
+    global _OVERSIZED
+    if _OVERSIZED is None:
+        head = '{"e":"oversized","pad":"'
+        _OVERSIZED = head + "x" * (OVERSIZED_BYTES - len(head) - 2) + '"}'
+    truncated = f'{{"stream":"btcusdt@markPrice@1s","data":{{"e":"markPriceUpdate","E":{now_ms}'
+    kinds: list[str | bytes] = [
+        "this is not json {",
+        b"\x00\x01binary\xfe\xff",
+        _OVERSIZED,
+        f'{{"stream":"btcusdt@noSuchStream","data":{{"e":"noSuchEvent","E":{now_ms}}}}}',
+        truncated[: len(truncated) // 2],
+    ]
+    return [kinds[i % len(kinds)] for i in range(count)]
+
+
+# --- websocket framing (server to client: unmasked, never fragmented) ------------------------
+
+def ws_frame(payload: bytes, binary: bool = False) -> bytes:
+    first = 0x82 if binary else 0x81
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+# --- live subscription control ---------------------------------------------------------------
+
+@attrs.frozen
+class ControlResult:
+    reply: str | None = None
+    close: bool = False  # too many messages: the server drops the connection
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+def _error(code: int, msg: str, req_id: object) -> str:
+    return orjson.dumps({"error": {"code": code, "msg": msg}, "id": req_id}).decode()
+
+
+class ControlProtocol:
+    """Incoming messages of one connection: SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS."""
+
+    def __init__(self, initial: Iterable[str] = ()) -> None:
+        self.streams: dict[str, None] = dict.fromkeys(initial)
+        self._times: deque[float] = deque()
+
+    def subscribe_from_url(self, names: list[str]) -> ControlResult:
+        """The streams named in the connection URL: not counted as messages; no reply unless
+        there are too many."""
+        added = tuple(dict.fromkeys(names))
+        if len(added) > MAX_STREAMS:
+            return ControlResult(_error(
+                2, f"Invalid request: more than {MAX_STREAMS} streams on one connection", None))
+        self.streams.update(dict.fromkeys(added))
+        return ControlResult(None, added=added)
+
+    def receive(self, message: str | bytes, now: float) -> ControlResult:
+        self._times.append(now)
+        while self._times and self._times[0] <= now - 1.0:
+            self._times.popleft()
+        if len(self._times) > MAX_MESSAGES_PER_SECOND:
+            return ControlResult(close=True)
+        try:
+            req = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            return ControlResult(_error(3, "Invalid JSON", None))
+        if not isinstance(req, dict):
+            return ControlResult(_error(3, "Invalid JSON: expected an object", None))
+        req_id, method, params = req.get("id"), req.get("method"), req.get("params", [])
+        if method == "LIST_SUBSCRIPTIONS":
+            return ControlResult(orjson.dumps({"result": list(self.streams), "id": req_id})
+                                 .decode())
+        if method not in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            return ControlResult(_error(2, f"Invalid request: unknown method {method!r}", req_id))
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            return ControlResult(_error(2, "Invalid request: params must be stream names",
+                                        req_id))
+        ok = orjson.dumps({"result": None, "id": req_id}).decode()
+        if method == "UNSUBSCRIBE":
+            removed = tuple(p for p in params if p in self.streams)
+            for p in removed:
+                del self.streams[p]
+            return ControlResult(ok, removed=removed)
+        added = tuple(p for p in dict.fromkeys(params) if p not in self.streams)
+        if len(self.streams) + len(added) > MAX_STREAMS:
+            return ControlResult(_error(
+                2, f"Invalid request: more than {MAX_STREAMS} streams on one connection",
+                req_id))
+        self.streams.update(dict.fromkeys(added))
+        return ControlResult(ok, added=added)
+
+
+# --- pacing ----------------------------------------------------------------------------------
+
+FLAT_OUT_BATCH = 64  # frames per write when rate=0: one syscall carries many frames
+MAX_BATCH = 4096
+
+
+class Pacer:
+    """Which streams of one connection are due at time `now` (seconds, monotonic).
+
+    rate None: each stream at its own Binance speed; rate N: N frames a second round-robin
+    over the streams; rate 0: FLAT_OUT_BATCH frames per call, as fast as the caller writes.
+    `burst` extra frames every `burst_every` seconds come on top in every mode.
+    """
+
+    def __init__(self, rng: random.Random, now: float) -> None:
+        self.rng = rng
+        self.rate: float | None = None
+        self.burst = 0
+        self.burst_every = 0.1
+        self._streams: list[StreamState] = []
+        self._rr = 0
+        self._heap: list[tuple[float, int, StreamState]] = []
+        self._seq = itertools.count()
+        self._t0 = now
+        self._paced = 0
+        self._next_burst = now
+
+    def configure(self, rate: float | None, burst: int, burst_every: float, now: float) -> None:
+        self.rate, self.burst, self.burst_every = rate, burst, burst_every
+        self._t0, self._paced, self._next_burst = now, 0, now + burst_every
+
+    def set_streams(self, streams: list[StreamState], now: float) -> None:
+        known = {id(s) for s in self._streams}
+        self._streams = list(streams)
+        keep = {id(s) for s in self._streams}
+        self._heap = [e for e in self._heap if id(e[2]) in keep]
+        for s in self._streams:
+            if id(s) not in known:
+                heapq.heappush(self._heap, (now, next(self._seq), s))
+        heapq.heapify(self._heap)
+
+    def _round_robin(self, n: int) -> list[StreamState]:
+        streams, k = self._streams, len(self._streams)
+        out = [streams[(self._rr + i) % k] for i in range(n)]
+        self._rr = (self._rr + n) % k
+        return out
+
+    def due(self, now: float) -> list[StreamState]:
+        if not self._streams:
+            return []
+        out = self._bursts(now)
+        if self.rate is None:
+            out.extend(self._realistic(now))
+        elif self.rate == 0:
+            out.extend(self._round_robin(FLAT_OUT_BATCH))
+        else:
+            owed = int((now - self._t0) * self.rate) - self._paced
+            if owed > MAX_BATCH:  # fell far behind (a stalled reader): do not flood later
+                self._paced += owed - MAX_BATCH
+                owed = MAX_BATCH
+            if owed > 0:
+                self._paced += owed
+                out.extend(self._round_robin(owed))
+        return out
+
+    def _bursts(self, now: float) -> list[StreamState]:
+        if self.burst <= 0 or now < self._next_burst:
+            return []
+        self._next_burst += self.burst_every
+        if self._next_burst < now:
+            self._next_burst = now + self.burst_every
+        return self._round_robin(self.burst)
+
+    def _realistic(self, now: float) -> list[StreamState]:
+        out: list[StreamState] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(out) < MAX_BATCH:
+            due, _, s = heapq.heappop(heap)
+            out.append(s)
+            step = s.spec.interval * (self.rng.uniform(0.3, 1.7) if s.spec.jitter else 1.0)
+            nxt = due + step if due + step > now - 1.0 else now + step
+            heapq.heappush(heap, (nxt, next(self._seq), s))
+        return out
+
+    def next_time(self, now: float) -> float:
+        """When `due` will next return something (inf: never, until streams or rate change)."""
+        if not self._streams:
+            return float("inf")
+        if self.rate == 0:
+            return now
+        t = self._next_burst if self.burst > 0 else float("inf")
+        if self.rate is None:
+            return min(t, self._heap[0][0]) if self._heap else t
+        return min(t, self._t0 + (self._paced + 1) / self.rate)

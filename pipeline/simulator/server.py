@@ -1,0 +1,600 @@
+"""The simulated exchange's I/O shell: websocket and REST servers, fault switches, `pipeline
+simulate`.
+
+Websockets. Each TCP connection is wrapped by trio-websocket (handshake, pings, pongs, close,
+incoming messages). Data frames take a faster road: the market payloads of one turn of the
+pacer are framed by hand (server frames are unmasked and never fragmented, see
+`market.ws_frame`) and written with one `send_all`, so flat out one system call carries 64
+frames. Both roads share the socket through `LockedStream`, which keeps every write whole.
+
+Per connection three tasks run under one cancel scope: the reader (SUBSCRIBE and friends), the
+sender (the pacer's frames, malformed frames on request), the pinger (ping every
+`ping_interval`; no pong within `pong_timeout` closes). The scope ends at `lifetime` (closed
+politely) or on `drop` (the TCP socket is closed without a close frame, as a network fault
+would). `/private/ws` goes to the account (`pipeline.simulator.account`, written separately; the
+market side runs without it).
+
+REST (h11, `http.py`): Binance's market endpoints with their weights, the account's endpoints,
+and the control API under `/sim/`. Every answer carries `X-MBX-USED-WEIGHT-1M`; past 2400 in a
+minute the answer is 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import logging
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import orjson
+import trio
+import trio_websocket
+
+from pipeline.config import Settings
+from pipeline.errors import SettingsError
+from pipeline.simulator.config import SimConfig
+from pipeline.simulator.http import HttpRequest, HttpResponse, WeightMeter, serve_http
+from pipeline.simulator.market import (
+    DEPTH_LIMITS,
+    MARKET,
+    PUBLIC,
+    ControlProtocol,
+    Market,
+    Pacer,
+    StreamState,
+    depth_weight,
+    malformed_frames,
+    parse_stream,
+    streams_of_query,
+    ws_frame,
+)
+
+log = logging.getLogger("pipeline.simulator")
+
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+CLOSED_KEPT = 200  # closed connections remembered in stats
+
+
+class LockedStream(trio.abc.Stream):
+    """The TCP stream, with one lock around every write (trio-websocket's and the data path's)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.lock = trio.Lock()
+        self.torn = False  # a write was cancelled half-way: no more frames can follow
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async with self.lock:
+            self.torn = True
+            await self.stream.send_all(data)
+            self.torn = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Connection:
+    """The server's record of one open websocket."""
+
+    def __init__(self, cid: str, path: str, combined: bool, ws: trio_websocket.WebSocketConnection,
+                 stream: LockedStream, pacer: Pacer, opened: float) -> None:
+        self.id = cid
+        self.path = path
+        self.combined = combined
+        self.ws = ws
+        self.stream = stream
+        self.pacer = pacer
+        self.opened = opened
+        self.protocol = ControlProtocol()
+        self.served: dict[str, StreamState] = {}  # streams this path carries
+        self.scope = trio.CancelScope()
+        self.abrupt = False
+        self.close_reason = "lifetime"
+        self.wake = trio.Event()
+        self.bad: list[str | bytes] = []
+        self.frames = 0
+
+    def summary(self) -> dict[str, object]:
+        return {"id": self.id, "path": self.path, "combined": self.combined,
+                "streams": len(self.protocol.streams), "served": len(self.served),
+                "frames": self.frames, "opened": self.opened}
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+def _load_account(config: SimConfig, clock: Callable[[], float]) -> Any:
+    """The account side, if its module is there (it is written separately)."""
+    try:
+        module = importlib.import_module("pipeline.simulator.account")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pipeline.simulator.account":
+            raise
+        log.warning("simulator account module missing: market data only")
+        return None
+    return module.Account(config, clock=clock)
+
+
+class Simulator:
+    """A local exchange speaking Binance's USD-M futures protocol over real sockets.
+
+        sim = Simulator(SimConfig(symbols=("BTCUSDT",), rate=0))
+        ws_url, rest_url = await nursery.start(sim.run)
+
+    Control it with the methods below or over HTTP on the REST port (`/sim/...`).
+    """
+
+    def __init__(self, config: SimConfig | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config or SimConfig()
+        self.clock = clock
+        self.market = Market(self.config.symbols, self.config.seed)
+        self.account = _load_account(self.config, clock)
+        self.weight = WeightMeter()
+        self.connections: dict[str, Connection] = {}
+        self.closed: deque[dict[str, object]] = deque(maxlen=CLOSED_KEPT)
+        self.silent = False
+        self.rate, self.burst, self.burst_every = (self.config.rate, self.config.burst,
+                                                   self.config.burst_every)
+        self.frames_by_stream: dict[str, int] = {}
+        self.frames_total = 0
+        self.malformed_sent = 0
+        self._ids = itertools.count(1)
+        self.ws_url = ""
+        self.rest_url = ""
+
+    # --- serving ---------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until cancelled; `task_status.started((ws_url, rest_url))` once listening."""
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(cfg.ws_port, host=cfg.host)
+            ws_port = listeners[0].socket.getsockname()[1]
+            await nursery.start(trio.serve_listeners, self._serve_tcp, listeners)
+            rest_port = await nursery.start(serve_http, self._serve_rest, cfg.host,
+                                            cfg.rest_port)
+            if cfg.script_account and self.account is not None:
+                nursery.start_soon(self.account.run_script)
+            self.ws_url = f"ws://{cfg.host}:{ws_port}"
+            self.rest_url = f"http://{cfg.host}:{rest_port}"
+            log.info("simulator listening", extra={"ws": self.ws_url, "rest": self.rest_url})
+            task_status.started((self.ws_url, self.rest_url))
+
+    async def _serve_tcp(self, tcp: trio.SocketStream) -> None:
+        stream = LockedStream(tcp)
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._serve_websocket(nursery, stream)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except Exception:  # one connection's failure must not stop the server
+            log.exception("simulator connection failed")
+        finally:
+            await trio.aclose_forcefully(tcp)
+
+    async def _serve_websocket(self, nursery: trio.Nursery, stream: LockedStream) -> None:
+        request = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            request = await trio_websocket.wrap_server_stream(nursery, stream)
+        if request is None:
+            return
+        route = _route(request.path)
+        if route is None:
+            await request.reject(404, body=b"unknown path")
+            return
+        path, combined, names, query = route
+        ws = await request.accept()
+        conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream,
+                          Pacer(self.market.rng, trio.current_time()), self.clock())
+        conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
+        self.connections[conn.id] = conn
+        log.info("simulator connection opened", extra={"conn": conn.id, "path": path})
+        try:
+            await self._run_connection(conn, names, query)
+        finally:
+            del self.connections[conn.id]
+            self.closed.append({**conn.summary(), "closed": self.clock(),
+                                "reason": conn.close_reason})
+            log.info("simulator connection closed",
+                     extra={"conn": conn.id, "reason": conn.close_reason, "frames": conn.frames})
+
+    async def _run_connection(self, conn: Connection, names: list[str],
+                              query: dict[str, str]) -> None:
+        with conn.scope, trio.move_on_after(self.config.lifetime):
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(self._pinger, conn)
+                if conn.path == "private":
+                    tasks.start_soon(self._serve_private, conn, query, tasks.cancel_scope)
+                else:
+                    if not await self._subscribe_initial(conn, names):
+                        return
+                    tasks.start_soon(self._reader, conn, tasks.cancel_scope)
+                    tasks.start_soon(self._sender, conn)
+        if conn.abrupt or conn.stream.torn:
+            await trio.aclose_forcefully(conn.stream.stream)
+            return
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            code = 1008 if conn.close_reason == "too many messages" else 1000
+            await conn.ws.aclose(code, conn.close_reason)
+
+    async def _serve_private(self, conn: Connection, query: dict[str, str],
+                             done: trio.CancelScope) -> None:
+        conn.close_reason = "closed"
+        if self.account is not None:
+            try:
+                await self.account.serve_user_ws(conn.ws, query)
+            except trio_websocket.ConnectionClosed:
+                pass
+        else:
+            await conn.ws.aclose(1011, "no account on this simulator")
+        done.cancel()
+
+    async def _subscribe_initial(self, conn: Connection, names: list[str]) -> bool:
+        result = conn.protocol.subscribe_from_url(names)
+        if result.reply is None:
+            self._apply_streams(conn, result.added, ())
+            return True
+        conn.close_reason = "too many streams"
+        await conn.ws.send_message(result.reply or "")
+        return False
+
+    def _apply_streams(self, conn: Connection, added: tuple[str, ...],
+                       removed: tuple[str, ...]) -> None:
+        for name in removed:
+            conn.served.pop(name, None)
+        for name in added:
+            spec = parse_stream(name, self.config.symbols)
+            # a stream asked for on the wrong path is accepted and then never sent
+            if spec is not None and spec.path == conn.path:
+                conn.served[name] = self.market.open_stream(spec, conn.combined)
+        conn.pacer.set_streams(list(conn.served.values()), trio.current_time())
+        conn.poke()
+
+    async def _reader(self, conn: Connection, done: trio.CancelScope) -> None:
+        try:
+            while True:
+                message = await conn.ws.get_message()
+                result = conn.protocol.receive(message, trio.current_time())
+                if result.close:
+                    conn.close_reason = "too many messages"
+                    break
+                if result.reply is not None:
+                    await conn.ws.send_message(result.reply)
+                if result.added or result.removed:
+                    self._apply_streams(conn, result.added, result.removed)
+        except trio_websocket.ConnectionClosed:
+            conn.close_reason = "closed by client"
+        done.cancel()
+
+    async def _pinger(self, conn: Connection) -> None:
+        try:
+            while True:
+                await trio.sleep(self.config.ping_interval)
+                with trio.move_on_after(self.config.pong_timeout) as waited:
+                    await conn.ws.ping()
+                if waited.cancelled_caught:
+                    conn.close_reason, conn.abrupt = "pong timeout", True
+                    conn.scope.cancel()
+                    return
+        except trio_websocket.ConnectionClosed:
+            return
+
+    async def _sender(self, conn: Connection) -> None:
+        market, pacer = self.market, conn.pacer
+        while True:
+            if conn.bad:
+                await self._send_malformed(conn)
+            now = trio.current_time()
+            due = [] if self.silent else pacer.due(now)
+            if due:
+                now_ms = int(self.clock() * 1000)
+                counts = self.frames_by_stream
+                parts = []
+                for state in due:
+                    parts.append(ws_frame(market.frame(state, now_ms).encode()))
+                    name = state.spec.name
+                    counts[name] = counts.get(name, 0) + 1
+                await self._write(conn, b"".join(parts), len(due))
+                if pacer.rate == 0:
+                    continue
+            wake_at = float("inf") if self.silent else pacer.next_time(trio.current_time())
+            with trio.move_on_at(wake_at):
+                await conn.wake.wait()
+            if conn.wake.is_set():
+                conn.wake = trio.Event()
+
+    async def _write(self, conn: Connection, data: bytes, frames: int) -> None:
+        stream = conn.stream
+        async with stream.lock:
+            closed = conn.ws.closed is not None
+            if not closed:
+                stream.torn = True
+                try:
+                    await stream.stream.send_all(data)
+                    stream.torn = False
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    closed = True
+        if closed:
+            # the peer went away; the reader notices too, this only stops the writing
+            conn.close_reason = "closed by client"
+            conn.scope.cancel()
+            await trio.lowlevel.checkpoint()
+        conn.frames += frames
+        self.frames_total += frames
+
+    async def _send_malformed(self, conn: Connection) -> None:
+        bad, conn.bad = conn.bad, []
+        for frame in bad:
+            if isinstance(frame, bytes):
+                data = ws_frame(frame, binary=True)
+            else:
+                data = ws_frame(frame.encode())
+            await self._write(conn, data, 1)
+            self.malformed_sent += 1
+
+    # --- control (Python API; the same over HTTP under /sim/) ----------------------------
+
+    def set_silence(self, on: bool = True) -> None:
+        """Market connections stay open but send no data frames (pings still answered)."""
+        self.silent = on
+        for conn in self.connections.values():
+            conn.poke()
+
+    def drop(self, path: str | None = None) -> int:
+        """Close connections on `path` ("market", "public", "private"; None: all) abruptly."""
+        dropped = 0
+        for conn in list(self.connections.values()):
+            if path is None or conn.path == path:
+                conn.abrupt, conn.close_reason = True, "dropped"
+                conn.scope.cancel()
+                dropped += 1
+        return dropped
+
+    def send_malformed(self, count: int = 5) -> int:
+        """Every market connection gets `count` bad frames (see `market.malformed_frames`)."""
+        conns = [c for c in self.connections.values() if c.path in (PUBLIC, MARKET)]
+        frames = malformed_frames(count, int(self.clock() * 1000))
+        for conn in conns:
+            conn.bad.extend(frames)
+            conn.poke()
+        return len(conns)
+
+    def sequence_break(self, symbol: str) -> None:
+        """The diff-depth stream of `symbol` skips one event: `pu` != the previous `u`."""
+        self.market.sequence_break(symbol.upper())
+
+    def set_rate(self, rate: float | None, burst: int | None = None,
+                 burst_every: float | None = None) -> None:
+        """rate None: Binance's speeds; N: frames/s per connection; 0: flat out."""
+        if rate is not None and rate < 0:
+            raise ValueError("rate must be None or >= 0")
+        self.rate = rate
+        self.burst = self.burst if burst is None else int(burst)
+        self.burst_every = self.burst_every if burst_every is None else float(burst_every)
+        if self.burst_every <= 0:
+            raise ValueError("burst_every must be > 0")
+        now = trio.current_time()
+        for conn in self.connections.values():
+            conn.pacer.configure(self.rate, self.burst, self.burst_every, now)
+            conn.poke()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "frames_total": self.frames_total,
+            "frames_by_stream": dict(self.frames_by_stream),
+            "malformed_sent": self.malformed_sent,
+            "connections": [c.summary() for c in self.connections.values()],
+            "closed_connections": list(self.closed),
+            "silent": self.silent,
+            "rate": self.rate, "burst": self.burst, "burst_every": self.burst_every,
+            "weight_used_1m": self.weight.current(self.clock()),
+        }
+
+    # --- REST ------------------------------------------------------------------------------
+
+    async def _serve_rest(self, req: HttpRequest) -> HttpResponse:
+        now = self.clock()
+        if req.path.startswith("/sim/") and not req.path.startswith("/sim/account"):
+            status, body = self._control(req)
+            return self._reply(status, body, now)
+        market = self._market_rest(req, now)
+        if market is not None:
+            status, body, weight = market
+            if not self.weight.try_spend(weight, now):
+                return self._too_many(now)
+            return self._reply(status, body, now)
+        if self.account is None:
+            return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
+        if self.weight.current(now) >= self.weight.limit and not req.path.startswith("/sim/"):
+            return self._too_many(now)
+        reply = await self.account.handle_rest(req.method, req.path, req.query, req.headers,
+                                               req.body)
+        if reply is None:
+            return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
+        if not self.weight.try_spend(int(reply.weight), now):
+            # the account call already happened: count it even past the limit
+            self.weight.used += int(reply.weight)
+        return self._reply(int(reply.status), reply.body, now)
+
+    def _reply(self, status: int, body: object, now: float) -> HttpResponse:
+        data = body if isinstance(body, bytes) else (
+            body.encode() if isinstance(body, str) else orjson.dumps(body))
+        return HttpResponse(status, data, (
+            ("X-MBX-USED-WEIGHT-1M", str(self.weight.current(now))),))
+
+    def _too_many(self, now: float) -> HttpResponse:
+        body = orjson.dumps({"code": -1003, "msg": "Too many requests; current limit of IP is "
+                             "2400 requests per minute. Please use WebSocket Streams for live "
+                             "updates to avoid polling the API."})
+        return HttpResponse(429, body, (
+            ("X-MBX-USED-WEIGHT-1M", str(self.weight.current(now))),
+            ("Retry-After", str(self.weight.retry_after(now)))))
+
+    def _market_rest(self, req: HttpRequest, now: float) -> tuple[int, object, int] | None:
+        if req.method != "GET":
+            return None
+        now_ms = int(now * 1000)
+        if req.path == "/fapi/v1/time":
+            return 200, {"serverTime": now_ms}, 1
+        if req.path == "/fapi/v1/exchangeInfo":
+            return 200, self.market.exchange_info(now_ms), 1
+        if req.path == "/fapi/v1/premiumIndex":
+            symbol = req.query.get("symbol")
+            if not symbol:
+                return 200, [self.market.premium_index(s, now_ms) for s in self.config.symbols], 10
+            if symbol not in self.config.symbols:
+                return 400, {"code": -1121, "msg": "Invalid symbol."}, 1
+            return 200, self.market.premium_index(symbol, now_ms), 1
+        if req.path == "/fapi/v1/depth":
+            return self._depth(req.query, now_ms)
+        return None
+
+    def _depth(self, query: dict[str, str], now_ms: int) -> tuple[int, object, int]:
+        symbol = query.get("symbol", "")
+        if not symbol:
+            return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was "
+                                               "empty/null, or malformed."}, 2
+        if symbol not in self.config.symbols:
+            return 400, {"code": -1121, "msg": "Invalid symbol."}, 2
+        try:
+            limit = int(query.get("limit", "500"))
+        except ValueError:
+            limit = -1
+        if limit not in DEPTH_LIMITS:
+            return 400, {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, 2
+        return 200, self.market.depth_snapshot(symbol, limit, now_ms), depth_weight(limit)
+
+    def _control(self, req: HttpRequest) -> tuple[int, object]:
+        try:
+            body = orjson.loads(req.body) if req.body else {}
+        except orjson.JSONDecodeError:
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(body, dict):
+            return 400, {"error": "body must be a JSON object"}
+        name = req.path[len("/sim/"):]
+        if req.method == "GET" and name == "stats":
+            return 200, self.stats()
+        if req.method != "POST":
+            return 405, {"error": "use POST"}
+        try:
+            return 200, self._control_action(name, body)
+        except KeyError:
+            return 404, {"error": f"unknown control {name!r}"}
+        except (TypeError, ValueError) as exc:
+            return 400, {"error": str(exc)}
+
+    def _control_action(self, name: str, body: dict[str, Any]) -> dict[str, object]:
+        if name == "silence":
+            self.set_silence(bool(body.get("on", True)))
+            return {"silent": self.silent}
+        if name == "drop":
+            return {"dropped": self.drop(body.get("path"))}
+        if name == "malformed":
+            return {"connections": self.send_malformed(int(body.get("count", 5)))}
+        if name == "sequence_break":
+            symbol = str(body["symbol"]).upper()
+            if symbol not in self.config.symbols:
+                raise ValueError(f"unknown symbol {symbol!r}")
+            self.sequence_break(symbol)
+            return {"symbol": symbol}
+        if name == "rate":
+            rate = body.get("rate", self.rate)
+            self.set_rate(None if rate is None else float(rate), body.get("burst"),
+                          body.get("burst_every"))
+            return {"rate": self.rate, "burst": self.burst, "burst_every": self.burst_every}
+        raise KeyError(name)
+
+
+def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
+    """(path kind, combined?, stream names, query) of a websocket request target, or None."""
+    parts = urlsplit(target)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    if len(segments) < 2 or segments[0] not in (PUBLIC, MARKET, "private"):
+        return None
+    kind, form, rest = segments[0], segments[1], segments[2:]
+    if kind == "private":
+        if form != "ws":
+            return None
+        if rest and "listenKey" not in query:
+            query["listenKey"] = rest[0]
+        return kind, False, [], query
+    if form == "stream" and not rest:
+        return kind, True, streams_of_query(query.get("streams", "")), query
+    if form == "ws":
+        return kind, False, rest, query
+    return None
+
+
+# --- `pipeline simulate` -------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--ws-port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--rest-port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="frames/s per connection (0: flat out); default: Binance's speeds")
+    parser.add_argument("--burst", type=int, default=0, help="extra frames every --burst-every")
+    parser.add_argument("--burst-every", type=float, default=0.1)
+    parser.add_argument("--lifetime", type=float, default=86400.0,
+                        help="seconds before the server closes a connection")
+    parser.add_argument("--ping-interval", type=float, default=180.0)
+    parser.add_argument("--pong-timeout", type=float, default=600.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--script-account", action="store_true",
+                        help="random orders, fills and stops for the demo")
+    parser.add_argument("--hedge-mode", action="store_true")
+    parser.add_argument("--listen-key-ttl", type=float, default=3600.0)
+
+
+def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
+    try:
+        return SimConfig(
+            symbols=settings.symbols or SimConfig().symbols, seed=args.seed, host=args.host,
+            ws_port=args.ws_port, rest_port=args.rest_port, lifetime=args.lifetime,
+            ping_interval=args.ping_interval, pong_timeout=args.pong_timeout, rate=args.rate,
+            burst=args.burst, burst_every=args.burst_every,
+            api_key=settings.api_key.value if settings.api_key else "sim-api-key",
+            api_secret=settings.api_secret.value if settings.api_secret else "sim-api-secret",
+            listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
+            script_account=args.script_account)
+    except ValueError as exc:
+        raise SettingsError("pipeline simulate", str(exc)) from None
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    config = config_from(settings, args)
+    try:
+        trio.run(_serve_until_signal, config)
+    except OSError as exc:
+        raise SettingsError("--ws-port/--rest-port", f"cannot listen: {exc.strerror}") from None
+    return 0
+
+
+async def _serve_until_signal(config: SimConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            ws_url, rest_url = await nursery.start(Simulator(config).run)
+            print(f"simulator ready ws={ws_url} rest={rest_url}", flush=True)
+            async for signum in signals:
+                log.info("simulator stopping", extra={"signal": signal.Signals(signum).name})
+                nursery.cancel_scope.cancel()
+                break
+    sys.stdout.flush()

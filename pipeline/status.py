@@ -1,0 +1,259 @@
+"""`pipeline status`: what is connected, how long the log is, how far behind each group is,
+how old the views are, what was dead-lettered, how much REST weight was used.
+
+Reads Redis only (the `status` ACL user can do it: deploy/redis/users.acl.template), a bounded
+amount: SCAN with a cap, a sample of keys per view family, the newest entries of `raw:conn` and
+`raw:user`, `MEMORY USAGE ... SAMPLES 5` (exact memory of a big stream would walk all of it).
+The rules that make it unhealthy are in `pipeline.health`.
+
+Exit codes: 0 healthy, 1 unhealthy, 2 Redis unreachable (a bad REDIS_URL, like every command).
+`--json` prints one JSON document (same facts, for scripts); otherwise rich tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import orjson
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Settings, redact_url
+from pipeline.errors import RedisUnavailable, SettingsError
+from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, decode_entry
+from pipeline.health import (
+    VIEW_LIMITS,
+    Connection,
+    Group,
+    Report,
+    Stream,
+    ViewFamily,
+    assess,
+    mark_silent,
+    open_connections,
+)
+from pipeline.redisconn import connect_checked, redis_errors
+
+SCAN_CAP = 50_000  # keys looked at per SCAN pattern: a bound on the cost of one status call
+CONN_ENTRIES = 2_000  # newest raw:conn entries folded into the connection list
+USER_ENTRIES = 500  # newest raw:user entries searched for the REST weight
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--max-lag", type=int, default=10_000,
+                        help="a projector group further behind than this is unhealthy")
+    parser.add_argument("--sample", type=int, default=50,
+                        help="keys read per view family to find the newest value")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    client = connect_checked(settings.redis_url, name="pipeline-status")
+    try:
+        with redis_errors():
+            report = collect(client, prefix=settings.view_prefix, max_lag=args.max_lag,
+                             silence_timeout=settings.silence_timeout, sample=args.sample)
+    except RedisUnavailable as exc:
+        raise SettingsError("REDIS_URL", f"{redact_url(settings.redis_url)}: {exc}") from None
+    finally:
+        client.close()
+    if args.json:
+        print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        # a pipe or a log file gets full-width tables, not 80 columns of truncated key names
+        console = Console()
+        render(report, console if console.is_terminal else Console(width=140))
+    return 0 if report.healthy else 1
+
+
+# --- reading Redis ------------------------------------------------------------------------
+
+def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: float,
+            sample: int = 50, clock: Callable[[], float] = time.time) -> Report:
+    """Everything status reports, in one pass. `clock` is the local clock (recv_ts, event
+    times); stream ids are compared with Redis's own clock, which wrote them."""
+    seconds, micros = client.time()
+    server_ms = seconds * 1000 + micros // 1000
+    now = clock()
+    keys = sorted(_scan(client, "raw:*", "stream"))
+    if client.exists(f"{prefix}:orders"):
+        keys.append(f"{prefix}:orders")  # the listener's groups: reported, not judged
+    streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
+    conns = mark_silent(open_connections(_conn_entries(client), now), streams, silence_timeout)
+    views = read_views(client, prefix, sample, now)
+    dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, "dlq:*", "stream"))}
+    problems = assess(conns, streams, views, max_lag=max_lag)
+    return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
+                  tuple(problems))
+
+
+def _scan(client: redis.Redis, match: str, type_: str) -> Iterator[str]:
+    found = client.scan_iter(match=match, count=1000, _type=type_)
+    return (k.decode() for k in itertools.islice(found, SCAN_CAP))
+
+
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _newest(client: redis.Redis, key: str, count: int) -> list[RawEntry]:
+    """The newest `count` entries, newest first (bytes in, bytes out: see redisconn)."""
+    return cast(list[RawEntry], client.xrevrange(key, count=count))
+
+
+def _id_ms(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def read_stream(client: redis.Redis, key: str, server_ms: int, max_lag: int) -> Stream:
+    length = int(client.xlen(key))
+    newest = _newest(client, key, 1)
+    age = max(0.0, (server_ms - _id_ms(newest[0][0])) / 1000) if newest else None
+    memory = client.memory_usage(key, samples=5)
+    groups = tuple(read_group(client, key, g, max_lag) for g in client.xinfo_groups(key))
+    return Stream(key, length, memory, age, groups)
+
+
+def read_group(client: redis.Redis, key: str, info: dict, max_lag: int) -> Group:
+    name = info["name"].decode() if isinstance(info["name"], bytes) else str(info["name"])
+    lag, exact = info.get("lag"), True
+    if lag is None:
+        # Redis cannot tell after deletions or an arbitrary SETID: count what follows the
+        # group's last-delivered id, up to just past the bound.
+        after = b"(" + info["last-delivered-id"]
+        lag = len(cast(list[Any], client.xrange(key, min=after, max="+", count=max_lag + 1)))
+        exact = lag <= max_lag
+    return Group(key, name, int(info["consumers"]), int(info["pending"]), int(lag), exact)
+
+
+def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
+    out = []
+    for entry_id, fields in reversed(_newest(client, KEY_CONN, CONN_ENTRIES)):
+        try:
+            entry = decode_entry(entry_id, fields)
+        except ValueError:
+            continue
+        if isinstance(entry, ControlEntry):
+            out.append(entry)
+    return out
+
+
+def read_views(client: redis.Redis, prefix: str, sample: int, now: float) -> list[ViewFamily]:
+    """Per view family: how many keys, and the age of the newest "timestamp" in a sample."""
+    start = len(prefix) + 1
+    out = []
+    for type_ in ("string", "hash", "list", "stream"):
+        by_family: dict[str, list[str]] = defaultdict(list)
+        for key in _scan(client, f"{prefix}:*", type_):
+            by_family[key[start:].split(":", 1)[0]].append(key)
+        for family, keys in sorted(by_family.items()):
+            age = _newest_age(client, keys[:sample], now) if type_ == "string" else None
+            out.append(ViewFamily(family, type_, len(keys), age, VIEW_LIMITS.get(family)))
+    return out
+
+
+def _newest_age(client: redis.Redis, keys: list[str], now: float) -> float | None:
+    newest = None
+    for raw in client.mget(keys):
+        try:
+            ts = float(orjson.loads(raw)["timestamp"]) if raw else None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            ts = None
+        if ts is not None and (newest is None or ts > newest):
+            newest = ts
+    return None if newest is None else max(0.0, now - newest)
+
+
+def read_weight(client: redis.Redis) -> int | None:
+    """The `weight_used_1m` of the newest REST snapshot the user ingestor logged."""
+    for entry_id, fields in _newest(client, KEY_USER, USER_ENTRIES):
+        if b"frame" in fields or fields.get(b"ctl") != b"snapshot":
+            continue
+        try:
+            entry = decode_entry(entry_id, fields)
+        except ValueError:
+            continue
+        body = entry.body if isinstance(entry, ControlEntry) else None
+        if isinstance(body, dict) and body.get("weight_used_1m") is not None:
+            return int(body["weight_used_1m"])
+    return None
+
+
+# --- terminal -----------------------------------------------------------------------------
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def render(report: Report, console: Console) -> None:
+    console.print(_connections_table(report.connections))
+    console.print(_streams_table(report.streams))
+    console.print(_views_table(report.views))
+    dead = ", ".join(f"{k} {n}" for k, n in report.dead_letters.items()) or "none"
+    weight = "-" if report.weight_used_1m is None else f"{report.weight_used_1m} / 2400"
+    console.print(f"dead letters: {dead}    REST weight used (1 min): {weight}")
+    if report.healthy:
+        console.print("[bold green]healthy[/]")
+    else:
+        console.print(f"[bold red]UNHEALTHY[/] ({len(report.problems)})")
+        for p in report.problems:
+            console.print(f"  [red]-[/] {p}")
+
+
+def _connections_table(conns: tuple[Connection, ...]) -> Table:
+    t = Table(title="connections (open)", title_justify="left")
+    for col in ("id", "path", "streams", "age", "state"):
+        t.add_column(col)
+    for c in conns:
+        t.add_row(c.id, c.path, str(c.streams), _age(c.age_s),
+                  "[red]silent[/]" if c.silent else "ok")
+    return t
+
+
+def _streams_table(streams: tuple[Stream, ...]) -> Table:
+    t = Table(title="streams and groups", title_justify="left")
+    for col in ("stream", "length", "memory", "newest", "group", "lag", "pending"):
+        t.add_column(col, justify="right" if col in ("length", "lag", "pending") else "left")
+    for s in streams:
+        head = [s.key, str(s.length), _bytes(s.memory_bytes), _age(s.newest_age_s)]
+        if not s.groups:
+            t.add_row(*head, "-", "-", "-")
+        for i, g in enumerate(s.groups):
+            lag = "?" if g.lag is None else f"{g.lag}{'' if g.lag_exact else '+'}"
+            t.add_row(*(head if i == 0 else ["", "", "", ""]), g.name, lag, str(g.pending))
+    return t
+
+
+def _views_table(views: tuple[ViewFamily, ...]) -> Table:
+    t = Table(title="views", title_justify="left")
+    for col in ("family", "type", "keys", "newest", "limit"):
+        t.add_column(col)
+    for v in views:
+        stale = v.limit_s is not None and v.newest_age_s is not None and \
+            v.newest_age_s > v.limit_s
+        newest = f"[red]{_age(v.newest_age_s)}[/]" if stale else _age(v.newest_age_s)
+        t.add_row(v.family, v.kind, str(v.keys), newest,
+                  "-" if v.limit_s is None else f"{v.limit_s:g} s")
+    return t

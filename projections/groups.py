@@ -1,0 +1,171 @@
+"""The Redis side of one projection's consumer group: reads, claims, acks, dead letters.
+
+Sync redis-py calls, each wrapped in `redis_errors()`; the runner calls them from worker
+threads. The fold itself (`fold_batch`) is pure and lives here too because it decides what the
+batch acknowledges.
+
+Keys this module writes besides the views (for the ACL, see docs/architecture.md):
+- `dlq:{projection}`: entries that failed `max_attempts` times, with `source_key`, `entry_id`,
+  `error` and the original fields;
+- `projector:attempts:{projection}`: hash `{source key} {entry id}` -> failed attempts so far
+  (survives a restart; the field is deleted when the entry is dead-lettered).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import redis
+
+from pipeline.eventlog import decode_entry
+from pipeline.redisconn import redis_errors
+from projections.core import LogGap, NeedSnapshot, Output, Projection, coalesce
+from projections.viewstore import check_performable
+
+log = logging.getLogger("pipeline.project")
+
+# (source key, entry id, fields); fields are empty for an entry trimmed while it was pending
+RawEntry = tuple[str, bytes, dict[bytes, bytes]]
+
+DLQ_PREFIX = "dlq:"
+ATTEMPTS_PREFIX = "projector:attempts:"
+ERROR_TEXT_MAX = 500
+
+
+def flatten_reply(reply: Sequence[Any] | None) -> list[RawEntry]:
+    """XREADGROUP's `[[key, [(id, fields), ...]], ...]` as one list of RawEntry."""
+    out: list[RawEntry] = []
+    for key, entries in reply or ():
+        skey = key.decode() if isinstance(key, bytes) else key
+        out.extend((skey, eid, fields or {}) for eid, fields in entries)
+    return out
+
+
+@attrs.define
+class Folded:
+    """What one batch comes to: the writes, the effects, the acks and the failures."""
+
+    writes: list[Output] = attrs.Factory(list)
+    effects: list[NeedSnapshot | LogGap] = attrs.Factory(list)
+    acks: dict[str, list[bytes]] = attrs.Factory(dict)
+    failures: list[tuple[RawEntry, str]] = attrs.Factory(list)
+    applied: int = 0
+    newest_recv_ts: float = 0.0
+
+
+def fold_batch(projection: Projection, entries: Iterable[RawEntry],
+               coalescing: bool = True) -> Folded:
+    """Apply each entry; an entry that raises is a failure and is not acknowledged."""
+    folded = Folded()
+    outputs: list[Output] = []
+    for raw in entries:
+        key, eid, fields = raw
+        if fields:
+            try:
+                entry = decode_entry(eid, fields)
+                outs = list(projection.apply(entry))
+                for out in outs:
+                    check_performable(out)
+            except Exception as exc:  # any failure of a fold is the entry's, not the process's
+                folded.failures.append((raw, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]))
+                continue
+            outputs.extend(outs)
+            folded.applied += 1
+            folded.newest_recv_ts = max(folded.newest_recv_ts, entry.recv_ts)
+        folded.acks.setdefault(key, []).append(eid)
+    for out in coalesce(outputs) if coalescing else outputs:
+        if isinstance(out, NeedSnapshot | LogGap):
+            folded.effects.append(out)
+        else:
+            folded.writes.append(out)
+    return folded
+
+
+class GroupIO:
+    """One projection's group on its source keys, for one consumer."""
+
+    def __init__(self, client: redis.Redis, group: str, keys: Sequence[str], consumer: str):
+        self.client = client
+        self.group = group
+        self.keys = list(keys)
+        self.consumer = consumer
+
+    def ensure_groups(self) -> None:
+        """XGROUP CREATE ... 0 MKSTREAM: a new group starts at the log's first entry."""
+        with redis_errors():
+            for key in self.keys:
+                try:
+                    self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    def read(self, ids: Mapping[str, bytes | str], count: int,
+             block_ms: int | None) -> list[RawEntry]:
+        """XREADGROUP over the keys at once: `>` for new entries, an id for our own pending."""
+        with redis_errors():
+            reply: Any = self.client.xreadgroup(self.group, self.consumer, dict(ids),  # type: ignore[arg-type]
+                                                count=count, block=block_ms)
+        return flatten_reply(reply)
+
+    def autoclaim(self, key: str, min_idle_ms: int, start: bytes | str,
+                  count: int) -> tuple[bytes, list[RawEntry]]:
+        """Take over entries idle for `min_idle_ms`; returns (next start, entries)."""
+        with redis_errors():
+            nxt, entries, *_ = self.client.xautoclaim(key, self.group, self.consumer,
+                                                      min_idle_ms, start, count=count)
+        return nxt, [(key, eid, fields or {}) for eid, fields in entries]
+
+    def count_failure(self, raw: RawEntry) -> int:
+        with redis_errors():
+            return int(self.client.hincrby(ATTEMPTS_PREFIX + self.group, _field(raw), 1))
+
+    def dead_letter(self, raw: RawEntry, error: str) -> None:
+        """XADD to `dlq:{group}` then XACK, in one round trip."""
+        key, eid, fields = raw
+        pipe = self.client.pipeline(transaction=False)
+        dead: dict[Any, Any] = {b"source_key": key.encode(), b"entry_id": eid,
+                                b"error": error.encode(), **fields}
+        pipe.xadd(DLQ_PREFIX + self.group, dead)
+        pipe.xack(key, self.group, eid)
+        pipe.hdel(ATTEMPTS_PREFIX + self.group, _field(raw))
+        with redis_errors():
+            pipe.execute()
+
+    def lag(self) -> dict[str, int | None]:
+        """XINFO GROUPS `lag` of this group per key (None when Redis cannot tell)."""
+        out: dict[str, int | None] = {}
+        with redis_errors():
+            for key in self.keys:
+                for info in self.client.xinfo_groups(key):
+                    name = info.get("name")
+                    if (name.decode() if isinstance(name, bytes) else name) == self.group:
+                        out[key] = info.get("lag")
+        return out
+
+
+def _field(raw: RawEntry) -> bytes:
+    return raw[0].encode() + b" " + raw[1]
+
+
+def write_batch(client: redis.Redis, queue: Callable[[Any, Output], None], group: str,
+                folded: Folded, extra: Callable[[Any], None] | None = None) -> list[Exception]:
+    """The batch's writes, then its XACKs, in ONE non-transactional pipeline.
+
+    Returns the errors Redis answered for single commands (a script error, NOGROUP after a
+    Redis restart); raises RedisUnavailable when the round trip itself failed, in which case
+    the caller sends the same batch again (every write is forward-only, so a repeat is safe).
+    """
+    pipe = client.pipeline(transaction=False)
+    for out in folded.writes:
+        queue(pipe, out)
+    if extra is not None:
+        extra(pipe)
+    for key, ids in folded.acks.items():
+        pipe.xack(key, group, *ids)
+    with redis_errors():
+        results = pipe.execute(raise_on_error=False)
+    return [r for r in results if isinstance(r, Exception)]

@@ -1,0 +1,241 @@
+"""The stateless market folds: one frame in, the view writes it implies out.
+
+Pure: imports neither trio nor redis. Each class is a `projections.core.Projection`:
+`apply(entry)` turns one log entry into `ViewWrite`s (and, for closed candles,
+`ListPushIfNewer`s); the shell performs them atomically and forward-only. None of these folds
+keeps state between entries, so they run in every projector process side by side
+(`exclusive = False`) and a replay yields exactly what the live run wrote.
+
+Each view carries its order key as a version (event time for mark price and klines, update id
+for books and tickers, aggregate trade id for trades) and expires a fixed time after the frame
+was *received* (`recv_ts`), so replaying old frames brings back no stale key.
+
+Symbols are lower case in keys. Prices and quantities are the strings Binance sent. Control
+entries (connection opened/closed, gaps, snapshots) do not concern these folds; frames of
+another event type (a SUBSCRIBE reply, an event Binance adds one day) give no write.
+
+Options: every class takes `prefix` (Settings.view_prefix) and keyword options; options a
+class does not use are ignored, so a registry may pass the same ones to all:
+- `families`: the configured market stream families (`StreamKind.family`, e.g. "depth20",
+  "kline_1m"); a class reads only those it folds. None: every family it can fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from pipeline.eventlog import FrameEntry, market_key
+from pipeline.streams import KLINE_INTERVALS, PARTIAL_DEPTHS
+from projections import frames
+from projections.core import Entry, ListPushIfNewer, Output, PoisonEntry, ViewWrite, view_key
+
+SOURCE = "websocket"  # the seed service's readers look for this in every market view
+TTL_MS = 60_000  # mark price, books, last price, book ticker: 60 s after receipt
+KLINE_LIST_CAP = 500
+
+_INTERVAL_S = {"m": 60, "h": 3_600, "d": 86_400, "w": 7 * 86_400, "M": 31 * 86_400}
+
+
+def kline_ttl_ms(interval: str) -> int:
+    """Two intervals plus a minute: a quiet symbol's open candle (klines are pushed only when
+    something changed) stays visible for its whole interval and the next one."""
+    return (2 * int(interval[:-1]) * _INTERVAL_S[interval[-1]] + 60) * 1000
+
+
+def _payload(entry: Entry) -> tuple[str, Any] | None:
+    if type(entry) is not FrameEntry:
+        return None  # control entries: nothing for a stateless fold
+    return frames.unwrap(entry.frame)
+
+
+def _expiry(entry: FrameEntry, ttl_ms: int) -> int:
+    return int(entry.recv_ts * 1000) + ttl_ms
+
+
+def _chosen(families: Iterable[str] | None, foldable: Iterable[str]) -> list[str]:
+    if families is None:
+        return list(foldable)
+    wanted = set(families)
+    return [f for f in foldable if f in wanted]
+
+
+class MarkPriceProjection:
+    """`P:mark_price:{symbol}` from `@markPrice` and `!markPrice@arr` (a list per frame)."""
+
+    name = "mark_price"
+    exclusive = False
+
+    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
+                 **_unused: object) -> None:
+        self.sources = [market_key(f) for f in _chosen(families, ("markPrice", "markPrice_arr"))]
+        self._key = view_key(prefix, "mark_price", "")
+
+    def apply(self, entry: Entry) -> list[Output]:
+        got = _payload(entry)
+        if got is None:
+            return []
+        assert type(entry) is FrameEntry
+        data = got[1]
+        if type(data) is list:
+            return [self._write(frames.mark_price(d), entry) for d in data
+                    if frames.event_type(d) == "markPriceUpdate"]
+        if data.get("e") != "markPriceUpdate":
+            return []
+        return [self._write(frames.mark_price(data), entry)]
+
+    def _write(self, picked: frames.MarkPrice, entry: FrameEntry) -> ViewWrite:
+        symbol, e_time, mark, index, rate, next_funding = picked
+        ts = e_time / 1000
+        value = orjson.dumps({
+            "mark_price": mark, "index_price": index, "funding_rate": rate,
+            "next_funding_time": next_funding, "timestamp": ts, "source": SOURCE,
+        })
+        return ViewWrite(self._key + symbol.lower(), value, ts, "timestamp",
+                         _expiry(entry, TTL_MS))
+
+
+class PartialBookProjection:
+    """`P:orderbook:{symbol}:{depth}` from the partial depth streams `@depth{5,10,20}`.
+
+    The depth is read from the stream name in the wrapper (the payload does not say it).
+    """
+
+    name = "orderbook"
+    exclusive = False
+
+    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
+                 **_unused: object) -> None:
+        self.sources = [market_key(f) for f in
+                        _chosen(families, [f"depth{n}" for n in PARTIAL_DEPTHS])]
+        self._key = view_key(prefix, "orderbook", "")
+        self._depths: dict[str, str] = {}  # stream name -> "20"; at most one per stream
+
+    def apply(self, entry: Entry) -> list[Output]:
+        got = _payload(entry)
+        if got is None:
+            return []
+        assert type(entry) is FrameEntry
+        stream, data = got
+        if frames.event_type(data) != "depthUpdate":
+            return []
+        depth = self._depths.get(stream) or self._depth_of(stream)
+        symbol, e_time, u, bids, asks = frames.partial_depth(data)
+        value = orjson.dumps({
+            "bids": bids, "asks": asks, "timestamp": e_time / 1000, "last_update_id": u,
+            "source": SOURCE,
+        })
+        return [ViewWrite(f"{self._key}{symbol.lower()}:{depth}", value, u, "last_update_id",
+                          _expiry(entry, TTL_MS))]
+
+    def _depth_of(self, stream: str) -> str:
+        parts = stream.split("@")
+        kind = parts[1] if len(parts) > 1 else ""
+        depth = kind[len("depth"):]
+        if not kind.startswith("depth") or depth not in {str(n) for n in PARTIAL_DEPTHS}:
+            raise PoisonEntry(f"partial depth frame on stream {stream[:60]!r}")
+        self._depths[stream] = depth
+        return depth
+
+
+class KlineProjection:
+    """`P:kline:{symbol}:{interval}` (the latest candle, versioned by event time) and, for
+    each closed candle, `P:klines:{symbol}:{interval}` (newest first, capped at 500,
+    versioned by open time)."""
+
+    name = "kline"
+    exclusive = False
+
+    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
+                 **_unused: object) -> None:
+        self.sources = [market_key(f) for f in
+                        _chosen(families, [f"kline_{i}" for i in KLINE_INTERVALS])]
+        self._latest = view_key(prefix, "kline", "")
+        self._closed = view_key(prefix, "klines", "")
+        self._ttl: dict[str, int] = {}
+
+    def apply(self, entry: Entry) -> list[Output]:
+        got = _payload(entry)
+        if got is None:
+            return []
+        assert type(entry) is FrameEntry
+        if frames.event_type(got[1]) != "kline":
+            return []
+        (symbol, e_time, interval, open_time, close_time, open_, high, low, close, volume,
+         quote_volume, trades, closed) = frames.kline(got[1])
+        ttl = self._ttl.get(interval) or self._ttl_of(interval)
+        value = orjson.dumps({
+            "open_time": open_time, "close_time": close_time, "open": open_, "high": high,
+            "low": low, "close": close, "volume": volume, "quote_volume": quote_volume,
+            "trades": trades, "closed": closed, "event_time": e_time,
+            "timestamp": e_time / 1000, "source": SOURCE,
+        })
+        suffix = f"{symbol.lower()}:{interval}"
+        out: list[Output] = [ViewWrite(self._latest + suffix, value, e_time, "event_time",
+                                       _expiry(entry, ttl))]
+        if closed:
+            out.append(ListPushIfNewer(self._closed + suffix, value, open_time, "open_time",
+                                       KLINE_LIST_CAP))
+        return out
+
+    def _ttl_of(self, interval: str) -> int:
+        if interval not in KLINE_INTERVALS:
+            raise PoisonEntry(f"kline: unknown interval {interval[:10]!r}")
+        self._ttl[interval] = ttl = kline_ttl_ms(interval)
+        return ttl
+
+
+class TradeProjection:
+    """`P:last_price:{symbol}` from `@aggTrade`, versioned by the aggregate trade id."""
+
+    name = "last_price"
+    exclusive = False
+
+    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
+                 **_unused: object) -> None:
+        self.sources = [market_key(f) for f in _chosen(families, ("aggTrade",))]
+        self._key = view_key(prefix, "last_price", "")
+
+    def apply(self, entry: Entry) -> list[Output]:
+        got = _payload(entry)
+        if got is None:
+            return []
+        assert type(entry) is FrameEntry
+        if frames.event_type(got[1]) != "aggTrade":
+            return []
+        symbol, e_time, agg_id, price, qty, trade_time = frames.agg_trade(got[1])
+        value = orjson.dumps({
+            "price": price, "qty": qty, "agg_trade_id": agg_id, "trade_time": trade_time,
+            "timestamp": e_time / 1000, "source": SOURCE,
+        })
+        return [ViewWrite(self._key + symbol.lower(), value, agg_id, "agg_trade_id",
+                          _expiry(entry, TTL_MS))]
+
+
+class BookTickerProjection:
+    """`P:book_ticker:{symbol}` from `@bookTicker`, versioned by the book update id."""
+
+    name = "book_ticker"
+    exclusive = False
+
+    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
+                 **_unused: object) -> None:
+        self.sources = [market_key(f) for f in _chosen(families, ("bookTicker",))]
+        self._key = view_key(prefix, "book_ticker", "")
+
+    def apply(self, entry: Entry) -> list[Output]:
+        got = _payload(entry)
+        if got is None:
+            return []
+        assert type(entry) is FrameEntry
+        if frames.event_type(got[1]) != "bookTicker":
+            return []
+        symbol, e_time, update_id, bid, bid_qty, ask, ask_qty = frames.book_ticker(got[1])
+        value = orjson.dumps({
+            "bid": bid, "bid_qty": bid_qty, "ask": ask, "ask_qty": ask_qty,
+            "update_id": update_id, "timestamp": e_time / 1000, "source": SOURCE,
+        })
+        return [ViewWrite(self._key + symbol.lower(), value, update_id, "update_id",
+                          _expiry(entry, TTL_MS))]

@@ -1,0 +1,221 @@
+"""`pipeline replay`: rebuild chosen views from the log, then exit.
+
+Reads each projection's source keys with XRANGE in chunks (no consumer group, no acks), merged
+in entry-id order when a projection reads several keys, folds them with a fresh instance of the
+same projection and performs the same forward-only writes (projections.viewstore). It stops at
+the last entry each key held when the replay started, so it ends even while ingestors append.
+
+Live projectors may keep running meanwhile: both sides write only when newer, so the views end
+the same whichever writes last. `--reset` first deletes the projection's view keys (SCAN by
+its key patterns, projections.registry) so they are rebuilt from scratch; frames older than a
+view's TTL write nothing, so a reset view holds only what is still fresh.
+
+Replay never calls REST and never appends to the log: `NeedSnapshot` and `LogGap` are ignored,
+because the live projector already logged the snapshots and gaps that a replay then reads. An
+entry whose fold fails is counted and skipped (the live projector dead-lettered it).
+
+Sync code: there is nothing to wait for concurrently, and plain calls are fastest here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import redis
+
+from pipeline.config import Settings
+from pipeline.errors import RedisUnavailable, SettingsError
+from pipeline.redisconn import connect_checked, redis_errors
+from projections.groups import RawEntry, fold_batch
+from projections.registry import ProjectionSpec, choose
+from projections.viewstore import ViewStore
+
+log = logging.getLogger("pipeline.replay")
+
+CHUNK = 5_000
+_ID_RE = re.compile(r"^\d+-\d+$")
+
+
+def parse_from(value: str | None) -> str:
+    """`--from`: a stream id (`1700000000000-0`), an ISO time, or unix seconds -> XRANGE start."""
+    if value is None or value in ("", "-", "0"):
+        return "-"
+    v = value.strip()
+    if _ID_RE.match(v):
+        return v
+    try:
+        seconds = float(v)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            raise SettingsError("--from", f"{value!r} is not a stream id, ISO time or unix "
+                                          "seconds") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp()
+    return f"{max(0, int(seconds * 1000))}-0"
+
+
+def _id_key(eid: bytes) -> tuple[int, int]:
+    ms, _, seq = eid.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def log_end(client: redis.Redis, key: str) -> bytes | None:
+    """The id of the last entry `key` holds now (None when empty or missing)."""
+    last: Any = client.xrevrange(key, "+", "-", count=1)
+    return last[0][0] if last else None
+
+
+def merged_entries(client: redis.Redis, ends: dict[str, bytes], start: str,
+                   chunk: int = CHUNK) -> Iterator[list[RawEntry]]:
+    """Chunks of entries from every key in `ends`, in id order, up to each key's end id."""
+    cursors: dict[str, str] = {k: start for k in ends}
+    buffers: dict[str, list[RawEntry]] = {k: [] for k in ends}
+    open_keys = set(ends)
+    while open_keys or any(buffers.values()):
+        for key in sorted(open_keys):
+            if buffers[key]:
+                continue
+            got: Any = client.xrange(key, cursors[key], ends[key], count=chunk)
+            buffers[key] = [(key, eid, fields) for eid, fields in got]
+            if len(got) < chunk:
+                open_keys.discard(key)
+            else:
+                cursors[key] = "(" + got[-1][0].decode()
+        # entries up to the smallest last-fetched id of the keys not yet exhausted are in order
+        bound = min((_id_key(buffers[k][-1][1]) for k in open_keys), default=None)
+        out: list[RawEntry] = []
+        for key, buf in buffers.items():
+            n = len(buf) if bound is None else sum(1 for e in buf if _id_key(e[1]) <= bound)
+            out.extend(buf[:n])
+            buffers[key] = buf[n:]
+        if len(ends) > 1:
+            out.sort(key=lambda e: _id_key(e[1]))
+        if out:
+            yield out
+
+
+@attrs.define
+class ReplayResult:
+    entries: int = 0
+    failed: int = 0
+    writes: int = 0
+    seconds: float = 0.0
+
+
+class Progress:
+    """rich.progress on a terminal, else a log line every few seconds."""
+
+    def __init__(self, total: int, every: float = 5.0) -> None:
+        self.total, self.every, self.done = total, every, 0
+        self.t0 = self.last = time.monotonic()
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import Progress as Bar  # only a terminal needs it
+
+            self._bar = Bar(transient=False)
+            self._task = self._bar.add_task("replay", total=total)
+            self._bar.start()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+        elif now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            log.info("replay progress", extra={"done": self.done, "per_s": round(rate),
+                                               "remaining": max(0, self.total - self.done)})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def reset_views(client: redis.Redis, patterns: Sequence[str]) -> int:
+    """UNLINK every key matching the patterns; returns how many."""
+    n = 0
+    for pattern in patterns:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                n += client.unlink(*batch)
+                batch = []
+        if batch:
+            n += client.unlink(*batch)
+    return n
+
+
+def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
+               progress: Progress, result: ReplayResult) -> None:
+    projection = spec.factory()
+    store = ViewStore(client)
+    ends = {k: e for k in projection.sources if (e := log_end(client, k)) is not None}
+    for entries in merged_entries(client, ends, start):
+        folded = fold_batch(projection, entries)
+        pipe = client.pipeline(transaction=False)
+        for out in folded.writes:
+            store.queue(pipe, out)
+        pipe.execute()
+        result.entries += len(entries)
+        result.failed += len(folded.failures)
+        result.writes += len(folded.writes)
+        progress.advance(len(entries))
+
+
+def replay(client: redis.Redis, specs: Sequence[ProjectionSpec], start: str = "-",
+           reset: bool = False) -> ReplayResult:
+    result = ReplayResult()
+    t0 = time.monotonic()
+    with redis_errors():
+        if reset:
+            for spec in specs:
+                gone = reset_views(client, spec.key_patterns)
+                log.info("views reset", extra={"projection": spec.name, "keys": gone})
+        total = sum(client.xlen(k) for spec in specs for k in spec.factory().sources)
+        progress = Progress(total)
+        try:
+            for spec in specs:
+                replay_one(client, spec, start, progress, result)
+        finally:
+            progress.close()
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default=None, help="comma list of projection names")
+    parser.add_argument("--from", dest="from_", default=None,
+                        help="start at a stream id, an ISO time or unix seconds (default: the "
+                             "log's start)")
+    parser.add_argument("--reset", action="store_true",
+                        help="delete the chosen projections' view keys first")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    specs = choose(settings, args.only)
+    start = parse_from(args.from_)
+    client = connect_checked(settings.redis_url, name="replay")
+    try:
+        result = replay(client, specs, start, args.reset)
+    except RedisUnavailable as exc:
+        print(f"pipeline replay: {exc}; views may be partly rebuilt, run it again",
+              file=sys.stderr)
+        return 1
+    rate = result.entries / max(result.seconds, 1e-9)
+    print(f"replayed {result.entries} entries for {', '.join(s.name for s in specs)} in "
+          f"{result.seconds:.2f} s ({rate:,.0f} entries/s), {result.writes} writes, "
+          f"{result.failed} failed entries skipped", file=sys.stderr)
+    return 0

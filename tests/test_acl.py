@@ -1,0 +1,219 @@
+"""The ACL file, rendered from deploy/redis/users.acl.template, on a real redis-server.
+
+Each role can do its job and is refused the rest. The server loads exactly the file the
+compose deployment loads: rendered by deploy/redis/render-acl.sh from secret files.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.errors import SettingsError
+from pipeline.eventlog import control_entry, frame_entry
+from pipeline.localredis import LocalRedis
+from pipeline.redisconn import connect_checked, make_client
+from projections.core import ViewWrite
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("ingest_market", "ingest_user", "projector", "reader", "status", "admin")
+MARK = b'{"stream":"btcusdt@markPrice@1s","data":{"e":"markPriceUpdate","E":1,"s":"BTCUSDT"}}'
+
+
+def render_acl(folder: Path, prefix: str = "websocket") -> Path:
+    secrets = folder / "secrets"
+    secrets.mkdir(parents=True)
+    for role in ROLES:
+        (secrets / f"redis_password_{role}").write_text(f"pw-{role}\n")
+    out = folder / "users.acl"
+    subprocess.run(
+        ["sh", str(ROOT / "deploy/redis/render-acl.sh"),
+         str(ROOT / "deploy/redis/users.acl.template"), str(out)],
+        env={"PATH": "/usr/bin:/bin", "SECRETS_DIR": str(secrets),
+             "PIPELINE_VIEW_PREFIX": prefix},
+        check=True, timeout=10)
+    return out
+
+
+@pytest.fixture(scope="module")
+def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    folder = tmp_path_factory.mktemp("acl")
+    server = LocalRedis(folder / "redis", args=["--aclfile", str(render_acl(folder))]).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def as_role(acl_server: LocalRedis) -> Iterator[Callable[[str], redis.Redis]]:
+    """A client logged in as the role's user, made the way the pipeline makes its clients."""
+    clients: list[redis.Redis] = []
+
+    def connect(user: str) -> redis.Redis:
+        password = f"pw-{user.replace('-', '_')}"
+        client = connect_checked(f"redis://{user}:{password}@127.0.0.1:{acl_server.port}/0",
+                                 name=f"test-{user}")
+        clients.append(client)
+        return client
+
+    yield connect
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def admin(as_role: Callable[[str], redis.Redis]) -> redis.Redis:
+    client = as_role("admin")
+    client.xadd("raw:market:markPrice", frame_entry(MARK, 1.0, "c1", 1))
+    client.set("websocket:mark_price:btcusdt", b'{"timestamp": 1}')
+    client.hset("websocket:open_orders:btcusdt", "42", b'{"orderId": 42}')
+    client.xadd("websocket:orders", {"order_id": "42", "status": "NEW", "data": "{}"})
+    return client
+
+
+def refused(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except redis.exceptions.NoPermissionError:
+        return True
+    except redis.ResponseError as exc:  # NOPERM raised from inside a Lua script
+        return "NOPERM" in str(exc) or "permission" in str(exc).lower()
+    return False
+
+
+def test_nobody_gets_in_without_a_user_and_the_right_password(acl_server: LocalRedis) -> None:
+    anonymous = make_client(acl_server.url)
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()
+    with pytest.raises(SettingsError) as err:
+        connect_checked(f"redis://reader:wrong-pw@127.0.0.1:{acl_server.port}/0")
+    assert "REDIS_URL" in str(err.value) and "wrong-pw" not in str(err.value)
+
+
+def test_market_ingestor_appends_to_raw_streams_and_nothing_else(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    ing = as_role("ingest-market")
+    with ing.pipeline(transaction=False) as pipe:
+        pipe.xadd("raw:market:markPrice", frame_entry(MARK, 2.0, "c1", 2),
+                  maxlen=1000, approximate=True)
+        pipe.xadd("raw:conn", control_entry("opened", {"path": "market"}, 2.0, "c1"))
+        pipe.execute()
+    assert admin.xlen("raw:market:markPrice") >= 2
+    assert refused(lambda: ing.delete("websocket:mark_price:btcusdt"))
+    assert refused(lambda: ing.set("websocket:mark_price:btcusdt", b"{}"))
+    assert refused(lambda: ing.xadd("raw:user", {"frame": b"{}"}))
+    assert refused(lambda: ing.xrange("raw:market:markPrice"))
+    assert refused(lambda: ing.get("websocket:mark_price:btcusdt"))
+    assert refused(lambda: ing.flushall())
+
+
+def test_user_ingestor_appends_user_frames_and_reads_only_open_orders(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    ing = as_role("ingest-user")
+    ing.xadd("raw:user", frame_entry(b'{"e":"ORDER_TRADE_UPDATE"}', 3.0, "u1", 1))
+    ing.xadd("raw:conn", control_entry("opened", {"path": "private"}, 3.0, "u1"))
+    keys = list(ing.scan_iter(match="websocket:open_orders:*", count=100))
+    assert keys == [b"websocket:open_orders:btcusdt"]
+    assert ing.hgetall(keys[0]) == {b"42": b'{"orderId": 42}'}
+    assert refused(lambda: ing.delete("websocket:open_orders:btcusdt"))
+    assert refused(lambda: ing.hset("websocket:open_orders:btcusdt", "43", "{}"))
+    assert refused(lambda: ing.xadd("raw:market:depth", {"frame": b"{}"}))
+    assert refused(lambda: ing.xrange("raw:user"))
+    assert refused(lambda: ing.get("websocket:mark_price:btcusdt"))
+
+
+def test_projector_consumes_raw_streams_and_writes_views_through_lua(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    from projections.viewstore import ViewStore
+
+    proj = as_role("projector")
+    proj.xgroup_create("raw:market:markPrice", "mark_price", id="0", mkstream=True)
+    got = proj.xreadgroup("mark_price", "p1", {"raw:market:markPrice": ">"}, count=10, block=100)
+    ids = [entry_id for _, entries in got for entry_id, _ in entries]
+    assert ids
+    store = ViewStore(proj)
+    write = ViewWrite("websocket:mark_price:ethusdt", b'{"timestamp": 5.0}', 5.0, "timestamp",
+                      expire_at_ms=2**42)
+    with proj.pipeline(transaction=False) as pipe:
+        store.queue(pipe, write)
+        pipe.xack("raw:market:markPrice", "mark_price", *ids)
+        assert pipe.execute() == [1, len(ids)]
+    assert admin.get("websocket:mark_price:ethusdt") == b'{"timestamp": 5.0}'
+    proj.xautoclaim("raw:market:markPrice", "mark_price", "p2", min_idle_time=0)
+    proj.xpending("raw:market:markPrice", "mark_price")
+    proj.xinfo_groups("raw:market:markPrice")
+    proj.xadd("raw:market:depth", control_entry("snapshot", {"symbol": "BTCUSDT"}, 4.0))
+    proj.xadd("dlq:mark_price", {"source": "raw:market:markPrice", "error": "bad"})
+    assert proj.set("lease:depth_book", "p1", nx=True, px=10_000)
+    assert list(proj.scan_iter(match="websocket:*", count=100))
+    proj.unlink("websocket:mark_price:ethusdt")  # replay --reset
+
+
+def test_projector_cannot_rewrite_the_log_or_the_server(
+    as_role: Callable[[str], redis.Redis],
+) -> None:
+    proj = as_role("projector")
+    assert refused(lambda: proj.xadd("raw:market:markPrice", {"frame": b"{}"}))
+    assert refused(lambda: proj.xadd("raw:user", {"frame": b"{}"}))
+    assert refused(lambda: proj.delete("raw:market:markPrice"))
+    assert refused(lambda: proj.xtrim("raw:user", maxlen=0))
+    assert refused(lambda: proj.xgroup_destroy("raw:market:markPrice", "mark_price"))
+    assert refused(lambda: proj.eval("return redis.call('DEL', KEYS[1])", 1, "raw:user"))
+    assert refused(lambda: proj.flushall())
+    assert refused(lambda: proj.config_get("*"))
+
+
+def test_reader_reads_views_and_consumes_the_orders_stream_with_its_group(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    reader = as_role("reader")
+    assert reader.get("websocket:mark_price:btcusdt") == b'{"timestamp": 1}'
+    assert reader.hgetall("websocket:open_orders:btcusdt")
+    assert reader.ttl("websocket:mark_price:btcusdt") == -1
+    assert reader.xrevrange("websocket:orders", count=1)
+    reader.xgroup_create("websocket:orders", "listener", id="0")
+    got = reader.xreadgroup("listener", "l1", {"websocket:orders": ">"}, count=10)
+    (entry_id, fields), = got[0][1]
+    assert fields[b"order_id"] == b"42"
+    reader.xautoclaim("websocket:orders", "listener", "l2", min_idle_time=0)
+    assert reader.xack("websocket:orders", "listener", entry_id) == 1
+
+
+def test_reader_is_refused_every_write_and_the_raw_log(
+    as_role: Callable[[str], redis.Redis],
+) -> None:
+    reader = as_role("reader")
+    assert refused(lambda: reader.xadd("websocket:orders", {"order_id": "1"}))
+    assert refused(lambda: reader.xadd("raw:market:markPrice", {"frame": b"{}"}))
+    assert refused(lambda: reader.set("websocket:mark_price:btcusdt", b"{}"))
+    assert refused(lambda: reader.delete("websocket:mark_price:btcusdt"))
+    assert refused(lambda: reader.hdel("websocket:open_orders:btcusdt", "42"))
+    assert refused(lambda: reader.xrange("raw:market:markPrice"))
+    assert refused(lambda: reader.xgroup_create("raw:user", "sneaky", id="0"))
+    assert refused(lambda: reader.eval("return 1", 0))
+
+
+def test_status_user_reads_everything_and_writes_nothing(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    status = as_role("status")
+    assert status.xinfo_stream("raw:market:markPrice")["length"] >= 1
+    assert status.memory_usage("raw:market:markPrice", samples=5)
+    assert status.xinfo_groups("raw:market:markPrice")
+    assert refused(lambda: status.delete("websocket:mark_price:btcusdt"))
+    assert refused(lambda: status.xadd("raw:conn", {"ctl": "opened"}))
+
+
+def test_a_different_view_prefix_is_rendered_into_every_view_pattern(tmp_path: Path) -> None:
+    text = render_acl(tmp_path, prefix="ws2").read_text()
+    assert "websocket" not in text
+    assert "%R~ws2:* " in text and "(~ws2:orders " in text and "~ws2:* ~dlq:*" in text

@@ -1,0 +1,245 @@
+"""The deployment files say what the code does: compose services, Redis users, commands, image.
+
+No Docker engine runs here: compose.yaml is parsed with PyYAML, the Dockerfile line by line,
+and the two entrypoint scripts are run with `sh` as the containers would run them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PIPELINE_SERVICES = ("ingest-market", "ingest-user", "projector")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def acl_users() -> dict[str, str]:
+    """User name -> its rule line, from the ACL template."""
+    users = {}
+    for line in (DEPLOY / "redis" / "users.acl.template").read_text().splitlines():
+        if line.startswith("user "):
+            users[line.split()[1]] = line
+    return users
+
+
+def parse_command(words: list[str]) -> str:
+    """The module a compose `command` runs; fails as `pipeline` itself would on a bad one."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(words)
+    try:
+        module = importlib.import_module(known._module)
+    except ModuleNotFoundError:
+        parser.parse_args(words)  # that role is not written yet: its words must still parse
+        return str(known._module)
+    from pipeline.cli import _subparser_for
+
+    module.add_arguments(_subparser_for(parser, known))
+    parser.parse_args(words)
+    return str(known._module)
+
+
+def test_compose_has_redis_both_ingestors_and_the_projector(compose: dict[str, Any]) -> None:
+    assert {"redis", *PIPELINE_SERVICES} <= set(compose["services"])
+    assert compose["services"]["ingest-user"]["profiles"] == ["user"]
+    for name in ("redis", "ingest-market", "projector"):
+        assert "profiles" not in compose["services"][name], f"{name} must start by default"
+
+
+def test_every_long_running_service_has_a_health_check_and_a_restart_policy(
+    compose: dict[str, Any],
+) -> None:
+    for name in ("redis", *PIPELINE_SERVICES):
+        service = compose["services"][name]
+        assert service["restart"] in ("always", "unless-stopped", "on-failure"), name
+        assert service["healthcheck"]["test"], name
+        assert not service["healthcheck"].get("disable"), name
+    for name in PIPELINE_SERVICES:
+        service = compose["services"][name]
+        test = " ".join(service["healthcheck"]["test"])
+        assert "/healthz" in test and "PIPELINE_METRICS_PORT" in test
+        assert int(service["environment"]["PIPELINE_METRICS_PORT"]) > 0
+
+
+def test_projector_can_be_scaled(compose: dict[str, Any]) -> None:
+    projector = compose["services"]["projector"]
+    assert "container_name" not in projector
+    assert "ports" not in projector  # a fixed host port would clash between copies
+
+
+def test_each_command_is_a_real_pipeline_command(compose: dict[str, Any]) -> None:
+    expected = {"ingest-market": "pipeline.ingest_market", "ingest-user": "pipeline.ingest_user",
+                "projector": "projections.runner", "status": "pipeline.status"}
+    for name, module in expected.items():
+        assert parse_command(compose["services"][name]["command"]) == module
+
+
+def test_each_service_connects_as_its_own_acl_user_with_its_own_secret(
+    compose: dict[str, Any],
+) -> None:
+    users = acl_users()
+    declared = set(compose["secrets"])
+    for name, service in compose["services"].items():
+        if name == "redis":
+            continue
+        env = service["environment"]
+        user = env["REDIS_USER"]
+        assert user in users, f"{name} uses {user!r}, which the ACL does not define"
+        secret = Path(env["REDIS_PASSWORD_FILE"]).name
+        assert env["REDIS_PASSWORD_FILE"] == f"/run/secrets/{secret}"
+        assert secret in service["secrets"] and secret in declared
+        assert "REDIS_URL" not in env, "the password must come from the secret, not the file"
+    users_of = {compose["services"][n]["environment"]["REDIS_USER"] for n in PIPELINE_SERVICES}
+    assert users_of == {"ingest-market", "ingest-user", "projector"}
+
+
+def test_redis_gets_every_role_password_and_keeps_an_append_only_file(
+    compose: dict[str, Any],
+) -> None:
+    redis_service = compose["services"]["redis"]
+    assert redis_service["image"].startswith("redis:7")
+    roles = {u.replace("-", "_") for u in acl_users() if u != "default"}
+    assert set(redis_service["secrets"]) == {f"redis_password_{r}" for r in roles}
+    assert redis_service["environment"]["REDIS_APPENDFSYNC"] == "${REDIS_APPENDFSYNC:-everysec}"
+    conf = (DEPLOY / "redis" / "redis.conf").read_text()
+    assert re.search(r"^appendonly yes$", conf, re.M)
+    assert re.search(r"^maxmemory-policy noeviction$", conf, re.M)
+    entry = (DEPLOY / "redis" / "entrypoint.sh").read_text()
+    assert "--aclfile" in entry and "${REDIS_APPENDFSYNC:-everysec}" in entry
+
+
+def test_the_default_user_is_off_and_every_role_has_a_user() -> None:
+    users = acl_users()
+    assert set(users) >= {"default", "ingest-market", "ingest-user", "projector", "reader"}
+    assert " off " in users["default"] and " on " not in users["default"]
+
+
+def test_api_key_and_secret_reach_the_user_ingestor_only_as_secret_files(
+    compose: dict[str, Any],
+) -> None:
+    service = compose["services"]["ingest-user"]
+    env = service["environment"]
+    assert env["BINANCE_API_KEY_FILE"] == "/run/secrets/binance_api_key"
+    assert env["BINANCE_API_SECRET_FILE"] == "/run/secrets/binance_api_secret"
+    assert {"binance_api_key", "binance_api_secret"} <= set(service["secrets"])
+    for name, other in compose["services"].items():
+        if name != "ingest-user":
+            assert "binance_api_key" not in other.get("secrets", []), name
+        assert "BINANCE_API_KEY" not in other.get("environment", {}), name
+
+
+# --- Dockerfile ---------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_image_is_slim_python_311_and_runs_as_a_non_root_user() -> None:
+    instructions = dockerfile_instructions()
+    froms = [rest for word, rest in instructions if word == "FROM"]
+    assert all(f.split()[0] == "python:3.11-slim" for f in froms)
+    users = [rest for word, rest in instructions if word == "USER"]
+    assert users, "no USER: the image would run as root"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    # USER comes after every RUN of the final stage that needs root (useradd)
+    last_from = max(i for i, (w, _) in enumerate(instructions) if w == "FROM")
+    user_at = max(i for i, (w, _) in enumerate(instructions) if w == "USER")
+    assert user_at > last_from
+
+
+def test_image_installs_what_the_lock_file_pins_and_the_command_picks_the_role() -> None:
+    instructions = dockerfile_instructions()
+    runs = " ".join(rest for word, rest in instructions if word == "RUN")
+    copies = " ".join(rest for word, rest in instructions if word == "COPY")
+    assert "requirements.lock" in copies
+    assert re.search(r"pip install (-c|-r|--constraint|--requirement) requirements\.lock", runs)
+    entry = json.loads(next(rest for word, rest in instructions if word == "ENTRYPOINT"))
+    assert entry[-1] == "pipeline"
+    assert (DEPLOY / "pipeline-entrypoint.sh").exists()
+
+
+def test_every_runtime_dependency_is_pinned_by_the_lock_file() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = {
+        line.split("==")[0].lower().replace("_", "-")
+        for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line
+    }
+    for dep in project["dependencies"]:
+        name = re.split(r"[\[<>=! ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in pinned, f"{name} is not pinned in requirements.lock"
+
+
+def test_build_context_leaves_out_secrets_and_the_virtualenv() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"secrets", ".venv", ".git"} <= set(ignored)
+
+
+# --- entrypoint scripts -------------------------------------------------------------------
+
+def run_sh(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(script), *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **env}, timeout=10)
+
+
+def test_pipeline_entrypoint_builds_the_redis_url_from_the_role_user_and_secret(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("0a1b2c3d\n")
+    done = run_sh(DEPLOY / "pipeline-entrypoint.sh", "printenv", "REDIS_URL",
+                  env={"REDIS_USER": "projector", "REDIS_PASSWORD_FILE": str(secret)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "redis://projector:0a1b2c3d@redis:6379/0"
+
+
+def test_pipeline_entrypoint_refuses_a_password_it_cannot_put_in_a_url_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("p@ss/word")
+    done = run_sh(DEPLOY / "pipeline-entrypoint.sh", "true",
+                  env={"REDIS_USER": "projector", "REDIS_PASSWORD_FILE": str(secret)})
+    assert done.returncode == 2
+    assert "REDIS_PASSWORD_FILE" in done.stderr and "p@ss/word" not in done.stderr
+
+
+def test_acl_renderer_names_a_missing_secret_and_writes_no_password_in_clear(
+    tmp_path: Path,
+) -> None:
+    template = DEPLOY / "redis" / "users.acl.template"
+    out = tmp_path / "users.acl"
+    done = run_sh(DEPLOY / "redis" / "render-acl.sh", str(template), str(out),
+                  env={"SECRETS_DIR": str(tmp_path)})
+    assert done.returncode == 2 and "redis_password_" in done.stderr
+    assert not out.exists()
+    for role in ("ingest_market", "ingest_user", "projector", "reader", "status", "admin"):
+        (tmp_path / f"redis_password_{role}").write_text(f"secret-of-{role}\n")
+    done = run_sh(DEPLOY / "redis" / "render-acl.sh", str(template), str(out),
+                  env={"SECRETS_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "secret-of-" not in text and "@" not in text.replace("@all", "")
+    assert "%R~websocket:* " in text

@@ -1,0 +1,270 @@
+"""`pipeline ingest user` against the simulator over real sockets and HTTP, on a real Redis.
+
+What a user of the log checks: every user frame in `raw:user` as sent, REST reconciliation
+entries after every (re)connect, the listenKey kept alive and replaced when the exchange drops
+it, the final state of orders that closed while the stream was down, and no secret anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import orjson
+import redis
+import trio
+
+from pipeline.config import Secret, Settings, load_settings
+from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, FrameEntry, decode_entry
+from pipeline.ingest_user import UserIngest, UserOptions, redact_key, run_user_ingest
+from pipeline.localredis import LocalRedis
+from pipeline.redisconn import make_client
+from pipeline.signing import make_signer
+from pipeline.simulator import SimConfig, Simulator
+from pipeline.wsconn import Timing
+from tests.conftest import run_cli
+
+FAST = Timing(connect_timeout=5.0, disconnect_timeout=1.0, backoff_base=0.05, backoff_cap=0.5)
+# a reconnect slow enough that the test can act while the stream is down
+SLOW_RECONNECT = Timing(connect_timeout=5.0, disconnect_timeout=1.0, backoff_base=1.0,
+                        backoff_cap=1.0)
+API_KEY, API_SECRET = "sim-api-key", "sim-api-secret"
+
+
+@attrs.define
+class Running:
+    sim: Simulator
+    rest_url: str
+    ingest: UserIngest
+    r: redis.Redis
+    settings: Settings
+
+
+def settings_for(redis_url: str, ws_url: str, rest_url: str, **extra: str) -> Settings:
+    return load_settings({"REDIS_URL": redis_url, "BINANCE_WS_URL": ws_url,
+                          "BINANCE_REST_URL": rest_url, "BINANCE_API_KEY": API_KEY,
+                          "BINANCE_API_SECRET": API_SECRET, **extra}, env={})
+
+
+@asynccontextmanager
+async def running(redis_server: LocalRedis, *, opts: UserOptions = UserOptions(),
+                  timing: Timing = FAST, sim_config: SimConfig | None = None
+                  ) -> AsyncIterator[Running]:
+    sim = Simulator(sim_config or SimConfig(symbols=("BTCUSDT", "ETHUSDT")))
+    client = make_client(redis_server.url)
+    r = redis_server.client()
+    async with trio.open_nursery() as nursery:
+        ws_url, rest_url = await nursery.start(sim.run)
+        settings = settings_for(redis_server.url, ws_url, rest_url)
+        ingest = await nursery.start(functools.partial(
+            run_user_ingest, settings, client, Secret(API_KEY),
+            make_signer(Secret(API_SECRET)), opts, timing=timing))
+        try:
+            yield Running(sim, rest_url, ingest, r, settings)
+        finally:
+            ingest.stop()
+            with trio.fail_after(10):
+                while sim.account.connection_count():
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    client.close()
+    r.close()
+
+
+def user_entries(r: redis.Redis) -> list[FrameEntry | ControlEntry]:
+    return [decode_entry(i, f) for i, f in r.xrange(KEY_USER)]
+
+
+def frames(r: redis.Redis) -> list[FrameEntry]:
+    return [e for e in user_entries(r) if isinstance(e, FrameEntry)]
+
+
+def controls(r: redis.Redis, ctl: str) -> list[ControlEntry]:
+    return [e for e in user_entries(r) if isinstance(e, ControlEntry) and e.ctl == ctl]
+
+
+def events(r: redis.Redis, event_type: str) -> list[dict[str, Any]]:
+    docs = [orjson.loads(f.frame) for f in frames(r)]
+    return [d for d in docs if d.get("e") == event_type]
+
+
+async def until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Wait for a condition the ingestor brings about (reads Redis off the event loop)."""
+    with trio.fail_after(timeout):
+        while True:
+            value = await trio.to_thread.run_sync(check)
+            if value:
+                return value
+            await trio.sleep(0.02)
+
+
+async def snapshots_after(run: Running, count: int) -> None:
+    """Wait until `count` complete reconciliations (4 snapshots each) are in the log."""
+    await until(lambda: len(controls(run.r, "snapshot")) >= 4 * count)
+
+
+def place(sim: Simulator, **order: Any) -> dict[str, Any]:
+    body = {"symbol": "BTCUSDT", "side": "BUY", "quantity": "0.010", **order}
+    result = sim.account.control("place", body)
+    assert isinstance(result, dict)
+    return result
+
+
+# --- the stream and its log ------------------------------------------------------------------
+
+async def test_user_frames_are_logged_byte_exact_and_connect_reconciles(
+        redis_server: LocalRedis) -> None:
+    async with running(redis_server) as run:
+        await snapshots_after(run, 1)
+        kinds = [c.body["kind"] for c in controls(run.r, "snapshot")]
+        assert kinds[:4] == ["openOrders", "openAlgoOrders", "positionRisk", "balance"]
+
+        # non-ASCII content must reach the log as the exact UTF-8 bytes the server sent
+        order = place(run.sim, type="LIMIT", price="50000", newClientOrderId="ordre-été-✓")
+        run.sim.account.control("fill", {"orderId": order["orderId"], "quantity": "0.004"})
+        await until(lambda: events(run.r, "TRADE_LITE"))
+
+        logged = frames(run.r)
+        statuses = [d["o"]["X"] for d in events(run.r, "ORDER_TRADE_UPDATE")]
+        assert statuses == ["NEW", "PARTIALLY_FILLED"]
+        assert events(run.r, "ACCOUNT_UPDATE") and events(run.r, "TRADE_LITE")
+        for entry in logged:
+            # the simulator serialises with orjson: a frame logged as sent round-trips exactly
+            assert orjson.dumps(orjson.loads(entry.frame)) == entry.frame
+        assert '"c":"ordre-été-✓"'.encode() in logged[0].frame
+        assert [f.seq for f in logged] == list(range(1, len(logged) + 1))
+
+
+async def test_snapshot_entries_carry_the_rest_answers_and_the_weight_used(
+        redis_server: LocalRedis) -> None:
+    async with running(redis_server) as run:
+        order = place(run.sim, type="LIMIT", price="50000")
+        algo = place(run.sim, type="STOP_MARKET", side="SELL", triggerPrice="40000")
+        await snapshots_after(run, 1)
+        await run.ingest.reconciler.run_once("test")
+        await run.ingest.writer.flush()
+        by_kind = {c.body["kind"]: c.body for c in controls(run.r, "snapshot")}
+        assert [o["orderId"] for o in by_kind["openOrders"]["response"]] == [order["orderId"]]
+        assert [a["algoId"] for a in by_kind["openAlgoOrders"]["response"]] == [algo["algoId"]]
+        assert by_kind["openOrders"]["symbol"] is None
+        # the last snapshot of a round has paid 40 + 40 + 5 + 5 in each of two rounds
+        assert by_kind["balance"]["weight_used_1m"] >= 180
+        assert abs(by_kind["balance"]["fetched_at_ms"] - time.time() * 1000) < 5000
+
+
+# --- listenKey lifecycle -----------------------------------------------------------------------
+
+async def test_listen_key_is_kept_alive_past_its_lifetime(redis_server: LocalRedis) -> None:
+    cfg = SimConfig(symbols=("BTCUSDT",), listen_key_ttl=0.6)
+    opts = UserOptions(keepalive_every=0.15)
+    async with running(redis_server, opts=opts, sim_config=cfg) as run:
+        await snapshots_after(run, 1)
+        await trio.sleep(1.5)  # 2.5 key lifetimes: without PUTs the key would have expired
+        assert run.sim.account.state()["listenKeyLive"]
+        assert len(run.sim.account.issued_listen_keys) == 1
+        assert not events(run.r, "listenKeyExpired")
+        place(run.sim, type="LIMIT", price="50000")
+        await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
+
+
+async def test_listen_key_unknown_on_keep_alive_is_replaced_and_stream_reconnects(
+        redis_server: LocalRedis) -> None:
+    opts = UserOptions(keepalive_every=0.2)
+    async with running(redis_server, opts=opts) as run:
+        await snapshots_after(run, 1)
+        # someone else closes the key: the stream ends and the next PUT answers -1125
+        async with httpx.AsyncClient(base_url=run.rest_url) as http:
+            resp = await http.delete("/fapi/v1/listenKey", headers={"X-MBX-APIKEY": API_KEY})
+            assert resp.status_code == 200
+        await until(lambda: len(run.sim.account.issued_listen_keys) == 2)
+        await until(lambda: run.sim.account.connection_count() == 1)
+        await snapshots_after(run, 2)
+        assert run.ingest.keys.current().value == run.sim.account.issued_listen_keys[-1]
+        place(run.sim, type="LIMIT", price="50000")
+        await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
+
+
+async def test_listen_key_expired_mid_stream_gives_new_key_reconnect_and_reconcile(
+        redis_server: LocalRedis) -> None:
+    async with running(redis_server) as run:
+        await snapshots_after(run, 1)
+        place(run.sim, type="LIMIT", price="50000")
+        await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
+        assert run.sim.account.expire_listen_key()
+
+        await until(lambda: events(run.r, "listenKeyExpired"))
+        await until(lambda: len(run.sim.account.issued_listen_keys) == 2)
+        await until(lambda: run.sim.account.connection_count() == 1)
+        await snapshots_after(run, 2)
+        # the stream after the reconnect carries the account's events again
+        place(run.sim, type="LIMIT", price="51000")
+        await until(lambda: len(events(run.r, "ORDER_TRADE_UPDATE")) == 2)
+        closed = [decode_entry(i, f) for i, f in run.r.xrange(KEY_CONN)]
+        reasons = [e.body["reason"] for e in closed
+                   if isinstance(e, ControlEntry) and e.ctl == "closed"]
+        assert "listen_key_expired" in reasons
+
+
+def test_expired_key_is_masked_in_the_logged_frame_and_nothing_else_changes() -> None:
+    key = "A" * 20 + "b" * 44
+    frame = b'{"e":"listenKeyExpired","E":"1700000000000","listenKey":"' + key.encode() + b'"}'
+    assert redact_key(frame) == b'{"e":"listenKeyExpired","E":"1700000000000","listenKey":"***"}'
+    assert redact_key(b"not json") == b"not json"
+
+
+# --- outage and reconciliation -----------------------------------------------------------------
+
+def seed_open_views(r: redis.Redis, prefix: str, order: dict[str, Any],
+                    algo: dict[str, Any]) -> None:
+    """What the orders projection holds while both orders are open."""
+    r.hset(f"{prefix}:open_orders:btcusdt", str(order["orderId"]), orjson.dumps(order))
+    r.hset(f"{prefix}:open_algo_orders:btcusdt", str(algo["algoId"]), orjson.dumps(algo))
+
+
+async def test_order_filled_and_stop_triggered_during_outage_are_reconciled_after_reconnect(
+        redis_server: LocalRedis) -> None:
+    async with running(redis_server, timing=SLOW_RECONNECT) as run:
+        await snapshots_after(run, 1)
+        order = place(run.sim, type="LIMIT", price="50000")
+        algo = place(run.sim, type="STOP_MARKET", side="SELL", quantity="0.010",
+                     triggerPrice="40000")
+        await until(lambda: events(run.r, "ALGO_UPDATE"))
+        seed_open_views(run.r, run.settings.view_prefix, order, algo)
+
+        assert run.sim.drop("private") == 1
+        await until(lambda: run.sim.account.connection_count() == 0)
+        run.sim.account.control("fill", {"orderId": order["orderId"]})
+        triggered = run.sim.account.control("trigger", {"algoId": algo["algoId"]})
+        assert isinstance(triggered, dict) and triggered["actualOrderId"]
+
+        await until(lambda: run.sim.account.connection_count() == 1)
+        finals = await until(lambda: len(controls(run.r, "final_state")) >= 3 and
+                             controls(run.r, "final_state"))
+        by_id = {(c.body["kind"], str(c.body["response"].get("orderId") or
+                                      c.body["response"].get("algoId"))): c.body
+                 for c in finals}
+        filled = by_id[("order", str(order["orderId"]))]
+        assert filled["symbol"] == "BTCUSDT" and filled["response"]["status"] == "FILLED"
+        stop = by_id[("algoOrder", str(algo["algoId"]))]
+        assert stop["response"]["algoStatus"] != "NEW"
+        market = by_id[("order", str(triggered["actualOrderId"]))]
+        assert market["response"]["status"] == "FILLED"
+        # the stream never carried those fills: only reconciliation tells
+        assert [d["o"]["X"] for d in events(run.r, "ORDER_TRADE_UPDATE")] == ["NEW"]
+        # final states follow the snapshot that no longer listed the orders
+        snaps = controls(run.r, "snapshot")
+        assert snaps[-4].id < min(c.id for c in finals)
+
+
+# --- command line and secrets -----------------------------------------------------------------
+
+def test_missing_api_key_exits_2_naming_binance_api_key(redis_server: LocalRedis) -> None:
+    result = run_cli("ingest", "user", env={"REDIS_URL": redis_server.url})
+    assert result.returncode == 2
+    assert "BINANCE_API_KEY" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,381 @@
+"""The simulator's market side, as a websocket/REST client sees it (real sockets, trio-websocket).
+
+Each test starts its own simulator on free ports inside the test's nursery.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from pipeline.simulator import SimConfig, Simulator
+from pipeline.simulator.book import Book, symbol_spec
+from pipeline.simulator.market import ControlProtocol, malformed_frames
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Start = Callable[..., Awaitable[tuple[Simulator, str, str]]]
+
+
+@pytest.fixture
+def start_sim(nursery: trio.Nursery) -> Start:
+    async def start(**kwargs: Any) -> tuple[Simulator, str, str]:
+        sim = Simulator(SimConfig(**kwargs))
+        ws_url, rest_url = await nursery.start(sim.run)
+        return sim, ws_url, rest_url
+    return start
+
+
+def connect(url: str) -> Any:
+    return trio_websocket.open_websocket_url(url, max_message_size=4 * 1024 * 1024)
+
+
+async def until_reply(ws: trio_websocket.WebSocketConnection, req_id: int) -> Any:
+    """Read past data frames to the answer of control message `req_id`."""
+    while True:
+        msg = orjson.loads(await ws.get_message())
+        if isinstance(msg, dict) and msg.get("id") == req_id:
+            return msg
+
+
+# --- websocket protocol ----------------------------------------------------------------------
+
+async def test_combined_frames_arrive_with_stream_first_and_parse(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=0)
+    names = ["btcusdt@markPrice@1s", "ethusdt@aggTrade", "solusdt@kline_1m", "!markPrice@arr@1s"]
+    async with connect(f"{ws_url}/market/stream?streams={'/'.join(names)}") as ws:
+        seen: dict[str, dict[str, Any]] = {}
+        while len(seen) < len(names):
+            raw = await ws.get_message()
+            assert raw.startswith('{"stream":"')
+            msg = orjson.loads(raw)
+            assert list(msg) == ["stream", "data"]
+            seen[msg["stream"]] = msg["data"]
+    mark = seen["btcusdt@markPrice@1s"]
+    assert list(mark) == ["e", "E", "s", "p", "i", "P", "r", "T"]
+    assert mark["e"] == "markPriceUpdate" and isinstance(mark["p"], str) and float(mark["p"]) > 0
+    assert seen["ethusdt@aggTrade"]["e"] == "aggTrade"
+    assert set(seen["solusdt@kline_1m"]["k"]) >= set("tTsifLochlvnxqVQB")
+    assert {m["s"] for m in seen["!markPrice@arr@1s"]} == {"BTCUSDT", "ETHUSDT", "SOLUSDT"}
+
+
+async def test_raw_form_sends_the_bare_payload(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=0)
+    async with connect(f"{ws_url}/public/ws/btcusdt@bookTicker") as ws:
+        msg = orjson.loads(await ws.get_message())
+    assert msg["e"] == "bookTicker" and msg["s"] == "BTCUSDT"
+    assert list(msg) == ["e", "u", "s", "b", "B", "a", "A", "T", "E"]
+
+
+async def test_stream_on_the_wrong_path_stays_silent(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=0)
+    # markPrice belongs on /market: on /public it is accepted and never sent
+    streams = "btcusdt@markPrice@1s/btcusdt@depth5@100ms"
+    async with connect(f"{ws_url}/public/stream?streams={streams}") as ws:
+        got = {orjson.loads(await ws.get_message())["stream"] for _ in range(200)}
+        await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+        listed = await until_reply(ws, 1)
+    assert got == {"btcusdt@depth5@100ms"}
+    assert listed["result"] == ["btcusdt@markPrice@1s", "btcusdt@depth5@100ms"]
+
+
+async def test_subscribe_is_answered_and_starts_the_stream(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim()
+    async with connect(f"{ws_url}/market/ws") as ws:
+        await ws.send_message('{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":7}')
+        assert orjson.loads(await ws.get_message()) == {"result": None, "id": 7}
+        first = orjson.loads(await ws.get_message())
+        assert first["e"] == "aggTrade" and first["s"] == "BTCUSDT"
+        await ws.send_message('{"method":"UNSUBSCRIBE","params":["btcusdt@aggTrade"],"id":8}')
+        assert await until_reply(ws, 8) == {"result": None, "id": 8}
+        await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":9}')
+        assert await until_reply(ws, 9) == {"result": [], "id": 9}
+
+
+async def test_more_than_ten_control_messages_a_second_drops_the_connection(
+        start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim()
+    async with connect(f"{ws_url}/market/ws") as ws:
+        for i in range(11):
+            await ws.send_message(orjson.dumps({"method": "LIST_SUBSCRIPTIONS", "id": i}).decode())
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    assert closed.value.reason is not None and closed.value.reason.code == 1008
+
+
+async def test_more_than_1024_streams_on_a_connection_gets_an_error_reply(
+        start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim()
+    names = [f"btcusdt@kline_{i}" for i in ("1m", "5m")] + [f"x{i}usdt@aggTrade" for i in range(1023)]
+    async with connect(f"{ws_url}/market/ws") as ws:
+        await ws.send_message(orjson.dumps({"method": "SUBSCRIBE", "params": names, "id": 3})
+                              .decode())
+        reply = await until_reply(ws, 3)
+    assert reply["error"]["code"] == 2 and "1024" in reply["error"]["msg"]
+
+
+async def test_lifetime_forces_a_close(start_sim: Start) -> None:
+    sim, ws_url, _ = await start_sim(lifetime=0.3)
+    async with connect(f"{ws_url}/market/stream?streams=btcusdt@aggTrade") as ws:
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    assert closed.value.reason is not None and closed.value.reason.code == 1000
+    assert sim.stats()["closed_connections"][0]["reason"] == "lifetime"  # type: ignore[index]
+
+
+async def test_drop_closes_the_connection_without_a_close_frame(start_sim: Start) -> None:
+    sim, ws_url, rest_url = await start_sim(rate=100)
+    async with connect(f"{ws_url}/market/stream?streams=btcusdt@aggTrade") as ws:
+        await ws.get_message()
+        async with httpx.AsyncClient() as http:
+            resp = await http.post(f"{rest_url}/sim/drop", json={"path": "market"})
+        assert resp.json() == {"dropped": 1}
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    assert closed.value.reason is not None and closed.value.reason.code == 1006  # abnormal
+
+
+async def test_silence_switch_stops_data_but_the_connection_stays_up(start_sim: Start) -> None:
+    sim, ws_url, _ = await start_sim(rate=0)
+    async with connect(f"{ws_url}/market/stream?streams=btcusdt@aggTrade") as ws:
+        await ws.get_message()
+        sim.set_silence(True)
+        await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+        await until_reply(ws, 1)  # frames written before the switch arrive before this reply
+        await ws.ping(b"still there?")  # pings are still answered
+        with trio.move_on_after(0.3) as quiet:  # at rate=0 a frame would come in microseconds
+            await ws.get_message()
+        assert quiet.cancelled_caught, "a data frame arrived while silent"
+        sim.set_silence(False)
+        assert orjson.loads(await ws.get_message())["stream"] == "btcusdt@aggTrade"
+
+
+async def test_malformed_switch_sends_the_bad_frames(start_sim: Start) -> None:
+    sim, ws_url, rest_url = await start_sim()
+    async with connect(f"{ws_url}/market/stream?streams=btcusdt@markPrice") as ws:
+        await ws.get_message()  # the first markPrice frame; the next is 3 s away
+        async with httpx.AsyncClient() as http:
+            resp = await http.post(f"{rest_url}/sim/malformed", json={"count": 5})
+        assert resp.json() == {"connections": 1}
+        got = [await ws.get_message() for _ in range(5)]
+    text = [g for g in got if isinstance(g, str)]
+    assert [g for g in got if isinstance(g, bytes)] == [b"\x00\x01binary\xfe\xff"]
+    assert "this is not json {" in text
+    assert any(len(t) == 2 * 1024 * 1024 for t in text)
+    assert any(t.startswith('{"stream":"btcusdt@noSuchStream"') for t in text)
+    unparsable = 0
+    for t in text:
+        try:
+            orjson.loads(t)
+        except orjson.JSONDecodeError:
+            unparsable += 1
+    assert unparsable == 2  # not JSON, truncated JSON
+    assert sim.stats()["malformed_sent"] == 5
+
+
+# --- the order book --------------------------------------------------------------------------
+
+class LocalBook:
+    """A client following Binance's documented diff-depth rules."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.last_update_id = snapshot["lastUpdateId"]
+        self.bids = {p: q for p, q in snapshot["bids"]}
+        self.asks = {p: q for p, q in snapshot["asks"]}
+        self.prev_u: int | None = None
+
+    def apply(self, event: dict[str, Any]) -> bool:
+        """False when the event is dropped as older than the snapshot."""
+        if event["u"] < self.last_update_id:
+            return False
+        if self.prev_u is None:
+            assert event["U"] <= self.last_update_id <= event["u"]
+        else:
+            assert event["pu"] == self.prev_u
+        self.prev_u = event["u"]
+        for side, levels in ((self.bids, event["b"]), (self.asks, event["a"])):
+            for price, qty in levels:
+                if float(qty) == 0:
+                    side.pop(price, None)
+                else:
+                    side[price] = qty
+        return True
+
+    def levels(self) -> tuple[list[list[str]], list[list[str]]]:
+        bids = sorted(self.bids.items(), key=lambda kv: -float(kv[0]))
+        asks = sorted(self.asks.items(), key=lambda kv: float(kv[0]))
+        return [list(kv) for kv in bids], [list(kv) for kv in asks]
+
+
+async def test_diff_depth_applied_to_a_snapshot_equals_a_later_snapshot(
+        start_sim: Start) -> None:
+    sim, ws_url, rest_url = await start_sim(rate=2000)
+    async with connect(f"{ws_url}/public/stream?streams=btcusdt@depth@100ms") as ws, \
+            httpx.AsyncClient() as http:
+        buffered = [orjson.loads(await ws.get_message())["data"] for _ in range(5)]
+        snap = (await http.get(f"{rest_url}/fapi/v1/depth",
+                               params={"symbol": "BTCUSDT", "limit": 1000})).json()
+        book = LocalBook(snap)
+        applied = sum(book.apply(e) for e in buffered)
+        while applied < 100:
+            applied += book.apply(orjson.loads(await ws.get_message())["data"])
+        sim.set_silence(True)
+        await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+        while True:
+            msg = orjson.loads(await ws.get_message())
+            if msg.get("id") == 1:
+                break
+            book.apply(msg["data"])
+        later = (await http.get(f"{rest_url}/fapi/v1/depth",
+                                params={"symbol": "BTCUSDT", "limit": 1000})).json()
+    assert later["lastUpdateId"] == book.prev_u
+    assert book.levels() == (later["bids"], later["asks"])
+
+
+async def test_sequence_break_produces_pu_not_equal_to_the_previous_u(start_sim: Start) -> None:
+    sim, ws_url, _ = await start_sim(rate=0)
+    async with connect(f"{ws_url}/public/stream?streams=btcusdt@depth@100ms") as ws:
+        events = [orjson.loads(await ws.get_message())["data"] for _ in range(20)]
+        assert all(b["pu"] == a["u"] for a, b in itertools_pairwise(events))
+        sim.sequence_break("BTCUSDT")
+        prev = events[-1]
+        for _ in range(1000):
+            event = orjson.loads(await ws.get_message())["data"]
+            if event["pu"] != prev["u"]:
+                break
+            prev = event
+        else:
+            pytest.fail("no sequence break seen")
+    assert event["pu"] > prev["u"] and event["U"] == event["pu"] + 1
+
+
+def itertools_pairwise(items: list[Any]) -> list[tuple[Any, Any]]:
+    return list(zip(items, items[1:], strict=False))
+
+
+def test_book_diffs_rebuild_the_book_exactly() -> None:
+    import random
+    book = Book(symbol_spec("ETHUSDT"), random.Random(5))
+    client = LocalBook(orjson.loads(book.snapshot_json(1000, 0)))
+    cursor = book.update_id
+    for i in range(3000):
+        book.step()
+        if i % 7 == 0:  # readers merge several steps into one event
+            first, last, prev, bids, asks = book.diff_since(cursor)
+            client.apply({"U": first, "u": last, "pu": prev, "b": orjson.loads(bids),
+                          "a": orjson.loads(asks)})
+            cursor = last
+    first, last, prev, bids, asks = book.diff_since(cursor)
+    client.apply({"U": first, "u": last, "pu": prev, "b": orjson.loads(bids),
+                  "a": orjson.loads(asks)})
+    snap = orjson.loads(book.snapshot_json(1000, 0))
+    assert client.levels() == (snap["bids"], snap["asks"])
+    assert float(snap["bids"][0][0]) < float(snap["asks"][0][0])
+
+
+# --- REST ------------------------------------------------------------------------------------
+
+async def test_rest_market_endpoints_answer_with_weight_header(start_sim: Start) -> None:
+    _, _, rest_url = await start_sim(symbols=("BTCUSDT", "ETHUSDT"))
+    async with httpx.AsyncClient(base_url=rest_url) as http:
+        info = await http.get("/fapi/v1/exchangeInfo")
+        depth = await http.get("/fapi/v1/depth", params={"symbol": "ETHUSDT", "limit": 5})
+        one = await http.get("/fapi/v1/premiumIndex", params={"symbol": "BTCUSDT"})
+        every = await http.get("/fapi/v1/premiumIndex")
+        clock = await http.get("/fapi/v1/time")
+        bad = await http.get("/fapi/v1/depth", params={"symbol": "NOPEUSDT"})
+    assert [s["symbol"] for s in info.json()["symbols"]] == ["BTCUSDT", "ETHUSDT"]
+    assert {s["status"] for s in info.json()["symbols"]} == {"TRADING"}
+    assert len(depth.json()["bids"]) == 5 and list(depth.json()) == [
+        "lastUpdateId", "E", "T", "bids", "asks"]
+    assert one.json()["symbol"] == "BTCUSDT" and len(every.json()) == 2
+    assert clock.json()["serverTime"] > 0
+    assert bad.status_code == 400 and bad.json()["code"] == -1121
+    # exchangeInfo 1 + depth(5) 2 + premiumIndex 1 + all premiumIndex 10 + time 1
+    assert clock.headers["X-MBX-USED-WEIGHT-1M"] == "15"
+
+
+async def test_weight_past_2400_a_minute_answers_429_with_retry_after(start_sim: Start) -> None:
+    sim, _, rest_url = await start_sim()
+    async with httpx.AsyncClient(base_url=rest_url) as http:
+        await http.get("/fapi/v1/time")
+        sim.weight.used = 2390  # as if this minute's calls had been made
+        ok = await http.get("/fapi/v1/depth", params={"symbol": "BTCUSDT", "limit": 5})
+        refused = await http.get("/fapi/v1/depth", params={"symbol": "BTCUSDT", "limit": 1000})
+    assert ok.status_code == 200 and ok.headers["X-MBX-USED-WEIGHT-1M"] == "2392"
+    assert refused.status_code == 429 and refused.json()["code"] == -1003
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61
+
+
+async def test_control_api_over_http_sets_rate_and_reports_stats(start_sim: Start) -> None:
+    _, ws_url, rest_url = await start_sim()
+    async with connect(f"{ws_url}/market/stream?streams=btcusdt@aggTrade/btcusdt@kline_1m") as ws, \
+            httpx.AsyncClient(base_url=rest_url) as http:
+        rate = await http.post("/sim/rate", json={"rate": 0, "burst": 10, "burst_every": 0.5})
+        for _ in range(100):
+            await ws.get_message()
+        stats = (await http.get("/sim/stats")).json()
+        breaks = await http.post("/sim/sequence_break", json={"symbol": "btcusdt"})
+        unknown = await http.post("/sim/nothing", json={})
+    assert rate.json() == {"rate": 0.0, "burst": 10, "burst_every": 0.5}
+    assert stats["frames_total"] >= 100
+    assert set(stats["frames_by_stream"]) == {"btcusdt@aggTrade", "btcusdt@kline_1m"}
+    [conn] = stats["connections"]
+    assert conn["path"] == "market" and conn["streams"] == 2 and conn["frames"] >= 100
+    assert breaks.json() == {"symbol": "BTCUSDT"}
+    assert unknown.status_code == 404
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+def test_control_protocol_counts_messages_in_a_sliding_second() -> None:
+    proto = ControlProtocol()
+    for i in range(10):
+        assert not proto.receive('{"method":"LIST_SUBSCRIPTIONS","id":1}', 100.0 + i * 0.01).close
+    assert not proto.receive('{"method":"LIST_SUBSCRIPTIONS","id":1}', 101.05).close
+    assert proto.receive('{"method":"LIST_SUBSCRIPTIONS","id":1}', 101.06).close
+
+
+def test_malformed_frames_cycle_through_five_kinds() -> None:
+    frames = malformed_frames(7, 0)
+    assert frames[5] == frames[0] and isinstance(frames[1], bytes)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+def test_cli_prints_the_ready_line_and_stops_on_sigint() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "BINANCE_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "simulate", "--ws-port", "0", "--rest-port", "0",
+         "--symbols", "BTCUSDT,ETHUSDT", "--rate", "5", "--seed", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.fullmatch(r"simulator ready ws=(ws://127\.0\.0\.1:\d+) rest=(http://127\.0\.0\.1:\d+)\n",
+                         line)
+        assert m, line
+        info = httpx.get(f"{m.group(2)}/fapi/v1/exchangeInfo", timeout=10).json()
+        assert [s["symbol"] for s in info["symbols"]] == ["BTCUSDT", "ETHUSDT"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,198 @@
+"""`pipeline status`: what an operator sees, and when it says unhealthy (exit 1).
+
+The integration tests run the real projector (`pipeline project`) and `pipeline status` as
+subprocesses against a private redis-server; the log is seeded with realistic frames so the
+tests do not wait for a simulator. The rules themselves are tested on plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, control_entry, frame_entry
+from pipeline.health import (
+    Connection,
+    Group,
+    Stream,
+    ViewFamily,
+    assess,
+    mark_silent,
+    open_connections,
+)
+from pipeline.localredis import LocalRedis
+from tests.conftest import ROOT, run_cli
+
+
+def mark_frame(symbol: str, event_ms: int) -> bytes:
+    data = (f'{{"e":"markPriceUpdate","E":{event_ms},"s":"{symbol}","p":"64012.10000000",'
+            f'"i":"64000.55000000","P":"64050.00000000","r":"0.00010000","T":1795507200000}}')
+    return f'{{"stream":"{symbol.lower()}@markPrice@1s","data":{data}}}'.encode()
+
+
+def log_marks(r: redis.Redis, n: int, conn: str = "mkt-1-abc123") -> None:
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            now = time.time()
+            pipe.xadd("raw:market:markPrice", frame_entry(
+                mark_frame("BTCUSDT", int(now * 1000)), now, conn, i))
+        pipe.execute()
+
+
+def status(redis_server: LocalRedis, *args: str) -> tuple[int, dict]:
+    done = run_cli("status", "--json", *args, env={"REDIS_URL": redis_server.url}, timeout=30)
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def group(report: dict, key: str, name: str) -> dict:
+    stream = next(s for s in report["streams"] if s["key"] == key)
+    return next(g for g in stream["groups"] if g["name"] == name)
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def projector(redis_server: LocalRedis) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "REDIS_URL"))}
+    env["REDIS_URL"] = redis_server.url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "project", "--only", "mark_price", "--block-ms", "100"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_stopped_projectors_growing_lag_is_reported_and_exits_1(
+    redis_server: LocalRedis, r: redis.Redis, projector: subprocess.Popen[bytes],
+) -> None:
+    log_marks(r, 20)
+    caught_up = lambda: r.exists("websocket:mark_price:btcusdt") and all(  # noqa: E731
+        g["lag"] == 0 and g["pending"] == 0 for g in r.xinfo_groups("raw:market:markPrice"))
+    wait_until(caught_up)
+    code, report = status(redis_server, "--max-lag", "25")
+    assert code == 0, report["problems"]
+    assert report["healthy"] and group(report, "raw:market:markPrice", "mark_price")["lag"] == 0
+
+    projector.send_signal(signal.SIGTERM)
+    projector.wait(10)
+    log_marks(r, 30)
+    code, report = status(redis_server, "--max-lag", "25")
+    assert code == 1
+    assert group(report, "raw:market:markPrice", "mark_price")["lag"] == 30
+    assert any("mark_price" in p and "lag 30" in p for p in report["problems"])
+
+    log_marks(r, 20)
+    code, report = status(redis_server, "--max-lag", "25")
+    assert code == 1 and group(report, "raw:market:markPrice", "mark_price")["lag"] == 50
+
+
+def test_terminal_table_names_the_lagging_group(redis_server: LocalRedis, r: redis.Redis) -> None:
+    log_marks(r, 5)
+    r.xgroup_create("raw:market:markPrice", "mark_price", id="0")
+    done = run_cli("status", "--max-lag", "2", env={"REDIS_URL": redis_server.url})
+    assert done.returncode == 1
+    assert "raw:market:markPrice" in done.stdout and "mark_price" in done.stdout
+    assert "UNHEALTHY" in done.stdout and "lag 5 > 2" in done.stdout
+
+
+def test_connection_open_on_a_quiet_path_is_silent_and_unhealthy(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    opened_ms = int(time.time() * 1000) - 120_000
+    r.xadd(KEY_CONN, control_entry("opened", {"path": "market", "streams": 3, "name": "mkt-1"},
+                                   opened_ms / 1000, "mkt-1-abc123"), id=f"{opened_ms}-0")
+    r.xadd("raw:market:markPrice", frame_entry(mark_frame("BTCUSDT", opened_ms),
+                                               opened_ms / 1000, "mkt-1-abc123", 0),
+           id=f"{opened_ms + 1}-0")
+    code, report = status(redis_server)
+    assert code == 1
+    (conn,) = report["connections"]
+    assert conn["id"] == "mkt-1-abc123" and conn["silent"] and conn["age_s"] > 100
+    assert any("silent" in p for p in report["problems"])
+
+
+def test_dead_letters_and_rest_weight_are_reported(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    r.xadd("dlq:mark_price", {"source": "raw:market:markPrice", "error": "bad"})
+    r.xadd(KEY_USER, control_entry("snapshot", {"kind": "openOrders", "symbol": None,
+                                                "response": [], "weight_used_1m": 47}, 1.0))
+    code, report = status(redis_server)
+    assert report["dead_letters"] == {"dlq:mark_price": 1}
+    assert report["weight_used_1m"] == 47
+    assert code == 0  # reported, not judged
+
+
+def test_unreachable_redis_is_a_bad_setting(tmp_path: Path) -> None:
+    done = run_cli("status", env={"REDIS_URL": "redis://user:hunter2@127.0.0.1:1/0"})
+    assert done.returncode == 2
+    assert "REDIS_URL" in done.stderr and "hunter2" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- the rules, on plain values ----------------------------------------------------------
+
+def ctl(ctl_: str, conn: str, ts: float, **body: object) -> ControlEntry:
+    return ControlEntry(b"0-0", ctl_, body, ts, conn)
+
+
+def test_a_connection_is_open_until_closed_or_replaced_by_one_of_the_same_name() -> None:
+    entries = [
+        ctl("opened", "mkt-1-a", 100.0, name="mkt-1", path="market", streams=9),
+        ctl("opened", "mkt-2-a", 100.0, name="mkt-2", path="public", streams=3),
+        ctl("closed", "mkt-2-a", 150.0, reason="server_closed"),
+        ctl("opened", "mkt-2-b", 151.0, name="mkt-2", path="public", streams=3),
+        ctl("opened", "usr-1-a", 160.0, name="usr-1", path="private"),
+        # its process was killed: no `closed`, then a new one under the same name
+        ctl("opened", "usr-1-b", 170.0, name="usr-1", path="private"),
+    ]
+    conns = open_connections(entries, now=200.0)
+    assert [(c.id, c.age_s) for c in conns] == [
+        ("mkt-1-a", 100.0), ("usr-1-b", 30.0), ("mkt-2-b", 49.0)]
+
+
+def test_only_ticking_paths_can_be_silent() -> None:
+    conns = [Connection("m", "mkt-1", "market", 100.0, 9), Connection("u", "usr-1", "private",
+                                                                      100.0, 1)]
+    quiet = [Stream("raw:market:markPrice", 10, None, 45.0), Stream("raw:user", 1, None, 900.0)]
+    assert [c.silent for c in mark_silent(conns, quiet, 30.0)] == [True, False]
+    fresh = [Stream("raw:market:markPrice", 10, None, 0.5)]
+    assert [c.silent for c in mark_silent(conns, fresh, 30.0)] == [False, False]
+
+
+def test_stale_or_missing_views_and_lag_make_it_unhealthy_but_listener_lag_does_not() -> None:
+    streams = [
+        Stream("raw:market:markPrice", 100, None, 0.2,
+               (Group("raw:market:markPrice", "mark_price", 1, 0, 11, lag_exact=False),)),
+        Stream("raw:market:depth20", 100, None, 0.2),
+        Stream("websocket:orders", 10, None, 5.0,
+               (Group("websocket:orders", "listener", 1, 3, 10_000),)),
+    ]
+    views = [ViewFamily("mark_price", "string", 3, 12.5, 10.0),
+             ViewFamily("position", "string", 1, 9999.0, None)]
+    problems = assess([], streams, views, max_lag=10)
+    assert problems == [
+        "group mark_price on raw:market:markPrice: lag 11 or more > 10",
+        "views mark_price: newest is 12.5 s old (limit 10 s)",
+        "views orderbook: none, while raw:market:depth20 is being written",
+    ]
