@@ -29,7 +29,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 pipeline \
  && useradd --system --uid 10001 --gid pipeline --no-create-home --shell /usr/sbin/nologin pipeline
 COPY --from=build /opt/venv /opt/venv
-COPY deploy/pipeline-entrypoint.sh /usr/local/bin/pipeline-entrypoint
+COPY --chmod=0755 deploy/pipeline-entrypoint.sh /usr/local/bin/pipeline-entrypoint
 USER pipeline:pipeline
 EXPOSE 9100
 # /healthz answers 200 while the command is healthy (pipeline.metrics.serve)

@@ -64,6 +64,10 @@ class DemoFailed(PipelineError):
     """A part of the demo could not start (the message says which, and why)."""
 
 
+class _StoppedEarly(Exception):
+    """Ctrl-C or SIGTERM before everything had started: stop quietly."""
+
+
 @attrs.define
 class Child:
     name: str
@@ -165,6 +169,8 @@ def _wait_ready_line(child: Child, stop: threading.Event) -> tuple[str, str]:
         if line.startswith("simulator ready "):
             fields = dict(p.split("=", 1) for p in line.split()[2:] if "=" in p)
             return fields["ws"], fields["rest"]
+    if stop.is_set():
+        raise _StoppedEarly
     raise DemoFailed(f"the simulator did not get ready: {_tail(child.log)}")
 
 
@@ -224,6 +230,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             except DemoFailed as exc:
                 console.print(f"pipeline demo: {exc}")
                 return 1
+            except _StoppedEarly:
+                return 0
             finally:
                 children.stop_all()
             return _report(snap, children, server, console)
@@ -254,7 +262,6 @@ def _run(settings: Settings, args: argparse.Namespace, children: Children, redis
                       console)
     finally:
         client.close()
-
 
 
 def _watch(client: redis.Redis, prefix: str, symbols: Sequence[str], children: Children,

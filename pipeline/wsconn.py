@@ -55,6 +55,8 @@ import attrs
 import orjson
 import trio
 import trio_websocket
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from pipeline import metrics
 from pipeline.backoff import backoff_delay
@@ -97,6 +99,7 @@ class Timing:
     backoff_cap: float = 30.0
     control_interval: float = CONTROL_INTERVAL_S
     ack_timeout: float = ACK_TIMEOUT_S
+    max_overlap: float = 10.0  # a retiring connection is cut after this, answered or not
 
 
 @attrs.define(eq=False)
@@ -107,6 +110,7 @@ class _Link:
     connected: trio.Event = attrs.field(factory=trio.Event)  # subscriptions acknowledged
     delivered: trio.Event = attrs.field(factory=trio.Event)  # a data frame after that
     done: trio.Event = attrs.field(factory=trio.Event)
+    retire: trio.Event = attrs.field(factory=trio.Event)  # replaced: close it, reading to the end
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)  # the reading part
     reason: str = "shutdown"
     opened_at: float | None = None  # trio clock
@@ -193,12 +197,13 @@ class WsConnection:
         self.writer.append_control(KEY_CONN, "rotated", {"new_conn": new.id,
                                                          "age_s": round(age, 3)}, old.id)
         metrics.RECONNECTS.labels("rotation").inc()
-        old.close("rotated")
+        old.retire.set()
 
     # --- one connection ----------------------------------------------------------------------
 
     async def _run_link(self, link: _Link) -> None:
         opened = False
+        ws: trio_websocket.WebSocketConnection | None = None
         try:
             url = self.spec.url()
             if inspect.isawaitable(url):
@@ -216,7 +221,10 @@ class WsConnection:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._subscribe, ws, link)
                         nursery.start_soon(self._watch, link)
-                        link.reason = await self._read(ws, link)
+                        nursery.start_soon(self._retire_when_asked, ws, link)
+                        reason = await self._read(ws, link)
+                        if not link.retire.is_set():
+                            link.reason = reason
                         nursery.cancel_scope.cancel()
         except trio_websocket.HandshakeError as exc:
             link.reason = f"connect_failed: {type(exc).__name__}"
@@ -226,9 +234,12 @@ class WsConnection:
         except (OSError, trio.BrokenResourceError) as exc:
             link.reason = f"error: {type(exc).__name__}"
         except Exception as exc:  # a hook's failure must not end the supervisor
-            link.reason = f"error: {type(exc).__name__}"
-            log.exception("connection failed", extra={"conn": link.id})
+            if not link.retire.is_set():
+                link.reason = f"error: {type(exc).__name__}"
+                log.exception("connection failed", extra={"conn": link.id})
         finally:
+            if ws is not None:
+                await _close_transport(ws)
             self._closed(link, opened)
 
     def _opened(self, link: _Link, url: str) -> None:
@@ -319,6 +330,16 @@ class WsConnection:
         if self.spec.on_connected is not None:
             await self.spec.on_connected(link.id)
 
+    async def _retire_when_asked(self, ws: trio_websocket.WebSocketConnection,
+                                 link: _Link) -> None:
+        """Rotation, old side: start the close handshake but keep reading, so every frame the
+        server sent before it saw our Close is still logged; cut it after `max_overlap`."""
+        await link.retire.wait()
+        link.reason = "rotated"
+        await _send_close(ws)
+        await trio.sleep(self.timing.max_overlap)
+        link.close("rotated")
+
     async def _watch(self, link: _Link) -> None:
         """Once a second: frame count to metrics; and the silence rule."""
         timeout = self.spec.silence_timeout
@@ -343,6 +364,35 @@ class WsConnection:
         self.writer.append_control(KEY_CONN, "silent", {"seconds": round(seconds, 3),
                                                         "path": self.spec.path}, link.id)
         link.close("silent")
+
+
+async def _send_close(ws: trio_websocket.WebSocketConnection) -> None:
+    """Send a Close frame without closing trio-websocket's message queue.
+
+    `WebSocketConnection.aclose()` closes the queue at once, dropping the frames still on their
+    way; here the reader goes on until the server's Close arrives after its last frame. This
+    reaches into trio-websocket 0.12 (`_send`, `_wsproto`): without them the old connection is
+    simply read until `max_overlap` runs out."""
+    send = getattr(ws, "_send", None)
+    proto = getattr(ws, "_wsproto", None)
+    if send is None or proto is None or proto.state != ConnectionState.OPEN:
+        return
+    try:
+        await send(CloseConnection(code=1000, reason="rotated"))
+    except trio_websocket.ConnectionClosed:
+        pass
+
+
+async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
+    """Close the TCP stream under the websocket.
+
+    trio-websocket 0.12 leaves a client's socket open when the server started the close (its
+    aclose returns early once a close reason is set), which leaks one socket per server close;
+    a stream's aclose is idempotent, so closing it again after a clean close is harmless."""
+    stream = getattr(ws, "_stream", None)
+    if stream is not None:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
 
 
 def _close_reason(exc: trio_websocket.ConnectionClosed) -> str:

@@ -73,12 +73,6 @@ def _sym(value: Any) -> str:
     return value
 
 
-def _list(value: Any) -> list[Any]:
-    if type(value) is not list:
-        raise TypeError(f"expected a list, got {value!r}"[:80])
-    return value
-
-
 def _poison(event: str, exc: Exception) -> PoisonEntry:
     reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)[:80]
     return PoisonEntry(f"{event}: {reason}")
@@ -187,14 +181,13 @@ Level = tuple[float, str, str, bool]
 
 
 def levels(raw: Any, bids: bool) -> list[Level]:
-    """Parse `[[price, qty], ...]` for the local book; raises TypeError/ValueError when bad."""
-    sign = -1.0 if bids else 1.0
-    out: list[Level] = []
-    for price, qty in _list(raw):
-        if type(price) is not str or type(qty) is not str:
-            raise TypeError("price and quantity must be strings")
-        out.append((sign * float(price), price, qty, float(qty) == 0.0))
-    return out
+    """Parse `[[price, qty], ...]` for the local book; raises TypeError/ValueError when bad
+    (a level that is not a pair, a price that is not a number)."""
+    if type(raw) is not list:
+        raise TypeError("levels must be a list")
+    if bids:
+        return [(-float(price), price, qty, float(qty) == 0.0) for price, qty in raw]
+    return [(float(price), price, qty, float(qty) == 0.0) for price, qty in raw]
 
 
 class DiffDepth(NamedTuple):

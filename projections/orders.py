@@ -325,8 +325,10 @@ _FOLDED = ("ORDER_TRADE_UPDATE", "ALGO_UPDATE")
 class OrdersProjection:
     """Folds raw:user into order and algo-order writes (see the theory of operation above).
 
-    Exclusive because the order of one account's events matters across symbols of P:orders;
-    the fold itself keeps no state: the store holds it.
+    Exclusive: two consumers sharing raw:user would each get some entries, and one could apply
+    a later transition of an order before the other applies the earlier one, which the store
+    then refuses as older: the listener would miss that step. One consumer applies the log in
+    order. The fold itself keeps no state: the store holds it.
     """
 
     name = "orders"
@@ -365,7 +367,7 @@ class OrdersProjection:
             label = f"ALGO_UPDATE:{event.order.status}"
         else:
             if isinstance(event, UnknownEvent):
-                self.on_unknown(event.event_type)
+                self.on_unknown(event.event_type or "(no e field)")
             return []
         if write is None:  # a status this version does not know
             self.on_unknown(label)

@@ -17,6 +17,7 @@ module exists. The write types are pure values; redis is imported only to build 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ import orjson
 if TYPE_CHECKING:
     from redis.client import Pipeline
     from redis.commands.core import Script
+
+log = logging.getLogger(__name__)
 
 LUA_PATH = Path(__file__).with_name("lua") / "orders.lua"
 DEFAULT_SYMBOL_MAXLEN = 1000
@@ -121,6 +124,10 @@ def register() -> bool:
     try:
         from projections import viewstore
     except ImportError:
+        return False
+    except Exception as exc:  # a broken viewstore fails where it is used, not in the pure fold
+        log.warning("order performers not registered: projections.viewstore failed to import: "
+                    "%s", exc)
         return False
     performers = getattr(viewstore, "PERFORMERS", None)
     if performers is None:

@@ -166,8 +166,7 @@ def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
     for entries in merged_entries(client, ends, start):
         folded = fold_batch(projection, entries)
         pipe = client.pipeline(transaction=False)
-        for out in folded.writes:
-            store.queue(pipe, out)
+        store.queue_all(pipe, folded.writes)
         pipe.execute()
         result.entries += len(entries)
         result.failed += len(folded.failures)

@@ -53,6 +53,8 @@ from projections.viewstore import ViewStore
 
 log = logging.getLogger("pipeline.project")
 T = TypeVar("T")
+# called right after a batch's writes and acks returned (benchmarks time views with it)
+OnWritten = Callable[[list[RawEntry], Folded], None]
 
 DEPTH_KEY = "raw:market:depth"
 SNAPSHOT_LIMIT = 1000
@@ -144,7 +146,7 @@ class ProjectionLoop:
 
     def __init__(self, projection: Projection, client: redis.Redis, opts: RunOptions,
                  snapshots: Snapshotter | None = None,
-                 on_written: Callable[[Folded], None] | None = None) -> None:
+                 on_written: OnWritten | None = None) -> None:
         self.projection = projection
         self.name = projection.name
         self.client = client
@@ -155,17 +157,32 @@ class ProjectionLoop:
         self.on_written = on_written
         self.newest_recv_ts = 0.0
         self.backoff = Backoff(self.name)
-        self._pending_cursor: dict[str, bytes | str] | None = {k: "0" for k in self.io.keys}
+        # only the reader task touches the cursor; others ask for a re-read with the flag
+        self._pending_cursor: dict[str, bytes | str] | None = None
+        self._reread_pending = True
         self._next_claim = 0.0
 
     async def run(self) -> None:
         await self._retrying(self.io.ensure_groups)
         if self.projection.exclusive:
             await self._claim_all(min_idle_ms=0)
-        while True:
-            entries = await self._retrying(self._next_entries, abandon=True)
-            if entries:
+        # The next batch is read while this one is folded and written: reading mostly waits on
+        # the socket, so the two overlap (at most two batches are held ahead).
+        send, receive = trio.open_memory_channel[list[RawEntry]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader, send)
+            async for entries in receive:
                 await self.handle(entries)
+
+    async def _reader(self, send: trio.MemorySendChannel[list[RawEntry]]) -> None:
+        async with send:
+            while True:
+                if self._reread_pending:
+                    self._reread_pending = False
+                    self._pending_cursor = {k: "0" for k in self.io.keys}
+                entries = await self._retrying(self._next_entries, abandon=True)
+                if entries:
+                    await send.send(entries)
 
     async def _retrying(self, fn: Callable[[], T], abandon: bool = False) -> T:
         while True:
@@ -181,7 +198,7 @@ class ProjectionLoop:
                 log.warning("consumer group missing, creating it", extra={"group": self.name})
                 await self.backoff.failed(exc)
                 await self._retrying(self.io.ensure_groups)
-                self._pending_cursor = {k: "0" for k in self.io.keys}
+                self._reread_pending = True
                 continue
             self.backoff.ok()
             return result
@@ -234,7 +251,7 @@ class ProjectionLoop:
                 pipe.xadd(gap.raw_key, control_entry("gap", gap.body, recv_ts=time.time()))
 
         errors = await self._retrying(
-            lambda: write_batch(self.client, self.store.queue, self.name, folded, extra))
+            lambda: write_batch(self.client, self.store.queue_all, self.name, folded, extra))
         for err in errors:
             log.error("view write refused", extra={"group": self.name, "error": str(err)})
         self._account(folded)
@@ -244,7 +261,7 @@ class ProjectionLoop:
         if folded.failures:
             await self._failures(folded.failures)
         if self.on_written is not None:
-            self.on_written(folded)
+            self.on_written(entries, folded)
 
     def _account(self, folded: Folded) -> None:
         if folded.applied:
@@ -262,7 +279,7 @@ class ProjectionLoop:
                 log.error("entry dead-lettered", extra={"group": self.name,
                                                         "entry": raw[1].decode()})
         # the failed entries are still pending: read them again before new ones
-        self._pending_cursor = {k: "0" for k in self.io.keys}
+        self._reread_pending = True
 
     def report_lag(self) -> None:
         for key, lag in self.io.lag().items():
@@ -273,12 +290,13 @@ class ProjectionLoop:
 
 
 async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
-                   snapshots: Snapshotter | None, loops: list[ProjectionLoop]) -> None:
+                   snapshots: Snapshotter | None, loops: list[ProjectionLoop],
+                   on_written: OnWritten | None = None) -> None:
     """Run one projection: directly, or while holding its lease when it is exclusive."""
     client = make_client(settings.redis_url, name=f"project:{spec.name}")
 
     async def work() -> None:
-        loop = ProjectionLoop(spec.factory(), client, opts, snapshots)
+        loop = ProjectionLoop(spec.factory(), client, opts, snapshots, on_written)
         loops.append(loop)
         try:
             await loop.run()
@@ -306,7 +324,7 @@ async def report_metrics(loops: list[ProjectionLoop], every: float = 5.0) -> Non
 
 
 async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOptions,
-              rest: RestClient | None = None) -> None:
+              rest: RestClient | None = None, on_written: OnWritten | None = None) -> None:
     """Every projection of `specs` until cancelled."""
     loops: list[ProjectionLoop] = []
     client = make_client(settings.redis_url, name="project:snapshots")
@@ -316,7 +334,7 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
         async with trio.open_nursery() as nursery:
             snapshots = Snapshotter(settings, client, nursery, rest)
             for spec in specs:
-                nursery.start_soon(run_spec, spec, settings, opts, snapshots, loops)
+                nursery.start_soon(run_spec, spec, settings, opts, snapshots, loops, on_written)
             nursery.start_soon(report_metrics, loops)
     finally:
         client.close()

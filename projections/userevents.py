@@ -132,7 +132,7 @@ class ListenKeyExpired:
 
 @attrs.frozen
 class UnknownEvent:
-    event_type: str  # e
+    event_type: str = ""  # e ("" when the object has none, e.g. a request's reply)
     raw: Mapping[str, Any] = _raw()
 
 

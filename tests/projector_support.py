@@ -122,10 +122,11 @@ def groups_of(specs: Sequence[ProjectionSpec]) -> dict[str, Sequence[str]]:
     return {s.name: s.factory().sources for s in specs}
 
 
-async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    """Await a condition on Redis (checked every 10 ms); fails the test after `timeout`."""
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_for(predicate: Any, limit_s: float = 20.0) -> None:
+    """Await a condition on Redis (checked every 10 ms); fails the test after `limit_s`."""
+    with trio.fail_after(limit_s):
+        # the condition lives in another process's data: nothing here could set an Event
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 

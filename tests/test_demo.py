@@ -74,7 +74,8 @@ def test_ctrl_c_stops_the_demo_and_every_child_cleanly(tmp_path: Path) -> None:
         for line in proc.stderr or ():
             lines.put(line)
 
-    threading.Thread(target=read_stderr, daemon=True).start()
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 30
@@ -87,6 +88,11 @@ def test_ctrl_c_stops_the_demo_and_every_child_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        reader.join(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    while not lines.empty():
+        seen.append(lines.get())
     assert proc.returncode == 0, "".join(seen)
     assert "pipeline demo summary" in out_file.read_text()
     pids = pids_of("".join(seen))

@@ -243,3 +243,18 @@ def test_acl_renderer_names_a_missing_secret_and_writes_no_password_in_clear(
     text = out.read_text()
     assert "secret-of-" not in text and "@" not in text.replace("@all", "")
     assert "%R~websocket:* " in text
+
+
+def test_generated_secrets_are_url_safe_and_render_the_acl(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    done = run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={})
+    assert done.returncode == 0, done.stderr
+    for role in ("ingest_market", "ingest_user", "projector", "reader", "status", "admin"):
+        assert re.fullmatch(r"[0-9a-f]{48}", (secrets / f"redis_password_{role}").read_text())
+    assert (secrets / "binance_api_key").read_text() == ""
+    before = (secrets / "redis_password_admin").read_text()
+    run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={})
+    assert (secrets / "redis_password_admin").read_text() == before  # existing ones are kept
+    done = run_sh(DEPLOY / "redis" / "render-acl.sh", str(DEPLOY / "redis" / "users.acl.template"),
+                  str(tmp_path / "users.acl"), env={"SECRETS_DIR": str(secrets)})
+    assert done.returncode == 0, done.stderr

@@ -170,7 +170,8 @@ def test_symbols_are_sequenced_independently() -> None:
 
 @pytest.mark.parametrize("entry", [
     event(1, 2, 0, bids=[("abc", "1")]),
-    event(1, 2, 0, bids=[("1.0", 1)]),
+    event(1, 2, 0, bids=[("1.0",)]),
+    event(1, 2, 0, asks=[("1.0", None)]),
     FrameEntry(b"1-0", b'{"stream":"btcusdt@depth","data":{"e":"depthUpdate","s":"BTCUSDT"}}',
                RECV, "c", 1),
     ControlEntry(b"1-0", "snapshot", {"symbol": SYM, "response": {"code": -1003}}, RECV, ""),

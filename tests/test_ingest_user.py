@@ -8,14 +8,18 @@ it, the final state of orders that closed while the stream was down, and no secr
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import httpx
 import orjson
+import pytest
 import redis
 import trio
 
@@ -52,7 +56,7 @@ def settings_for(redis_url: str, ws_url: str, rest_url: str, **extra: str) -> Se
 
 
 @asynccontextmanager
-async def running(redis_server: LocalRedis, *, opts: UserOptions = UserOptions(),
+async def running(redis_server: LocalRedis, *, opts: UserOptions | None = None,
                   timing: Timing = FAST, sim_config: SimConfig | None = None
                   ) -> AsyncIterator[Running]:
     sim = Simulator(sim_config or SimConfig(symbols=("BTCUSDT", "ETHUSDT")))
@@ -63,21 +67,27 @@ async def running(redis_server: LocalRedis, *, opts: UserOptions = UserOptions()
         settings = settings_for(redis_server.url, ws_url, rest_url)
         ingest = await nursery.start(functools.partial(
             run_user_ingest, settings, client, Secret(API_KEY),
-            make_signer(Secret(API_SECRET)), opts, timing=timing))
+            make_signer(Secret(API_SECRET)), opts or UserOptions(), timing=timing))
         try:
             yield Running(sim, rest_url, ingest, r, settings)
         finally:
             ingest.stop()
             with trio.fail_after(10):
-                while sim.account.connection_count():
-                    await trio.sleep(0.01)
+                await sim.account.wait_for_connections(0)
             nursery.cancel_scope.cancel()
     client.close()
     r.close()
 
 
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def xrange(r: redis.Redis, key: str) -> Entries:
+    return cast(Entries, r.xrange(key))
+
+
 def user_entries(r: redis.Redis) -> list[FrameEntry | ControlEntry]:
-    return [decode_entry(i, f) for i, f in r.xrange(KEY_USER)]
+    return [decode_entry(i, f) for i, f in xrange(r, KEY_USER)]
 
 
 def frames(r: redis.Redis) -> list[FrameEntry]:
@@ -93,9 +103,9 @@ def events(r: redis.Redis, event_type: str) -> list[dict[str, Any]]:
     return [d for d in docs if d.get("e") == event_type]
 
 
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+async def until(check: Callable[[], Any], within: float = 10.0) -> Any:
     """Wait for a condition the ingestor brings about (reads Redis off the event loop)."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             value = await trio.to_thread.run_sync(check)
             if value:
@@ -172,6 +182,10 @@ async def test_listen_key_is_kept_alive_past_its_lifetime(redis_server: LocalRed
         await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
 
 
+# trio-websocket 0.12 never closes a client's TCP stream when the server closed the websocket
+# first (here: the closed key's stream, then each reconnect refused with 4001); the socket is
+# freed when collected, with a ResourceWarning. Not this code's leak, so not this test's failure.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_listen_key_unknown_on_keep_alive_is_replaced_and_stream_reconnects(
         redis_server: LocalRedis) -> None:
     opts = UserOptions(keepalive_every=0.2)
@@ -204,7 +218,7 @@ async def test_listen_key_expired_mid_stream_gives_new_key_reconnect_and_reconci
         # the stream after the reconnect carries the account's events again
         place(run.sim, type="LIMIT", price="51000")
         await until(lambda: len(events(run.r, "ORDER_TRADE_UPDATE")) == 2)
-        closed = [decode_entry(i, f) for i, f in run.r.xrange(KEY_CONN)]
+        closed = [decode_entry(i, f) for i, f in xrange(run.r, KEY_CONN)]
         reasons = [e.body["reason"] for e in closed
                    if isinstance(e, ControlEntry) and e.ctl == "closed"]
         assert "listen_key_expired" in reasons
@@ -268,3 +282,134 @@ def test_missing_api_key_exits_2_naming_binance_api_key(redis_server: LocalRedis
     assert result.returncode == 2
     assert "BINANCE_API_KEY" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def conn_entries(r: redis.Redis, ctl: str) -> int:
+    return sum(1 for _, f in xrange(r, KEY_CONN) if f.get(b"ctl") == ctl.encode())
+
+
+def snapshots_since_expiry(r: redis.Redis) -> int:
+    """Snapshots logged after the `listenKeyExpired` frame (the reconnect's reconciliation)."""
+    after = False
+    count = 0
+    for entry in user_entries(r):
+        if isinstance(entry, FrameEntry) and b"listenKeyExpired" in entry.frame:
+            after = True
+        elif after and isinstance(entry, ControlEntry) and entry.ctl == "snapshot":
+            count += 1
+    return count
+
+
+def dump_everything(r: redis.Redis) -> bytes:
+    """Every key and every value in the database, whatever its type."""
+    out: list[Any] = []
+    for key in r.scan_iter(count=1000):
+        out.append(key)
+        kind = r.type(key)
+        if kind == b"string":
+            out.append(r.get(key) or b"")
+        elif kind == b"hash":
+            out += [b for kv in cast(dict[bytes, bytes], r.hgetall(key)).items() for b in kv]
+        elif kind == b"list":
+            out += cast(list[bytes], r.lrange(key, 0, -1))
+        elif kind == b"set":
+            out += list(cast(set[bytes], r.smembers(key)))
+        elif kind == b"zset":
+            out += [m for m, _ in cast(list[tuple[bytes, float]],
+                                       r.zrange(key, 0, -1, withscores=True))]
+        elif kind == b"stream":
+            for entry_id, fields in xrange(r, key):
+                out += [entry_id, *(b for kv in fields.items() for b in kv)]
+        else:
+            raise AssertionError(f"unexpected type {kind!r} of {key!r}")
+    return b"\n".join(out)
+
+
+async def test_no_key_secret_or_listen_key_in_redis_or_in_the_log_output(
+        redis_server: LocalRedis, tmp_path: Any) -> None:
+    api_key, api_secret = "K3y-" + "q7Xz" * 15, "S3cr3t-" + "pW9v" * 15
+    cfg = SimConfig(symbols=("BTCUSDT",), api_key=api_key, api_secret=api_secret)
+    sim = Simulator(cfg)
+    log_path = tmp_path / "ingest-user.log"
+    async with trio.open_nursery() as nursery:
+        ws_url, rest_url = await nursery.start(sim.run)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PIPELINE_", "BINANCE_", "REDIS_URL"))}
+        env.update({"BINANCE_API_KEY": api_key, "BINANCE_API_SECRET": api_secret})
+        cmd = [sys.executable, "-m", "pipeline", "ingest", "user", "--log-format", "json",
+               "--redis-url", redis_server.url, "--ws-url", ws_url, "--rest-url", rest_url]
+        with log_path.open("wb") as log_file:
+            proc = await nursery.start(functools.partial(
+                trio.run_process, cmd, stderr=log_file, env=env, check=False))
+            r = redis_server.client()
+            try:
+                await until(lambda: sim.account.connection_count() == 1, within=20)
+                order = place(sim, type="LIMIT", price="50000")
+                sim.account.control("fill", {"orderId": order["orderId"]})
+                assert sim.account.expire_listen_key()
+                await until(lambda: len(sim.account.issued_listen_keys) == 2)
+                await until(lambda: conn_entries(r, "opened") == 2)  # on the new key
+                place(sim, type="STOP_MARKET", side="SELL", triggerPrice="40000")
+                await until(lambda: events(r, "ALGO_UPDATE"))
+                await until(lambda: snapshots_since_expiry(r) >= 4)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(15):
+                    await proc.wait()
+            assert proc.returncode == 0
+            assert not sim.account.state()["listenKeyLive"]  # DELETEd on shutdown
+            everything = dump_everything(r)
+            r.close()
+        nursery.cancel_scope.cancel()
+
+    output = log_path.read_bytes()
+    assert b"listenKey created" in output and b"reconciled" in output
+    secrets = [api_key, api_secret, *sim.account.issued_listen_keys]
+    assert len(secrets) == 4
+    for secret in secrets:
+        assert secret.encode() not in everything
+        assert secret.encode() not in output
+
+
+async def test_listener_sees_fills_of_the_outage_on_p_orders_soon_after_reconnect(
+        redis_server: LocalRedis) -> None:
+    """The whole path: stream -> log -> orders projection -> views; stream down; reconnect ->
+    reconciliation -> final states -> entries on P:orders the listener reads."""
+    from projections.registry import choose
+    from projections.runner import RunOptions
+    from projections.runner import run as run_projector
+
+    async with running(redis_server, timing=SLOW_RECONNECT) as run:
+        prefix = run.settings.view_prefix
+        async with trio.open_nursery() as projector:
+            projector.start_soon(functools.partial(
+                run_projector, run.settings, choose(run.settings, "orders"),
+                RunOptions(consumer="test", block_ms=50, lease_ttl_ms=2000)))
+            order = place(run.sim, type="LIMIT", price="50000")
+            algo = place(run.sim, type="STOP_MARKET", side="SELL", triggerPrice="40000")
+            await until(lambda: run.r.hexists(f"{prefix}:open_orders:btcusdt",
+                                              str(order["orderId"])) and
+                        run.r.hexists(f"{prefix}:open_algo_orders:btcusdt", str(algo["algoId"])))
+
+            assert run.sim.drop("private") == 1
+            await until(lambda: run.sim.account.connection_count() == 0)
+            run.sim.account.control("fill", {"orderId": order["orderId"]})
+            triggered = run.sim.account.control("trigger", {"algoId": algo["algoId"]})
+            assert isinstance(triggered, dict)
+            market_id = str(triggered["actualOrderId"])
+
+            def reconciled() -> dict[str, dict[bytes, bytes]]:
+                return {f[b"order_id"].decode(): f for _, f in xrange(run.r, f"{prefix}:orders")
+                        if f.get(b"source") == b"reconciliation"}
+
+            with trio.fail_after(10):  # "within seconds of the reconnect"
+                seen = await until(lambda: {str(order["orderId"]), market_id,
+                                            str(algo["algoId"])} <= set(reconciled())
+                                   and reconciled())
+            assert seen[str(order["orderId"])][b"status"] == b"FILLED"
+            assert seen[str(algo["algoId"])][b"kind"] == b"algo"
+            assert seen[str(algo["algoId"])][b"status"] != b"NEW"
+            assert seen[market_id][b"status"] == b"FILLED"
+            await until(lambda: not run.r.hexists(f"{prefix}:open_orders:btcusdt",
+                                                  str(order["orderId"])))
+            projector.cancel_scope.cancel()

@@ -37,9 +37,12 @@ def start(argv: list[str], env: dict[str, str], log: Path, **kw: object) -> subp
             **kw)
 
 
-@pytest.fixture
-def running(tmp_path: Path, redis_server: LocalRedis) -> Iterator[dict[str, int]]:
-    """The simulator, `ingest market` and `project`, each ingestor/projector with a metrics port."""
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+    """The simulator, and `ingest market`, `project`, `ingest user` each with a metrics port,
+    on a private redis-server, shared by the tests of this module."""
+    tmp_path = tmp_path_factory.mktemp("metrics")
+    redis_server = LocalRedis(tmp_path / "redis").start()
     procs: list[subprocess.Popen[str]] = []
     try:
         sim = start(["simulate", "--ws-port", "0", "--rest-port", "0", "--symbols", "BTCUSDT"],
@@ -50,11 +53,14 @@ def running(tmp_path: Path, redis_server: LocalRedis) -> Iterator[dict[str, int]
         ws, rest = re.findall(r"(?:ws|rest)=(\S+)", ready)
         env = {**base_env(), "REDIS_URL": redis_server.url, "BINANCE_WS_URL": ws,
                "BINANCE_REST_URL": rest, "PIPELINE_SYMBOLS": "BTCUSDT"}
-        ports = {"ingest": free_port(), "project": free_port()}
+        ports = {"ingest": free_port(), "project": free_port(), "user": free_port()}
         procs.append(start(["ingest", "market", "--metrics-port", str(ports["ingest"])], env,
                            tmp_path / "ingest.log"))
         procs.append(start(["project", "--metrics-port", str(ports["project"])], env,
                            tmp_path / "project.log"))
+        procs.append(start(["ingest", "user", "--metrics-port", str(ports["user"])],
+                           {**env, "BINANCE_API_KEY": "sim-api-key",
+                            "BINANCE_API_SECRET": "sim-api-secret"}, tmp_path / "user.log"))
         yield ports
     finally:
         for p in procs:
@@ -67,6 +73,7 @@ def running(tmp_path: Path, redis_server: LocalRedis) -> Iterator[dict[str, int]
                 p.wait()
             if p.stdout is not None:
                 p.stdout.close()
+        redis_server.stop()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -110,3 +117,10 @@ def test_projector_serves_lag_view_age_and_dead_letters(running: dict[str, int])
     wait_for(running["project"], "/metrics",
              r'^pipeline_consumer_lag\{group="mark_price",key="raw:market:markPrice"\} ')
     assert wait_for(running["project"], "/healthz", r"ok")
+
+
+def test_user_ingestor_serves_its_connection_and_health(running: dict[str, int]) -> None:
+    body = wait_for(running["user"], "/metrics", r'^pipeline_connections\{path="private"\} 1')
+    assert re.search(r"^# TYPE pipeline_frames_logged_total ", body, re.M)
+    assert "sim-api-key" not in body and "sim-api-secret" not in body
+    assert wait_for(running["user"], "/healthz", r"ok")

@@ -145,7 +145,8 @@ def test_unknown_event_types_are_ignored_and_counted():
     assert list(proj.apply(frame_entry(b'{"e":"SOMETHING_NEW","E":1,"x":[1]}', 1.0))) == []
     assert list(proj.apply(frame_entry(b'{"e":"TRADE_LITE","E":1,"T":1,"s":"BTCUSDT"}',
                                        1.0))) == []
-    assert seen == ["SOMETHING_NEW"]
+    assert list(proj.apply(frame_entry(b'{"result":null,"id":1}', 1.0))) == []
+    assert seen == ["SOMETHING_NEW", "(no e field)"]
 
 
 def test_unknown_event_default_counts_in_the_metric():
@@ -255,3 +256,19 @@ def test_writes_carry_the_projection_prefix_and_stream_limits():
     [w] = proj.apply(lifecycle()[0])
     assert isinstance(w, OrderWrite)
     assert (w.prefix, w.symbol_maxlen, w.orders_max_age_s) == ("pfx", 50, 60)
+
+
+def test_final_state_of_an_order_never_seen_is_reported_as_it_ended():
+    """A stop triggered while the stream was down: its market order is known only by REST."""
+    final = control("final_state", {"kind": "order", "symbol": "BTCUSDT",
+                                    "fetched_at_ms": T0 + 99,
+                                    "response": rest_order(9100, "FILLED", update_time=T0 + 50,
+                                                           time=T0 + 50, executed="0.003",
+                                                           cum_quote="143.97", avg="47990",
+                                                           otype="MARKET", side="SELL")}, 2.0)
+    store = fold([final])
+    [event] = store.emitted
+    assert (event["order_id"], event["status"], event["source"]) == (
+        "9100", "FILLED", "reconciliation")
+    assert event["data"]["cum_quote"] == "143.97" and event["data"]["o"]["ap"] == "47990"
+    assert store.open_orders() == []

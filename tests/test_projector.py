@@ -212,8 +212,8 @@ def test_projector_killed_at_random_instants_ends_with_the_same_views(
         done = entries_read(r, "raw:market:depth20", "orderbook")
         at = done + rnd.randrange(1, max(2, (total - done) // 2))
         # kill once the depth group has progressed to a random point (or the process is done)
-        wait_sync(lambda at=at: entries_read(r, "raw:market:depth20", "orderbook") >= at
-                  or proc.poll() is not None, timeout=30)
+        wait_sync(lambda at=at, proc=proc: entries_read(r, "raw:market:depth20", "orderbook")
+                  >= at or proc.poll() is not None, timeout=30)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
     specs = choose(settings_for(url0), None)
@@ -335,3 +335,21 @@ async def test_seed_reader_returns_the_price_the_simulator_sent(
     data = json.loads(r.get("websocket:mark_price:btcusdt"))  # type: ignore[arg-type]
     assert time.time() - data["timestamp"] < 5
     assert data["mark_price"] == sent["btcusdt"]["p"]
+
+
+async def test_projector_rides_out_a_redis_restart_that_lost_its_groups(
+        redis_server: LocalRedis, r: redis.Redis) -> None:
+    settings = settings_for(redis_server.url)
+    now = int(time.time() * 1000)
+    key = "websocket:mark_price:btcusdt"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run, settings, choose(settings, "mark_price"),
+                           runner.RunOptions(block_ms=50))
+        seed(r, [("markPrice", mark_frame("BTCUSDT", now, "1.00"))])
+        await wait_for(lambda: r.exists(key))
+        redis_server.kill()  # no persistence: the log, the groups and the views are gone
+        redis_server.start()
+        seed(r, [("markPrice", mark_frame("BTCUSDT", now + 1000, "2.00"))])
+        await wait_for(lambda: r.exists(key))
+        nursery.cancel_scope.cancel()
+    assert json.loads(r.get(key))["mark_price"] == "2.00"  # type: ignore[arg-type]

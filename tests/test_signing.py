@@ -5,26 +5,34 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlencode
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
+    PublicFormat,
 )
 
 from pipeline.config import Secret
-from pipeline.errors import SettingsError
+from pipeline.errors import ExchangeError, SettingsError
+from pipeline.rest import RestClient
 from pipeline.signing import (
     Ed25519Signer,
     HmacSigner,
     ServerClock,
+    SignedRest,
     make_signer,
     signed_params,
 )
+from pipeline.simulator import SimConfig, Simulator
 
 # The worked example of Binance's API documentation (SIGNED endpoint, HMAC-SHA256).
 DOC_SECRET = "NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j"
@@ -102,3 +110,61 @@ def test_server_clock_behind_gives_a_negative_offset() -> None:
     clock = ServerClock(lambda: 2000.0)
     clock.observe(1_997_000, sent_at=2000.0, received_at=2000.0)
     assert clock.now_ms() == 1_997_000
+
+
+# --- against the simulator over real HTTP ------------------------------------------------------
+
+@asynccontextmanager
+async def signed_api(secret: str, *, shift_s: float = 0.0, public_pem: str | None = None,
+                     recv_window_ms: int = 5000) -> AsyncIterator[SignedRest]:
+    """A SignedRest talking to a simulator whose clock runs `shift_s` ahead of ours."""
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",), ed25519_public_key_pem=public_pem),
+                    clock=lambda: time.time() + shift_s)
+    async with trio.open_nursery() as nursery:
+        _, rest_url = await nursery.start(sim.run)
+        rest = RestClient(rest_url)
+        try:
+            yield SignedRest(rest, Secret("sim-api-key"), make_signer(Secret(secret)),
+                             recv_window_ms=recv_window_ms)
+        finally:
+            await rest.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_hmac_signed_request_is_accepted_by_the_simulator() -> None:
+    async with signed_api("sim-api-secret") as api:
+        assert await api.signed("GET", "/fapi/v1/openOrders", weight=40) == []
+        assert await api.signed("GET", "/fapi/v1/openOrders", {"symbol": "BTCUSDT"}) == []
+
+
+async def test_ed25519_signed_request_is_accepted_by_the_simulator() -> None:
+    key = Ed25519PrivateKey.generate()
+    public_pem = key.public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    async with signed_api(_pem(key), public_pem=public_pem) as api:
+        positions = await api.signed("GET", "/fapi/v3/positionRisk", weight=5)
+        assert isinstance(positions, list)
+
+
+async def test_wrong_secret_is_refused_with_1022_and_the_error_holds_no_secret() -> None:
+    async with signed_api("not-the-secret") as api:
+        with pytest.raises(ExchangeError) as info:
+            await api.signed("GET", "/fapi/v2/balance", weight=5)
+    assert info.value.code == -1022
+    assert "not-the-secret" not in str(info.value) and "signature=" not in str(info.value)
+
+
+@pytest.mark.parametrize("shift_s", [3.0, -3.0])
+async def test_exchange_clock_off_by_3_s_is_measured_and_requests_pass(shift_s: float) -> None:
+    # a 2 s window: without the offset every request would be refused with -1021
+    async with signed_api("sim-api-secret", shift_s=shift_s, recv_window_ms=2000) as api:
+        offset = await api.sync_time()
+        assert abs(offset - shift_s * 1000) < 500
+        assert await api.signed("GET", "/fapi/v1/openAlgoOrders", weight=40) == []
+
+
+async def test_request_refused_with_1021_measures_the_clock_and_is_sent_again() -> None:
+    async with signed_api("sim-api-secret", shift_s=-3.0, recv_window_ms=2000) as api:
+        assert api.server_clock.offset_ms == 0
+        assert await api.signed("GET", "/fapi/v1/openOrders", weight=40) == []
+        assert api.server_clock.offset_ms < -2500

@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -29,13 +30,26 @@ from trio_websocket import (
     serve_websocket,
 )
 
+from pipeline.simulator import Simulator
 from pipeline.simulator.account import Account, RestReply
 from pipeline.simulator.config import SimConfig
+from pipeline.simulator.ledger import (
+    AlgoOrder,
+    Ledger,
+    LedgerError,
+    Order,
+    PlaceRequest,
+    Position,
+    apply_trade,
+)
 
 KEY, SECRET = "sim-api-key", "sim-api-secret"
 HEADERS = {"x-mbx-apikey": KEY}
-ORDER_FIELDS = ("s,c,S,o,f,q,p,ap,sp,x,X,i,l,z,L,n,N,T,t,b,a,m,R,wt,ot,ps,cp,AP,cr,pP,si,ss,"
-                "rp,V,pm,gtd,er").split(",")
+ORDER_FIELDS = (
+    "s", "c", "S", "o", "f", "q", "p", "ap", "sp", "x", "X", "i", "l", "z", "L", "n", "N", "T",
+    "t", "b", "a", "m", "R", "wt", "ot", "ps", "cp", "AP", "cr", "pP", "si", "ss", "rp", "V",
+    "pm", "gtd", "er",
+)
 
 
 class Clock:
@@ -292,6 +306,70 @@ def test_script_places_fills_cancels_and_triggers_and_leaves_no_position() -> No
     assert all(p.amount == 0 for p in account.ledger.positions.values())
 
 
+# ---- the books alone (pure) ---------------------------------------------------------------------
+
+def limit(symbol: str = "BTCUSDT", side: str = "BUY", qty: str = "1",
+          price: str = "100") -> PlaceRequest:
+    return PlaceRequest(symbol, side, "LIMIT", Decimal(qty), Decimal(price))
+
+
+def place_order(ledger: Ledger, req: PlaceRequest) -> Order:
+    _, order = ledger.place(req, 1)
+    assert isinstance(order, Order)
+    return order
+
+
+def place_algo(ledger: Ledger, req: PlaceRequest) -> AlgoOrder:
+    _, algo = ledger.place(req, 1)
+    assert isinstance(algo, AlgoOrder)
+    return algo
+
+
+def test_amend_pushes_amendment_with_the_new_price_and_keeps_the_status() -> None:
+    ledger = Ledger(("BTCUSDT",))
+    order = place_order(ledger, limit())
+    ledger.fill(order.order_id, Decimal("0.25"), None, 2)
+    [event], amended = ledger.amend(order.order_id, Decimal("101"), None, 3)
+    assert (event["o"]["x"], event["o"]["X"], event["o"]["p"], event["o"]["z"]) == (
+        "AMENDMENT", "PARTIALLY_FILLED", "101", "0.25")
+    assert amended.price == Decimal("101")
+
+
+def test_expired_order_and_canceled_algo_order_push_their_final_status() -> None:
+    ledger = Ledger(("BTCUSDT",))
+    order = place_order(ledger, limit())
+    algo = place_algo(ledger, PlaceRequest("BTCUSDT", "SELL", "TAKE_PROFIT_MARKET", Decimal(1),
+                                           trigger_price=Decimal(120)))
+    [expired], _ = ledger.end_order(order.order_id, "EXPIRED", 2)
+    [canceled], _ = ledger.end_algo(algo.algo_id, "CANCELED", 2)
+    assert (expired["o"]["x"], expired["o"]["X"]) == ("EXPIRED", "EXPIRED")
+    assert (canceled["e"], canceled["o"]["X"], canceled["o"]["aid"]) == (
+        "ALGO_UPDATE", "CANCELED", algo.algo_id)
+    with pytest.raises(LedgerError):
+        ledger.fill(order.order_id, None, None, 3)
+
+
+def test_triggered_stop_limit_stays_triggered_until_its_order_fills() -> None:
+    ledger = Ledger(("ETHUSDT",))
+    algo = place_algo(ledger, PlaceRequest("ETHUSDT", "BUY", "STOP", Decimal(2), Decimal(3010),
+                                           trigger_price=Decimal(3000)))
+    events, triggered = ledger.trigger(algo.algo_id, None, 2)
+    assert [e["o"]["X"] for e in events] == ["TRIGGERING", "TRIGGERED", "NEW"]
+    assert triggered.actual_order_id in {o.order_id for o in ledger.open_orders("ETHUSDT")}
+    assert [a.algo_id for a in ledger.open_algos()] == [algo.algo_id]
+    assert triggered.actual_order_id is not None
+    events, _ = ledger.fill(triggered.actual_order_id, None, None, 3)
+    assert (events[-1]["e"], events[-1]["o"]["X"], events[-1]["o"]["aq"]) == (
+        "ALGO_UPDATE", "FINISHED", "2")
+    assert ledger.open_algos() == []
+
+
+def test_a_trade_through_zero_realises_pnl_and_opens_the_rest_at_the_trade_price() -> None:
+    long = Position("BTCUSDT", "BOTH", Decimal(2), Decimal(100))
+    flipped, pnl = apply_trade(long, Decimal(-3), Decimal(110), 5)
+    assert (pnl, flipped.amount, flipped.entry_price) == (Decimal(20), Decimal(-1), Decimal(110))
+
+
 # ---- the private stream over a real websocket ---------------------------------------------------
 
 @asynccontextmanager
@@ -307,12 +385,27 @@ async def stream_server(account: Account) -> AsyncIterator[int]:
 
 
 @asynccontextmanager
+async def client(url: str) -> AsyncIterator[WebSocketConnection]:
+    opened: list[WebSocketConnection] = []
+    try:
+        async with open_websocket_url(url) as ws:
+            opened.append(ws)
+            yield ws
+    finally:
+        # trio-websocket 0.12's client never closes its TCP socket when the server closes
+        # first (it waits for the server's TCP close, then leaves the socket to the GC, which
+        # warns); close it here so that warnings-as-errors sees no leak.
+        for ws in opened:
+            await ws._stream.aclose()
+
+
+@asynccontextmanager
 async def user_stream(account: Account, port: int, key: str,
                       events: str | None = None) -> AsyncIterator[WebSocketConnection]:
     url = f"ws://127.0.0.1:{port}/private/ws?listenKey={key}"
     if events:
         url += f"&events={events}"
-    async with open_websocket_url(url) as ws:
+    async with client(url) as ws:
         await account.wait_for_connections(1)
         yield ws
 
@@ -407,7 +500,7 @@ async def test_unknown_listen_key_is_closed_without_echoing_it() -> None:
     bogus = "x" * 64
     async with stream_server(account) as port:
         url = f"ws://127.0.0.1:{port}/private/ws?listenKey={bogus}"
-        async with open_websocket_url(url) as ws:
+        async with client(url) as ws:
             with pytest.raises(ConnectionClosed) as closed:
                 await next_event(ws)
     reason = closed.value.reason
@@ -440,3 +533,31 @@ async def test_delete_closes_the_stream() -> None:
         assert (await listen_key(account, "DELETE")).status == 200
         with pytest.raises(ConnectionClosed):
             await next_event(ws)
+
+
+# ---- through the simulator's server: real HTTP and a real websocket ----------------------------
+
+async def test_through_the_simulator_an_order_filled_while_dropped_is_seen_over_signed_rest(
+        nursery: trio.Nursery) -> None:
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",)))
+    ws_url, rest_url = await nursery.start(sim.run)
+    async with httpx.AsyncClient(base_url=rest_url) as http:
+        created = await http.post("/fapi/v1/listenKey", headers=HEADERS)
+        key = created.json()["listenKey"]
+        async with client(f"{ws_url}/private/ws?listenKey={key}&events=ORDER_TRADE_UPDATE") as ws:
+            await sim.account.wait_for_connections(1)
+            placed = (await http.post("/sim/account/place", json={
+                "symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "quantity": "0.01",
+                "price": "59000"})).json()
+            assert (await next_event(ws))["o"]["i"] == placed["orderId"]
+            assert (await http.post("/sim/drop", json={"path": "private"})).status_code == 200
+            await sim.account.wait_for_connections(0)
+            await http.post("/sim/account/fill", json={"orderId": placed["orderId"]})
+            with pytest.raises(ConnectionClosed):
+                await next_event(ws)
+        listed = await http.get("/fapi/v1/openOrders", params=sign({}), headers=HEADERS)
+        final = await http.get("/fapi/v1/order", headers=HEADERS,
+                               params=sign({"orderId": str(placed["orderId"])}))
+    assert listed.status_code == 200 and listed.json() == []
+    assert int(listed.headers["X-MBX-USED-WEIGHT-1M"]) >= 40
+    assert final.json()["status"] == "FILLED"

@@ -5,13 +5,17 @@ Each test starts its own simulator on free ports inside the test's nursery.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -23,8 +27,6 @@ from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.book import Book, symbol_spec
 from pipeline.simulator.market import ControlProtocol, malformed_frames
 
-from pathlib import Path
-
 ROOT = Path(__file__).resolve().parent.parent
 
 Start = Callable[..., Awaitable[tuple[Simulator, str, str]]]
@@ -32,15 +34,32 @@ Start = Callable[..., Awaitable[tuple[Simulator, str, str]]]
 
 @pytest.fixture
 def start_sim(nursery: trio.Nursery) -> Start:
-    async def start(**kwargs: Any) -> tuple[Simulator, str, str]:
-        sim = Simulator(SimConfig(**kwargs))
+    async def start(record: int = 0, **kwargs: Any) -> tuple[Simulator, str, str]:
+        sim = Simulator(SimConfig(**kwargs), record=record)
         ws_url, rest_url = await nursery.start(sim.run)
         return sim, ws_url, rest_url
     return start
 
 
-def connect(url: str) -> Any:
-    return trio_websocket.open_websocket_url(url, max_message_size=4 * 1024 * 1024)
+@asynccontextmanager
+async def connect(url: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A trio-websocket client that also closes its socket when the server closed first
+    (trio-websocket's own `open_websocket` leaves it to the garbage collector then)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, parts.hostname, resource, max_message_size=4 * 1024 * 1024)
+            try:
+                yield ws
+            finally:
+                await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def until_reply(ws: trio_websocket.WebSocketConnection, req_id: int) -> Any:
@@ -57,9 +76,10 @@ async def test_combined_frames_arrive_with_stream_first_and_parse(start_sim: Sta
     _, ws_url, _ = await start_sim(rate=0)
     names = ["btcusdt@markPrice@1s", "ethusdt@aggTrade", "solusdt@kline_1m", "!markPrice@arr@1s"]
     async with connect(f"{ws_url}/market/stream?streams={'/'.join(names)}") as ws:
-        seen: dict[str, dict[str, Any]] = {}
+        seen: dict[str, Any] = {}
         while len(seen) < len(names):
             raw = await ws.get_message()
+            assert isinstance(raw, str)
             assert raw.startswith('{"stream":"')
             msg = orjson.loads(raw)
             assert list(msg) == ["stream", "data"]
@@ -67,7 +87,7 @@ async def test_combined_frames_arrive_with_stream_first_and_parse(start_sim: Sta
     mark = seen["btcusdt@markPrice@1s"]
     assert list(mark) == ["e", "E", "s", "p", "i", "P", "r", "T"]
     assert mark["e"] == "markPriceUpdate" and isinstance(mark["p"], str) and float(mark["p"]) > 0
-    assert seen["ethusdt@aggTrade"]["e"] == "aggTrade"
+    assert list(seen["ethusdt@aggTrade"]) == ["e", "E", "s", "a", "p", "q", "f", "l", "T", "m"]
     assert set(seen["solusdt@kline_1m"]["k"]) >= set("tTsifLochlvnxqVQB")
     assert {m["s"] for m in seen["!markPrice@arr@1s"]} == {"BTCUSDT", "ETHUSDT", "SOLUSDT"}
 
@@ -77,7 +97,7 @@ async def test_raw_form_sends_the_bare_payload(start_sim: Start) -> None:
     async with connect(f"{ws_url}/public/ws/btcusdt@bookTicker") as ws:
         msg = orjson.loads(await ws.get_message())
     assert msg["e"] == "bookTicker" and msg["s"] == "BTCUSDT"
-    assert list(msg) == ["e", "u", "s", "b", "B", "a", "A", "T", "E"]
+    assert list(msg) == ["e", "u", "E", "T", "s", "b", "B", "a", "A"]
 
 
 async def test_stream_on_the_wrong_path_stays_silent(start_sim: Start) -> None:
@@ -120,7 +140,7 @@ async def test_more_than_ten_control_messages_a_second_drops_the_connection(
 async def test_more_than_1024_streams_on_a_connection_gets_an_error_reply(
         start_sim: Start) -> None:
     _, ws_url, _ = await start_sim()
-    names = [f"btcusdt@kline_{i}" for i in ("1m", "5m")] + [f"x{i}usdt@aggTrade" for i in range(1023)]
+    names = ["btcusdt@kline_1m", "btcusdt@kline_5m"] + [f"x{i}usdt@aggTrade" for i in range(1023)]
     async with connect(f"{ws_url}/market/ws") as ws:
         await ws.send_message(orjson.dumps({"method": "SUBSCRIBE", "params": names, "id": 3})
                               .decode())
@@ -138,8 +158,30 @@ async def test_lifetime_forces_a_close(start_sim: Start) -> None:
     assert sim.stats()["closed_connections"][0]["reason"] == "lifetime"  # type: ignore[index]
 
 
+async def test_a_client_that_never_answers_pings_is_dropped(start_sim: Start) -> None:
+    sim, ws_url, _ = await start_sim(ping_interval=0.1, pong_timeout=0.2)
+    parts = urlsplit(ws_url)
+    assert parts.hostname is not None and parts.port is not None
+    received = b""
+    # a bare socket: it completes the handshake and then never answers anything
+    async with await trio.open_tcp_stream(parts.hostname, parts.port) as stream:
+        await stream.send_all(
+            b"GET /market/ws HTTP/1.1\r\nHost: sim\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                received += chunk
+            await sim.wait_for_connections(0)
+    head, _, frames = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    # one ping (opcode 9, 4-byte payload), then the socket closed without a close frame
+    assert frames[:2] == b"\x89\x04" and len(frames) == 6
+    assert sim.closed[-1]["reason"] == "pong timeout"
+
+
 async def test_drop_closes_the_connection_without_a_close_frame(start_sim: Start) -> None:
-    sim, ws_url, rest_url = await start_sim(rate=100)
+    _, ws_url, rest_url = await start_sim(rate=100)
     async with connect(f"{ws_url}/market/stream?streams=btcusdt@aggTrade") as ws:
         await ws.get_message()
         async with httpx.AsyncClient() as http:
@@ -167,9 +209,9 @@ async def test_silence_switch_stops_data_but_the_connection_stays_up(start_sim: 
 
 
 async def test_malformed_switch_sends_the_bad_frames(start_sim: Start) -> None:
-    sim, ws_url, rest_url = await start_sim()
+    sim, ws_url, rest_url = await start_sim(record=10)
     async with connect(f"{ws_url}/market/stream?streams=btcusdt@markPrice") as ws:
-        await ws.get_message()  # the first markPrice frame; the next is 3 s away
+        first = await ws.get_message()  # the first markPrice frame; the next is 3 s away
         async with httpx.AsyncClient() as http:
             resp = await http.post(f"{rest_url}/sim/malformed", json={"count": 5})
         assert resp.json() == {"connections": 1}
@@ -178,7 +220,7 @@ async def test_malformed_switch_sends_the_bad_frames(start_sim: Start) -> None:
     assert [g for g in got if isinstance(g, bytes)] == [b"\x00\x01binary\xfe\xff"]
     assert "this is not json {" in text
     assert any(len(t) == 2 * 1024 * 1024 for t in text)
-    assert any(t.startswith('{"stream":"btcusdt@noSuchStream"') for t in text)
+    assert any(t.startswith('{"stream":"btcusdt@noSuchStream"') and "比特币" in t for t in text)
     unparsable = 0
     for t in text:
         try:
@@ -187,6 +229,9 @@ async def test_malformed_switch_sends_the_bad_frames(start_sim: Start) -> None:
             unparsable += 1
     assert unparsable == 2  # not JSON, truncated JSON
     assert sim.stats()["malformed_sent"] == 5
+    assert sim.sent is not None
+    assert [payload for _, payload in sim.sent] == [
+        g if isinstance(g, bytes) else g.encode() for g in [first, *got]]
 
 
 # --- the order book --------------------------------------------------------------------------
@@ -252,7 +297,7 @@ async def test_sequence_break_produces_pu_not_equal_to_the_previous_u(start_sim:
     sim, ws_url, _ = await start_sim(rate=0)
     async with connect(f"{ws_url}/public/stream?streams=btcusdt@depth@100ms") as ws:
         events = [orjson.loads(await ws.get_message())["data"] for _ in range(20)]
-        assert all(b["pu"] == a["u"] for a, b in itertools_pairwise(events))
+        assert all(b["pu"] == a["u"] for a, b in itertools.pairwise(events))
         sim.sequence_break("BTCUSDT")
         prev = events[-1]
         for _ in range(1000):
@@ -265,15 +310,11 @@ async def test_sequence_break_produces_pu_not_equal_to_the_previous_u(start_sim:
     assert event["pu"] > prev["u"] and event["U"] == event["pu"] + 1
 
 
-def itertools_pairwise(items: list[Any]) -> list[tuple[Any, Any]]:
-    return list(zip(items, items[1:], strict=False))
-
-
 def test_book_diffs_rebuild_the_book_exactly() -> None:
     import random
     book = Book(symbol_spec("ETHUSDT"), random.Random(5))
     client = LocalBook(orjson.loads(book.snapshot_json(1000, 0)))
-    cursor = book.update_id
+    cursor = book.reader_cursor()
     for i in range(3000):
         book.step()
         if i % 7 == 0:  # readers merge several steps into one event
@@ -345,11 +386,13 @@ async def test_control_api_over_http_sets_rate_and_reports_stats(start_sim: Star
 # --- pure parts ------------------------------------------------------------------------------
 
 def test_control_protocol_counts_messages_in_a_sliding_second() -> None:
-    proto = ControlProtocol()
+    msg = '{"method":"LIST_SUBSCRIPTIONS","id":1}'
+    patient, hasty = ControlProtocol(), ControlProtocol()
     for i in range(10):
-        assert not proto.receive('{"method":"LIST_SUBSCRIPTIONS","id":1}', 100.0 + i * 0.01).close
-    assert not proto.receive('{"method":"LIST_SUBSCRIPTIONS","id":1}', 101.05).close
-    assert proto.receive('{"method":"LIST_SUBSCRIPTIONS","id":1}', 101.06).close
+        assert not patient.receive(msg, 100.0 + i * 0.01).close
+        assert not hasty.receive(msg, 100.0 + i * 0.01).close
+    assert not patient.receive(msg, 101.05).close  # the first six have left the window
+    assert hasty.receive(msg, 100.5).close  # eleven within one second
 
 
 def test_malformed_frames_cycle_through_five_kinds() -> None:
@@ -361,21 +404,21 @@ def test_malformed_frames_cycle_through_five_kinds() -> None:
 
 def test_cli_prints_the_ready_line_and_stops_on_sigint() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "BINANCE_"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "simulate", "--ws-port", "0", "--rest-port", "0",
-         "--symbols", "BTCUSDT,ETHUSDT", "--rate", "5", "--seed", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        m = re.fullmatch(r"simulator ready ws=(ws://127\.0\.0\.1:\d+) rest=(http://127\.0\.0\.1:\d+)\n",
-                         line)
-        assert m, line
-        info = httpx.get(f"{m.group(2)}/fapi/v1/exchangeInfo", timeout=10).json()
-        assert [s["symbol"] for s in info["symbols"]] == ["BTCUSDT", "ETHUSDT"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    argv = [sys.executable, "-m", "pipeline", "simulate", "--ws-port", "0", "--rest-port", "0",
+            "--symbols", "BTCUSDT,ETHUSDT", "--rate", "5", "--seed", "3"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=ROOT) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            m = re.fullmatch(
+                r"simulator ready ws=(ws://127\.0\.0\.1:\d+) rest=(http://127\.0\.0\.1:\d+)\n",
+                line)
+            assert m, line
+            info = httpx.get(f"{m.group(2)}/fapi/v1/exchangeInfo", timeout=10).json()
+            assert [s["symbol"] for s in info["symbols"]] == ["BTCUSDT", "ETHUSDT"]
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -24,11 +24,15 @@ def mark(version: float, price: str, expire_at_ms: int | None = None) -> ViewWri
                      _now_ms() + 60_000 if expire_at_ms is None else expire_at_ms)
 
 
-def perform(r: redis.Redis, outputs: Sequence[object]) -> list[object]:
-    store = ViewStore(r)
+def perform(r: redis.Redis, outputs: Sequence[object], per_call: int = 500) -> list[object]:
+    """The result of each write, in order (1 written, 0 not newer, -1 expired)."""
+    store = ViewStore(r, per_call=per_call)
     pipe = r.pipeline(transaction=False)
     store.queue_all(pipe, outputs)
-    return pipe.execute()
+    results: list[object] = []
+    for reply in pipe.execute():
+        results.extend(reply if isinstance(reply, list) else [reply])
+    return results
 
 
 def stored(r: redis.Redis, key: str = "websocket:mark_price:btcusdt") -> dict[str, object]:
@@ -40,6 +44,24 @@ def stored(r: redis.Redis, key: str = "websocket:mark_price:btcusdt") -> dict[st
 def test_newer_version_replaces_and_older_is_refused(r: redis.Redis) -> None:
     assert perform(r, [mark(100.5, "1"), mark(101.25, "2"), mark(99.0, "0")]) == [1, 1, 0]
     assert stored(r)["mark_price"] == "2"
+
+
+def test_writes_split_over_several_script_calls_keep_their_order(r: redis.Redis) -> None:
+    assert perform(r, [mark(100.5, "1"), mark(101.25, "2"), mark(99.0, "0"), mark(102.0, "3")],
+                   per_call=2) == [1, 1, 0, 1]
+    assert stored(r)["mark_price"] == "3"
+
+
+def test_version_field_found_inside_a_large_value(r: redis.Redis) -> None:
+    key = "websocket:orderbook:btcusdt:20"
+    levels = [["64000.1", "1.000"]] * 20
+
+    def book(u: int) -> ViewWrite:
+        return ViewWrite(key, orjson.dumps({"bids": levels, "asks": levels, "timestamp": 1.0,
+                                            "last_update_id": u, "source": "websocket"}),
+                         u, "last_update_id", _now_ms() + 60_000)
+
+    assert perform(r, [book(7), book(6), book(8)]) == [1, 0, 1]
 
 
 def test_same_version_again_is_a_no_op(r: redis.Redis) -> None:
@@ -102,7 +124,7 @@ def test_unknown_output_type_is_an_error_until_a_performer_is_registered(
     PERFORMERS[Custom] = lambda pipe, out: pipe.set(out.key, b"done")
     try:
         check_performable(Custom("k"))
-        perform(r, [Custom("k")])
+        assert perform(r, [mark(1.0, "1"), Custom("k"), mark(2.0, "2")]) == [1, True, 1]
         assert r.get("k") == b"done"
     finally:
         del PERFORMERS[Custom]

@@ -20,7 +20,7 @@ import secrets
 import string
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import attrs
@@ -30,6 +30,7 @@ from trio_websocket import ConnectionClosed
 
 from pipeline.simulator import wire
 from pipeline.simulator.auth import AuthError, Verifier, check_api_key, check_timestamp
+from pipeline.simulator.config import SimConfig
 from pipeline.simulator.ledger import AlgoOrder, Event, Ledger, LedgerError, PlaceRequest, dec
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _weight_by_symbol(query: Mapping[str, str]) -> int:
 class Account:
     """One simulated USDⓈ-M futures account. `clock` is the exchange's clock (seconds)."""
 
-    def __init__(self, config: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: SimConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._clock = clock
         self.ledger = Ledger(tuple(config.symbols), hedge_mode=bool(config.hedge_mode))
@@ -98,6 +99,16 @@ class Account:
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def set_mark_source(self, source: Callable[[str], str | Decimal | None]) -> None:
+        """Let MARKET fills, positionRisk and the demo script use the market side's price
+        (e.g. the simulated book's mid) instead of the account's own last trade price."""
+
+        def mark(symbol: str) -> Decimal | None:
+            value = source(symbol)
+            return Decimal(str(value)) if value not in (None, "") else None
+
+        self.ledger.mark_source = mark
 
     # ---- REST entry point ------------------------------------------------------------------
     async def handle_rest(self, method: str, path: str, query: dict[str, str],
@@ -397,7 +408,10 @@ class Account:
         return event
 
     def _ctl_funding(self, body: dict[str, Any]) -> object:
-        amount = Decimal(str(body.get("amount", "-0.5")))
+        try:
+            amount = Decimal(str(body.get("amount", "-0.5")))
+        except InvalidOperation:
+            raise LedgerError(-1102, "Parameter 'amount' was malformed.") from None
         events = self.ledger.funding(str(body.get("symbol", "")), amount, self.now_ms())
         self._push(events)
         return events[0]
@@ -406,7 +420,7 @@ class Account:
         symbol = str(body.get("symbol", "")).upper()
         if symbol not in self.ledger.symbols:
             raise LedgerError(-1121, "Invalid symbol.")
-        self.ledger.marks[symbol] = dec(body.get("price"), "price")
+        self.ledger.pinned[symbol] = dec(body.get("price"), "price")
         return {"symbol": symbol, "markPrice": wire.fmt(self.ledger.mark(symbol))}
 
     def _ctl_state(self, body: dict[str, Any]) -> object:
@@ -439,8 +453,11 @@ class Account:
         yield rng.uniform(1.0, 3.0)
         self._ctl_fill({"orderId": order_id})
         close = {"BUY": "SELL", "SELL": "BUY"}[side]
-        stop = price * (Decimal("0.99") if side == "BUY" else Decimal("1.01"))
-        algo = self._ctl_place({**base, "side": close, "type": "STOP_MARKET",
+        # A stop-loss or a take-profit closes the round, 1 % away on the losing or winning side.
+        kind = rng.choice(("STOP_MARKET", "TAKE_PROFIT_MARKET"))
+        loses = (kind == "STOP_MARKET") == (side == "BUY")
+        stop = price * (Decimal("0.99") if loses else Decimal("1.01"))
+        algo = self._ctl_place({**base, "side": close, "type": kind,
                                 "triggerPrice": str(stop.quantize(Decimal("0.01"))),
                                 "reduceOnly": ps == "BOTH"})
         spare = self._ctl_place({**base, "type": "LIMIT", "price": str(price * Decimal("0.9"))

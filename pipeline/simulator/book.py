@@ -15,6 +15,7 @@ client following Binance's documented sequencing ends equal to a fresh snapshot.
 from __future__ import annotations
 
 import bisect
+import functools
 import random
 from collections import deque
 
@@ -42,6 +43,7 @@ class SymbolSpec:
         return _fixed(units, self.qty_decimals)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the hot path formats the same few prices again and again
 def _fixed(units: int, decimals: int) -> str:
     if decimals == 0:
         return str(units)
@@ -136,9 +138,10 @@ class Book:
         for i in range(1, TARGET_LEVELS + 1):
             self.bids.set(mid - i * spec.tick, self._random_qty())
             self.asks.set(mid + i * spec.tick, self._random_qty())
+        self.step()  # so that the history always holds the step that led to `update_id`
 
     def _random_qty(self) -> int:
-        return self.spec.step * self.rng.randint(1, 5000)
+        return self.spec.step * (1 + int(self.rng.random() * 5000))
 
     def mid_units(self) -> int:
         return (self.bids.best() + self.asks.best()) // 2
@@ -169,7 +172,7 @@ class Book:
         self._keep_depth(self.bids, bid_touched, -1)
         self._keep_depth(self.asks, ask_touched, 1)
         first = self.update_id + 1
-        self.update_id += rng.randint(1, 4)
+        self.update_id += 1 + int(rng.random() * 4)
         self.history.append((first, self.update_id, tuple(bid_touched), tuple(ask_touched)))
 
     def _move_price(self, up: bool, bid_touched: list[int], ask_touched: list[int]) -> None:
@@ -196,6 +199,13 @@ class Book:
             p = side.worst() + sign * self.spec.tick
             side.set(p, self._random_qty())
             touched.append(p)
+
+    def reader_cursor(self) -> int:
+        """Where a new diff-depth reader starts: just before the last step, so that its first
+        event has `U <= update_id` and a snapshot taken any time after subscribing passes
+        Binance's first-event check `U <= lastUpdateId <= u` (re-sending the last step's levels
+        is harmless: they carry the quantities of now)."""
+        return self.update_id - 1
 
     def diff_since(self, cursor: int) -> tuple[int, int, int, str, str]:
         """(U, u, pu, bids json, asks json) with every level changed after update id `cursor`.

@@ -31,6 +31,7 @@ both the stream and REST. Fees: maker 0.02 %, taker 0.05 %, charged in USDT. Mar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -184,14 +185,21 @@ class Ledger:
     algos: dict[int, AlgoOrder] = attrs.Factory(dict)
     positions: dict[tuple[str, str], Position] = attrs.Factory(dict)
     balances: dict[str, Decimal] = attrs.Factory(lambda: dict(START_BALANCES))
-    marks: dict[str, Decimal] = attrs.Factory(dict)
+    marks: dict[str, Decimal] = attrs.Factory(dict)  # last trade price per symbol
+    pinned: dict[str, Decimal] = attrs.Factory(dict)  # set by the `mark` control: wins
+    # The market side's price (e.g. the simulated book's mid), when the server wires it in.
+    mark_source: Callable[[str], Decimal | None] | None = None
     next_order_id: int = 8_389_765_001
     next_algo_id: int = 4_000_000_001
     next_trade_id: int = 1_000_001
 
     # ---- reading -------------------------------------------------------------------------
     def mark(self, symbol: str) -> Decimal:
-        return self.marks.get(symbol) or BASE_PRICES.get(symbol, Decimal(100))
+        """Pinned by a test, else the market's price, else the last trade, else a base price."""
+        if symbol in self.pinned:
+            return self.pinned[symbol]
+        market = self.mark_source(symbol) if self.mark_source else None
+        return market or self.marks.get(symbol) or BASE_PRICES.get(symbol, Decimal(100))
 
     def open_orders(self, symbol: str | None = None) -> list[Order]:
         return [o for o in self.orders.values()

@@ -122,7 +122,7 @@ class SymbolMarket:
         self.klines: dict[str, Kline] = {}
 
     def mark_units(self) -> int:
-        return self.book.mid_units() + self.rng.randint(-2, 2) * self.spec.tick
+        return self.book.mid_units() + (int(self.rng.random() * 5) - 2) * self.spec.tick
 
     def long_price(self, units: int) -> str:
         """Mark and index prices carry 8 decimals on the wire, e.g. "95000.10000000"."""
@@ -166,12 +166,19 @@ class Market:
             sm = self._symbols[symbol] = SymbolMarket(symbol_spec(symbol), random.Random(seed))
         return sm
 
+    def mid_price(self, symbol: str) -> str | None:
+        """The book's mid price as text (None for a symbol this exchange does not list)."""
+        if symbol not in self.symbols:
+            return None
+        sm = self.symbol(symbol)
+        return sm.spec.price_text(sm.book.mid_units())
+
     def open_stream(self, spec: StreamSpec, combined: bool) -> StreamState:
         prefix, suffix = (f'{{"stream":"{spec.name}","data":', "}") if combined else ("", "")
         state = StreamState(spec, prefix, suffix)
         if spec.symbol is not None and spec.kind in ("depth", "partial"):
             book = self.symbol(spec.symbol).book
-            state.cursor, state.breaks = book.update_id, book.breaks
+            state.cursor, state.breaks = book.reader_cursor(), book.breaks
         return state
 
     def frame(self, state: StreamState, now_ms: int) -> str:
@@ -185,8 +192,8 @@ class Market:
 
     def _mark_payload(self, sm: SymbolMarket, now_ms: int) -> str:
         mark = sm.mark_units()
-        index = mark + self.rng.randint(-3, 3) * sm.spec.tick
-        sm.funding_bp = min(7.5, max(-7.5, sm.funding_bp + self.rng.uniform(-0.01, 0.01)))
+        index = mark + (int(self.rng.random() * 7) - 3) * sm.spec.tick
+        sm.funding_bp = min(7.5, max(-7.5, sm.funding_bp + self.rng.random() * 0.02 - 0.01))
         return (f'{{"e":"markPriceUpdate","E":{now_ms},"s":"{sm.spec.symbol}",'
                 f'"p":"{sm.long_price(mark)}","i":"{sm.long_price(index)}",'
                 f'"P":"{sm.long_price(index)}","r":"{sm.funding_bp / 10_000:.8f}",'
@@ -227,12 +234,12 @@ class Market:
         sm = self.symbol(state.spec.symbol or "")
         maker = sm.rng.random() < 0.5
         price = sm.book.bids.best() if maker else sm.book.asks.best()
-        qty = sm.spec.step * sm.rng.randint(1, 2000)
+        qty = sm.spec.step * (1 + int(sm.rng.random() * 2000))
         sm.agg_id += 1
         first = sm.trade_id + 1
-        sm.trade_id += sm.rng.randint(1, 4)
+        sm.trade_id += 1 + int(sm.rng.random() * 4)
         self._kline_trade(sm, now_ms, price, qty, not maker, sm.trade_id - first + 1)
-        return (f'{{"e":"aggTrade","E":{now_ms},"a":{sm.agg_id},"s":"{sm.spec.symbol}",'
+        return (f'{{"e":"aggTrade","E":{now_ms},"s":"{sm.spec.symbol}","a":{sm.agg_id},'
                 f'"p":"{sm.spec.price_text(price)}","q":"{sm.spec.qty_text(qty)}",'
                 f'"f":{first},"l":{sm.trade_id},"T":{now_ms - 1},'
                 f'"m":{"true" if maker else "false"}}}')
@@ -293,9 +300,9 @@ class Market:
         bid, ask = book.bids.best(), book.asks.best()
         t = sm.spec.price_text
         q = sm.spec.qty_text
-        return (f'{{"e":"bookTicker","u":{book.update_id},"s":"{sm.spec.symbol}",'
-                f'"b":"{t(bid)}","B":"{q(book.bids.qty[bid])}","a":"{t(ask)}",'
-                f'"A":"{q(book.asks.qty[ask])}","T":{now_ms - 1},"E":{now_ms}}}')
+        return (f'{{"e":"bookTicker","u":{book.update_id},"E":{now_ms},"T":{now_ms - 1},'
+                f'"s":"{sm.spec.symbol}","b":"{t(bid)}","B":"{q(book.bids.qty[bid])}",'
+                f'"a":"{t(ask)}","A":"{q(book.asks.qty[ask])}"}}')
 
     def _force_order(self, state: StreamState, now_ms: int) -> str:
         sm = self.symbol(state.spec.symbol or "")
@@ -391,7 +398,9 @@ def malformed_frames(count: int, now_ms: int) -> list[str | bytes]:
         "this is not json {",
         b"\x00\x01binary\xfe\xff",
         _OVERSIZED,
-        f'{{"stream":"btcusdt@noSuchStream","data":{{"e":"noSuchEvent","E":{now_ms}}}}}',
+        # valid JSON, unknown stream, and not ASCII: a byte-exact log must keep all of it
+        f'{{"stream":"btcusdt@noSuchStream","data":{{"e":"noSuchEvent","E":{now_ms},'
+        f'"note":"ünïcödé ✓ 比特币"}}}}',
         truncated[: len(truncated) // 2],
     ]
     return [kinds[i % len(kinds)] for i in range(count)]

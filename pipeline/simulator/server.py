@@ -139,11 +139,17 @@ class Simulator:
     """
 
     def __init__(self, config: SimConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, record: int = 0) -> None:
+        """`record`: keep the last `record` frames sent, as (connection id, exact payload
+        bytes), in `self.sent`, for tests that compare what a client stored byte for byte."""
         self.config = config or SimConfig()
+        self.sent: deque[tuple[str, bytes]] | None = deque(maxlen=record) if record else None
         self.clock = clock
         self.market = Market(self.config.symbols, self.config.seed)
         self.account = _load_account(self.config, clock)
+        if hasattr(self.account, "set_mark_source"):
+            # fills and positionRisk of the account price off the same book the streams show
+            self.account.set_mark_source(self.market.mid_price)
         self.weight = WeightMeter()
         self.connections: dict[str, Connection] = {}
         self.closed: deque[dict[str, object]] = deque(maxlen=CLOSED_KEPT)
@@ -154,6 +160,7 @@ class Simulator:
         self.frames_total = 0
         self.malformed_sent = 0
         self._ids = itertools.count(1)
+        self._changed = trio.Event()
         self.ws_url = ""
         self.rest_url = ""
 
@@ -205,6 +212,7 @@ class Simulator:
                           Pacer(self.market.rng, trio.current_time()), self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
         self.connections[conn.id] = conn
+        self._notify()
         log.info("simulator connection opened", extra={"conn": conn.id, "path": path})
         try:
             await self._run_connection(conn, names, query)
@@ -212,6 +220,7 @@ class Simulator:
             del self.connections[conn.id]
             self.closed.append({**conn.summary(), "closed": self.clock(),
                                 "reason": conn.close_reason})
+            self._notify()
             log.info("simulator connection closed",
                      extra={"conn": conn.id, "reason": conn.close_reason, "frames": conn.frames})
 
@@ -308,9 +317,12 @@ class Simulator:
                 counts = self.frames_by_stream
                 parts = []
                 for state in due:
-                    parts.append(ws_frame(market.frame(state, now_ms).encode()))
+                    payload = market.frame(state, now_ms).encode()
+                    parts.append(ws_frame(payload))
                     name = state.spec.name
                     counts[name] = counts.get(name, 0) + 1
+                    if self.sent is not None:
+                        self.sent.append((conn.id, payload))
                 await self._write(conn, b"".join(parts), len(due))
                 if pacer.rate == 0:
                     continue
@@ -342,12 +354,20 @@ class Simulator:
     async def _send_malformed(self, conn: Connection) -> None:
         bad, conn.bad = conn.bad, []
         for frame in bad:
-            if isinstance(frame, bytes):
-                data = ws_frame(frame, binary=True)
-            else:
-                data = ws_frame(frame.encode())
-            await self._write(conn, data, 1)
+            payload = frame if isinstance(frame, bytes) else frame.encode()
+            if self.sent is not None:
+                self.sent.append((conn.id, payload))
+            await self._write(conn, ws_frame(payload, binary=isinstance(frame, bytes)), 1)
             self.malformed_sent += 1
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for_connections(self, count: int, path: str | None = None) -> None:
+        """Return once exactly `count` connections (on `path`, or any) are open."""
+        while sum(path is None or c.path == path for c in self.connections.values()) != count:
+            await self._changed.wait()
 
     # --- control (Python API; the same over HTTP under /sim/) ----------------------------
 
