@@ -35,6 +35,7 @@ import attrs
 import redis
 import trio
 
+from pipeline import metrics
 from pipeline.errors import ExchangeError, RedisUnavailable
 from pipeline.redisconn import redis_errors
 from pipeline.rest import open_orders_weight
@@ -186,6 +187,8 @@ class Reconciler:
             # the message names method, path, status and Binance's code: never the query
             log.warning("reconciliation call failed", extra={"error": str(exc)})
             return _FAILED
+        finally:
+            metrics.REST_WEIGHT.set(self.api.rest.budget.used)
 
     def _log(self, ctl: str, kind: str, symbol: str | None, response: Any) -> None:
         self.append(ctl, {"kind": kind, "symbol": symbol,

@@ -246,6 +246,8 @@ class OrdersConsumer:
     has been idle `claim_idle_ms`. Delivery is therefore at-least-once: handlers should be
     idempotent (key on `event.entry_id` or on order id + status).
 
+    The client is used as redis-py makes it by default (RESP2 replies).
+
     Example (see examples/order_listener.py)::
 
         def on_order(ev: OrderEvent) -> None:
@@ -303,12 +305,14 @@ class OrdersConsumer:
         return done
 
     def _claim_abandoned(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply = self.r.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
+        reply: Any = self.r.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
                                   "0-0", count=self.count)
         return [(eid, fields) for eid, fields in reply[1] if fields]
 
-    def _read(self, start: str, block: int | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: start},
+    def _read(
+        self, start: str, block: int | None = None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply: Any = self.r.xreadgroup(self.group, self.consumer, {self.stream: start},
                                   count=self.count, block=block)
         if not reply:
             return []

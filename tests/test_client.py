@@ -102,3 +102,28 @@ def test_handler_sees_the_order_fields(r: redis.Redis) -> None:
     consumer.poll_once()
     assert got[0].order_id == "77" and got[0].status == "PARTIALLY_FILLED"
     assert got[0].symbol == "BTCUSDT" and got[0].data == {"i": 77} and got[0].source == "stream"
+
+
+async def test_stale_view_falls_back_to_the_exchange_and_respects_weight(r: redis.Redis) -> None:
+    import trio
+
+    from pipeline.simulator import SimConfig, Simulator
+    from pipeline.weight import WeightBudget
+
+    r.set("websocket:mark_price:btcusdt", _mark(time.time() - 60, price="1.0"))
+    async with trio.open_nursery() as nursery:
+        _, rest_url = await nursery.start(Simulator(SimConfig(symbols=("BTCUSDT",))).run)
+        reader = MarketReader(r, rest_url=rest_url)
+        mp = await trio.to_thread.run_sync(reader.mark_price, "BTCUSDT", 5.0)
+        book = await trio.to_thread.run_sync(reader.order_book, "BTCUSDT", 5, 5.0)
+        # a budget that is already spent: no call, the stale view is what the caller gets
+        spent = MarketReader(r, rest_url=rest_url, budget=WeightBudget(ceiling=0))
+        stale = await trio.to_thread.run_sync(spent.mark_price, "BTCUSDT", 5.0)
+        for rd in (reader, spent):
+            rd.close()
+        nursery.cancel_scope.cancel()
+    assert mp is not None and mp["source"] == "rest" and float(mp["mark_price"]) > 1.0
+    assert abs(mp["timestamp"] - time.time()) < 5
+    assert book is not None and book["source"] == "rest" and len(book["bids"]) == 5
+    assert reader.budget.used >= 1 + 2  # premiumIndex 1 + depth(limit 5) 2, as the exchange said
+    assert stale is not None and stale["mark_price"] == "1.0"

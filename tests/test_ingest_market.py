@@ -413,16 +413,16 @@ async def test_sigterm_closes_the_connections_flushes_and_exits_0(
     env = {"REDIS_URL": redis_server.url, "BINANCE_WS_URL": f"ws://127.0.0.1:{exchange.port}",
            "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "market"], env={
-        **_clean_env(), **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        **_clean_env(), **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         await eventually(lambda: r.xlen("raw:market:aggTrade") >= 10, timeout=20)
         proc.send_signal(signal.SIGTERM)
-        code = await trio.to_thread.run_sync(proc.wait, 20)
+        _, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=20))
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    assert code == 0, proc.stderr.read() if proc.stderr else ""
+            proc.communicate()
+    assert proc.returncode == 0, err
     closed, = controls(r, "raw:conn", "closed")
     assert closed.body["reason"] == "shutdown"
     assert max(f.seq for f in frames(r, "raw:market:aggTrade")) == closed.body["frames"]

@@ -231,6 +231,31 @@ def test_expired_key_is_masked_in_the_logged_frame_and_nothing_else_changes() ->
     assert redact_key(b"not json") == b"not json"
 
 
+async def test_rotation_opens_a_new_connection_on_the_same_key_and_reconciles_on_it(
+        redis_server: LocalRedis) -> None:
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",)))
+    client = make_client(redis_server.url)
+    r = redis_server.client()
+    async with trio.open_nursery() as nursery:
+        ws_url, rest_url = await nursery.start(sim.run)
+        settings = settings_for(redis_server.url, ws_url, rest_url, PIPELINE_ROTATE_AFTER="0.5")
+        ingest = await nursery.start(functools.partial(
+            run_user_ingest, settings, client, Secret(API_KEY),
+            make_signer(Secret(API_SECRET)), UserOptions(), timing=FAST))
+        await until(lambda: conn_entries(r, "opened") == 1)
+        # the new connection hands over once it carries data: keep the account busy
+        with trio.fail_after(10):
+            while not conn_entries(r, "rotated"):
+                place(sim, type="LIMIT", price="50000")
+                await trio.sleep(0.05)
+        assert len(sim.account.issued_listen_keys) == 1
+        await until(lambda: len(controls(r, "snapshot")) >= 8)  # the new link reconciled
+        ingest.stop()
+        nursery.cancel_scope.cancel()
+    client.close()
+    r.close()
+
+
 # --- outage and reconciliation -----------------------------------------------------------------
 
 def seed_open_views(r: redis.Redis, prefix: str, order: dict[str, Any],
