@@ -16,7 +16,8 @@ Each part starts its own redis-server (pipeline.localredis) on a free port.
   simulator's wall-clock send time in ms). Coalesced frames count too: their view was written
   (with the same or a newer value) at that instant.
 - replay: `--replay-frames` frames pre-filled, then `projections.replay.replay` of every
-  projection (XRANGE chunks, same folds, same forward-only writes), timed end to end.
+  projection (XRANGE chunks, same folds, same forward-only writes; one process per projection,
+  `--jobs` at once, as `pipeline replay` does by default), timed end to end.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def bench_events(n: int, n_symbols: int, coalescing: bool, batch: int,
             async with trio.open_nursery() as nursery:
                 t0 = time.perf_counter()
                 nursery.start_soon(runner.run, settings, specs, opts)
-                while not drained(r, groups):
+                while not drained(r, groups):  # noqa: ASYNC110 - state in Redis
                     await trio.sleep(0.005)
                 took = time.perf_counter() - t0
                 nursery.cancel_scope.cancel()
@@ -156,18 +157,25 @@ def bench_latency(rate: int, seconds: float, warmup: float = 2.0) -> dict[str, f
         settings = load_settings(env=env)
         specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
         latencies: list[float] = []
+        # where the time goes: send -> ingestor receipt -> XADD (entry id) -> view written
+        legs: dict[str, list[float]] = {"receive": [], "log": [], "project": []}
         t_start = time.time()
 
-        def on_written(entries: list[RawEntry], _: Folded) -> None:
-            done_ms = time.time() * 1000
+        def on_written(entries: list[RawEntry], folded: Folded) -> None:
+            done_ms = folded.written_at * 1000
             if done_ms / 1000 - t_start < warmup:
                 return
-            for _key, _eid, fields in entries:
+            for _key, eid, fields in entries:
                 frame = fields.get(b"frame")
                 if frame is not None:
                     data: Any = orjson.loads(frame).get("data")
                     if isinstance(data, dict) and "E" in data:
                         latencies.append(done_ms - data["E"])
+                        recv_ms = float(fields[b"recv_ts"]) * 1000
+                        id_ms = int(eid.split(b"-")[0])
+                        legs["receive"].append(recv_ms - data["E"])
+                        legs["log"].append(id_ms - recv_ms)
+                        legs["project"].append(done_ms - id_ms)
 
         async def main() -> None:
             with trio.move_on_after(warmup + seconds):
@@ -183,13 +191,17 @@ def bench_latency(rate: int, seconds: float, warmup: float = 2.0) -> dict[str, f
                 p.communicate(timeout=15)
         latencies.sort()
         q = statistics.quantiles(latencies, n=100)
-        return {"frames_per_s": len(latencies) / seconds, "p50_ms": q[49], "p99_ms": q[98],
-                "max_ms": latencies[-1], "frames": len(latencies)}
+        out = {"frames_per_s": len(latencies) / seconds, "p50_ms": q[49], "p99_ms": q[98],
+               "max_ms": latencies[-1], "frames": len(latencies)}
+        for leg, values in legs.items():
+            lq = statistics.quantiles(values, n=100)
+            out[f"{leg}_p50_ms"], out[f"{leg}_p99_ms"] = lq[49], lq[98]
+        return out
 
 
 # --- replay -----------------------------------------------------------------------------------
 
-def bench_replay(n: int, n_symbols: int) -> tuple[float, int]:
+def bench_replay(n: int, n_symbols: int, jobs: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
         r = server.client()
         fill(r, frames(n, symbols(n_symbols)))
@@ -197,7 +209,7 @@ def bench_replay(n: int, n_symbols: int) -> tuple[float, int]:
         specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
         client = redis.Redis.from_url(server.url)
         t0 = time.perf_counter()
-        result = replay(client, specs)
+        result = replay(client, specs, jobs=jobs, url=server.url)
         took = time.perf_counter() - t0
         client.close()
         r.close()
@@ -215,6 +227,8 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=5_000)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--replay-frames", type=int, default=1_000_000)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="replay processes (as `pipeline replay --jobs`)")
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
     lines = [f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"]
@@ -232,10 +246,16 @@ def main() -> int:
                      f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
                      f"max {lat['max_ms']:.1f} ms")
         print(lines[-1], flush=True)
+        lines.append("  of which (p50 / p99): " + ", ".join(
+            f"{leg} {lat[leg + '_p50_ms']:.2f} / {lat[leg + '_p99_ms']:.2f} ms"
+            for leg in ("receive", "log", "project"))
+            + "  [receive: E -> ingestor recv_ts; log: recv_ts -> XADD id; project: XADD id"
+              " -> view written]")
+        print(lines[-1], flush=True)
     if args.only in (None, "replay"):
-        took, n = bench_replay(args.replay_frames, args.symbols)
-        lines.append(f"replay of {n:,} logged frames (all market projections): {took:.2f} s "
-                     f"({n / took:,.0f} frames/s)")
+        took, n = bench_replay(args.replay_frames, args.symbols, args.jobs)
+        lines.append(f"replay of {n:,} logged frames (4 market projections, {args.jobs} "
+                     f"processes): {took:.2f} s ({n / took:,.0f} frames/s)")
         print(lines[-1], flush=True)
     if args.write_doc:
         doc = ROOT / "docs" / "parts" / "bench-projector.md"

@@ -38,7 +38,7 @@ import redis
 import trio
 
 from pipeline import metrics
-from pipeline.config import Secret, Settings
+from pipeline.config import Secret, Settings, redact_url
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import KEY_USER
 from pipeline.listenkey import DEFAULT_KEEPALIVE_S, ListenKeys
@@ -64,6 +64,7 @@ USER_EVENTS = (
 )
 DEFAULT_RECONCILE_S = 300.0
 CONN_NAME = "usr"
+CLOSE_KEY_TIMEOUT_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,16 +106,56 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
                            ) if settings.metrics_port > 0 else None
     try:
-        trio.run(_serve_until_signal, settings, client, api_key, signer, opts, running)
+        try:
+            trio.run(_serve_until_signal, settings, client, api_key, signer, opts, running)
+        except BaseExceptionGroup as group:
+            raise _first_of(group) from None  # one line for the CLI, not a nursery's traceback
     except ExchangeError as exc:
-        # start-up failed at the exchange (e.g. -2015 wrong key): one line, no secret
-        log.error("cannot start the user stream", extra={"error": str(exc)})
+        # the exchange failed in a way no setting explains: one line, no secret, exit 1
+        log.error("cannot run the user stream", extra={"error": str(exc)})
         return 1
     finally:
         if server is not None:
             server.shutdown()
         client.close()
     return 0
+
+
+def _first_of(group: BaseExceptionGroup) -> BaseException:
+    """The SettingsError or ExchangeError a nursery wrapped, else the group itself."""
+    found: BaseException | None = group.subgroup(
+        lambda e: isinstance(e, SettingsError | ExchangeError))
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found or group
+
+
+# Binance codes that mean a setting is wrong, and which one.
+SETTING_OF_CODE = {-2014: "BINANCE_API_KEY", -2015: "BINANCE_API_KEY",
+                   -1022: "BINANCE_API_SECRET"}
+
+
+async def start_checks(api: SignedRest, keys: ListenKeys, rest_url: str) -> None:
+    """Clock offset, listenKey, and one signed call (GET /fapi/v2/balance, weight 5), so that
+    an unreachable REST URL, a refused key or a wrong secret stops the command at start with a
+    settings error instead of failing every reconciliation later."""
+    try:
+        offset = await api.sync_time()
+        log.info("clock offset to the exchange", extra={"offset_ms": offset})
+        await keys.create()
+        try:
+            await api.signed("GET", "/fapi/v2/balance", weight=5)
+        except ExchangeError:
+            await keys.close()
+            raise
+    except ExchangeError as exc:
+        if exc.status is None:
+            raise SettingsError("BINANCE_REST_URL",
+                                f"cannot reach {redact_url(rest_url)}: {exc}") from None
+        if exc.code in SETTING_OF_CODE:
+            raise SettingsError(SETTING_OF_CODE[exc.code],
+                                f"refused by the exchange: {exc}") from None
+        raise
 
 
 def private_url(ws_base: str, key: Secret, events: tuple[str, ...] = USER_EVENTS) -> str:
@@ -260,9 +301,7 @@ async def run_user_ingest(
     views = make_client(settings.redis_url, name="ingest-user-views")
     session = _Session(settings, api, writer, views, opts, timing or Timing())
     try:
-        offset = await api.sync_time()
-        log.info("clock offset to the exchange", extra={"offset_ms": offset})
-        await session.keys.create()
+        await start_checks(api, session.keys, settings.rest_url)
         async with trio.open_nursery() as top:
             await top.start(writer.run)
             try:
@@ -275,9 +314,9 @@ async def run_user_ingest(
                                                    session.reconciler, readers.cancel_scope))
             finally:
                 with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + writer.final_flush_timeout
+                    scope.deadline = trio.current_time() + CLOSE_KEY_TIMEOUT_S
                     await session.keys.close()
-                    await writer.flush()
+                # the writer's own shutdown writes what is buffered (`closed` entry included)
                 top.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

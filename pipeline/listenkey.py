@@ -40,6 +40,7 @@ class ListenKeys:
         self.retry_after_failure = retry_after_failure
         self.key: Secret | None = None
         self.issued = 0  # keys received so far (a metric of churn, and for tests)
+        self.extended = 0  # successful keep-alives
         self._lock = trio.Lock()
 
     def current(self) -> Secret:
@@ -79,6 +80,7 @@ class ListenKeys:
             async with self._lock:
                 self._take(body, "changed on keep-alive")
             return True
+        self.extended += 1
         log.info("listenKey extended", extra={"listen_key": key.masked()})
         return False
 

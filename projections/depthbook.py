@@ -66,8 +66,7 @@ class State(enum.Enum):
 
 
 _TRANSITIONS: dict[State, frozenset[State]] = {
-    State.AWAITING_SNAPSHOT: frozenset({State.AWAITING_SNAPSHOT, State.LIVE,
-                                        State.RESYNC_NEEDED}),
+    State.AWAITING_SNAPSHOT: frozenset({State.AWAITING_SNAPSHOT, State.LIVE}),
     State.LIVE: frozenset({State.LIVE, State.RESYNC_NEEDED}),
     State.RESYNC_NEEDED: frozenset({State.RESYNC_NEEDED, State.LIVE}),
 }

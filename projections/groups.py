@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import redis
@@ -44,12 +44,22 @@ ERROR_TEXT_MAX = 500
 _CORE_TYPES = frozenset((ViewWrite, ListPushIfNewer, NeedSnapshot, LogGap))
 
 
-def flatten_reply(reply: Sequence[Any] | None) -> list[RawEntry]:
-    """XREADGROUP's `[[key, [(id, fields), ...]], ...]` as one list of RawEntry."""
+def parse_xreadgroup(response: Sequence[Any] | None, **_options: object) -> list[RawEntry]:
+    """XREADGROUP's raw reply `[[key, [[id, [f, v, ...]], ...]], ...]` as one list of RawEntry.
+
+    Installed as the client's response callback (`GroupIO`): redis-py's own parser builds
+    nested tuples and dicts that we would flatten again, at a cost per entry that the hot path
+    notices (~1.5 µs of ~15 µs).
+    """
     out: list[RawEntry] = []
-    for key, entries in reply or ():
+    for key, entries in response or ():
         skey = key.decode() if isinstance(key, bytes) else key
-        out.extend((skey, eid, fields or {}) for eid, fields in entries)
+        for eid, flat in entries:
+            if flat:
+                it = iter(flat)
+                out.append((skey, eid, dict(zip(it, it, strict=False))))
+            else:
+                out.append((skey, eid, {}))  # trimmed from the stream while pending
     return out
 
 
@@ -63,6 +73,7 @@ class Folded:
     failures: list[tuple[RawEntry, str]] = attrs.Factory(list)
     applied: int = 0
     newest_recv_ts: float = 0.0
+    written_at: float = 0.0  # wall clock right after the write + ack pipeline returned
 
 
 def fold_batch(projection: Projection, entries: Iterable[RawEntry],
@@ -114,6 +125,7 @@ class GroupIO:
 
     def __init__(self, client: redis.Redis, group: str, keys: Sequence[str], consumer: str):
         self.client = client
+        client.set_response_callback("XREADGROUP", parse_xreadgroup)
         self.group = group
         self.keys = list(keys)
         self.consumer = consumer
@@ -134,7 +146,7 @@ class GroupIO:
         with redis_errors():
             reply: Any = self.client.xreadgroup(self.group, self.consumer, dict(ids),  # type: ignore[arg-type]
                                                 count=count, block=block_ms)
-        return flatten_reply(reply)
+        return cast(list[RawEntry], reply)
 
     def autoclaim(self, key: str, min_idle_ms: int, start: bytes | str,
                   count: int) -> tuple[bytes, list[RawEntry]]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
+import os
 import re
 import sys
 import time
@@ -33,7 +35,7 @@ import redis
 
 from pipeline.config import Settings
 from pipeline.errors import RedisUnavailable, SettingsError
-from pipeline.redisconn import connect_checked, redis_errors
+from pipeline.redisconn import connect_checked, make_client, redis_errors
 from projections.groups import RawEntry, fold_batch
 from projections.registry import ProjectionSpec, choose
 from projections.viewstore import ViewStore
@@ -123,7 +125,8 @@ class Progress:
         if sys.stderr.isatty():
             from rich.progress import Progress as Bar  # only a terminal needs it
 
-            self._bar = Bar(transient=False)
+            # no refresh thread: worker processes are forked while the bar is shown
+            self._bar = Bar(transient=False, auto_refresh=False)
             self._task = self._bar.add_task("replay", total=total)
             self._bar.start()
 
@@ -132,6 +135,7 @@ class Progress:
         now = time.monotonic()
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done)
+            self._bar.refresh()
         elif now - self.last >= self.every:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
@@ -159,7 +163,9 @@ def reset_views(client: redis.Redis, patterns: Sequence[str]) -> int:
 
 
 def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
-               progress: Progress, result: ReplayResult) -> None:
+               progress: Progress | None, result: ReplayResult, counts: Any = None) -> None:
+    """Fold every entry of the projection's keys into its views. In a worker process
+    `counts` (a shared array: entries, failed, writes) tells the parent how far it got."""
     projection = spec.factory()
     store = ViewStore(client)
     ends = {k: e for k in projection.sources if (e := log_end(client, k)) is not None}
@@ -171,11 +177,58 @@ def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
         result.entries += len(entries)
         result.failed += len(folded.failures)
         result.writes += len(folded.writes)
-        progress.advance(len(entries))
+        if progress is not None:
+            progress.advance(len(entries))
+        if counts is not None:
+            counts[:] = [result.entries, result.failed, result.writes]
+
+
+def _replay_child(url: str, spec: ProjectionSpec, start: str, counts: Any) -> None:
+    client = make_client(url, name=f"replay:{spec.name}")
+    with redis_errors():
+        replay_one(client, spec, start, None, ReplayResult(), counts)
+    client.close()
+
+
+def replay_in_processes(url: str, specs: Sequence[ProjectionSpec], start: str,
+                        progress: Progress, result: ReplayResult, jobs: int) -> list[str]:
+    """One forked process per projection, at most `jobs` at once (the folds are CPU-bound and
+    independent, so they scale with cores). Returns the names of projections whose process
+    failed."""
+    ctx = mp.get_context("fork")  # the CLI's __main__ must not run again in the workers
+    counts = {s.name: ctx.Array("q", 3) for s in specs}
+    waiting = list(specs)
+    running: dict[str, Any] = {}
+    failed: list[str] = []
+    seen = 0
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            spec = waiting.pop(0)
+            proc = ctx.Process(target=_replay_child, args=(url, spec, start, counts[spec.name]),
+                               name=f"replay-{spec.name}")
+            proc.start()
+            running[spec.name] = proc
+        time.sleep(0.05)
+        for name, proc in list(running.items()):
+            if proc.exitcode is not None:
+                proc.join()
+                del running[name]
+                if proc.exitcode != 0:
+                    failed.append(name)
+        done = sum(c[0] for c in counts.values())
+        progress.advance(done - seen)
+        seen = done
+    for c in counts.values():
+        result.entries += c[0]
+        result.failed += c[1]
+        result.writes += c[2]
+    return failed
 
 
 def replay(client: redis.Redis, specs: Sequence[ProjectionSpec], start: str = "-",
-           reset: bool = False) -> ReplayResult:
+           reset: bool = False, jobs: int = 1, url: str | None = None) -> ReplayResult:
+    """Rebuild the views of `specs`; `jobs` > 1 (with `url`) folds them in parallel processes.
+    Raises RedisUnavailable when Redis failed (in a worker too)."""
     result = ReplayResult()
     t0 = time.monotonic()
     with redis_errors():
@@ -184,12 +237,18 @@ def replay(client: redis.Redis, specs: Sequence[ProjectionSpec], start: str = "-
                 gone = reset_views(client, spec.key_patterns)
                 log.info("views reset", extra={"projection": spec.name, "keys": gone})
         total = sum(client.xlen(k) for spec in specs for k in spec.factory().sources)
-        progress = Progress(total)
-        try:
-            for spec in specs:
-                replay_one(client, spec, start, progress, result)
-        finally:
-            progress.close()
+    progress = Progress(total)
+    try:
+        if jobs > 1 and len(specs) > 1 and url is not None:
+            failed = replay_in_processes(url, specs, start, progress, result, jobs)
+            if failed:
+                raise RedisUnavailable(f"replay of {', '.join(failed)} failed")
+        else:
+            with redis_errors():
+                for spec in specs:
+                    replay_one(client, spec, start, progress, result)
+    finally:
+        progress.close()
     result.seconds = time.monotonic() - t0
     return result
 
@@ -201,6 +260,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "log's start)")
     parser.add_argument("--reset", action="store_true",
                         help="delete the chosen projections' view keys first")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="projections replayed in parallel processes (default: CPUs)")
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -208,7 +269,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     start = parse_from(args.from_)
     client = connect_checked(settings.redis_url, name="replay")
     try:
-        result = replay(client, specs, start, args.reset)
+        result = replay(client, specs, start, args.reset, max(1, args.jobs), settings.redis_url)
     except RedisUnavailable as exc:
         print(f"pipeline replay: {exc}; views may be partly rebuilt, run it again",
               file=sys.stderr)

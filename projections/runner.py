@@ -53,7 +53,7 @@ from projections.viewstore import ViewStore
 
 log = logging.getLogger("pipeline.project")
 T = TypeVar("T")
-# called right after a batch's writes and acks returned (benchmarks time views with it)
+# called after a batch's writes and acks returned (`Folded.written_at`: the instant they did)
 OnWritten = Callable[[list[RawEntry], Folded], None]
 
 DEPTH_KEY = "raw:market:depth"
@@ -157,32 +157,53 @@ class ProjectionLoop:
         self.on_written = on_written
         self.newest_recv_ts = 0.0
         self.backoff = Backoff(self.name)
-        # only the reader task touches the cursor; others ask for a re-read with the flag
+        # set between calls of `_cycle` only; failures ask for a re-read with the flag
         self._pending_cursor: dict[str, bytes | str] | None = None
         self._reread_pending = True
+        self._unwritten: tuple[list[RawEntry], Folded] | None = None
         self._next_claim = 0.0
 
     async def run(self) -> None:
         await self._retrying(self.io.ensure_groups)
         if self.projection.exclusive:
             await self._claim_all(min_idle_ms=0)
-        # The next batch is read while this one is folded and written: reading mostly waits on
-        # the socket, so the two overlap (at most two batches are held ahead).
-        send, receive = trio.open_memory_channel[list[RawEntry]](1)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader, send)
-            async for entries in receive:
-                await self.handle(entries)
+        while True:
+            if self._reread_pending:
+                self._reread_pending = False
+                self._pending_cursor = {k: "0" for k in self.io.keys}
+            done = await self._retrying(self._cycle, abandon=True)
+            if done is not None:
+                await self._after(*done)
 
-    async def _reader(self, send: trio.MemorySendChannel[list[RawEntry]]) -> None:
-        async with send:
-            while True:
-                if self._reread_pending:
-                    self._reread_pending = False
-                    self._pending_cursor = {k: "0" for k in self.io.keys}
-                entries = await self._retrying(self._next_entries, abandon=True)
-                if entries:
-                    await send.send(entries)
+    def _cycle(self) -> tuple[list[RawEntry], Folded, list[Exception]] | None:
+        """Read, fold, write + ack one batch, all in one worker thread.
+
+        One hand-off between Trio and a thread per batch: on a busy machine every hand-off
+        waits for the scheduler, and that, not the work, made most of the latency. A batch
+        whose write failed is kept and written again by the next call, never folded twice
+        (an exclusive fold has already moved its state on).
+        """
+        if self._unwritten is None:
+            entries = self._next_entries()
+            if not entries:
+                return None
+            self._unwritten = (entries, fold_batch(self.projection, entries,
+                                                   self.opts.coalescing))
+        entries, folded = self._unwritten
+        errors = self._write(folded)
+        self._unwritten = None
+        return entries, folded, errors
+
+    def _write(self, folded: Folded) -> list[Exception]:
+        gaps = [e for e in folded.effects if isinstance(e, LogGap)]
+
+        def extra(pipe: Any) -> None:
+            for gap in gaps:
+                pipe.xadd(gap.raw_key, control_entry("gap", gap.body, recv_ts=time.time()))
+
+        errors = write_batch(self.client, self.store.queue_all, self.name, folded, extra)
+        folded.written_at = time.time()
+        return errors
 
     async def _retrying(self, fn: Callable[[], T], abandon: bool = False) -> T:
         while True:
@@ -243,15 +264,14 @@ class ProjectionLoop:
                     break
 
     async def handle(self, entries: list[RawEntry]) -> None:
-        folded = fold_batch(self.projection, entries, self.opts.coalescing)
-        gaps = [e for e in folded.effects if isinstance(e, LogGap)]
+        """Fold and write a batch that was read outside `_cycle` (claimed entries)."""
+        self._unwritten = (entries, fold_batch(self.projection, entries, self.opts.coalescing))
+        done = await self._retrying(self._cycle)
+        if done is not None:
+            await self._after(*done)
 
-        def extra(pipe: Any) -> None:
-            for gap in gaps:
-                pipe.xadd(gap.raw_key, control_entry("gap", gap.body, recv_ts=time.time()))
-
-        errors = await self._retrying(
-            lambda: write_batch(self.client, self.store.queue_all, self.name, folded, extra))
+    async def _after(self, entries: list[RawEntry], folded: Folded,
+                     errors: list[Exception]) -> None:
         for err in errors:
             log.error("view write refused", extra={"group": self.name, "error": str(err)})
         self._account(folded)

@@ -99,12 +99,12 @@ def settings_for(url: str, streams: str = STREAMS, **env: str) -> Settings:
 
 
 def views(r: redis.Redis, prefix: str = "websocket") -> dict[bytes, Any]:
-    """Every view key: its value (strings) or its list, with its expiry instant."""
+    """Every view key: its content (string, list, hash or stream), with its expiry instant."""
+    read = {b"string": r.get, b"list": lambda k: r.lrange(k, 0, -1),
+            b"hash": r.hgetall, b"stream": r.xrange}
     out: dict[bytes, Any] = {}
     for key in sorted(r.scan_iter(match=f"{prefix}:*")):
-        kind = r.type(key)
-        value = r.get(key) if kind == b"string" else r.lrange(key, 0, -1)
-        out[key] = (value, r.pexpiretime(key))
+        out[key] = (read[r.type(key)](key), r.pexpiretime(key))  # type: ignore[index, operator]
     return out
 
 

@@ -18,6 +18,13 @@ from typing import Any, cast
 
 import attrs
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 import orjson
 import pytest
 import redis
@@ -55,26 +62,38 @@ def settings_for(redis_url: str, ws_url: str, rest_url: str, **extra: str) -> Se
                           "BINANCE_API_SECRET": API_SECRET, **extra}, env={})
 
 
+def ed25519_pair() -> tuple[str, str]:
+    """(private PEM, public PEM) of a fresh Ed25519 key."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    public = key.public_key().public_bytes(Encoding.PEM,
+                                           PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
 @asynccontextmanager
 async def running(redis_server: LocalRedis, *, opts: UserOptions | None = None,
-                  timing: Timing = FAST, sim_config: SimConfig | None = None
-                  ) -> AsyncIterator[Running]:
+                  timing: Timing = FAST, sim_config: SimConfig | None = None,
+                  secret: str = API_SECRET, **extra: str) -> AsyncIterator[Running]:
+    """The simulator and the user ingestor; on exit the ingestor stops as on SIGTERM (closes
+    its connection and key, flushes) before the simulator goes."""
     sim = Simulator(sim_config or SimConfig(symbols=("BTCUSDT", "ETHUSDT")))
     client = make_client(redis_server.url)
     r = redis_server.client()
     async with trio.open_nursery() as nursery:
         ws_url, rest_url = await nursery.start(sim.run)
-        settings = settings_for(redis_server.url, ws_url, rest_url)
-        ingest = await nursery.start(functools.partial(
-            run_user_ingest, settings, client, Secret(API_KEY),
-            make_signer(Secret(API_SECRET)), opts or UserOptions(), timing=timing))
-        try:
-            yield Running(sim, rest_url, ingest, r, settings)
-        finally:
-            ingest.stop()
-            with trio.fail_after(10):
-                await sim.account.wait_for_connections(0)
-            nursery.cancel_scope.cancel()
+        settings = settings_for(redis_server.url, ws_url, rest_url, BINANCE_API_SECRET=secret,
+                                **extra)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as ingestor:
+                ingest = await ingestor.start(functools.partial(
+                    run_user_ingest, settings, client, Secret(API_KEY),
+                    make_signer(Secret(secret)), opts or UserOptions(), timing=timing))
+                try:
+                    yield Running(sim, rest_url, ingest, r, settings)
+                finally:
+                    ingest.stop()
+        nursery.cancel_scope.cancel()
     client.close()
     r.close()
 
@@ -150,6 +169,20 @@ async def test_user_frames_are_logged_byte_exact_and_connect_reconciles(
         assert [f.seq for f in logged] == list(range(1, len(logged) + 1))
 
 
+async def test_ed25519_key_signs_the_reconciliation_the_simulator_accepts(
+        redis_server: LocalRedis) -> None:
+    private_pem, public_pem = ed25519_pair()
+    cfg = SimConfig(symbols=("BTCUSDT",), ed25519_public_key_pem=public_pem)
+    async with running(redis_server, sim_config=cfg, secret=private_pem) as run:
+        order = place(run.sim, type="LIMIT", price="50000")
+        await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
+        await run.ingest.reconciler.run_once("test")
+        await run.ingest.writer.flush()
+        result = controls(run.r, "snapshot")[-4]
+        assert result.body["kind"] == "openOrders"
+        assert [o["orderId"] for o in result.body["response"]] == [order["orderId"]]
+
+
 async def test_snapshot_entries_carry_the_rest_answers_and_the_weight_used(
         redis_server: LocalRedis) -> None:
     async with running(redis_server) as run:
@@ -174,7 +207,8 @@ async def test_listen_key_is_kept_alive_past_its_lifetime(redis_server: LocalRed
     opts = UserOptions(keepalive_every=0.15)
     async with running(redis_server, opts=opts, sim_config=cfg) as run:
         await snapshots_after(run, 1)
-        await trio.sleep(1.5)  # 2.5 key lifetimes: without PUTs the key would have expired
+        # 8 keep-alives = 1.2 s = 2 key lifetimes: without them the key would have expired
+        await until(lambda: run.ingest.keys.extended >= 8)
         assert run.sim.account.state()["listenKeyLive"]
         assert len(run.sim.account.issued_listen_keys) == 1
         assert not events(run.r, "listenKeyExpired")
@@ -233,27 +267,15 @@ def test_expired_key_is_masked_in_the_logged_frame_and_nothing_else_changes() ->
 
 async def test_rotation_opens_a_new_connection_on_the_same_key_and_reconciles_on_it(
         redis_server: LocalRedis) -> None:
-    sim = Simulator(SimConfig(symbols=("BTCUSDT",)))
-    client = make_client(redis_server.url)
-    r = redis_server.client()
-    async with trio.open_nursery() as nursery:
-        ws_url, rest_url = await nursery.start(sim.run)
-        settings = settings_for(redis_server.url, ws_url, rest_url, PIPELINE_ROTATE_AFTER="0.5")
-        ingest = await nursery.start(functools.partial(
-            run_user_ingest, settings, client, Secret(API_KEY),
-            make_signer(Secret(API_SECRET)), UserOptions(), timing=FAST))
-        await until(lambda: conn_entries(r, "opened") == 1)
-        # the new connection hands over once it carries data: keep the account busy
+    async with running(redis_server, PIPELINE_ROTATE_AFTER="0.5") as run:
+        await until(lambda: conn_entries(run.r, "opened") == 1)
+        # the new connection takes over once it carries data: keep the account busy
         with trio.fail_after(10):
-            while not conn_entries(r, "rotated"):
-                place(sim, type="LIMIT", price="50000")
+            while not conn_entries(run.r, "rotated"):
+                place(run.sim, type="LIMIT", price="50000")
                 await trio.sleep(0.05)
-        assert len(sim.account.issued_listen_keys) == 1
-        await until(lambda: len(controls(r, "snapshot")) >= 8)  # the new link reconciled
-        ingest.stop()
-        nursery.cancel_scope.cancel()
-    client.close()
-    r.close()
+        assert len(run.sim.account.issued_listen_keys) == 1
+        await until(lambda: len(controls(run.r, "snapshot")) >= 8)  # the new link reconciled
 
 
 # --- outage and reconciliation -----------------------------------------------------------------
@@ -382,6 +404,9 @@ async def test_no_key_secret_or_listen_key_in_redis_or_in_the_log_output(
                 with trio.fail_after(15):
                     await proc.wait()
             assert proc.returncode == 0
+            last = decode_entry(*xrange(r, KEY_CONN)[-1])
+            assert isinstance(last, ControlEntry) and last.ctl == "closed"
+            assert last.body["reason"] == "shutdown"
             assert not sim.account.state()["listenKeyLive"]  # DELETEd on shutdown
             everything = dump_everything(r)
             r.close()
@@ -438,3 +463,24 @@ async def test_listener_sees_fills_of_the_outage_on_p_orders_soon_after_reconnec
             await until(lambda: not run.r.hexists(f"{prefix}:open_orders:btcusdt",
                                                   str(order["orderId"])))
             projector.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("key", "secret", "setting"), [
+    ("wrong-api-key", API_SECRET, "BINANCE_API_KEY"),
+    (API_KEY, "wrong-api-secret", "BINANCE_API_SECRET"),
+])
+async def test_key_or_secret_refused_by_the_exchange_exits_2_naming_it(
+        redis_server: LocalRedis, key: str, secret: str, setting: str) -> None:
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",)))
+    async with trio.open_nursery() as nursery:
+        ws_url, rest_url = await nursery.start(sim.run)
+        env = {"REDIS_URL": redis_server.url, "BINANCE_WS_URL": ws_url,
+               "BINANCE_REST_URL": rest_url, "BINANCE_API_KEY": key,
+               "BINANCE_API_SECRET": secret}
+        result = await trio.to_thread.run_sync(
+            functools.partial(run_cli, "ingest", "user", env=env))
+        assert not sim.account.state()["listenKeyLive"]  # a key it made was closed again
+        nursery.cancel_scope.cancel()
+    assert result.returncode == 2
+    assert f"bad setting {setting}" in result.stderr
+    assert secret not in result.stderr and "Traceback" not in result.stderr

@@ -107,3 +107,24 @@ def test_entries_of_several_keys_come_back_in_id_order(r: redis.Redis) -> None:
     chunks = list(merged_entries(r, ends, "-", chunk=4))
     got = [int(fields[b"n"]) for chunk in chunks for _, _, fields in chunk]
     assert got == list(range(25))
+
+
+async def test_replay_of_order_events_emits_nothing_twice(redis_server: LocalRedis,
+                                                         r: redis.Redis) -> None:
+    from tests.user_frames import T0, order_frame
+
+    now = time.time()
+    for seq, frame in enumerate([
+            order_frame(42, "NEW", "NEW", t=T0),
+            order_frame(42, "PARTIALLY_FILLED", "TRADE", t=T0 + 5, z="0.001", last_qty="0.001",
+                        last_price="50000.10", trade_id=7),
+            order_frame(43, "NEW", "NEW", t=T0 + 6)]):
+        r.xadd("raw:user", frame_entry(frame, now, "user", seq))  # type: ignore[arg-type]
+    await project_until_drained(settings_for(redis_server.url), r, only="orders")
+    assert r.xlen("websocket:orders") == 3
+    assert set(r.hkeys("websocket:open_orders:btcusdt")) == {b"42", b"43"}
+    before = views(r)
+
+    replay_cli(redis_server.url, "--only", "orders")
+    assert r.xlen("websocket:orders") == 3  # the listener sees each event once
+    assert views(r) == before

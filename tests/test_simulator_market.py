@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,8 @@ import trio_websocket
 
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.book import Book, symbol_spec
-from pipeline.simulator.market import ControlProtocol, malformed_frames
+from pipeline.simulator.market import ControlProtocol, Market, Pacer, malformed_frames, parse_stream
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -310,6 +312,20 @@ async def test_sequence_break_produces_pu_not_equal_to_the_previous_u(start_sim:
     assert event["pu"] > prev["u"] and event["U"] == event["pu"] + 1
 
 
+async def test_two_connections_on_one_stream_receive_the_same_events(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=500)
+    url = f"{ws_url}/public/stream?streams=btcusdt@depth@100ms"
+    async with connect(url) as first:
+        seen_first = [await first.get_message() for _ in range(30)]
+        async with connect(url) as second:
+            seen_second = [await second.get_message() for _ in range(40)]
+            seen_first += [await first.get_message() for _ in range(200)]
+    start = seen_first.index(seen_second[0])
+    assert seen_first[start:start + 40] == seen_second
+    chain = [orjson.loads(m)["data"] for m in seen_first]
+    assert all(b["pu"] == a["u"] for a, b in itertools.pairwise(chain))
+
+
 def test_book_diffs_rebuild_the_book_exactly() -> None:
     import random
     book = Book(symbol_spec("ETHUSDT"), random.Random(5))
@@ -395,6 +411,35 @@ def test_control_protocol_counts_messages_in_a_sliding_second() -> None:
     assert hasty.receive(msg, 100.5).close  # eleven within one second
 
 
+def paced(rate: float | None, burst: int, names: list[str], until: float) -> list[str]:
+    """Stream names a pacer hands out from t=0 to `until`, asked every millisecond."""
+    import random
+    market = Market(["BTCUSDT"], 1)
+    pacer = Pacer(random.Random(1), 0.0)
+    pacer.configure(rate, burst, 0.1, 0.0)
+    pacer.set_streams([market.open_stream(parse_stream(n, ["BTCUSDT"]), True)  # type: ignore[arg-type]
+                       for n in names], 0.0)
+    out: list[str] = []
+    for ms in range(int(until * 1000) + 1):
+        out += [s.spec.name for s in pacer.due(ms / 1000)]
+    return out
+
+
+def test_pacer_sends_each_stream_at_binance_speed_by_default() -> None:
+    sent = paced(None, 0, ["btcusdt@markPrice@1s", "btcusdt@depth@100ms", "btcusdt@markPrice"],
+                 2.95)
+    assert sent.count("btcusdt@markPrice@1s") == 3  # at 0, 1, 2 s
+    assert sent.count("btcusdt@depth@100ms") == 30
+    assert sent.count("btcusdt@markPrice") == 1  # every 3 s
+
+
+def test_pacer_shares_a_fixed_rate_round_robin_and_adds_bursts() -> None:
+    sent = paced(100, 0, ["btcusdt@aggTrade", "btcusdt@kline_1m"], 1.0)
+    assert len(sent) == 100 and sent.count("btcusdt@aggTrade") == 50
+    bursty = paced(None, 7, ["btcusdt@markPrice"], 0.95)  # bursts at 0.1, 0.2, ... 0.9
+    assert len(bursty) == 1 + 9 * 7
+
+
 def test_malformed_frames_cycle_through_five_kinds() -> None:
     frames = malformed_frames(7, 0)
     assert frames[5] == frames[0] and isinstance(frames[1], bytes)
@@ -422,3 +467,12 @@ def test_cli_prints_the_ready_line_and_stops_on_sigint() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_cli_with_a_port_in_use_stops_with_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("simulate", "--ws-port", str(taken.getsockname()[1]), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("pipeline: bad setting --ws-port")

@@ -7,7 +7,8 @@ dicts and serialised: each is one f-string over pre-formatted pieces (a book lev
 is cached when the level changes, see `book.py`), and the combined wrapper is a prefix and a
 suffix computed once per subscription. The field order is Binance's own.
 
-Per connection, each subscribed stream has a `StreamState` (its cursor in the diff-depth chain);
+Each stream name has one `Feed` of events shared by every connection on it (Binance broadcasts);
+per connection, each subscribed stream has a `StreamState` (its place in the feed);
 `Pacer` decides which streams are due when (Binance's speeds, a fixed rate, or flat out, plus
 bursts); `ControlProtocol` answers SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS and enforces
 the limits of 10 incoming messages a second and 1024 streams a connection.
@@ -133,15 +134,37 @@ def next_funding_ms(now_ms: int) -> int:
     return now_ms - now_ms % FUNDING_MS + FUNDING_MS
 
 
-@attrs.define
+@attrs.define(eq=False)
+class Feed:
+    """The events of one stream name, shared by every connection subscribed to it.
+
+    Binance broadcasts: two connections on the same stream (say, during a 24-hour rotation)
+    receive the same events, byte for byte. A connection that needs its next frame first sends
+    the events another connection already made and it has not sent; only when it is level does
+    it make a new one. Also holds the stream's place in the diff-depth chain.
+    """
+
+    spec: StreamSpec
+    cursor: int = 0  # depth streams: the update id the last event ended at
+    breaks: int = 0  # the book's forced-break count this feed has accounted for
+    events: deque[str] = attrs.field(factory=deque)  # payloads not yet sent to every reader
+    first: int = 0  # sequence number of events[0]
+    next: int = 0  # sequence number the next new event gets
+    readers: list[StreamState] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
 class StreamState:
-    """One subscribed stream on one connection: its spec, wrapper, and diff-depth cursor."""
+    """One subscribed stream on one connection: its feed, wrapper, and place in the feed."""
 
     spec: StreamSpec
     prefix: str  # '{"stream":"<name>","data":' in combined form, '' in raw form
     suffix: str
-    cursor: int = 0  # last update id this connection saw (depth streams)
-    breaks: int = 0  # the book's forced-break count this cursor has accounted for
+    feed: Feed
+    seq: int = 0  # the feed's sequence number of the next event this connection sends
+
+
+FEED_HISTORY = 1024  # a reader further behind than this skips ahead (a gap, as on Binance)
 
 
 class Market:
@@ -151,7 +174,8 @@ class Market:
         self.symbols = tuple(symbols)
         self.rng = random.Random(seed)
         self._symbols: dict[str, SymbolMarket] = {}
-        self._makers: dict[str, Callable[[StreamState, int], str]] = {
+        self._feeds: dict[str, Feed] = {}
+        self._makers: dict[str, Callable[[Feed, int], str]] = {
             "markPrice": self._mark_price, "markPrice_arr": self._mark_price_arr,
             "depth": self._diff_depth, "partial": self._partial_depth,
             "aggTrade": self._agg_trade, "kline": self._kline,
@@ -174,15 +198,44 @@ class Market:
         return sm.spec.price_text(sm.book.mid_units())
 
     def open_stream(self, spec: StreamSpec, combined: bool) -> StreamState:
+        feed = self._feeds.get(spec.name)
+        if feed is None:
+            feed = self._feeds[spec.name] = Feed(spec)
+            if spec.symbol is not None and spec.kind in ("depth", "partial"):
+                book = self.symbol(spec.symbol).book
+                feed.cursor, feed.breaks = book.reader_cursor(), book.breaks
         prefix, suffix = (f'{{"stream":"{spec.name}","data":', "}") if combined else ("", "")
-        state = StreamState(spec, prefix, suffix)
-        if spec.symbol is not None and spec.kind in ("depth", "partial"):
-            book = self.symbol(spec.symbol).book
-            state.cursor, state.breaks = book.reader_cursor(), book.breaks
+        state = StreamState(spec, prefix, suffix, feed, feed.next)
+        if spec.kind == "depth" and feed.events:
+            # start with the latest diff event: its u is the book's last id or older, so a
+            # snapshot taken after subscribing passes the first-event check U <= lastUpdateId
+            state.seq = feed.next - 1
+        feed.readers.append(state)
         return state
 
+    def close_stream(self, state: StreamState) -> None:
+        feed = state.feed
+        feed.readers.remove(state)
+        if not feed.readers and self._feeds.get(feed.spec.name) is feed:
+            del self._feeds[feed.spec.name]
+
     def frame(self, state: StreamState, now_ms: int) -> str:
-        return state.prefix + self._makers[state.spec.kind](state, now_ms) + state.suffix
+        feed = state.feed
+        if state.seq < feed.next:
+            # another connection on this stream already made events this one has not sent
+            idx = max(state.seq, feed.first) - feed.first
+            state.seq = feed.first + idx + 1
+            return state.prefix + feed.events[idx] + state.suffix
+        payload = self._makers[feed.spec.kind](feed, now_ms)
+        feed.events.append(payload)
+        feed.next += 1
+        state.seq = feed.next
+        low = min(r.seq for r in feed.readers) if len(feed.readers) > 1 else feed.next
+        events = feed.events
+        while len(events) > 1 and (feed.first < low or len(events) > FEED_HISTORY):
+            events.popleft()
+            feed.first += 1
+        return state.prefix + payload + state.suffix
 
     def sequence_break(self, symbol: str) -> None:
         """The next diff-depth event of `symbol` on every connection skips one event."""
@@ -199,39 +252,39 @@ class Market:
                 f'"P":"{sm.long_price(index)}","r":"{sm.funding_bp / 10_000:.8f}",'
                 f'"T":{next_funding_ms(now_ms)}}}')
 
-    def _mark_price(self, state: StreamState, now_ms: int) -> str:
-        return self._mark_payload(self.symbol(state.spec.symbol or ""), now_ms)
+    def _mark_price(self, feed: Feed, now_ms: int) -> str:
+        return self._mark_payload(self.symbol(feed.spec.symbol or ""), now_ms)
 
-    def _mark_price_arr(self, _state: StreamState, now_ms: int) -> str:
+    def _mark_price_arr(self, _state: Feed, now_ms: int) -> str:
         return "[" + ",".join(self._mark_payload(self.symbol(s), now_ms)
                               for s in self.symbols) + "]"
 
-    def _diff_depth(self, state: StreamState, now_ms: int) -> str:
-        sm = self.symbol(state.spec.symbol or "")
+    def _diff_depth(self, feed: Feed, now_ms: int) -> str:
+        sm = self.symbol(feed.spec.symbol or "")
         book = sm.book
-        if state.breaks != book.breaks:
+        if feed.breaks != book.breaks:
             # forced gap: one event happens that this connection never gets
-            state.breaks = book.breaks
+            feed.breaks = book.breaks
             book.step()
-            state.cursor = book.update_id
+            feed.cursor = book.update_id
         book.step()
-        first, last, prev, bids, asks = book.diff_since(state.cursor)
-        state.cursor = last
+        first, last, prev, bids, asks = book.diff_since(feed.cursor)
+        feed.cursor = last
         return (f'{{"e":"depthUpdate","E":{now_ms},"T":{now_ms - 1},"s":"{sm.spec.symbol}",'
                 f'"U":{first},"u":{last},"pu":{prev},"b":{bids},"a":{asks}}}')
 
-    def _partial_depth(self, state: StreamState, now_ms: int) -> str:
-        sm = self.symbol(state.spec.symbol or "")
+    def _partial_depth(self, feed: Feed, now_ms: int) -> str:
+        sm = self.symbol(feed.spec.symbol or "")
         book = sm.book
         book.step()
-        prev, state.cursor = state.cursor, book.update_id
-        n = state.spec.levels
+        prev, feed.cursor = feed.cursor, book.update_id
+        n = feed.spec.levels
         return (f'{{"e":"depthUpdate","E":{now_ms},"T":{now_ms - 1},"s":"{sm.spec.symbol}",'
                 f'"U":{prev + 1},"u":{book.update_id},"pu":{prev},'
                 f'"b":{book.bids.levels_json(n)},"a":{book.asks.levels_json(n)}}}')
 
-    def _agg_trade(self, state: StreamState, now_ms: int) -> str:
-        sm = self.symbol(state.spec.symbol or "")
+    def _agg_trade(self, feed: Feed, now_ms: int) -> str:
+        sm = self.symbol(feed.spec.symbol or "")
         maker = sm.rng.random() < 0.5
         price = sm.book.bids.best() if maker else sm.book.asks.best()
         qty = sm.spec.step * (1 + int(sm.rng.random() * 2000))
@@ -254,9 +307,9 @@ class Market:
                 k.trades += trades
                 k.last_trade = sm.trade_id
 
-    def _kline(self, state: StreamState, now_ms: int) -> str:
-        sm = self.symbol(state.spec.symbol or "")
-        interval = state.spec.kline
+    def _kline(self, feed: Feed, now_ms: int) -> str:
+        sm = self.symbol(feed.spec.symbol or "")
+        interval = feed.spec.kline
         span = KLINE_MS[interval]
         start = now_ms - now_ms % span
         k = sm.klines.get(interval)
@@ -293,8 +346,8 @@ class Market:
                 f'"n":{k.trades},"x":{"true" if closing else "false"},"q":"{quote:.4f}",'
                 f'"V":"{spec.qty_text(k.taker_volume)}","Q":"{taker_quote:.4f}","B":"0"}}}}')
 
-    def _book_ticker(self, state: StreamState, now_ms: int) -> str:
-        sm = self.symbol(state.spec.symbol or "")
+    def _book_ticker(self, feed: Feed, now_ms: int) -> str:
+        sm = self.symbol(feed.spec.symbol or "")
         book = sm.book
         book.step()
         bid, ask = book.bids.best(), book.asks.best()
@@ -304,8 +357,8 @@ class Market:
                 f'"s":"{sm.spec.symbol}","b":"{t(bid)}","B":"{q(book.bids.qty[bid])}",'
                 f'"a":"{t(ask)}","A":"{q(book.asks.qty[ask])}"}}')
 
-    def _force_order(self, state: StreamState, now_ms: int) -> str:
-        sm = self.symbol(state.spec.symbol or "")
+    def _force_order(self, feed: Feed, now_ms: int) -> str:
+        sm = self.symbol(feed.spec.symbol or "")
         sell = sm.rng.random() < 0.5
         price = (sm.book.bids.nth(5) if sell else sm.book.asks.nth(5))
         qty = sm.spec.qty_text(sm.spec.step * sm.rng.randint(1, 500))

@@ -30,31 +30,30 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import orjson
 import trio
 import trio_websocket
 
 from pipeline.config import Settings
 from pipeline.errors import SettingsError
 from pipeline.simulator.config import SimConfig
-from pipeline.simulator.http import HttpRequest, HttpResponse, WeightMeter, serve_http
+from pipeline.simulator.http import WeightMeter, serve_http
 from pipeline.simulator.market import (
-    DEPTH_LIMITS,
     MARKET,
     PUBLIC,
     ControlProtocol,
     Market,
     Pacer,
     StreamState,
-    depth_weight,
     malformed_frames,
     parse_stream,
     streams_of_query,
     ws_frame,
 )
+from pipeline.simulator.restapi import RestApi
 
 log = logging.getLogger("pipeline.simulator")
 
@@ -174,8 +173,7 @@ class Simulator:
             listeners = await trio.open_tcp_listeners(cfg.ws_port, host=cfg.host)
             ws_port = listeners[0].socket.getsockname()[1]
             await nursery.start(trio.serve_listeners, self._serve_tcp, listeners)
-            rest_port = await nursery.start(serve_http, self._serve_rest, cfg.host,
-                                            cfg.rest_port)
+            rest_port = await nursery.start(serve_http, RestApi(self), cfg.host, cfg.rest_port)
             if cfg.script_account and self.account is not None:
                 nursery.start_soon(self.account.run_script)
             self.ws_url = f"ws://{cfg.host}:{ws_port}"
@@ -217,6 +215,8 @@ class Simulator:
         try:
             await self._run_connection(conn, names, query)
         finally:
+            for state in conn.served.values():
+                self.market.close_stream(state)
             del self.connections[conn.id]
             self.closed.append({**conn.summary(), "closed": self.clock(),
                                 "reason": conn.close_reason})
@@ -267,7 +267,9 @@ class Simulator:
     def _apply_streams(self, conn: Connection, added: tuple[str, ...],
                        removed: tuple[str, ...]) -> None:
         for name in removed:
-            conn.served.pop(name, None)
+            state = conn.served.pop(name, None)
+            if state is not None:
+                self.market.close_stream(state)
         for name in added:
             spec = parse_stream(name, self.config.symbols)
             # a stream asked for on the wrong path is accepted and then never sent
@@ -427,120 +429,6 @@ class Simulator:
             "weight_used_1m": self.weight.current(self.clock()),
         }
 
-    # --- REST ------------------------------------------------------------------------------
-
-    async def _serve_rest(self, req: HttpRequest) -> HttpResponse:
-        now = self.clock()
-        if req.path.startswith("/sim/") and not req.path.startswith("/sim/account"):
-            status, body = self._control(req)
-            return self._reply(status, body, now)
-        market = self._market_rest(req, now)
-        if market is not None:
-            status, body, weight = market
-            if not self.weight.try_spend(weight, now):
-                return self._too_many(now)
-            return self._reply(status, body, now)
-        if self.account is None:
-            return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
-        if self.weight.current(now) >= self.weight.limit and not req.path.startswith("/sim/"):
-            return self._too_many(now)
-        reply = await self.account.handle_rest(req.method, req.path, req.query, req.headers,
-                                               req.body)
-        if reply is None:
-            return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
-        if not self.weight.try_spend(int(reply.weight), now):
-            # the account call already happened: count it even past the limit
-            self.weight.used += int(reply.weight)
-        return self._reply(int(reply.status), reply.body, now)
-
-    def _reply(self, status: int, body: object, now: float) -> HttpResponse:
-        data = body if isinstance(body, bytes) else (
-            body.encode() if isinstance(body, str) else orjson.dumps(body))
-        return HttpResponse(status, data, (
-            ("X-MBX-USED-WEIGHT-1M", str(self.weight.current(now))),))
-
-    def _too_many(self, now: float) -> HttpResponse:
-        body = orjson.dumps({"code": -1003, "msg": "Too many requests; current limit of IP is "
-                             "2400 requests per minute. Please use WebSocket Streams for live "
-                             "updates to avoid polling the API."})
-        return HttpResponse(429, body, (
-            ("X-MBX-USED-WEIGHT-1M", str(self.weight.current(now))),
-            ("Retry-After", str(self.weight.retry_after(now)))))
-
-    def _market_rest(self, req: HttpRequest, now: float) -> tuple[int, object, int] | None:
-        if req.method != "GET":
-            return None
-        now_ms = int(now * 1000)
-        if req.path == "/fapi/v1/time":
-            return 200, {"serverTime": now_ms}, 1
-        if req.path == "/fapi/v1/exchangeInfo":
-            return 200, self.market.exchange_info(now_ms), 1
-        if req.path == "/fapi/v1/premiumIndex":
-            symbol = req.query.get("symbol")
-            if not symbol:
-                return 200, [self.market.premium_index(s, now_ms) for s in self.config.symbols], 10
-            if symbol not in self.config.symbols:
-                return 400, {"code": -1121, "msg": "Invalid symbol."}, 1
-            return 200, self.market.premium_index(symbol, now_ms), 1
-        if req.path == "/fapi/v1/depth":
-            return self._depth(req.query, now_ms)
-        return None
-
-    def _depth(self, query: dict[str, str], now_ms: int) -> tuple[int, object, int]:
-        symbol = query.get("symbol", "")
-        if not symbol:
-            return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was "
-                                               "empty/null, or malformed."}, 2
-        if symbol not in self.config.symbols:
-            return 400, {"code": -1121, "msg": "Invalid symbol."}, 2
-        try:
-            limit = int(query.get("limit", "500"))
-        except ValueError:
-            limit = -1
-        if limit not in DEPTH_LIMITS:
-            return 400, {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, 2
-        return 200, self.market.depth_snapshot(symbol, limit, now_ms), depth_weight(limit)
-
-    def _control(self, req: HttpRequest) -> tuple[int, object]:
-        try:
-            body = orjson.loads(req.body) if req.body else {}
-        except orjson.JSONDecodeError:
-            return 400, {"error": "body is not JSON"}
-        if not isinstance(body, dict):
-            return 400, {"error": "body must be a JSON object"}
-        name = req.path[len("/sim/"):]
-        if req.method == "GET" and name == "stats":
-            return 200, self.stats()
-        if req.method != "POST":
-            return 405, {"error": "use POST"}
-        try:
-            return 200, self._control_action(name, body)
-        except KeyError:
-            return 404, {"error": f"unknown control {name!r}"}
-        except (TypeError, ValueError) as exc:
-            return 400, {"error": str(exc)}
-
-    def _control_action(self, name: str, body: dict[str, Any]) -> dict[str, object]:
-        if name == "silence":
-            self.set_silence(bool(body.get("on", True)))
-            return {"silent": self.silent}
-        if name == "drop":
-            return {"dropped": self.drop(body.get("path"))}
-        if name == "malformed":
-            return {"connections": self.send_malformed(int(body.get("count", 5)))}
-        if name == "sequence_break":
-            symbol = str(body["symbol"]).upper()
-            if symbol not in self.config.symbols:
-                raise ValueError(f"unknown symbol {symbol!r}")
-            self.sequence_break(symbol)
-            return {"symbol": symbol}
-        if name == "rate":
-            rate = body.get("rate", self.rate)
-            self.set_rate(None if rate is None else float(rate), body.get("burst"),
-                          body.get("burst_every"))
-            return {"rate": self.rate, "burst": self.burst, "burst_every": self.burst_every}
-        raise KeyError(name)
-
 
 def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
     """(path kind, combined?, stream names, query) of a websocket request target, or None."""
@@ -582,9 +470,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random orders, fills and stops for the demo")
     parser.add_argument("--hedge-mode", action="store_true")
     parser.add_argument("--listen-key-ttl", type=float, default=3600.0)
+    parser.add_argument("--ed25519-public-key-file", default=None,
+                        help="PEM file: the account also accepts Ed25519-signed requests")
 
 
 def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
+    pem = None
+    if args.ed25519_public_key_file:
+        try:
+            pem = Path(args.ed25519_public_key_file).read_bytes()
+        except OSError as exc:
+            raise SettingsError("--ed25519-public-key-file", f"cannot read it: {exc.strerror}"
+                                ) from None
     try:
         return SimConfig(
             symbols=settings.symbols or SimConfig().symbols, seed=args.seed, host=args.host,
@@ -594,24 +491,46 @@ def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
             api_key=settings.api_key.value if settings.api_key else "sim-api-key",
             api_secret=settings.api_secret.value if settings.api_secret else "sim-api-secret",
             listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
-            script_account=args.script_account)
+            script_account=args.script_account, ed25519_public_key_pem=pem)
     except ValueError as exc:
-        raise SettingsError("pipeline simulate", str(exc)) from None
+        # SimConfig's messages start with the field's name, which is the flag's name
+        field = str(exc).split(" ", 1)[0]
+        raise SettingsError(f"--{field.replace('_', '-')}", str(exc)) from None
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     config = config_from(settings, args)
     try:
-        trio.run(_serve_until_signal, config)
-    except OSError as exc:
-        raise SettingsError("--ws-port/--rest-port", f"cannot listen: {exc.strerror}") from None
+        sim = Simulator(config)
+    except ValueError as exc:  # the account refused its key material
+        raise SettingsError("--ed25519-public-key-file", str(exc)) from None
+    try:
+        trio.run(_serve_until_signal, sim)
+    except (OSError, BaseExceptionGroup) as exc:
+        err = _os_error(exc)
+        if err is None:
+            raise
+        raise SettingsError("--ws-port/--rest-port",
+                            f"cannot listen on {config.host}: {err.strerror}") from None
     return 0
 
 
-async def _serve_until_signal(config: SimConfig) -> None:
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (a port taken, an address not ours) inside trio's exception groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def _serve_until_signal(sim: Simulator) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            ws_url, rest_url = await nursery.start(Simulator(config).run)
+            ws_url, rest_url = await nursery.start(sim.run)
             print(f"simulator ready ws={ws_url} rest={rest_url}", flush=True)
             async for signum in signals:
                 log.info("simulator stopping", extra={"signal": signal.Signals(signum).name})

@@ -1,0 +1,284 @@
+"""Benchmark of `pipeline ingest market` (not a test): throughput, bursts, peak memory.
+
+    .venv/bin/python bench/bench_ingest.py [--seconds 5] [--rounds 2]
+
+Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a subprocess), then:
+1. throughput: the simulator sends one stream (btcusdt@aggTrade) flat out (rate 0). Alternately,
+   a bare trio-websocket receive loop (a subprocess of this file, `--bare`) and the ingestor
+   (`pipeline ingest market`, a subprocess) read that feed for `--seconds`; the ingestor's rate
+   is what Redis took (XINFO STREAM entries-added, so trimming does not matter);
+2. bursts: a fresh simulator sends 50 frames/s plus 500 (then 2,000) extra frames every 100 ms;
+   after `--seconds` it goes silent, the ingestor drains, and the frames logged are compared with
+   the frames the simulator sent (GET /sim/stats) and checked for gap entries;
+3. the ingestor's peak resident memory (VmHWM from /proc) in every run.
+
+Prints a table and writes JSON to bench/results/ingest-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.localredis import LocalRedis  # noqa: E402
+
+KEY = "raw:market:aggTrade"
+STREAM = "btcusdt@aggTrade"
+
+
+# --- the bare loop (runs in its own process) --------------------------------------------------
+
+def bare_main(url: str, seconds: float, warmup: float) -> None:
+    import trio
+    import trio_websocket
+
+    from pipeline.wsconn import MAX_MESSAGE_SIZE, MESSAGE_QUEUE_SIZE, RECEIVE_BUFFER
+
+    async def run() -> dict[str, float]:
+        async with trio_websocket.open_websocket_url(
+                url, message_queue_size=MESSAGE_QUEUE_SIZE, max_message_size=MAX_MESSAGE_SIZE,
+                receive_buffer_size=RECEIVE_BUFFER) as ws:
+            await ws.get_message()
+            end_warmup = time.perf_counter() + warmup
+            while time.perf_counter() < end_warmup:
+                await ws.get_message()
+            n, start = 0, time.perf_counter()
+            end = start + seconds
+            while True:
+                await ws.get_message()
+                n += 1
+                if n % 256 == 0 and time.perf_counter() >= end:
+                    break
+            took = time.perf_counter() - start
+            return {"frames": n, "seconds": took, "rate": n / took}
+
+    print(json.dumps(trio.run(run)), flush=True)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PIPELINE_", "BINANCE_", "REDIS_URL"))}
+
+
+class Sim:
+    """`pipeline simulate` as a subprocess."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "simulate", "--symbols", "BTCUSDT", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env(),
+            cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        assert line[:2] == ["simulator", "ready"], line
+        self.ws_url = line[2].split("=", 1)[1]
+        self.rest_url = line[3].split("=", 1)[1]
+        self.http = httpx.Client(base_url=self.rest_url, timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get("/sim/stats").json()  # type: ignore[no-any-return]
+
+    def post(self, name: str, body: dict[str, Any]) -> None:
+        self.http.post(f"/sim/{name}", json=body).raise_for_status()
+
+    def stop(self) -> None:
+        self.http.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+class Ingestor:
+    """`pipeline ingest market` as a subprocess."""
+
+    def __init__(self, redis_url: str, ws_url: str) -> None:
+        env = {**clean_env(), "REDIS_URL": redis_url, "BINANCE_WS_URL": ws_url,
+               "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "market"],
+                                     env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"ingestor exited {self.proc.returncode}: {err[-2000:]}")
+        return err
+
+
+def entries_added(r: redis.Redis, key: str = KEY) -> int:
+    try:
+        return int(r.xinfo_stream(key)["entries-added"])
+    except redis.ResponseError:  # no such key yet
+        return 0
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step did not happen in time")
+        time.sleep(0.05)
+
+
+def wait_until_still(r: redis.Redis, quiet: float = 1.0, timeout: float = 60.0) -> int:
+    """Entries-added once it stopped growing for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = entries_added(r), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        now = entries_added(r)
+        if now != last:
+            last, since = now, time.monotonic()
+        if time.monotonic() > deadline:
+            break
+    return last
+
+
+def count_frames(r: redis.Redis, key: str = KEY) -> tuple[int, int]:
+    """(frame entries, gap entries) in `key`."""
+    frames = gaps = 0
+    start = "-"
+    while True:
+        batch = r.xrange(key, min=start, count=10_000)
+        if not batch:
+            return frames, gaps
+        for _, fields in batch:
+            if b"frame" in fields:
+                frames += 1
+            elif fields.get(b"ctl") == b"gap":
+                gaps += 1
+        start = "(" + batch[-1][0].decode()
+
+
+# --- the runs -------------------------------------------------------------------------------------
+
+def run_bare(sim: Sim, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--bare", f"{sim.ws_url}/market/stream?streams={STREAM}",
+         "--seconds", str(seconds)], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def run_ingest(sim: Sim, r: redis.Redis, url: str, seconds: float) -> dict[str, float]:
+    r.flushall()
+    ing = Ingestor(url, sim.ws_url)
+    try:
+        wait_for(lambda: entries_added(r) > 0)
+        time.sleep(1.0)  # warm-up, as in the bare loop
+        n0, t0, s0 = entries_added(r), time.perf_counter(), sim.stats()["frames_total"]
+        time.sleep(seconds)
+        n1, t1, s1 = entries_added(r), time.perf_counter(), sim.stats()["frames_total"]
+        peak = ing.peak_rss_mb()
+    finally:
+        ing.stop()
+    return {"frames": n1 - n0, "seconds": t1 - t0, "rate": (n1 - n0) / (t1 - t0),
+            "sim_sent_rate": (s1 - s0) / (t1 - t0), "peak_rss_mb": peak}
+
+
+def run_burst(r: redis.Redis, url: str, burst: int, seconds: float) -> dict[str, Any]:
+    r.flushall()
+    sim = Sim("--rate", "50", "--burst", str(burst), "--burst-every", "0.1")
+    try:
+        ing = Ingestor(url, sim.ws_url)
+        try:
+            wait_for(lambda: entries_added(r) > 0)
+            time.sleep(seconds)
+            sim.post("silence", {"on": True})
+            wait_until_still(r)
+            peak = ing.peak_rss_mb()
+        finally:
+            ing.stop()
+        sent = int(sim.stats()["frames_by_stream"].get(STREAM, 0))
+    finally:
+        sim.stop()
+    logged, gaps = count_frames(r)
+    return {"burst": burst, "every_s": 0.1, "sent": sent, "logged": logged,
+            "lost": sent - logged, "gap_entries": gaps, "peak_rss_mb": peak}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare:
+        bare_main(args.bare, args.seconds, args.warmup)
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
+        r = server.client()
+        sim = Sim("--rate", "0")
+        bare, ingest = [], []
+        try:
+            for _ in range(args.rounds):
+                bare.append(run_bare(sim, args.seconds))
+                ingest.append(run_ingest(sim, r, server.url, args.seconds))
+        finally:
+            sim.stop()
+        bursts = [run_burst(r, server.url, b, args.seconds) for b in (500, 2000)]
+        r.close()
+
+    bare_rate = statistics.median(b["rate"] for b in bare)
+    ingest_rate = statistics.median(i["rate"] for i in ingest)
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "bench/bench_ingest.py " + " ".join(sys.argv[1:]),
+        "cpus": os.cpu_count(), "bare": bare, "ingest": ingest, "bursts": bursts,
+        "bare_rate": bare_rate, "ingest_rate": ingest_rate, "ratio": ingest_rate / bare_rate,
+        "peak_rss_mb": max([i["peak_rss_mb"] for i in ingest] + [b["peak_rss_mb"]
+                                                                   for b in bursts]),
+    }
+    print_table(result)
+    out = ROOT / "bench" / "results" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out.relative_to(ROOT)}")
+    return 0
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(f"{'run':<34}{'frames/s':>12}")
+    for i, (b, g) in enumerate(zip(res["bare"], res["ingest"], strict=True), 1):
+        print(f"{f'bare trio-websocket loop, round {i}':<34}{b['rate']:>12,.0f}")
+        print(f"{f'ingestor persisted, round {i}':<34}{g['rate']:>12,.0f}"
+              f"   (simulator sent {g['sim_sent_rate']:,.0f}/s)")
+    print(f"{'ratio (medians)':<34}{res['ratio']:>12.2f}   target >= 0.80")
+    print()
+    print(f"{'burst every 100 ms':<20}{'sent':>10}{'logged':>10}{'lost':>8}{'gaps':>6}")
+    for b in res["bursts"]:
+        print(f"{b['burst']:<20}{b['sent']:>10}{b['logged']:>10}{b['lost']:>8}"
+              f"{b['gap_entries']:>6}")
+    print(f"\ningestor peak RSS: {res['peak_rss_mb']:.1f} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

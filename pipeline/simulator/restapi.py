@@ -1,0 +1,143 @@
+"""The simulator's REST side: Binance's market endpoints with their weights, the account's
+endpoints (handed to `Account.handle_rest`), and the control API under `/sim/`.
+
+Every answer carries `X-MBX-USED-WEIGHT-1M`. Market calls are weighed before they run and
+refused with 429 (code -1003, Retry-After) when they would pass 2400 in the clock minute; an
+account call is refused when the minute is already spent, and its weight (known only from its
+reply) is counted after. The `/sim/` control API is not weighed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pipeline.simulator.http import HttpRequest, HttpResponse
+from pipeline.simulator.market import DEPTH_LIMITS, MARKET, PUBLIC, depth_weight
+
+if TYPE_CHECKING:
+    from pipeline.simulator.server import Simulator
+
+
+class RestApi:
+    """The HTTP handler of one simulator (`serve_http(RestApi(sim), host, port)`)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+
+    async def __call__(self, req: HttpRequest) -> HttpResponse:
+        now = self.sim.clock()
+        if req.path.startswith("/sim/") and not req.path.startswith("/sim/account"):
+            status, body = self._control(req)
+            return self._reply(status, body, now)
+        market = self._market_rest(req, now)
+        if market is not None:
+            status, body, weight = market
+            if not self.sim.weight.try_spend(weight, now):
+                return self._too_many(now)
+            return self._reply(status, body, now)
+        if self.sim.account is None:
+            return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
+        if self.sim.weight.current(now) >= self.sim.weight.limit and not req.path.startswith("/sim/"):
+            return self._too_many(now)
+        reply = await self.sim.account.handle_rest(req.method, req.path, req.query, req.headers,
+                                               req.body)
+        if reply is None:
+            return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
+        if not self.sim.weight.try_spend(int(reply.weight), now):
+            # the account call already happened: count it even past the limit
+            self.sim.weight.used += int(reply.weight)
+        return self._reply(int(reply.status), reply.body, now)
+
+    def _reply(self, status: int, body: object, now: float) -> HttpResponse:
+        data = body if isinstance(body, bytes) else (
+            body.encode() if isinstance(body, str) else orjson.dumps(body))
+        return HttpResponse(status, data, (
+            ("X-MBX-USED-WEIGHT-1M", str(self.sim.weight.current(now))),))
+
+    def _too_many(self, now: float) -> HttpResponse:
+        body = orjson.dumps({"code": -1003, "msg": "Too many requests; current limit of IP is "
+                             "2400 requests per minute. Please use WebSocket Streams for live "
+                             "updates to avoid polling the API."})
+        return HttpResponse(429, body, (
+            ("X-MBX-USED-WEIGHT-1M", str(self.sim.weight.current(now))),
+            ("Retry-After", str(self.sim.weight.retry_after(now)))))
+
+    def _market_rest(self, req: HttpRequest, now: float) -> tuple[int, object, int] | None:
+        if req.method != "GET":
+            return None
+        now_ms = int(now * 1000)
+        if req.path == "/fapi/v1/time":
+            return 200, {"serverTime": now_ms}, 1
+        if req.path == "/fapi/v1/exchangeInfo":
+            return 200, self.sim.market.exchange_info(now_ms), 1
+        if req.path == "/fapi/v1/premiumIndex":
+            symbol = req.query.get("symbol")
+            if not symbol:
+                return 200, [self.sim.market.premium_index(s, now_ms) for s in self.sim.config.symbols], 10
+            if symbol not in self.sim.config.symbols:
+                return 400, {"code": -1121, "msg": "Invalid symbol."}, 1
+            return 200, self.sim.market.premium_index(symbol, now_ms), 1
+        if req.path == "/fapi/v1/depth":
+            return self._depth(req.query, now_ms)
+        return None
+
+    def _depth(self, query: dict[str, str], now_ms: int) -> tuple[int, object, int]:
+        symbol = query.get("symbol", "")
+        if not symbol:
+            return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was "
+                                               "empty/null, or malformed."}, 2
+        if symbol not in self.sim.config.symbols:
+            return 400, {"code": -1121, "msg": "Invalid symbol."}, 2
+        try:
+            limit = int(query.get("limit", "500"))
+        except ValueError:
+            limit = -1
+        if limit not in DEPTH_LIMITS:
+            return 400, {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, 2
+        return 200, self.sim.market.depth_snapshot(symbol, limit, now_ms), depth_weight(limit)
+
+    def _control(self, req: HttpRequest) -> tuple[int, object]:
+        try:
+            body = orjson.loads(req.body) if req.body else {}
+        except orjson.JSONDecodeError:
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(body, dict):
+            return 400, {"error": "body must be a JSON object"}
+        name = req.path[len("/sim/"):]
+        if req.method == "GET" and name == "stats":
+            return 200, self.sim.stats()
+        if req.method != "POST":
+            return 405, {"error": "use POST"}
+        try:
+            return 200, self._control_action(name, body)
+        except KeyError:
+            return 404, {"error": f"unknown control {name!r}"}
+        except (TypeError, ValueError) as exc:
+            return 400, {"error": str(exc)}
+
+    def _control_action(self, name: str, body: dict[str, Any]) -> dict[str, object]:
+        if name == "silence":
+            self.sim.set_silence(bool(body.get("on", True)))
+            return {"silent": self.sim.silent}
+        if name == "drop":
+            path = body.get("path")
+            if path not in (None, PUBLIC, MARKET, "private"):
+                raise ValueError(f"path must be public, market, private or null, not {path!r}")
+            return {"dropped": self.sim.drop(path)}
+        if name == "malformed":
+            return {"connections": self.sim.send_malformed(int(body.get("count", 5)))}
+        if name == "sequence_break":
+            symbol = str(body["symbol"]).upper()
+            if symbol not in self.sim.config.symbols:
+                raise ValueError(f"unknown symbol {symbol!r}")
+            self.sim.sequence_break(symbol)
+            return {"symbol": symbol}
+        if name == "rate":
+            rate = body.get("rate", self.sim.rate)
+            self.sim.set_rate(None if rate is None else float(rate), body.get("burst"),
+                          body.get("burst_every"))
+            return {"rate": self.sim.rate, "burst": self.sim.burst, "burst_every": self.sim.burst_every}
+        raise KeyError(name)
