@@ -3,7 +3,9 @@
 Start-up, in this order, so that a bad setting stops the command before anything connects:
 1. `Settings.require_api_key()`: no BINANCE_API_KEY (or _SECRET) is a settings error (exit 2);
    a secret that is a PEM Ed25519 private key signs with Ed25519, anything else with HMAC;
-2. `connect_checked(REDIS_URL)` (exit 2 when unreachable).
+2. `connect_checked(REDIS_URL)` (exit 2 when unreachable);
+3. `start_checks`: clock offset (`GET /fapi/v1/time`), listenKey, one signed call; an
+   unreachable REST URL, a refused key or a wrong secret is a settings error naming it.
 
 Then, in one nursery:
 - the writer (`pipeline.writer.LogWriter`): every frame of the private stream goes to `raw:user`
@@ -16,11 +18,12 @@ Then, in one nursery:
   -1125 a new key and a reconnect;
 - reconciliation (`pipeline.reconcile`) on every connect and reconnect (the connection's
   `on_connected` hook) and every `--reconcile-every` seconds;
-- a `listenKeyExpired` frame (logged like any other frame) makes a new key, then the connection
-  is closed and reopened with it; the reconnect reconciles.
+- a `listenKeyExpired` frame (logged with the dead key masked, see `redact_key`) makes a new
+  key; the connection is closed and reopened with it; the reconnect reconciles.
 
 SIGINT/SIGTERM: the connection closes (its `closed` entry), the key is DELETEd, the writer gets
-up to `LogWriter.final_flush_timeout` s for what is buffered, and the command exits 0.
+up to `LogWriter.final_flush_timeout` s for what is buffered, and the command exits 0. A
+failure at the exchange that no setting explains ends the command with one line, exit 1.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ threads. The fold itself (`fold_batch`) is pure and lives here too because it de
 batch acknowledges.
 
 Keys this module writes besides the views (for the ACL, see docs/architecture.md):
-- `dlq:{projection}`: entries that failed `max_attempts` times, with `source_key`, `entry_id`,
-  `error` and the original fields;
-- `projector:attempts:{projection}`: hash `{source key} {entry id}` -> failed attempts so far
-  (survives a restart; the field is deleted when the entry is dead-lettered).
+`dlq:{projection}`, the entries that failed `max_attempts` deliveries, with `source_key`,
+`entry_id`, `error` and the original fields. Attempts are the delivery count Redis keeps in
+the group's pending list (XPENDING `times_delivered`; re-reading our own pending entries
+increments it), so they survive a restart and need no key of their own.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ log = logging.getLogger("pipeline.project")
 RawEntry = tuple[str, bytes, dict[bytes, bytes]]
 
 DLQ_PREFIX = "dlq:"
-ATTEMPTS_PREFIX = "projector:attempts:"
 ERROR_TEXT_MAX = 500
 _CORE_TYPES = frozenset((ViewWrite, ListPushIfNewer, NeedSnapshot, LogGap))
 
@@ -156,9 +155,12 @@ class GroupIO:
                                                       min_idle_ms, start, count=count)
         return nxt, [(key, eid, fields or {}) for eid, fields in entries]
 
-    def count_failure(self, raw: RawEntry) -> int:
+    def deliveries(self, raw: RawEntry) -> int:
+        """How many times the group has delivered this entry (1 if no longer pending)."""
         with redis_errors():
-            return int(self.client.hincrby(ATTEMPTS_PREFIX + self.group, _field(raw), 1))
+            rows: Any = self.client.xpending_range(raw[0], self.group, min=raw[1], max=raw[1],
+                                                   count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
 
     def dead_letter(self, raw: RawEntry, error: str) -> None:
         """XADD to `dlq:{group}` then XACK, in one round trip."""
@@ -168,7 +170,6 @@ class GroupIO:
                                 b"error": error.encode(), **fields}
         pipe.xadd(DLQ_PREFIX + self.group, dead)
         pipe.xack(key, self.group, eid)
-        pipe.hdel(ATTEMPTS_PREFIX + self.group, _field(raw))
         with redis_errors():
             pipe.execute()
 
@@ -182,10 +183,6 @@ class GroupIO:
                     if (name.decode() if isinstance(name, bytes) else name) == self.group:
                         out[key] = info.get("lag")
         return out
-
-
-def _field(raw: RawEntry) -> bytes:
-    return raw[0].encode() + b" " + raw[1]
 
 
 def write_batch(client: redis.Redis, queue_all: Callable[[Any, list[Output]], object],

@@ -10,8 +10,9 @@ after it, on each raw key it reads. Its loop, in one Trio task:
 2. read a batch (`COUNT --batch`, `BLOCK --block-ms`) over all its keys at once;
 3. fold it (pure, `projections.groups.fold_batch`), coalesce, and send the writes and the
    batch's XACKs in ONE pipeline: an entry is acknowledged only together with its write;
-4. an entry whose fold raised is not acknowledged; it is retried from the pending list and,
-   after `--max-attempts` failures, moved to `dlq:{name}`, acknowledged and counted;
+4. an entry whose fold raised is not acknowledged; it is read again from the pending list and,
+   once it has failed on its `--max-attempts`-th delivery (XPENDING's delivery count), moved to
+   `dlq:{name}`, acknowledged and counted;
 5. every `--claim-idle-ms / 2`, entries another consumer left pending longer than
    `--claim-idle-ms` are claimed (`XAUTOCLAIM`) and folded like any batch.
 
@@ -290,7 +291,7 @@ class ProjectionLoop:
 
     async def _failures(self, failures: list[tuple[RawEntry, str]]) -> None:
         for raw, error in failures:
-            attempts = await self._retrying(functools.partial(self.io.count_failure, raw))
+            attempts = await self._retrying(functools.partial(self.io.deliveries, raw))
             log.warning("entry failed", extra={"group": self.name, "entry": raw[1].decode(),
                                                "attempt": attempts, "error": error})
             if attempts >= self.opts.max_attempts:

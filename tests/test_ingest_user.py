@@ -18,6 +18,10 @@ from typing import Any, cast
 
 import attrs
 import httpx
+import orjson
+import pytest
+import redis
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -25,10 +29,6 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
-import orjson
-import pytest
-import redis
-import trio
 
 from pipeline.config import Secret, Settings, load_settings
 from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, FrameEntry, decode_entry
@@ -174,6 +174,7 @@ async def test_ed25519_key_signs_the_reconciliation_the_simulator_accepts(
     private_pem, public_pem = ed25519_pair()
     cfg = SimConfig(symbols=("BTCUSDT",), ed25519_public_key_pem=public_pem)
     async with running(redis_server, sim_config=cfg, secret=private_pem) as run:
+        await snapshots_after(run, 1)  # the connect's reconciliation went through
         order = place(run.sim, type="LIMIT", price="50000")
         await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
         await run.ingest.reconciler.run_once("test")

@@ -101,7 +101,7 @@ async def test_poison_entry_reaches_the_dead_letter_stream_and_the_projector_goe
     assert dead[b"entry_id"] == bad_id
     assert metrics.DEAD_LETTERS.labels("mark_price")._value.get() == before + 1
     assert json.loads(r.get("websocket:mark_price:btcusdt"))["mark_price"] == "2.00"  # type: ignore[arg-type]
-    assert r.exists("projector:attempts:mark_price") == 0
+    assert r.xpending("raw:market:markPrice", "mark_price")["pending"] == 0
 
 
 async def test_restarted_consumer_first_finishes_its_own_pending_entries(

@@ -26,7 +26,8 @@ import trio_websocket
 
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.book import Book, symbol_spec
-from pipeline.simulator.market import ControlProtocol, Market, Pacer, malformed_frames, parse_stream
+from pipeline.simulator.market import Market, malformed_frames, parse_stream
+from pipeline.simulator.session import ControlProtocol, Pacer
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

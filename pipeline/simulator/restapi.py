@@ -26,29 +26,29 @@ class RestApi:
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
 
-
     async def __call__(self, req: HttpRequest) -> HttpResponse:
         now = self.sim.clock()
         if req.path.startswith("/sim/") and not req.path.startswith("/sim/account"):
             status, body = self._control(req)
             return self._reply(status, body, now)
+        meter = self.sim.weight
         market = self._market_rest(req, now)
         if market is not None:
             status, body, weight = market
-            if not self.sim.weight.try_spend(weight, now):
+            if not meter.try_spend(weight, now):
                 return self._too_many(now)
             return self._reply(status, body, now)
-        if self.sim.account is None:
+        account = self.sim.account
+        if account is None:
             return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
-        if self.sim.weight.current(now) >= self.sim.weight.limit and not req.path.startswith("/sim/"):
+        if meter.current(now) >= meter.limit and not req.path.startswith("/sim/"):
             return self._too_many(now)
-        reply = await self.sim.account.handle_rest(req.method, req.path, req.query, req.headers,
-                                               req.body)
+        reply = await account.handle_rest(req.method, req.path, req.query, req.headers, req.body)
         if reply is None:
             return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
-        if not self.sim.weight.try_spend(int(reply.weight), now):
+        if not meter.try_spend(int(reply.weight), now):
             # the account call already happened: count it even past the limit
-            self.sim.weight.used += int(reply.weight)
+            meter.used += int(reply.weight)
         return self._reply(int(reply.status), reply.body, now)
 
     def _reply(self, status: int, body: object, now: float) -> HttpResponse:
@@ -74,10 +74,10 @@ class RestApi:
         if req.path == "/fapi/v1/exchangeInfo":
             return 200, self.sim.market.exchange_info(now_ms), 1
         if req.path == "/fapi/v1/premiumIndex":
-            symbol = req.query.get("symbol")
+            symbol, symbols = req.query.get("symbol"), self.sim.config.symbols
             if not symbol:
-                return 200, [self.sim.market.premium_index(s, now_ms) for s in self.sim.config.symbols], 10
-            if symbol not in self.sim.config.symbols:
+                return 200, [self.sim.market.premium_index(s, now_ms) for s in symbols], 10
+            if symbol not in symbols:
                 return 400, {"code": -1121, "msg": "Invalid symbol."}, 1
             return 200, self.sim.market.premium_index(symbol, now_ms), 1
         if req.path == "/fapi/v1/depth":
@@ -139,5 +139,6 @@ class RestApi:
             rate = body.get("rate", self.sim.rate)
             self.sim.set_rate(None if rate is None else float(rate), body.get("burst"),
                           body.get("burst_every"))
-            return {"rate": self.sim.rate, "burst": self.sim.burst, "burst_every": self.sim.burst_every}
+            sim = self.sim
+            return {"rate": sim.rate, "burst": sim.burst, "burst_every": sim.burst_every}
         raise KeyError(name)

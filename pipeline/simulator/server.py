@@ -14,9 +14,8 @@ politely) or on `drop` (the TCP socket is closed without a close frame, as a net
 would). `/private/ws` goes to the account (`pipeline.simulator.account`, written separately; the
 market side runs without it).
 
-REST (h11, `http.py`): Binance's market endpoints with their weights, the account's endpoints,
-and the control API under `/sim/`. Every answer carries `X-MBX-USED-WEIGHT-1M`; past 2400 in a
-minute the answer is 429 with Retry-After.
+REST: `http.py` serves HTTP/1.1 with h11; `restapi.py` routes Binance's market endpoints (with
+their weights), the account's endpoints and the control API under `/sim/` to this object.
 """
 
 from __future__ import annotations
@@ -44,16 +43,14 @@ from pipeline.simulator.http import WeightMeter, serve_http
 from pipeline.simulator.market import (
     MARKET,
     PUBLIC,
-    ControlProtocol,
     Market,
-    Pacer,
     StreamState,
     malformed_frames,
     parse_stream,
     streams_of_query,
-    ws_frame,
 )
 from pipeline.simulator.restapi import RestApi
+from pipeline.simulator.session import ControlProtocol, Pacer, ws_frame
 
 log = logging.getLogger("pipeline.simulator")
 
@@ -470,6 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random orders, fills and stops for the demo")
     parser.add_argument("--hedge-mode", action="store_true")
     parser.add_argument("--listen-key-ttl", type=float, default=3600.0)
+    # not BINANCE_API_KEY: a real key in the environment must not become the simulator's
+    parser.add_argument("--api-key", default="sim-api-key", help="the simulated account's key")
+    parser.add_argument("--api-secret", default="sim-api-secret")
     parser.add_argument("--ed25519-public-key-file", default=None,
                         help="PEM file: the account also accepts Ed25519-signed requests")
 
@@ -488,8 +488,7 @@ def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
             ws_port=args.ws_port, rest_port=args.rest_port, lifetime=args.lifetime,
             ping_interval=args.ping_interval, pong_timeout=args.pong_timeout, rate=args.rate,
             burst=args.burst, burst_every=args.burst_every,
-            api_key=settings.api_key.value if settings.api_key else "sim-api-key",
-            api_secret=settings.api_secret.value if settings.api_secret else "sim-api-secret",
+            api_key=args.api_key, api_secret=args.api_secret,
             listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
             script_account=args.script_account, ed25519_public_key_pem=pem)
     except ValueError as exc:
