@@ -133,11 +133,20 @@ class GroupIO:
         """XGROUP CREATE ... 0 MKSTREAM: a new group starts at the log's first entry."""
         with redis_errors():
             for key in self.keys:
+                if self._has_group(key):
+                    continue  # (XGROUP CREATE needs memory even when the group exists)
                 try:
                     self.client.xgroup_create(key, self.group, id="0", mkstream=True)
                 except redis.ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+
+    def _has_group(self, key: str) -> bool:
+        try:
+            infos: Any = self.client.xinfo_groups(key)
+        except redis.ResponseError:  # no such key
+            return False
+        return any(_text(i.get("name")) == self.group for i in infos)
 
     def read(self, ids: Mapping[str, bytes | str], count: int,
              block_ms: int | None) -> list[RawEntry]:
@@ -179,10 +188,13 @@ class GroupIO:
         with redis_errors():
             for key in self.keys:
                 for info in self.client.xinfo_groups(key):
-                    name = info.get("name")
-                    if (name.decode() if isinstance(name, bytes) else name) == self.group:
+                    if _text(info.get("name")) == self.group:
                         out[key] = info.get("lag")
         return out
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def write_batch(client: redis.Redis, queue_all: Callable[[Any, list[Output]], object],

@@ -58,6 +58,9 @@ T = TypeVar("T")
 OnWritten = Callable[[list[RawEntry], Folded], None]
 
 DEPTH_KEY = "raw:market:depth"
+# error codes of a refused write that a later attempt can get past
+REFUSED_FOR_NOW = frozenset(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN",
+                             "NOPERM", "MISCONF"))
 SNAPSHOT_LIMIT = 1000
 
 
@@ -203,6 +206,11 @@ class ProjectionLoop:
                 pipe.xadd(gap.raw_key, control_entry("gap", gap.body, recv_ts=time.time()))
 
         errors = write_batch(self.client, self.store.queue_all, self.name, folded, extra)
+        refused = [e for e in errors if str(e).split(" ", 1)[0] in REFUSED_FOR_NOW]
+        if refused:
+            # Redis is up but will not write now (out of memory, a replica, loading, an ACL
+            # being fixed): write the same batch again later instead of losing its views.
+            raise RedisUnavailable(f"redis refused view writes: {str(refused[0])[:80]}")
         folded.written_at = time.time()
         return errors
 
@@ -214,6 +222,9 @@ class ProjectionLoop:
                 await self.backoff.failed(exc)
                 continue
             except redis.ResponseError as exc:
+                if str(exc).split(" ", 1)[0] in REFUSED_FOR_NOW:
+                    await self.backoff.failed(exc)
+                    continue
                 if "NOGROUP" not in str(exc):
                     raise
                 # Redis lost the groups (restarted without persistence): create them again.

@@ -116,6 +116,7 @@ async def test_stale_view_falls_back_to_the_exchange_and_respects_weight(r: redi
         reader = MarketReader(r, rest_url=rest_url)
         mp = await trio.to_thread.run_sync(reader.mark_price, "BTCUSDT", 5.0)
         book = await trio.to_thread.run_sync(reader.order_book, "BTCUSDT", 5, 5.0)
+        last = await trio.to_thread.run_sync(reader.last_price, "BTCUSDT", 5.0)
         # a budget that is already spent: no call, the stale view is what the caller gets
         spent = MarketReader(r, rest_url=rest_url, budget=WeightBudget(ceiling=0))
         stale = await trio.to_thread.run_sync(spent.mark_price, "BTCUSDT", 5.0)
@@ -125,5 +126,7 @@ async def test_stale_view_falls_back_to_the_exchange_and_respects_weight(r: redi
     assert mp is not None and mp["source"] == "rest" and float(mp["mark_price"]) > 1.0
     assert abs(mp["timestamp"] - time.time()) < 5
     assert book is not None and book["source"] == "rest" and len(book["bids"]) == 5
-    assert reader.budget.used >= 1 + 2  # premiumIndex 1 + depth(limit 5) 2, as the exchange said
+    assert last is not None and last["source"] == "rest" and float(last["price"]) > 0
+    # premiumIndex 1 + depth(limit 5) 2 + ticker/price 1, as the exchange reported it
+    assert reader.budget.used >= 1 + 2 + 1
     assert stale is not None and stale["mark_price"] == "1.0"

@@ -353,3 +353,19 @@ async def test_projector_rides_out_a_redis_restart_that_lost_its_groups(
         await wait_for(lambda: r.exists(key))
         nursery.cancel_scope.cancel()
     assert json.loads(r.get(key))["mark_price"] == "2.00"  # type: ignore[arg-type]
+
+
+async def test_view_writes_refused_for_lack_of_memory_are_written_once_redis_can(
+        redis_server: LocalRedis, r: redis.Redis) -> None:
+    seed(r, [("markPrice", mark_frame("BTCUSDT", int(time.time() * 1000), "5.00"))])
+    r.xgroup_create("raw:market:markPrice", "mark_price", id="0")
+    r.config_set("maxmemory", 1)  # every write that needs memory is refused with OOM
+    settings = settings_for(redis_server.url)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run, settings, choose(settings, "mark_price"),
+                           runner.RunOptions(block_ms=50))
+        await wait_for(lambda: entries_read(r, "raw:market:markPrice", "mark_price") == 1)
+        assert r.exists("websocket:mark_price:btcusdt") == 0
+        r.config_set("maxmemory", 0)
+        await wait_for(lambda: r.exists("websocket:mark_price:btcusdt"))
+        nursery.cancel_scope.cancel()

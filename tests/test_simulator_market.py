@@ -115,6 +115,16 @@ async def test_stream_on_the_wrong_path_stays_silent(start_sim: Start) -> None:
     assert listed["result"] == ["btcusdt@markPrice@1s", "btcusdt@depth5@100ms"]
 
 
+async def test_an_unknown_path_is_rejected_with_404(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim()
+    with pytest.RaisesGroup(trio_websocket.ConnectionRejected, flatten_subgroups=True) as group:
+        async with connect(f"{ws_url}/ws/btcusdt@aggTrade"):
+            pass
+    [rejected] = group.value.exceptions
+    assert isinstance(rejected, trio_websocket.ConnectionRejected)
+    assert rejected.status_code == 404
+
+
 async def test_subscribe_is_answered_and_starts_the_stream(start_sim: Start) -> None:
     _, ws_url, _ = await start_sim()
     async with connect(f"{ws_url}/market/ws") as ws:

@@ -112,6 +112,7 @@ class SymbolMarket:
         self.trade_id = self.agg_id * 3
         self.funding_bp = rng.uniform(-1.0, 3.0)  # funding rate in basis points
         self.klines: dict[str, Kline] = {}
+        self.last_trade: tuple[int, int] | None = None  # (price units, time ms)
 
     def mark_units(self) -> int:
         return self.book.mid_units() + (int(self.rng.random() * 5) - 2) * self.spec.tick
@@ -283,6 +284,7 @@ class Market:
         first = sm.trade_id + 1
         sm.trade_id += 1 + int(sm.rng.random() * 4)
         self._kline_trade(sm, now_ms, price, qty, not maker, sm.trade_id - first + 1)
+        sm.last_trade = (price, now_ms - 1)
         return (f'{{"e":"aggTrade","E":{now_ms},"s":"{sm.spec.symbol}","a":{sm.agg_id},'
                 f'"p":"{sm.spec.price_text(price)}","q":"{sm.spec.qty_text(qty)}",'
                 f'"f":{first},"l":{sm.trade_id},"T":{now_ms - 1},'
@@ -371,6 +373,12 @@ class Market:
                 "indexPrice": sm.long_price(index), "estimatedSettlePrice": sm.long_price(index),
                 "lastFundingRate": f"{sm.funding_bp / 10_000:.8f}", "interestRate": "0.00010000",
                 "nextFundingTime": next_funding_ms(now_ms), "time": now_ms}
+
+    def ticker_price(self, symbol: str, now_ms: int) -> dict[str, object]:
+        """GET /fapi/v1/ticker/price: the last trade (the book's mid before any trade)."""
+        sm = self.symbol(symbol)
+        price, at = sm.last_trade or (sm.book.mid_units(), now_ms)
+        return {"symbol": symbol, "price": sm.spec.price_text(price), "time": at}
 
     def exchange_info(self, now_ms: int) -> dict[str, object]:
         return {

@@ -69,17 +69,23 @@ class RestApi:
         if req.method != "GET":
             return None
         now_ms = int(now * 1000)
+        symbols = self.sim.config.symbols
         if req.path == "/fapi/v1/time":
             return 200, {"serverTime": now_ms}, 1
         if req.path == "/fapi/v1/exchangeInfo":
             return 200, self.sim.market.exchange_info(now_ms), 1
         if req.path == "/fapi/v1/premiumIndex":
-            symbol, symbols = req.query.get("symbol"), self.sim.config.symbols
+            symbol = req.query.get("symbol")
             if not symbol:
                 return 200, [self.sim.market.premium_index(s, now_ms) for s in symbols], 10
             if symbol not in symbols:
                 return 400, {"code": -1121, "msg": "Invalid symbol."}, 1
             return 200, self.sim.market.premium_index(symbol, now_ms), 1
+        if req.path == "/fapi/v1/ticker/price":
+            symbol = req.query.get("symbol", "")
+            if symbol not in symbols:
+                return 400, {"code": -1121, "msg": "Invalid symbol."}, 1
+            return 200, self.sim.market.ticker_price(symbol, now_ms), 1
         if req.path == "/fapi/v1/depth":
             return self._depth(req.query, now_ms)
         return None

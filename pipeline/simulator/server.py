@@ -198,11 +198,14 @@ class Simulator:
         if request is None:
             return
         route = _route(request.path)
-        if route is None:
-            await request.reject(404, body=b"unknown path")
-            return
+        try:
+            if route is None:
+                await request.reject(404, body=b"unknown path")
+                return
+            ws = await request.accept()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            return  # the client left during the handshake
         path, combined, names, query = route
-        ws = await request.accept()
         conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream,
                           Pacer(self.market.rng, trio.current_time()), self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
@@ -258,7 +261,10 @@ class Simulator:
             self._apply_streams(conn, result.added, ())
             return True
         conn.close_reason = "too many streams"
-        await conn.ws.send_message(result.reply or "")
+        try:
+            await conn.ws.send_message(result.reply or "")
+        except trio_websocket.ConnectionClosed:
+            pass
         return False
 
     def _apply_streams(self, conn: Connection, added: tuple[str, ...],
