@@ -123,22 +123,25 @@ class Progress:
         self.t0 = self.last = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
-            from rich.progress import Progress as Bar  # only a terminal needs it
+            from rich import progress as rp  # only a terminal needs it
 
             # no refresh thread: worker processes are forked while the bar is shown
-            self._bar = Bar(transient=False, auto_refresh=False)
-            self._task = self._bar.add_task("replay", total=total)
+            self._bar = rp.Progress(
+                rp.TextColumn("replay"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                rp.TextColumn("{task.fields[rate]} entries/s"), rp.TimeRemainingColumn(),
+                transient=False, auto_refresh=False)
+            self._task = self._bar.add_task("replay", total=total, rate="-")
             self._bar.start()
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
+        rate = self.done / max(now - self.t0, 1e-9)
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)
+            self._bar.update(self._task, completed=self.done, rate=f"{rate:,.0f}")
             self._bar.refresh()
         elif now - self.last >= self.every:
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
             log.info("replay progress", extra={"done": self.done, "per_s": round(rate),
                                                "remaining": max(0, self.total - self.done)})
 
@@ -171,9 +174,7 @@ def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
     ends = {k: e for k in projection.sources if (e := log_end(client, k)) is not None}
     for entries in merged_entries(client, ends, start):
         folded = fold_batch(projection, entries)
-        pipe = client.pipeline(transaction=False)
-        store.queue_all(pipe, folded.writes)
-        pipe.execute()
+        _write(client, store, folded.writes)
         result.entries += len(entries)
         result.failed += len(folded.failures)
         result.writes += len(folded.writes)
@@ -181,6 +182,19 @@ def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
             progress.advance(len(entries))
         if counts is not None:
             counts[:] = [result.entries, result.failed, result.writes]
+
+
+def _write(client: redis.Redis, store: ViewStore, writes: list[Any]) -> None:
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        store.queue_all(pipe, writes)
+        try:
+            pipe.execute()
+            return
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            store.forget_loaded()  # Redis restarted under us; forward-only writes repeat safely
 
 
 def _replay_child(url: str, spec: ProjectionSpec, start: str, counts: Any) -> None:

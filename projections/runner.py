@@ -58,10 +58,18 @@ T = TypeVar("T")
 OnWritten = Callable[[list[RawEntry], Folded], None]
 
 DEPTH_KEY = "raw:market:depth"
-# error codes of a refused write that a later attempt can get past
-REFUSED_FOR_NOW = frozenset(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN",
-                             "NOPERM", "MISCONF"))
 SNAPSHOT_LIMIT = 1000
+# Refusals a later attempt can get past: out of memory, a replica, loading, an ACL being
+# fixed. redis-py maps some codes to classes (dropping the code from the text), not others.
+_REFUSED_CLASSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                    redis.exceptions.BusyLoadingError, redis.exceptions.NoPermissionError,
+                    redis.exceptions.MasterDownError, redis.exceptions.TryAgainError)
+_REFUSED_CODES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "NOPERM",
+                  "MISCONF")
+
+
+def refused_for_now(exc: Exception) -> bool:
+    return isinstance(exc, _REFUSED_CLASSES) or str(exc).startswith(_REFUSED_CODES)
 
 
 def default_consumer() -> str:
@@ -80,7 +88,8 @@ class RunOptions:
 
 
 class Backoff:
-    """Exponential wait between retries while Redis is away; logs the outage once."""
+    """Exponential wait between retries (Redis away, a snapshot request failed); logs the
+    outage once and its end once."""
 
     def __init__(self, what: str, first: float = 0.05, cap: float = 2.0) -> None:
         self.what, self.first, self.cap = what, first, cap
@@ -88,14 +97,13 @@ class Backoff:
 
     async def failed(self, exc: Exception) -> None:
         if self.delay == 0:
-            log.warning("redis unavailable, retrying", extra={"task": self.what,
-                                                              "error": str(exc)})
+            log.warning("failed, retrying", extra={"task": self.what, "error": str(exc)})
         self.delay = min(self.cap, self.delay * 2 or self.first)
         await trio.sleep(self.delay)
 
     def ok(self) -> None:
         if self.delay:
-            log.info("redis back", extra={"task": self.what})
+            log.info("working again", extra={"task": self.what})
         self.delay = 0.0
 
 
@@ -206,7 +214,10 @@ class ProjectionLoop:
                 pipe.xadd(gap.raw_key, control_entry("gap", gap.body, recv_ts=time.time()))
 
         errors = write_batch(self.client, self.store.queue_all, self.name, folded, extra)
-        refused = [e for e in errors if str(e).split(" ", 1)[0] in REFUSED_FOR_NOW]
+        if any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
+            self.store.forget_loaded()  # Redis restarted: load the script, write again
+            raise RedisUnavailable("view script missing after a redis restart")
+        refused = [e for e in errors if refused_for_now(e)]
         if refused:
             # Redis is up but will not write now (out of memory, a replica, loading, an ACL
             # being fixed): write the same batch again later instead of losing its views.
@@ -222,7 +233,7 @@ class ProjectionLoop:
                 await self.backoff.failed(exc)
                 continue
             except redis.ResponseError as exc:
-                if str(exc).split(" ", 1)[0] in REFUSED_FOR_NOW:
+                if refused_for_now(exc):
                     await self.backoff.failed(exc)
                     continue
                 if "NOGROUP" not in str(exc):

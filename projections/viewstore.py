@@ -52,8 +52,14 @@ class ViewStore:
     """
 
     def __init__(self, client: redis.Redis, per_call: int = 500) -> None:
-        self._script = client.register_script(VIEWS_LUA)
+        self._client = client
+        self.sha = client.register_script(VIEWS_LUA).sha
         self.per_call = per_call
+        self._loaded = False
+
+    def forget_loaded(self) -> None:
+        """After a NoScriptError (Redis restarted): load the script again before the next use."""
+        self._loaded = False
 
     def queue(self, pipe: redis.client.Pipeline, out: Output) -> None:
         self.queue_all(pipe, (out,))
@@ -85,7 +91,13 @@ class ViewStore:
     def _flush(self, pipe: redis.client.Pipeline, keys: list[str], args: list[Any]) -> int:
         if not keys:
             return 0
-        self._script(keys=list(keys), args=list(args), client=pipe)
+        # EVALSHA queued directly: a pipeline holding a redis-py Script object first sends
+        # SCRIPT EXISTS, one more round trip per batch on the latency path. We load the script
+        # once per client instead (again after a NoScriptError, see `forget_loaded`).
+        if not self._loaded:
+            self._client.script_load(VIEWS_LUA)
+            self._loaded = True
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
         keys.clear()
         args.clear()
         return 1

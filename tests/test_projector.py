@@ -7,7 +7,8 @@ import json
 import random
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 import orjson
@@ -21,6 +22,7 @@ from projections import runner
 from projections.core import Output, PoisonEntry, ViewWrite
 from projections.lease import lease_key
 from projections.registry import ProjectionSpec, choose
+from tests.conftest import run_cli
 from tests.projector_support import (
     SYMBOLS,
     copy_log,
@@ -36,12 +38,13 @@ from tests.projector_support import (
     views,
     wait_for,
     wait_sync,
+    xrange,
 )
 
 
-def last_of(frames: Iterable[tuple[str, bytes]], family: str) -> dict[str, dict[str, object]]:
+def last_of(frames: Iterable[tuple[str, bytes]], family: str) -> dict[str, dict[str, Any]]:
     """The newest payload per symbol of one family, as the log holds them."""
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for fam, frame in frames:
         if fam == family:
             data = orjson.loads(frame)["data"]
@@ -52,7 +55,9 @@ def last_of(frames: Iterable[tuple[str, bytes]], family: str) -> dict[str, dict[
 async def test_views_match_the_last_frames(redis_server: LocalRedis, r: redis.Redis) -> None:
     frames = market_log(50)
     seed(r, frames)
+    projected = metrics.EVENTS_PROJECTED.labels("mark_price")._value.get()
     await project_until_drained(settings_for(redis_server.url), r)
+    assert metrics.EVENTS_PROJECTED.labels("mark_price")._value.get() - projected == 150
 
     for sym, data in last_of(frames, "markPrice").items():
         view = json.loads(r.get(f"websocket:mark_price:{sym}"))  # type: ignore[arg-type]
@@ -68,7 +73,7 @@ async def test_views_match_the_last_frames(redis_server: LocalRedis, r: redis.Re
         assert view["price"] == data["p"]
     for sym, data in last_of(frames, "kline_1m").items():
         view = json.loads(r.get(f"websocket:kline:{sym}:1m"))  # type: ignore[arg-type]
-        assert view["close"] == data["k"]["c"]  # type: ignore[index]
+        assert view["close"] == data["k"]["c"]
 
 
 async def test_seed_reader_accepts_the_websocket_price(redis_server: LocalRedis,
@@ -93,11 +98,11 @@ async def test_poison_entry_reaches_the_dead_letter_stream_and_the_projector_goe
     await project_until_drained(settings_for(redis_server.url), r,
                                 runner.RunOptions(max_attempts=3), only="mark_price")
 
-    [(_, dead)] = r.xrange("dlq:mark_price")  # type: ignore[misc]
+    [(_, dead)] = xrange(r, "dlq:mark_price")
     assert dead[b"frame"] == bad
     assert dead[b"source_key"] == b"raw:market:markPrice"
     assert b"PoisonEntry" in dead[b"error"]
-    bad_id = r.xrange("raw:market:markPrice")[1][0]  # type: ignore[index]
+    bad_id = xrange(r, "raw:market:markPrice")[1][0]
     assert dead[b"entry_id"] == bad_id
     assert metrics.DEAD_LETTERS.labels("mark_price")._value.get() == before + 1
     assert json.loads(r.get("websocket:mark_price:btcusdt"))["mark_price"] == "2.00"  # type: ignore[arg-type]
@@ -138,7 +143,7 @@ class CountingProjection:
     """An exclusive fold with state in memory: the view holds how many entries it folded."""
 
     name: str = "counter"
-    sources: tuple[str, ...] = ("raw:test:counter",)
+    sources: Sequence[str] = ("raw:test:counter",)
     exclusive: bool = True
     seen: int = 0
 
@@ -189,6 +194,28 @@ async def test_second_process_does_not_run_an_exclusive_projection_while_the_fir
         assert set(consumers) == {b"a"}  # b never read the group: it waits as a standby
         assert json.loads(r.get("websocket:counter"))["seen"] == 20  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
+
+
+async def test_holder_that_loses_its_lease_stops_and_takes_over_again_later(
+        redis_server: LocalRedis, r: redis.Redis) -> None:
+    settings = settings_for(redis_server.url)
+    opts = runner.RunOptions(consumer="a", lease_ttl_ms=300)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run, settings, [counter_spec()], opts)
+        await wait_for(lambda: r.get(lease_key("counter")) == b"a")
+        r.set(lease_key("counter"), b"intruder", px=600)  # e.g. after a long pause of "a"
+        r.xadd("raw:test:counter", frame_entry(b"x", time.time(), "c", 1))  # type: ignore[arg-type]
+        # "a" notices at its next renewal, stops, waits out the intruder's lease, takes over
+        await wait_for(lambda: r.get(lease_key("counter")) == b"a"
+                       and drained(r, {"counter": ["raw:test:counter"]}))
+        nursery.cancel_scope.cancel()
+    assert json.loads(r.get("websocket:counter"))["seen"] >= 1  # type: ignore[arg-type]
+
+
+def test_unreachable_redis_is_a_bad_setting() -> None:
+    done = run_cli("project", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert done.returncode == 2
+    assert "REDIS_URL" in done.stderr
 
 
 # --- processes: SIGKILL at random instants, and two side by side --------------------------
@@ -266,7 +293,7 @@ def test_two_projector_processes_on_one_group_end_with_correct_views(
 # --- end to end: simulator -> ingestor -> log -> projector ---------------------------------
 
 def control_entries(r: redis.Redis, key: str, ctl: bytes) -> list[bytes]:
-    return [eid for eid, f in r.xrange(key) if f.get(b"ctl") == ctl]  # type: ignore[union-attr]
+    return [eid for eid, f in xrange(r, key) if f.get(b"ctl") == ctl]
 
 
 async def test_diff_depth_book_survives_a_sequence_break_and_equals_a_fresh_snapshot(
@@ -329,7 +356,7 @@ async def test_seed_reader_returns_the_price_the_simulator_sent(
         ingest_client.close()
         await wait_for(lambda: drained(r, groups_of(specs)))
         nursery.cancel_scope.cancel()
-    sent = last_of([("markPrice", f[b"frame"]) for _, f in r.xrange("raw:market:markPrice")  # type: ignore[union-attr]
+    sent = last_of([("markPrice", f[b"frame"]) for _, f in xrange(r, "raw:market:markPrice")
                     if b"frame" in f], "markPrice")
     # the seed service's reader, unchanged
     data = json.loads(r.get("websocket:mark_price:btcusdt"))  # type: ignore[arg-type]
