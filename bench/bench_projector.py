@@ -250,9 +250,14 @@ Reading the figures (2-core VM shared with other work; figures vary by up to 2x 
   write in one thread call cut the projector leg's p50 from 12 ms to about 3 ms, and queuing
   EVALSHA directly (no SCRIPT EXISTS before each pipeline) removed one round trip. With the
   simulator, the ingestor, Redis and the projector on 2 cores, p99 moves between 9 and 20 ms
-  from run to run with the machine's load.
+  from run to run with the machine's load. Over the runs of 24 Nov (2 cores shared with
+  other work): p50 4.6-13.8 ms, p99 9.3-29 ms end to end; the projector's own leg p50 2.9-5 ms,
+  p99 6-13 ms. The rest is the simulator and the ingestor on the same 2 cores. One process
+  runs four projections whose threads share the GIL: when a batch of frames lands on four keys
+  at once, the fourth projection waits for the other three to fold and write.
 - Replay runs each projection in its own process (`--jobs`, default the CPU count), so it
-  scales with cores; in one process it took about 22 s for the same million frames.
+  scales with cores; with `--jobs 1` the same million frames took about 11 s (about 22 s
+  before the view writes were batched into one script call).
 """
 
 

@@ -19,9 +19,11 @@ How it writes, and why:
   before taking the next one: the readers and the writer share one GIL, and many tiny batches
   cost the readers more CPU in thread switches than the writing itself (bench/bench_ingest.py).
   `linger=0` gives strict back-to-back batches.
-- The XADD commands are packed here (`_pack`: RESP, per-key prefixes made once), sent with
-  `Connection.send_packed_command` and answered through `read_response`: redis-py's `Pipeline`
-  object costs ~7 µs of CPU per XADD, this ~1.6 µs. The wire protocol is the same pipelining.
+- Each XADD is packed as RESP when it is appended (per-key prefixes made once; the writer
+  thread then only joins, sends with `Connection.send_packed_command` and reads the replies
+  with `read_response`): redis-py's `Pipeline` object costs ~7 µs of CPU per XADD, this ~1.6 µs,
+  and the less the writer thread holds the GIL, the less the readers wait for it. The wire
+  protocol is the same pipelining. An age limit (`MINID`) is computed at append time.
 - No automatic retry inside redis-py (see `pipeline.redisconn`): a re-sent `XADD *` would log a
   frame twice without anyone knowing. Here a failed batch is retried as a whole, with
   exponential backoff and jitter, until Redis answers. A connection lost after Redis applied
@@ -69,9 +71,9 @@ FINAL_FLUSH_TIMEOUT_S = 10.0
 LINGER_S = 0.005
 LINGER_FROM = 8  # a batch this big means frames are arriving back to back
 
-# A buffered entry: (raw key, frame entry as a tuple) or (raw key, control entry fields).
-FrameItem = tuple[bytes, float, bytes, int]  # frame, recv_ts, conn, seq
-Item = tuple[str, FrameItem | dict[bytes, bytes]]
+# A buffered entry: (raw key, (its XADD command packed as RESP, recv_ts, conn, is a gap)).
+Packed = tuple[bytes, float, bytes, bool]
+Item = tuple[str, Packed]
 Batch = list[Item]
 
 
@@ -117,7 +119,13 @@ class LogWriter:
     def append_frame(self, key: str, frame: bytes, recv_ts: float, conn: str, seq: int) -> bool:
         """Queue one frame for `key`. False: the buffer was full and the frame was counted as
         dropped (it will be reported in a `gap` entry)."""
-        if self.buffer.put(key, (frame, recv_ts, conn.encode(), seq), recv_ts, conn):
+        connb = conn.encode()
+        ts, sq = format_ts(recv_ts), b"%d" % seq
+        packed = self._prefix(key) + (
+            b"$5\r\nframe\r\n$%d\r\n%s\r\n$7\r\nrecv_ts\r\n$%d\r\n%s\r\n"
+            b"$4\r\nconn\r\n$%d\r\n%s\r\n$3\r\nseq\r\n$%d\r\n%s\r\n"
+            % (len(frame), frame, len(ts), ts, len(connb), connb, len(sq), sq))
+        if self.buffer.put(key, (packed, recv_ts, connb, False), recv_ts, conn):
             if self._idle:
                 self._work.set()
             return True
@@ -127,7 +135,10 @@ class LogWriter:
     def append_control(self, key: str, ctl: str, body: Mapping[str, Any], conn: str = "") -> bool:
         """Queue a control entry (no `frame` field) for `key`."""
         now = self.clock()
-        if self.buffer.put_control(key, control_entry(ctl, body, now, conn), now, conn):
+        fields = control_entry(ctl, body, now, conn)
+        packed = self._prefix(key, 2 * len(fields)) + b"".join(
+            [b"$%d\r\n%s\r\n" % (len(part), part) for kv in fields.items() for part in kv])
+        if self.buffer.put_control(key, (packed, now, conn.encode(), ctl == "gap"), now, conn):
             if self._idle:
                 self._work.set()
             return True
@@ -262,7 +273,7 @@ class LogWriter:
     def _write_sync(self, batch: Batch, now: float) -> tuple[list[int], list[str]]:
         """Worker thread: the batch's XADDs in one pipelined round trip."""
         started = time.perf_counter()
-        payload = b"".join([self._pack(key, item, now) for key, item in batch])
+        payload = b"".join([item[0] for _, item in batch])
         pool = self._client.connection_pool
         with redis_errors():
             conn = pool.get_connection()  # connects (and names the client) if needed
@@ -285,19 +296,7 @@ class LogWriter:
         self._count(batch, failed, time.perf_counter() - started)
         return failed, errors[:1]
 
-    def _pack(self, key: str, item: FrameItem | dict[bytes, bytes], now: float) -> bytes:
-        """One `XADD key [MAXLEN ~ n | MINID ~ id] * field value ...` in RESP."""
-        if isinstance(item, tuple):
-            frame, recv_ts, conn, seq = item
-            ts, sq = format_ts(recv_ts), b"%d" % seq
-            return self._prefix(key, now) + (
-                b"$5\r\nframe\r\n$%d\r\n%s\r\n$7\r\nrecv_ts\r\n$%d\r\n%s\r\n"
-                b"$4\r\nconn\r\n$%d\r\n%s\r\n$3\r\nseq\r\n$%d\r\n%s\r\n"
-                % (len(frame), frame, len(ts), ts, len(conn), conn, len(sq), sq))
-        return self._prefix(key, now, 2 * len(item)) + b"".join(
-            [b"$%d\r\n%s\r\n" % (len(part), part) for kv in item.items() for part in kv])
-
-    def _prefix(self, key: str, now: float, nfields: int = 8) -> bytes:
+    def _prefix(self, key: str, nfields: int = 8) -> bytes:
         """`*<argc> XADD key <trim> *` for an entry of `nfields` field and value args."""
         cached = self._prefixes.get((key, nfields))
         if cached is not None:
@@ -307,7 +306,7 @@ class LogWriter:
         if maxlen is not None:
             args += [b"MAXLEN", b"~", b"%d" % maxlen]
         elif age is not None:
-            args += [b"MINID", b"~", b"%d-0" % math.floor((now - age) * 1000)]
+            args += [b"MINID", b"~", b"%d-0" % math.floor((self.clock() - age) * 1000)]
         args.append(b"*")
         prefix = b"*%d\r\n" % (len(args) + nfields) + b"".join(
             [b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
@@ -349,11 +348,9 @@ class LogWriter:
             self._on_trio(self._notify_progress)
 
     def _record_given_up(self, batch: Batch) -> None:  # trio thread: the buffer's drop records
-        for key, item in batch:
-            if isinstance(item, tuple):
-                ts, conn = item[1], item[2]
-            else:
-                ts, conn = float(item.get(b"recv_ts", b"0")), item.get(b"conn", b"")
+        for key, (_, ts, conn, is_gap) in batch:
+            if is_gap:
+                continue  # a refused gap entry is not reported by another one
             self.buffer.record_drop(key, ts, conn.decode())
             metrics.FRAMES_DROPPED.labels(key).inc()
         self._append_gaps()

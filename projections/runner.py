@@ -54,8 +54,13 @@ from projections.viewstore import ViewStore
 
 log = logging.getLogger("pipeline.project")
 T = TypeVar("T")
-# called after a batch's writes and acks returned (`Folded.written_at`: the instant they did)
+# called in the worker thread right after a batch's writes and acks returned
+# (`Folded.written_at`: the instant they did); benchmarks time the views with it
 OnWritten = Callable[[list[RawEntry], Folded], None]
+# a written batch: its entries, what they folded to, the errors Redis answered for single writes
+Done = tuple[list[RawEntry], Folded, list[Exception]]
+# longest one worker-thread call keeps going before the Trio side gets a look
+CYCLE_BUDGET_S = 0.05
 
 DEPTH_KEY = "raw:market:depth"
 SNAPSHOT_LIMIT = 1000
@@ -174,37 +179,57 @@ class ProjectionLoop:
         self._reread_pending = True
         self._unwritten: tuple[list[RawEntry], Folded] | None = None
         self._next_claim = 0.0
+        self._stopping = False
 
     async def run(self) -> None:
         await self._retrying(self.io.ensure_groups)
         if self.projection.exclusive:
             await self._claim_all(min_idle_ms=0)
-        while True:
-            if self._reread_pending:
-                self._reread_pending = False
-                self._pending_cursor = {k: "0" for k in self.io.keys}
-            done = await self._retrying(self._cycle, abandon=True)
-            if done is not None:
-                await self._after(*done)
+        try:
+            while True:
+                if self._reread_pending:
+                    self._reread_pending = False
+                    self._pending_cursor = {k: "0" for k in self.io.keys}
+                for done in await self._retrying(self._cycle, abandon=True):
+                    await self._after(*done)
+        finally:
+            self._stopping = True  # an abandoned worker thread ends after its current batch
 
-    def _cycle(self) -> tuple[list[RawEntry], Folded, list[Exception]] | None:
-        """Read, fold, write + ack one batch, all in one worker thread.
+    def _cycle(self, more: bool = True) -> list[Done]:
+        """Read, fold, write + ack batches in ONE worker-thread call, until a batch needs the
+        Trio side (effects, failures, refused writes), nothing new came within the BLOCK, or
+        `CYCLE_BUDGET_S` passed. `more=False`: write the batch already folded, nothing else.
 
-        One hand-off between Trio and a thread per batch: on a busy machine every hand-off
-        waits for the scheduler, and that, not the work, made most of the latency. A batch
-        whose write failed is kept and written again by the next call, never folded twice
-        (an exclusive fold has already moved its state on).
+        Every hand-off between Trio and a thread waits for the scheduler, and on a busy machine
+        those waits, not the work, made most of the latency; here the thread goes straight from
+        one batch's write to the next read. A batch whose write failed is kept and written again
+        by the next call, never folded twice (an exclusive fold has already moved its state on).
         """
-        if self._unwritten is None:
-            entries = self._next_entries()
-            if not entries:
-                return None
-            self._unwritten = (entries, fold_batch(self.projection, entries,
-                                                   self.opts.coalescing))
-        entries, folded = self._unwritten
-        errors = self._write(folded)
-        self._unwritten = None
-        return entries, folded, errors
+        done: list[Done] = []
+        deadline = time.monotonic() + CYCLE_BUDGET_S
+        while not self._stopping:
+            try:
+                if self._unwritten is None:
+                    entries = self._next_entries()
+                    if not entries:
+                        break
+                    self._unwritten = (entries, fold_batch(self.projection, entries,
+                                                           self.opts.coalescing))
+                entries, folded = self._unwritten
+                errors = self._write(folded)
+            except (RedisUnavailable, redis.ResponseError):
+                if done:
+                    return done  # handled first; the failure comes back on the next call
+                raise
+            self._unwritten = None
+            self._account(folded)
+            if self.on_written is not None:
+                self.on_written(entries, folded)
+            done.append((entries, folded, errors))
+            if (not more or folded.effects or folded.failures or errors
+                    or time.monotonic() > deadline):
+                break
+        return done
 
     def _write(self, folded: Folded) -> list[Exception]:
         gaps = [e for e in folded.effects if isinstance(e, LogGap)]
@@ -289,22 +314,21 @@ class ProjectionLoop:
     async def handle(self, entries: list[RawEntry]) -> None:
         """Fold and write a batch that was read outside `_cycle` (claimed entries)."""
         self._unwritten = (entries, fold_batch(self.projection, entries, self.opts.coalescing))
-        done = await self._retrying(self._cycle)
-        if done is not None:
+        # only this batch: claimed entries are older than anything new and go first
+        for done in await self._retrying(functools.partial(self._cycle, False)):
             await self._after(*done)
 
     async def _after(self, entries: list[RawEntry], folded: Folded,
                      errors: list[Exception]) -> None:
+        """The Trio side of a written batch: log refused writes, request snapshots, retry or
+        dead-letter failed entries."""
         for err in errors:
             log.error("view write refused", extra={"group": self.name, "error": str(err)})
-        self._account(folded)
         for eff in folded.effects:
             if isinstance(eff, NeedSnapshot) and self.snapshots is not None:
                 self.snapshots.request(eff.symbol)
         if folded.failures:
             await self._failures(folded.failures)
-        if self.on_written is not None:
-            self.on_written(entries, folded)
 
     def _account(self, folded: Folded) -> None:
         if folded.applied:

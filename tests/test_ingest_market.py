@@ -24,9 +24,10 @@ import trio
 
 from pipeline import metrics
 from pipeline.config import Settings, load_settings
-from pipeline.eventlog import ControlEntry, FrameEntry, decode_entry
+from pipeline.eventlog import ControlEntry, FrameEntry, decode_entry, route_frame
 from pipeline.ingest_market import (
     MarketIngest,
+    cached_router,
     market_specs,
     resolve_symbols,
     run_market_ingest,
@@ -333,6 +334,34 @@ async def test_retention_trims_each_key_by_count_or_age(redis_server: LocalRedis
     assert 100 <= r.xlen("raw:market:aggTrade") < 1000
     kept = [f[b"frame"] for _, f in xrange(r, "raw:market:markPrice")]
     assert kept[-1] == b"new" and len(kept) <= 51
+
+
+async def test_a_key_redis_keeps_refusing_does_not_stall_the_other_keys(
+        redis_server: LocalRedis, r: redis.Redis) -> None:
+    r.set("raw:market:markPrice", "not a stream")  # every XADD to it: WRONGTYPE
+    writer = LogWriter(make_client(redis_server.url), backoff=(0.001, 0.002))
+    dropped = metrics.FRAMES_DROPPED.labels("raw:market:markPrice")._value.get()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for i in range(50):
+            writer.append_frame("raw:market:markPrice", b"m", 1.0, "c", 2 * i + 1)
+            writer.append_frame("raw:market:aggTrade", b"a", 1.0, "c", 2 * i + 2)
+        with trio.fail_after(10):
+            await writer.flush()
+        nursery.cancel_scope.cancel()
+    assert r.xlen("raw:market:aggTrade") == 50
+    assert metrics.FRAMES_DROPPED.labels("raw:market:markPrice")._value.get() - dropped >= 50
+
+
+def test_cached_routing_gives_the_same_key_as_route_frame_for_every_kind_of_frame() -> None:
+    frames_ = [b'{"stream":"btcusdt@aggTrade","data":{}}', b'{"stream":"ethusdt@depth20@100ms",',
+               b'{"stream":"!markPrice@arr@1s","data":[]}', b'{"stream":"btcusdt@nosuch","d":1}',
+               b'{"stream":"btcusdt@aggTrade', b'{"result":null,"id":1}', b"\x00binary",
+               b"not json", *malformed_frames(5, 0)[:2]]
+    frames_ = [f if isinstance(f, bytes) else f.encode() for f in frames_]
+    routed = cached_router()
+    for _ in range(2):  # the second time from the cache
+        assert [routed(f) for f in frames_] == [route_frame(f) for f in frames_]
 
 
 # --- the command line --------------------------------------------------------------------------
