@@ -1,6 +1,6 @@
 """Benchmark of `pipeline ingest market` (not a test): throughput, bursts, peak memory.
 
-    .venv/bin/python bench/bench_ingest.py [--seconds 5] [--rounds 2]
+    .venv/bin/python bench/bench_ingest.py [--seconds 5] [--rounds 2] [--pin]
 
 Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a subprocess), then:
 1. throughput: the simulator sends one stream (btcusdt@aggTrade) flat out (rate 0). Alternately,
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis
@@ -78,6 +78,20 @@ def clean_env() -> dict[str, str]:
             if not k.startswith(("PIPELINE_", "BINANCE_", "REDIS_URL"))}
 
 
+def pinned(cpu: int | None) -> Any:
+    """preexec_fn that pins the child to one CPU (None: leave it to the scheduler)."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+# CPUs for the feed side (simulator, redis-server) and the reader side (bare loop, ingestor):
+# on a 2-core machine the simulator at full speed needs a core of its own, and without pinning
+# the measured "ingest rate" is mostly how much CPU the ingestor left to the simulator.
+FEED_CPU: int | None = None
+READER_CPU: int | None = None
+
+
 class Sim:
     """`pipeline simulate` as a subprocess."""
 
@@ -85,7 +99,7 @@ class Sim:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "simulate", "--symbols", "BTCUSDT", *args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env(),
-            cwd=ROOT)
+            cwd=ROOT, preexec_fn=pinned(FEED_CPU))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         assert line[:2] == ["simulator", "ready"], line
@@ -94,7 +108,8 @@ class Sim:
         self.http = httpx.Client(base_url=self.rest_url, timeout=10)
 
     def stats(self) -> dict[str, Any]:
-        return self.http.get("/sim/stats").json()  # type: ignore[no-any-return]
+        stats: dict[str, Any] = self.http.get("/sim/stats").json()
+        return stats
 
     def post(self, name: str, body: dict[str, Any]) -> None:
         self.http.post(f"/sim/{name}", json=body).raise_for_status()
@@ -117,7 +132,8 @@ class Ingestor:
                "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade"}
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "market"],
                                      env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=pinned(READER_CPU))
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -171,7 +187,8 @@ def count_frames(r: redis.Redis, key: str = KEY) -> tuple[int, int]:
     frames = gaps = 0
     start = "-"
     while True:
-        batch = r.xrange(key, min=start, count=10_000)
+        batch = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                     r.xrange(key, min=start, count=10_000))
         if not batch:
             return frames, gaps
         for _, fields in batch:
@@ -187,8 +204,10 @@ def count_frames(r: redis.Redis, key: str = KEY) -> tuple[int, int]:
 def run_bare(sim: Sim, seconds: float) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--bare", f"{sim.ws_url}/market/stream?streams={STREAM}",
-         "--seconds", str(seconds)], capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+         "--seconds", str(seconds)], capture_output=True, text=True, check=True, cwd=ROOT,
+        preexec_fn=pinned(READER_CPU))
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
 
 
 def run_ingest(sim: Sim, r: redis.Redis, url: str, seconds: float) -> dict[str, float]:
@@ -235,14 +254,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pin", action="store_true",
+                        help="simulator and redis on CPU 0, bare loop and ingestor on CPU 1")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
         bare_main(args.bare, args.seconds, args.warmup)
         return 0
+    global FEED_CPU, READER_CPU
+    if args.pin:
+        FEED_CPU, READER_CPU = 0, 1
 
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
+        if FEED_CPU is not None and server.proc is not None:
+            os.sched_setaffinity(server.proc.pid, {FEED_CPU})
         r = server.client()
         sim = Sim("--rate", "0")
         bare, ingest = [], []
@@ -260,7 +286,8 @@ def main() -> int:
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "bench/bench_ingest.py " + " ".join(sys.argv[1:]),
-        "cpus": os.cpu_count(), "bare": bare, "ingest": ingest, "bursts": bursts,
+        "cpus": os.cpu_count(), "pinned": args.pin, "bare": bare, "ingest": ingest,
+        "bursts": bursts,
         "bare_rate": bare_rate, "ingest_rate": ingest_rate, "ratio": ingest_rate / bare_rate,
         "cpu_ratio": statistics.median(i["per_cpu_second"] for i in ingest)
         / statistics.median(b["per_cpu_second"] for b in bare),

@@ -11,10 +11,13 @@ Each part starts its own redis-server (pipeline.localredis) on a free port.
   same `projections.runner.run` as `pipeline project`) folds them all; events/s = entries /
   time until every group has acknowledged everything. Once with coalescing, once without.
 - latency: `pipeline simulate` (subprocess) sends `--rate` frames/s in total, `pipeline ingest
-  market` (subprocess) logs them, the projector runs here. For every frame entry of a batch, the
-  latency is (time right after the batch's write+ack pipeline returned) - (the frame's `E`, the
-  simulator's wall-clock send time in ms). Coalesced frames count too: their view was written
-  (with the same or a newer value) at that instant.
+  market` (subprocess) logs them, the projector runs here (all projections in this process) or,
+  with `--split yes`, one forked process per projection (as `pipeline project --only NAME`
+  each); by default both are measured. For every frame entry of a batch, the latency is (time
+  right after the batch's write+ack pipeline returned) - (the frame's `E`, the simulator's
+  wall-clock send time in ms). Coalesced and superseded frames count too: their view was
+  written (with the same or a newer value) at that instant. The callback only keeps the batch;
+  frames are parsed for `E` after the run, off the path being measured.
 - replay: `--replay-frames` frames pre-filled, then `projections.replay.replay` of every
   projection (XRANGE chunks, same folds, same forward-only writes; one process per projection,
   `--jobs` at once, as `pipeline replay` does by default), timed end to end.
@@ -23,6 +26,7 @@ Each part starts its own redis-server (pipeline.localredis) on a free port.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -143,7 +147,51 @@ def _start(*argv: str, env: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-def bench_latency(rate: int, seconds: float, warmup: float = 2.0) -> dict[str, float]:
+def _project_timed(settings: Any, specs: list[Any], until: float, warmup_end: float,
+                   conn: Any = None) -> list[tuple[float, list[RawEntry]]]:
+    """Run the projector on `specs` until the wall clock reaches `until`; returns, per batch
+    written after `warmup_end`, (written_at, entries). Nothing is parsed here: the callback runs
+    in the projector's own thread, on the latency path it measures."""
+    batches: list[tuple[float, list[RawEntry]]] = []
+
+    def on_written(entries: list[RawEntry], folded: Folded) -> None:
+        if folded.written_at >= warmup_end:
+            batches.append((folded.written_at, entries))
+
+    async def main() -> None:
+        with trio.move_on_after(until - time.time()):
+            await runner.run(settings, specs, runner.RunOptions(consumer="bench", block_ms=1000),
+                             on_written=on_written)
+
+    trio.run(main)
+    if conn is not None:  # a child process of --split: send the figures home
+        conn.send(_samples(batches))
+        conn.close()
+    return batches
+
+
+def _samples(batches: list[tuple[float, list[RawEntry]]]) -> list[tuple[float, ...]]:
+    """Per frame: (written - E, receive leg, log leg, project leg) in ms."""
+    out: list[tuple[float, ...]] = []
+    for written_at, entries in batches:
+        done_ms = written_at * 1000
+        for _key, eid, fields in entries:
+            frame = fields.get(b"frame")
+            if frame is None:
+                continue
+            data: Any = orjson.loads(frame).get("data")
+            if isinstance(data, dict) and "E" in data:
+                recv_ms = float(fields[b"recv_ts"]) * 1000
+                id_ms = int(eid.split(b"-")[0])
+                out.append((done_ms - data["E"], recv_ms - data["E"], id_ms - recv_ms,
+                            done_ms - id_ms))
+    return out
+
+
+def bench_latency(rate: int, seconds: float, warmup: float = 2.0,
+                  split: bool = False) -> dict[str, float]:
+    """`split`: one projector process per projection (`pipeline project --only NAME` each),
+    else all four in this one process."""
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
         # two connections (/market and /public), each at rate/2 frames/s
         sim = _start("simulate", "--rate", str(rate // 2), "--ws-port", "0", "--rest-port", "0",
@@ -156,44 +204,34 @@ def bench_latency(rate: int, seconds: float, warmup: float = 2.0) -> dict[str, f
         ingest = _start("ingest", "market", env=env)
         settings = load_settings(env=env)
         specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
-        latencies: list[float] = []
-        # where the time goes: send -> ingestor receipt -> XADD (entry id) -> view written
-        legs: dict[str, list[float]] = {"receive": [], "log": [], "project": []}
         t_start = time.time()
-
-        def on_written(entries: list[RawEntry], folded: Folded) -> None:
-            done_ms = folded.written_at * 1000
-            if done_ms / 1000 - t_start < warmup:
-                return
-            for _key, eid, fields in entries:
-                frame = fields.get(b"frame")
-                if frame is not None:
-                    data: Any = orjson.loads(frame).get("data")
-                    if isinstance(data, dict) and "E" in data:
-                        latencies.append(done_ms - data["E"])
-                        recv_ms = float(fields[b"recv_ts"]) * 1000
-                        id_ms = int(eid.split(b"-")[0])
-                        legs["receive"].append(recv_ms - data["E"])
-                        legs["log"].append(id_ms - recv_ms)
-                        legs["project"].append(done_ms - id_ms)
-
-        async def main() -> None:
-            with trio.move_on_after(warmup + seconds):
-                await runner.run(settings, specs, runner.RunOptions(consumer="bench",
-                                                                    block_ms=1000),
-                                 on_written=on_written)
-
+        until, warmup_end = t_start + warmup + seconds, t_start + warmup
+        samples: list[tuple[float, ...]] = []
         try:
-            trio.run(main)
+            if split:
+                ctx = mp.get_context("fork")
+                pipes, procs = [], []
+                for spec in specs:
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_project_timed,
+                                       args=(settings, [spec], until, warmup_end, send))
+                    proc.start()
+                    pipes.append(recv)
+                    procs.append(proc)
+                for recv, proc in zip(pipes, procs, strict=True):
+                    samples += recv.recv()
+                    proc.join()
+            else:
+                samples = _samples(_project_timed(settings, specs, until, warmup_end))
         finally:
             for p in (ingest, sim):
                 p.terminate()
                 p.communicate(timeout=15)
-        latencies.sort()
-        q = statistics.quantiles(latencies, n=100)
-        out = {"frames_per_s": len(latencies) / seconds, "p50_ms": q[49], "p99_ms": q[98],
-               "max_ms": latencies[-1], "frames": len(latencies)}
-        for leg, values in legs.items():
+        columns = list(zip(*samples, strict=True))
+        q = statistics.quantiles(columns[0], n=100)
+        out = {"frames_per_s": len(samples) / seconds, "p50_ms": q[49], "p99_ms": q[98],
+               "max_ms": max(columns[0]), "frames": len(samples)}
+        for leg, values in zip(("receive", "log", "project"), columns[1:], strict=True):
             lq = statistics.quantiles(values, n=100)
             out[f"{leg}_p50_ms"], out[f"{leg}_p99_ms"] = lq[49], lq[98]
         return out
@@ -218,16 +256,19 @@ def bench_replay(n: int, n_symbols: int, jobs: int) -> tuple[float, int]:
 
 DOC_HEAD = """## Projector (bench/bench_projector.py)
 
-Run: `.venv/bin/python bench/bench_projector.py --write-doc` (about a minute; every part starts
+Run: `.venv/bin/python bench/bench_projector.py --write-doc` (about 75 s; every part starts
 its own redis-server). One projector process means the same `projections.runner.run` that
 `pipeline project` runs, all market projections in one process.
 
 - events/s: raw streams pre-filled with realistic frames of four families over 50 symbols
   (mark price, 20-level partial depth of ~1 KB, aggTrade, kline_1m), time until every group has
-  acknowledged everything. Coalescing off means one view write per event.
+  acknowledged everything. Coalescing off means one view write per event (and no
+  pre-coalescing: every frame is parsed).
 - latency: `pipeline simulate` -> `pipeline ingest market` -> Redis -> projector, 5,000 frames/s
   in total over two connections; per frame, the time right after its batch's write + ack
-  pipeline returned minus the simulator's send time `E` (ms). The three legs split it:
+  pipeline returned minus the simulator's send time `E` (ms). Measured twice: all four
+  projections in one process, and one process per projection (`pipeline project --only NAME`
+  four times, as an operator who cares about latency would run it). The three legs split it:
   receive (E -> the ingestor's `recv_ts`), log (-> the XADD id's time), project (-> written).
   `E` and entry ids have millisecond resolution, so each leg carries up to 1 ms of rounding.
 - replay: 1,000,000 pre-filled frames, `pipeline replay` of the four market projections.
@@ -235,29 +276,37 @@ its own redis-server). One projector process means the same `projections.runner.
 
 DOC_NOTES = """
 Reading the figures (2-core VM shared with other work; figures vary by up to 2x with load):
-- Events/s are bound by Python per entry, split about evenly between reading (hiredis + dict
-  per entry), folding (orjson of the frame and of the view; the 1 KB depth20 frames cost the
-  most), and writing. Coalescing keeps one write per view per batch; without it every event is
-  its own `SET` inside the one script call. What helped: all market writes of a batch in one
-  EVALSHA (50 book writes: 3.8 ms as 50 calls, well under 1 ms as one), the version read with a
-  Lua pattern instead of cjson-decoding the stored book, a response callback that flattens
-  XREADGROUP replies, and read + fold + write in one worker-thread call. More throughput per
-  host comes from more processes (`--only` splits projections; stateless ones also scale by
-  running the same command twice on one group).
-- Latency: most of the projector's leg is waking a thread (the blocked XREADGROUP returns in
-  a worker thread that must get a core and the GIL) and the single write round trip. Every
-  Trio <-> thread hand-off waits for the scheduler on a busy machine: doing read, fold and
-  write in one thread call cut the projector leg's p50 from 12 ms to about 3 ms, and queuing
-  EVALSHA directly (no SCRIPT EXISTS before each pipeline) removed one round trip. With the
-  simulator, the ingestor, Redis and the projector on 2 cores, p99 moves between 9 and 20 ms
-  from run to run with the machine's load. Over the runs of 24 Nov (2 cores shared with
-  other work): p50 4.6-13.8 ms, p99 9.3-29 ms end to end; the projector's own leg p50 2.9-5 ms,
-  p99 6-13 ms. The rest is the simulator and the ingestor on the same 2 cores. One process
-  runs four projections whose threads share the GIL: when a batch of frames lands on four keys
-  at once, the fourth projection waits for the other three to fold and write.
-- Replay runs each projection in its own process (`--jobs`, default the CPU count), so it
-  scales with cores; with `--jobs 1` the same million frames took about 11 s (about 22 s
-  before the view writes were batched into one script call).
+- Events/s: the fold was most of the cost per entry (orjson of a 1 KB depth20 frame, picking,
+  the view's JSON, a ViewWrite) and most of it was thrown away by `coalesce`. Pre-coalescing
+  (`projections.groups.superseded`, `last_value_key` of the stateless market folds) reads the
+  stream name from the wrapper's bytes and parses only the last frame per stream in a batch
+  (every closed kline is still parsed): the fold fell from ~7.1 to ~1.6 us per entry
+  (single-threaded profile, 200,000 entries), the whole loop from ~14 to ~8 us. What remains
+  is reading (XREADGROUP reply, hiredis + one dict per entry, ~3.8 us incl. Redis' own work)
+  and writing (one EVALSHA of the batch's surviving writes + XACK of every id, ~2.7 us).
+  A larger `--batch` coalesces more: 1000 gave 124-136k/s, 2000 142-149k/s on the same
+  machine (500 is still the default). Replay uses the same fold (chunks of 5,000), hence
+  ~4 s instead of 13 s for the million frames.
+- Latency: the log leg is the ingestor's (pipeline/writer.py). Under sustained load its writer
+  pauses `LINGER_S` after a batch of >= 8 entries; the working tree has 10 ms there (the
+  committed version 5 ms), which alone makes the log leg p50 ~5.3 ms and p99 ~11 ms: above the
+  10 ms target before the projector does anything. Diagnostic runs with only the writer's linger
+  changed (bench code unchanged otherwise, 24 Nov 07:34, load 1.0-2.4):
+  linger 5 ms: one process p50 6.18 / p99 11.52 ms (project leg 2.73 / 7.12), split p50 5.69 /
+  p99 9.95 ms (project 2.24 / 4.30); linger 0: one process p50 3.66 / p99 25.71 ms (project
+  2.62 / 24.71: every frame is its own tiny batch and four threads queue for one GIL), split
+  p50 2.52 / p99 5.73 ms (project 1.53 / 3.40).
+- The projector's own leg: at 5,000 frames/s a batch holds 1-30 entries, so the cost is per
+  batch, not per entry: a redis-py call costs ~60-75 us of CPU here (~30-40 us of it redis-py
+  itself: pipeline object, connection pool, instrumentation), a burst wakes four threads that
+  queue for one GIL, and a thread back from a socket call may wait the whole switch interval.
+  What helped: the next non-blocking read rides in the write + ack round trip (stateless
+  projections only; a burst's first entry wakes the blocked read, the rest come with its
+  write), the GIL switch interval at 0.5 ms while projecting (project leg p99 8-9.5 -> 7.5-8
+  ms in A/B runs, events/s unchanged), and one process per projection (own GIL: project leg
+  p99 ~5 ms instead of 6-8). Next step if needed: send the hot commands (XREADGROUP, the write
+  pipeline) on a dedicated connection with pre-packed commands instead of through redis-py's
+  command layer (measured: 74 -> 40 us CPU per write pipeline, 63 -> 33 us per read).
 """
 
 
@@ -265,6 +314,24 @@ def verdict(value: float, target: float, higher_is_better: bool) -> str:
     ok = value >= target if higher_is_better else value < target
     off = abs(value - target) / target * 100
     return "met" if ok else f"missed by {off:.0f} %"
+
+
+def latency_lines(rate: int, seconds: float, split: bool) -> list[str]:
+    lat = bench_latency(rate, seconds, split=split)
+    how = "one projector process per projection" if split else "all projections in one process"
+    lines = [f"frame-to-view latency at {rate:,} frames/s offered, {how} "
+             f"({lat['frames_per_s']:,.0f}/s measured, {lat['frames']:,} frames): "
+             f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
+             f"max {lat['max_ms']:.1f} ms  (target p99 < 10 ms: "
+             f"{verdict(lat['p99_ms'], 10, False)})",
+             "  of which (p50 / p99): " + ", ".join(
+                 f"{leg} {lat[leg + '_p50_ms']:.2f} / {lat[leg + '_p99_ms']:.2f} ms"
+                 for leg in ("receive", "log", "project"))
+             + "  [receive: E -> ingestor recv_ts; log: recv_ts -> XADD id; project: XADD id"
+               " -> view written]"]
+    for line in lines:
+        print(line, flush=True)
+    return lines
 
 
 def main() -> int:
@@ -277,6 +344,9 @@ def main() -> int:
                     help="families for the events part (one projection each)")
     ap.add_argument("--rate", type=int, default=5_000)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--split", choices=["yes", "no"], default=None,
+                    help="latency: one projector process per projection (as `pipeline project "
+                         "--only NAME` each) or all in one; default: both")
     ap.add_argument("--replay-frames", type=int, default=1_000_000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="replay processes (as `pipeline replay --jobs`)")
@@ -293,19 +363,8 @@ def main() -> int:
                             if coalescing else ""))
             print(lines[-1], flush=True)
     if args.only in (None, "latency"):
-        lat = bench_latency(args.rate, args.seconds)
-        lines.append(f"frame-to-view latency at {args.rate:,} frames/s offered "
-                     f"({lat['frames_per_s']:,.0f}/s measured, {lat['frames']:,} frames): "
-                     f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
-                     f"max {lat['max_ms']:.1f} ms  (target p99 < 10 ms: "
-                     f"{verdict(lat['p99_ms'], 10, False)})")
-        print(lines[-1], flush=True)
-        lines.append("  of which (p50 / p99): " + ", ".join(
-            f"{leg} {lat[leg + '_p50_ms']:.2f} / {lat[leg + '_p99_ms']:.2f} ms"
-            for leg in ("receive", "log", "project"))
-            + "  [receive: E -> ingestor recv_ts; log: recv_ts -> XADD id; project: XADD id"
-              " -> view written]")
-        print(lines[-1], flush=True)
+        for split in ((False, True) if args.split is None else (args.split == "yes",)):
+            lines += latency_lines(args.rate, args.seconds, split)
     if args.only in (None, "replay"):
         took, n = bench_replay(args.replay_frames, args.symbols, args.jobs)
         lines.append(f"replay of {n:,} logged frames (4 market projections, {args.jobs} "

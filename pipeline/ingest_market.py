@@ -55,8 +55,15 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     client = connect_checked(settings.redis_url, name="ingest-market")
     symbols = trio.run(resolve_symbols, settings)
     running: list[MarketIngest] = []
-    server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
-                           ) if settings.metrics_port > 0 else None
+    server = None
+    if settings.metrics_port > 0:
+        try:
+            server = metrics.serve(settings.metrics_port,
+                                   lambda: bool(running) and running[0].healthy())
+        except OSError as exc:
+            raise SettingsError("PIPELINE_METRICS_PORT",
+                                f"cannot listen on {settings.metrics_port}: {exc.strerror}"
+                                ) from None
     try:
         trio.run(_serve_until_signal, settings, client, symbols, max_per, running)
     finally:

@@ -15,7 +15,7 @@ How it writes, and why:
   ~90 µs of CPU.) The thread sleeps on a `threading.Event` while the buffer is empty; the first
   append wakes it, so at low load each frame goes out alone at once. A batch is what
   accumulated while the previous one was on the wire (up to `max_batch`). Under sustained load
-  (the batch just written held >= `LINGER_FROM` entries) the thread waits up to `linger` (5 ms)
+  (the batch just written held >= `LINGER_FROM` entries) the thread pauses `linger` (10 ms)
   before taking the next one: the readers and the writer share one GIL, and many tiny batches
   cost the readers more CPU in thread switches than the writing itself (bench/bench_ingest.py).
   `linger=0` gives strict back-to-back batches.
@@ -58,7 +58,6 @@ from pipeline.eventlog import (
     DEFAULT_RETENTION,
     Retention,
     control_entry,
-    format_ts,
     retention_family,
 )
 from pipeline.redisconn import redis_errors
@@ -68,7 +67,8 @@ log = logging.getLogger("pipeline.writer")
 MAX_BATCH = 2_000
 MAX_REFUSALS = 8
 FINAL_FLUSH_TIMEOUT_S = 10.0
-LINGER_S = 0.005
+LINGER_S = 0.010
+STOP_QUIET_S = 0.1
 LINGER_FROM = 8  # a batch this big means frames are arriving back to back
 
 # A buffered entry: (raw key, (its XADD command packed as RESP, recv_ts, conn, is a gap)).
@@ -95,6 +95,8 @@ class LogWriter:
         self._retention = retention
         self._trim_cache: dict[str, tuple[int | None, float | None]] = {}
         self._prefixes: dict[tuple[str, int], bytes] = {}
+        self._frame_prefixes: dict[str, bytes] = {}
+        self._conn_ids: dict[str, bytes] = {}  # one per connection id seen
         self.buffer = FrameBuffer(bound)
         self.max_batch = max_batch
         self.clock = clock
@@ -119,9 +121,15 @@ class LogWriter:
     def append_frame(self, key: str, frame: bytes, recv_ts: float, conn: str, seq: int) -> bool:
         """Queue one frame for `key`. False: the buffer was full and the frame was counted as
         dropped (it will be reported in a `gap` entry)."""
-        connb = conn.encode()
-        ts, sq = format_ts(recv_ts), b"%d" % seq
-        packed = self._prefix(key) + (
+        # hot path (every frame): cached prefixes and connection ids, no helper calls
+        prefix = self._frame_prefixes.get(key) or self._prefix(key)
+        connb = self._conn_ids.get(conn)
+        if connb is None:
+            if len(self._conn_ids) > 10_000:
+                self._conn_ids.clear()
+            connb = self._conn_ids[conn] = conn.encode()
+        ts, sq = b"%.6f" % recv_ts, b"%d" % seq  # as eventlog.format_ts
+        packed = prefix + (
             b"$5\r\nframe\r\n$%d\r\n%s\r\n$7\r\nrecv_ts\r\n$%d\r\n%s\r\n"
             b"$4\r\nconn\r\n$%d\r\n%s\r\n$3\r\nseq\r\n$%d\r\n%s\r\n"
             % (len(frame), frame, len(ts), ts, len(connb), connb, len(sq), sq))
@@ -203,13 +211,20 @@ class LogWriter:
     # --- the writer thread ---------------------------------------------------------------------
 
     def _thread_main(self, done: trio.Event) -> None:
+        quiet_since: float | None = None
         try:
             while not self._abort.is_set():
                 if not self.buffer:
                     if self._stopping and not self._gaps_scheduled:
-                        break
+                        # tasks cancelled with us may still append their last control entries
+                        # (a connection's `closed`): stop only after a short quiet spell
+                        now = time.monotonic()
+                        quiet_since = quiet_since or now
+                        if now - quiet_since >= STOP_QUIET_S:
+                            break
                     self._wait_for_work()
                     continue
+                quiet_since = None
                 batch = self.buffer.take(self.max_batch)
                 metrics.BUFFER_FILL.set(len(self.buffer))
                 self._write_until_done(batch)
@@ -226,7 +241,6 @@ class LogWriter:
         self._idle = True
         self._work.clear()
         if not self.buffer:
-            # while stopping, only a gap entry the trio thread is about to append is awaited
             self._work.wait(0.01 if self._stopping else 1.0)
         self._idle = False
 
@@ -312,6 +326,8 @@ class LogWriter:
             [b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
         if age is None:  # an age limit moves with the clock: not cached
             self._prefixes[(key, nfields)] = prefix
+            if nfields == 8:
+                self._frame_prefixes[key] = prefix
         return prefix
 
     def _trim(self, key: str) -> tuple[int | None, float | None]:

@@ -15,6 +15,7 @@ the private stream. Everything that differs is in the `ConnSpec`:
                                          # reader; an exception from it ends the connection
         silence_timeout=30.0,            # None: no silence rule
         rotate_after=85_800.0,           # None: no rotation
+        handover_on_connect=False,       # True: rotate without waiting for a data frame
     )
     await WsConnection(spec, writer).run()   # until cancelled
 
@@ -87,6 +88,9 @@ class ConnSpec:
     silence_timeout: float | None = None
     rotate_after: float | None = None
     streams: int = 0  # streams carried in total (URL + SUBSCRIBE), for the `opened` entry
+    # Rotation hands over once the new connection is subscribed, without waiting for its first
+    # data frame: for a stream that may stay quiet for hours (the user-data stream).
+    handover_on_connect: bool = False
 
 
 @attrs.frozen
@@ -176,7 +180,8 @@ class WsConnection:
         while True:
             old = self.current
             replacing = old is not None and not old.done.is_set()
-            ready = link.delivered if replacing else link.connected
+            wait_data = replacing and not self.spec.handover_on_connect
+            ready = link.delivered if wait_data else link.connected
             waits = [ready, link.done] + ([old.done] if replacing and old else [])
             await _wait_any(waits)
             if link.done.is_set():

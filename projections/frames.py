@@ -56,6 +56,28 @@ def unwrap(frame: bytes) -> tuple[str, Any] | None:
     raise PoisonEntry("frame is neither an object nor a list")
 
 
+_WRAPPER_HEAD = b'{"stream":"'
+_WRAPPER_DATA = b'","data":{'
+
+
+def wrapped_stream(frame: bytes) -> bytes | None:
+    """The stream name of a well-formed combined frame `{"stream":"<name>","data":{...}}`,
+    read from its bytes without parsing; None for anything else (no wrapper, a list payload,
+    a frame that does not end like a complete wrapper, e.g. a truncated one).
+
+    Used to find the frames of a batch that a later frame of the same stream supersedes
+    (`last_value_key` of the stateless folds): only the newest one is parsed. The checks are
+    byte checks only, so a frame that passes them may still be poison; it is then parsed and
+    dead-lettered only when it is the last of its stream in its batch.
+    """
+    if not frame.startswith(_WRAPPER_HEAD) or not frame.endswith(b"}}"):
+        return None
+    end = frame.find(_WRAPPER_DATA, 11, 160)
+    if end < 0:
+        return None
+    return frame[11:end]
+
+
 def event_type(payload: Any) -> Any:
     """The `e` field of a payload object, None for anything else."""
     return payload.get("e") if type(payload) is dict else None

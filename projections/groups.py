@@ -14,7 +14,7 @@ increments it), so they survive a restart and need no key of their own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import attrs
@@ -75,9 +75,14 @@ class Folded:
     written_at: float = 0.0  # wall clock right after the write + ack pipeline returned
 
 
-def fold_batch(projection: Projection, entries: Iterable[RawEntry],
+def fold_batch(projection: Projection, entries: Sequence[RawEntry],
                coalescing: bool = True) -> Folded:
     """Apply each entry; an entry that raises is a failure and is not acknowledged.
+
+    With coalescing, a projection that has `last_value_key(frame)` (the stateless market
+    folds) gets only the last frame of each key in the batch: the others would be coalesced
+    away anyway, and parsing them was most of the fold's cost. Superseded entries count as
+    applied and are acknowledged; they are not parsed (see `superseded`).
 
     Hot path (every entry of every batch): plain locals, no per-entry allocation beyond what
     the fold returns.
@@ -86,10 +91,14 @@ def fold_batch(projection: Projection, entries: Iterable[RawEntry],
     outputs: list[Output] = []
     acks = folded.acks
     apply = projection.apply
+    keyer = getattr(projection, "last_value_key", None) if coalescing else None
+    skip = superseded(entries, keyer) if keyer is not None else ()
     newest = 0.0
-    for raw in entries:
+    for i, raw in enumerate(entries):
         key, eid, fields = raw
-        if fields:
+        if i in skip:
+            folded.applied += 1
+        elif fields:
             try:
                 entry = decode_entry(eid, fields)
                 outs = apply(entry)
@@ -117,6 +126,28 @@ def fold_batch(projection: Projection, entries: Iterable[RawEntry],
         else:
             folded.writes.append(out)
     return folded
+
+
+def superseded(entries: Sequence[RawEntry],
+               keyer: Callable[[bytes], bytes | None]) -> set[int]:
+    """Indexes of the frame entries that a later entry with the same `keyer(frame)` (the
+    stream name, which also decides the source key) supersedes. `keyer` returns None for a
+    frame that must always be folded (not a well-formed wrapper, a closed candle, a list
+    payload)."""
+    last: dict[bytes, int] = {}
+    skip: set[int] = set()
+    for i, (_key, _eid, fields) in enumerate(entries):
+        frame = fields.get(b"frame")
+        if frame is None:
+            continue
+        name = keyer(frame)
+        if name is None:
+            continue
+        held = last.get(name)
+        if held is not None:
+            skip.add(held)
+        last[name] = i
+    return skip
 
 
 class GroupIO:
@@ -155,6 +186,10 @@ class GroupIO:
             reply: Any = self.client.xreadgroup(self.group, self.consumer, dict(ids),  # type: ignore[arg-type]
                                                 count=count, block=block_ms)
         return cast(list[RawEntry], reply)
+
+    def queue_read(self, pipe: Any, count: int) -> None:
+        """Queue a non-blocking read of new entries (`>`) on `pipe` (see `write_batch`)."""
+        pipe.xreadgroup(self.group, self.consumer, {k: ">" for k in self.keys}, count=count)
 
     def autoclaim(self, key: str, min_idle_ms: int, start: bytes | str,
                   count: int) -> tuple[bytes, list[RawEntry]]:
@@ -199,9 +234,12 @@ def _text(value: Any) -> Any:
 
 def write_batch(client: redis.Redis, queue_all: Callable[[Any, list[Output]], object],
                 group: str, folded: Folded,
-                extra: Callable[[Any], None] | None = None) -> list[Exception]:
+                extra: Callable[[Any], None] | None = None,
+                then: Callable[[Any], None] | None = None) -> tuple[list[Exception], Any]:
     """The batch's writes, then its XACKs, in ONE non-transactional pipeline.
 
+    `then` queues one more command after the XACKs (the next non-blocking read, see
+    `ProjectionLoop._write`); its reply is returned apart from the errors, None without it.
     Returns the errors Redis answered for single commands (a script error, NOGROUP after a
     Redis restart); raises RedisUnavailable when the round trip itself failed, in which case
     the caller sends the same batch again (every write is forward-only, so a repeat is safe).
@@ -212,6 +250,9 @@ def write_batch(client: redis.Redis, queue_all: Callable[[Any, list[Output]], ob
         extra(pipe)
     for key, ids in folded.acks.items():
         pipe.xack(key, group, *ids)
+    if then is not None:
+        then(pipe)
     with redis_errors():
         results = pipe.execute(raise_on_error=False)
-    return [r for r in results if isinstance(r, Exception)]
+    tail = results.pop() if then is not None else None
+    return [r for r in results if isinstance(r, Exception)], tail

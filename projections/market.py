@@ -14,6 +14,18 @@ Symbols are lower case in keys. Prices and quantities are the strings Binance se
 entries (connection opened/closed, gaps, snapshots) do not concern these folds; frames of
 another event type (a SUBSCRIBE reply, an event Binance adds one day) give no write.
 
+Pre-coalescing (`last_value_key`): the views here hold only the newest event of a stream, so
+of the frames of one stream in a batch only the last matters; the shell
+(`projections.groups.fold_batch`) parses only that one, finding the stream name in the
+wrapper's first bytes (`frames.wrapped_stream`). Entries of one raw key are in exchange order
+per symbol, so the last is the newest. Consequences, by design: a frame superseded in its batch
+is not parsed (if it was poison it is acknowledged, not dead-lettered; a frame whose wrapper is
+not well-formed is always parsed); in a connection rotation's overlap an older duplicate may
+come last, which the forward-only write refuses, leaving the view one event behind until the
+stream's next event. Klines publish a closed candle (`"x":true`) to a list, so only open-candle
+frames (`"x":false`) are skipped; mark price frames of `!markPrice@arr` (a list of symbols)
+and the diff-depth book (projections.depthbook) are never skipped.
+
 Options: every class takes `prefix` (Settings.view_prefix) and keyword options; options a
 class does not use are ignored, so a registry may pass the same ones to all:
 - `families`: the configured market stream families (`StreamKind.family`, e.g. "depth20",
@@ -73,6 +85,11 @@ class MarkPriceProjection:
         self.sources = [market_key(f) for f in _chosen(families, ("markPrice", "markPrice_arr"))]
         self._key = view_key(prefix, "mark_price", "")
 
+    @staticmethod
+    def last_value_key(frame: bytes) -> bytes | None:
+        """Frames with the same key: only the batch's last needs folding (module docstring)."""
+        return frames.wrapped_stream(frame)
+
     def apply(self, entry: Entry) -> list[Output]:
         got = _payload(entry)
         if got is None:
@@ -112,6 +129,11 @@ class PartialBookProjection:
                         _chosen(families, [f"depth{n}" for n in PARTIAL_DEPTHS])]
         self._key = view_key(prefix, "orderbook", "")
         self._depths: dict[str, str] = {}  # stream name -> "20"; at most one per stream
+
+    @staticmethod
+    def last_value_key(frame: bytes) -> bytes | None:
+        """Frames with the same key: only the batch's last needs folding (module docstring)."""
+        return frames.wrapped_stream(frame)
 
     def apply(self, entry: Entry) -> list[Output]:
         got = _payload(entry)
@@ -156,6 +178,12 @@ class KlineProjection:
         self._closed = view_key(prefix, "klines", "")
         self._ttl: dict[str, int] = {}
 
+    @staticmethod
+    def last_value_key(frame: bytes) -> bytes | None:
+        """Open candles only (`"x":false`; a closed one also goes to the list, it must never be
+        skipped): of these, only the batch's last per stream needs folding."""
+        return frames.wrapped_stream(frame) if b'"x":false' in frame else None
+
     def apply(self, entry: Entry) -> list[Output]:
         got = _payload(entry)
         if got is None:
@@ -198,6 +226,11 @@ class TradeProjection:
         self.sources = [market_key(f) for f in _chosen(families, ("aggTrade",))]
         self._key = view_key(prefix, "last_price", "")
 
+    @staticmethod
+    def last_value_key(frame: bytes) -> bytes | None:
+        """Frames with the same key: only the batch's last needs folding (module docstring)."""
+        return frames.wrapped_stream(frame)
+
     def apply(self, entry: Entry) -> list[Output]:
         got = _payload(entry)
         if got is None:
@@ -224,6 +257,11 @@ class BookTickerProjection:
                  **_unused: object) -> None:
         self.sources = [market_key(f) for f in _chosen(families, ("bookTicker",))]
         self._key = view_key(prefix, "book_ticker", "")
+
+    @staticmethod
+    def last_value_key(frame: bytes) -> bytes | None:
+        """Frames with the same key: only the batch's last needs folding (module docstring)."""
+        return frames.wrapped_stream(frame)
 
     def apply(self, entry: Entry) -> list[Output]:
         got = _payload(entry)

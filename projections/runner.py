@@ -8,8 +8,10 @@ after it, on each raw key it reads. Its loop, in one Trio task:
    (`XAUTOCLAIM` idle 0: the lease says no one else runs it), then every consumer re-reads its
    own pending entries (`XREADGROUP` id 0) before new ones (`>`);
 2. read a batch (`COUNT --batch`, `BLOCK --block-ms`) over all its keys at once;
-3. fold it (pure, `projections.groups.fold_batch`), coalesce, and send the writes and the
-   batch's XACKs in ONE pipeline: an entry is acknowledged only together with its write;
+3. fold it (pure, `projections.groups.fold_batch`; stateless last-value folds parse only the
+   last frame per stream of the batch), coalesce, and send the writes and the batch's XACKs in
+   ONE pipeline: an entry is acknowledged only together with its write; a stateless projection
+   also reads its next entries (non-blocking) in that pipeline (`ProjectionLoop._write`);
 4. an entry whose fold raised is not acknowledged; it is read again from the pending list and,
    once it has failed on its `--max-attempts`-th delivery (XPENDING's delivery count), moved to
    `dlq:{name}`, acknowledged and counted;
@@ -32,6 +34,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -61,6 +64,12 @@ OnWritten = Callable[[list[RawEntry], Folded], None]
 Done = tuple[list[RawEntry], Folded, list[Exception]]
 # longest one worker-thread call keeps going before the Trio side gets a look
 CYCLE_BUDGET_S = 0.05
+# GIL switch interval while projecting (CPython's default is 5 ms). Every projection is a
+# thread that wakes when its XREADGROUP returns; when a burst lands on several keys at once the
+# threads queue for the GIL, and a thread back from a socket call could wait the whole interval
+# behind one that is folding. 0.5 ms lowered the projector leg's p99 at 5,000 frames/s and did
+# not lower events/s (bench/bench_projector.py, docs/parts/bench-projector.md).
+GIL_SWITCH_S = 0.0005
 
 DEPTH_KEY = "raw:market:depth"
 SNAPSHOT_LIMIT = 1000
@@ -178,6 +187,8 @@ class ProjectionLoop:
         self._pending_cursor: dict[str, bytes | str] | None = None
         self._reread_pending = True
         self._unwritten: tuple[list[RawEntry], Folded] | None = None
+        # new entries read in the previous batch's write round trip (`_write`), not yet folded
+        self._prefetched: list[RawEntry] | None = None
         self._next_claim = 0.0
         self._stopping = False
 
@@ -190,6 +201,7 @@ class ProjectionLoop:
                 if self._reread_pending:
                     self._reread_pending = False
                     self._pending_cursor = {k: "0" for k in self.io.keys}
+                    self._prefetched = None  # pending, so read again with the rest
                 for done in await self._retrying(self._cycle, abandon=True):
                     await self._after(*done)
         finally:
@@ -216,7 +228,7 @@ class ProjectionLoop:
                     self._unwritten = (entries, fold_batch(self.projection, entries,
                                                            self.opts.coalescing))
                 entries, folded = self._unwritten
-                errors = self._write(folded)
+                errors = self._write(folded, read_next=more)
             except (RedisUnavailable, redis.ResponseError):
                 if done:
                     return done  # handled first; the failure comes back on the next call
@@ -231,14 +243,37 @@ class ProjectionLoop:
                 break
         return done
 
-    def _write(self, folded: Folded) -> list[Exception]:
+    def _write(self, folded: Folded, read_next: bool = False) -> list[Exception]:
+        """Write + ack `folded` in one round trip. `read_next`: the same round trip also reads
+        the next new entries (non-blocking) when the next read would be a plain `>` read.
+
+        Entries arriving in a burst (the ingestor writes batches) wake the blocked read with
+        the first of them; the rest came in the same instant, and fetching them here instead
+        of in a read of their own saves one round trip, and one wait for the GIL, per burst.
+        Exclusive projections never read ahead: if this round trip failed, entries it read
+        stay pending and are folded after newer ones, which only a stateless fold tolerates.
+        """
         gaps = [e for e in folded.effects if isinstance(e, LogGap)]
 
         def extra(pipe: Any) -> None:
             for gap in gaps:
                 pipe.xadd(gap.raw_key, control_entry("gap", gap.body, recv_ts=time.time()))
 
-        errors = write_batch(self.client, self.store.queue_all, self.name, folded, extra)
+        def then(pipe: Any) -> None:
+            self.io.queue_read(pipe, self.opts.batch)
+
+        ahead = (read_next and not self.projection.exclusive and self._pending_cursor is None
+                 and self._prefetched is None and not folded.effects and not folded.failures
+                 and time.monotonic() < self._next_claim)
+        reread = self._reread_pending
+        if ahead:
+            self._reread_pending = True  # until the round trip is known to have worked
+        errors, got = write_batch(self.client, self.store.queue_all, self.name, folded, extra,
+                                  then if ahead else None)
+        if ahead:
+            self._reread_pending = reread
+            # an error reply (NOGROUP): the next plain read meets it again and handles it
+            self._prefetched = got if isinstance(got, list) and got else None
         if any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
             self.store.forget_loaded()  # Redis restarted: load the script, write again
             raise RedisUnavailable("view script missing after a redis restart")
@@ -281,6 +316,9 @@ class ProjectionLoop:
                     self._pending_cursor[key] = eid
                 return entries
             self._pending_cursor = None
+        if self._prefetched is not None:
+            entries, self._prefetched = self._prefetched, None
+            return entries
         if not self.projection.exclusive and time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + max(self.opts.claim_idle_ms / 2000, 0.05)
             claimed = self._claim_some(self.opts.claim_idle_ms)
@@ -397,6 +435,8 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
     client = make_client(settings.redis_url, name="project:snapshots")
     own_rest = rest is None
     rest = rest or RestClient(settings.rest_url)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, GIL_SWITCH_S))
     try:
         async with trio.open_nursery() as nursery:
             snapshots = Snapshotter(settings, client, nursery, rest)
@@ -404,6 +444,7 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
                 nursery.start_soon(run_spec, spec, settings, opts, snapshots, loops, on_written)
             nursery.start_soon(report_metrics, loops)
     finally:
+        sys.setswitchinterval(switch)
         client.close()
         if own_rest:
             with trio.CancelScope(shield=True):

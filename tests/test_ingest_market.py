@@ -38,7 +38,7 @@ from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.market import malformed_frames
 from pipeline.streams import Path
 from pipeline.writer import LogWriter
-from pipeline.wsconn import Timing
+from pipeline.wsconn import ConnSpec, Timing, WsConnection
 from tests.conftest import ROOT, run_cli
 
 FAST = Timing(connect_timeout=3.0, disconnect_timeout=0.5, backoff_base=0.05, backoff_cap=0.2,
@@ -267,6 +267,23 @@ async def test_rotation_opens_the_new_connection_first_and_misses_no_frame(
         assert reasons[rot.conn] == "rotated"
         # the new connection had delivered before the old one was told to go
         assert next(f for f in logged if f.conn == rot.body["new_conn"]).recv_ts <= rot.recv_ts
+
+
+async def test_a_quiet_stream_rotates_on_connect_when_its_spec_says_so(
+        sim: Simulator, redis_server: LocalRedis, r: redis.Redis) -> None:
+    sim.set_silence(True)  # like a user-data stream with nothing to say
+    url = f"{sim.ws_url}/market/stream?streams=btcusdt@aggTrade"
+    spec = ConnSpec("usr", "market", lambda: url, route_frame, rotate_after=0.2,
+                    handover_on_connect=True)
+    writer = LogWriter(make_client(redis_server.url))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        nursery.start_soon(WsConnection(spec, writer, timing=FAST).run)
+        await eventually(lambda: len(controls(r, "raw:conn", "rotated")) >= 2)
+        nursery.cancel_scope.cancel()
+    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn", "closed")}
+    for rot in controls(r, "raw:conn", "rotated")[:2]:
+        assert reasons[rot.conn] == "rotated"
 
 
 async def test_redis_killed_and_restarted_keeps_the_websocket_and_accounts_for_every_frame(
