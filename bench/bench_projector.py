@@ -147,16 +147,25 @@ def _start(*argv: str, env: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
+# per frame entry: (written_at, entry id, frame, recv_ts); tuples of bytes and floats only, which
+# the garbage collector stops tracking, so keeping 50,000 of them adds no GC pauses to the run
+Sample = tuple[float, bytes, bytes, bytes]
+
+
 def _project_timed(settings: Any, specs: list[Any], until: float, warmup_end: float,
-                   conn: Any = None) -> list[tuple[float, list[RawEntry]]]:
-    """Run the projector on `specs` until the wall clock reaches `until`; returns, per batch
-    written after `warmup_end`, (written_at, entries). Nothing is parsed here: the callback runs
-    in the projector's own thread, on the latency path it measures."""
-    batches: list[tuple[float, list[RawEntry]]] = []
+                   conn: Any = None) -> list[tuple[float, ...]]:
+    """Run the projector on `specs` until the wall clock reaches `until`; returns the latency
+    samples of the frames written after `warmup_end`. Nothing is parsed in the callback: it
+    runs in the projector's own thread, on the latency path it measures."""
+    kept: list[Sample] = []
 
     def on_written(entries: list[RawEntry], folded: Folded) -> None:
-        if folded.written_at >= warmup_end:
-            batches.append((folded.written_at, entries))
+        at = folded.written_at
+        if at >= warmup_end:
+            for _key, eid, fields in entries:
+                frame = fields.get(b"frame")
+                if frame is not None:
+                    kept.append((at, eid, frame, fields[b"recv_ts"]))
 
     async def main() -> None:
         with trio.move_on_after(until - time.time()):
@@ -164,27 +173,23 @@ def _project_timed(settings: Any, specs: list[Any], until: float, warmup_end: fl
                              on_written=on_written)
 
     trio.run(main)
+    samples = _samples(kept)
     if conn is not None:  # a child process of --split: send the figures home
-        conn.send(_samples(batches))
+        conn.send(samples)
         conn.close()
-    return batches
+    return samples
 
 
-def _samples(batches: list[tuple[float, list[RawEntry]]]) -> list[tuple[float, ...]]:
+def _samples(kept: list[Sample]) -> list[tuple[float, ...]]:
     """Per frame: (written - E, receive leg, log leg, project leg) in ms."""
     out: list[tuple[float, ...]] = []
-    for written_at, entries in batches:
-        done_ms = written_at * 1000
-        for _key, eid, fields in entries:
-            frame = fields.get(b"frame")
-            if frame is None:
-                continue
-            data: Any = orjson.loads(frame).get("data")
-            if isinstance(data, dict) and "E" in data:
-                recv_ms = float(fields[b"recv_ts"]) * 1000
-                id_ms = int(eid.split(b"-")[0])
-                out.append((done_ms - data["E"], recv_ms - data["E"], id_ms - recv_ms,
-                            done_ms - id_ms))
+    for written_at, eid, frame, recv_ts in kept:
+        data: Any = orjson.loads(frame).get("data")
+        if isinstance(data, dict) and "E" in data:
+            done_ms, recv_ms = written_at * 1000, float(recv_ts) * 1000
+            id_ms = int(eid.split(b"-")[0])
+            out.append((done_ms - data["E"], recv_ms - data["E"], id_ms - recv_ms,
+                        done_ms - id_ms))
     return out
 
 
@@ -222,7 +227,7 @@ def bench_latency(rate: int, seconds: float, warmup: float = 2.0,
                     samples += recv.recv()
                     proc.join()
             else:
-                samples = _samples(_project_timed(settings, specs, until, warmup_end))
+                samples = _project_timed(settings, specs, until, warmup_end)
         finally:
             for p in (ingest, sim):
                 p.terminate()
