@@ -280,6 +280,14 @@ its own redis-server). One projector process means the same `projections.runner.
 """
 
 DOC_NOTES = """
+Baseline before the changes below, same command, same machine (24 Nov 07:17-07:19, load
+average 1.4-1.8; another engineer's bench_ingest ran at times): events/s with coalescing
+70,241 and 74,152 (without: 49,070 and 37,204); latency p50 6.57 / p99 11.01 ms (legs p50/p99:
+receive 0.97/1.92, log 2.36/5.64, project 3.15/6.13) and p50 7.98 / p99 161 ms in a run hit by
+load (project leg p99 159 ms); replay 13.0 s (earlier run). After (07:36-07:40, load average
+0.7-1.2): events/s with coalescing 128,814, 149,463, 138,437 (without: 48,863, 59,949,
+59,984); replay 3.9 s.
+
 Reading the figures (2-core VM shared with other work; figures vary by up to 2x with load):
 - Events/s: the fold was most of the cost per entry (orjson of a 1 KB depth20 frame, picking,
   the view's JSON, a ViewWrite) and most of it was thrown away by `coalesce`. Pre-coalescing
@@ -295,23 +303,28 @@ Reading the figures (2-core VM shared with other work; figures vary by up to 2x 
 - Latency: the log leg is the ingestor's (pipeline/writer.py). Under sustained load its writer
   pauses `LINGER_S` after a batch of >= 8 entries; the working tree has 10 ms there (the
   committed version 5 ms), which alone makes the log leg p50 ~5.3 ms and p99 ~11 ms: above the
-  10 ms target before the projector does anything. Diagnostic runs with only the writer's linger
-  changed (bench code unchanged otherwise, 24 Nov 07:34, load 1.0-2.4):
-  linger 5 ms: one process p50 6.18 / p99 11.52 ms (project leg 2.73 / 7.12), split p50 5.69 /
-  p99 9.95 ms (project 2.24 / 4.30); linger 0: one process p50 3.66 / p99 25.71 ms (project
-  2.62 / 24.71: every frame is its own tiny batch and four threads queue for one GIL), split
-  p50 2.52 / p99 5.73 ms (project 1.53 / 3.40).
+  10 ms target before the projector does anything. Diagnostic runs with only the writer's
+  linger changed (a launcher outside the repo sets `LogWriter`'s default; everything else as
+  in this bench; 24 Nov 07:39-07:41, load average 1.1-2.5):
+  linger 5 ms: one process p50 6.49 / p99 11.24 ms (project leg 2.86 / 5.74), split p50 5.88 /
+  p99 10.55 ms (project 2.32 / 5.17), log leg p99 5.9; linger 0: one process p50 4.12 / p99
+  12.21 ms (project 2.72 / 9.23: every frame is its own tiny batch and four threads share one
+  GIL), split p50 2.68 / p99 6.16 ms (project 1.61 / 3.97). So the target is met end to end
+  with one projector process per projection and a writer that does not linger; with the
+  10 ms linger it cannot be.
 - The projector's own leg: at 5,000 frames/s a batch holds 1-30 entries, so the cost is per
   batch, not per entry: a redis-py call costs ~60-75 us of CPU here (~30-40 us of it redis-py
   itself: pipeline object, connection pool, instrumentation), a burst wakes four threads that
   queue for one GIL, and a thread back from a socket call may wait the whole switch interval.
   What helped: the next non-blocking read rides in the write + ack round trip (stateless
   projections only; a burst's first entry wakes the blocked read, the rest come with its
-  write), the GIL switch interval at 0.5 ms while projecting (project leg p99 8-9.5 -> 7.5-8
+  write), the GIL switch interval at 0.5 ms while projecting (project leg p99 8.6-9.5 -> 7.5-8
   ms in A/B runs, events/s unchanged), and one process per projection (own GIL: project leg
-  p99 ~5 ms instead of 6-8). Next step if needed: send the hot commands (XREADGROUP, the write
-  pipeline) on a dedicated connection with pre-packed commands instead of through redis-py's
-  command layer (measured: 74 -> 40 us CPU per write pipeline, 63 -> 33 us per read).
+  p99 ~5 ms instead of 6-8.5). The bench itself keeps only flat tuples per frame and parses
+  them after the run (keeping each batch's entry dicts made GC pauses show up as latency).
+  Next step if needed: send the hot commands (XREADGROUP, the write pipeline) on a dedicated
+  connection with pre-packed commands instead of through redis-py's command layer (measured:
+  74 -> 40 us CPU per write pipeline, 63 -> 33 us per read).
 """
 
 

@@ -32,7 +32,7 @@ import argparse
 import logging
 import signal
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import httpx
@@ -238,8 +238,11 @@ class _Session:
         self.connection = WsConnection(ConnSpec(
             name=CONN_NAME, path="private", url=self._url, route=self._route,
             on_connected=self._on_connected, silence_timeout=None,
-            rotate_after=settings.rotate_after, streams=1),
-            cast(LogWriter, _FrameTap(writer, self.on_frame)), timing=timing)
+            rotate_after=settings.rotate_after, streams=1,
+            # a quiet account may send nothing for hours: hand over as soon as the new
+            # connection is up; both carry every event meanwhile, so none is missed
+            handover_on_connect=True),
+            _FrameTap(writer, self.on_frame), timing=timing)
 
     def _append(self, ctl: str, body: Mapping[str, Any]) -> None:
         self.writer.append_control(KEY_USER, ctl, body)

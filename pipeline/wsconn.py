@@ -50,7 +50,8 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -63,7 +64,17 @@ from pipeline import metrics
 from pipeline.backoff import backoff_delay
 from pipeline.config import redact_url
 from pipeline.eventlog import KEY_CONN, KEY_OTHER
-from pipeline.writer import LogWriter
+
+
+class FrameSink(Protocol):
+    """Where a connection puts what it receives: `pipeline.writer.LogWriter`, or a wrapper
+    around it (the user ingestor's, which looks at each frame first). Never blocks."""
+
+    def append_frame(self, key: str, frame: bytes, recv_ts: float, conn: str, seq: int
+                     ) -> bool: ...
+
+    def append_control(self, key: str, ctl: str, body: Mapping[str, Any], conn: str = ""
+                       ) -> bool: ...
 
 log = logging.getLogger("pipeline.wsconn")
 
@@ -134,7 +145,7 @@ class WsConnection:
     def __init__(
         self,
         spec: ConnSpec,
-        writer: LogWriter,
+        writer: FrameSink,
         *,
         timing: Timing = Timing(),
         clock: Callable[[], float] = time.time,
