@@ -301,9 +301,9 @@ Reading the figures (2-core VM shared with other work; figures vary by up to 2x 
   machine (500 is still the default). Replay uses the same fold (chunks of 5,000), hence
   ~4 s instead of 13 s for the million frames.
 - Latency: the log leg is the ingestor's (pipeline/writer.py). Under sustained load its writer
-  pauses `LINGER_S` after a batch of >= 8 entries; the working tree has 10 ms there (the
-  committed version 5 ms), which alone makes the log leg p50 ~5.3 ms and p99 ~11 ms: above the
-  10 ms target before the projector does anything. Diagnostic runs with only the writer's
+  pauses `LINGER_S` after a batch of >= 8 entries: 10 ms since commit 8dfc37b (5 ms before),
+  which alone makes the log leg p50 ~5.3 ms and p99 ~11 ms: above the 10 ms target before the
+  projector does anything. Diagnostic runs with only the writer's
   linger changed (a launcher outside the repo sets `LogWriter`'s default; everything else as
   in this bench; 24 Nov 07:39-07:41, load average 1.1-2.5):
   linger 5 ms: one process p50 6.49 / p99 11.24 ms (project leg 2.86 / 5.74), split p50 5.88 /

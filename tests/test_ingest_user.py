@@ -436,6 +436,9 @@ async def test_listener_sees_fills_of_the_outage_on_p_orders_soon_after_reconnec
             projector.start_soon(functools.partial(
                 run_projector, run.settings, choose(run.settings, "orders"),
                 RunOptions(consumer="test", block_ms=50, lease_ttl_ms=2000)))
+            # first reconciliation done before the orders exist: every reconciliation entry
+            # for them below comes from the reconnect
+            await snapshots_after(run, 1)
             order = place(run.sim, type="LIMIT", price="50000")
             algo = place(run.sim, type="STOP_MARKET", side="SELL", triggerPrice="40000")
             await until(lambda: run.r.hexists(f"{prefix}:open_orders:btcusdt",
