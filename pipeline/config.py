@@ -99,6 +99,8 @@ class Settings:
 
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
     parts = urlsplit(value)
+    if parts.scheme == "unix" and "unix" in schemes and parts.path:
+        return value  # unix:///run/redis.sock: a socket path, no host or port
     if parts.scheme not in schemes or not parts.hostname:
         raise SettingsError(name, f"{redact_url(value)!r} is not a {'/'.join(schemes)} URL")
     try:

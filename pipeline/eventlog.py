@@ -18,8 +18,8 @@ Entry fields:
   A retried XADD after a Redis failure may log a frame twice: a duplicate is an entry with the
   same `conn` and `seq` as an earlier one. Projections ignore it because its order key (event
   time, update id) is not newer than what the view holds.
-- control entry (no `frame` field): `ctl` (opened, closed, silent, gap, snapshot, reconcile,
-  ...), `body` (JSON), `recv_ts`, `conn`.
+- control entry (no `frame` field): `ctl` (opened, closed, silent, rotated, gap, snapshot,
+  final_state), `body` (JSON), `recv_ts`, `conn`.
 """
 
 from __future__ import annotations

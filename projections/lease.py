@@ -2,10 +2,11 @@
 
 An exclusive projection keeps state in memory (the diff-depth book, the order state machine),
 so two processes folding the same entries side by side would each hold half a book. The lease
-`lease:{name}` is a string whose value is the holder (the consumer name), set with NX and a TTL
-(default 10 s), renewed at a third of its TTL, deleted on a clean shutdown. Other processes wait
-as hot standbys and take over when it expires. A holder that cannot renew before the TTL runs
-out stops its projection at once: by then another process may hold the lease.
+`lease:{name}` is a string whose value is the holder (the consumer name), taken by a small Lua
+script (GET, then SET PX when the lease is free or already ours) with a TTL (default 10 s),
+renewed at a third of its TTL, deleted on a clean shutdown. Other processes wait as hot
+standbys and take over when it expires. A holder that cannot renew before the TTL runs out stops
+its projection at once: by then another process may hold the lease.
 
 A process started again with the same `--consumer` name takes its own lease back at once,
 instead of waiting out the TTL of the process it replaces.

@@ -44,6 +44,11 @@ def test_bad_setting_names_itself(name: str, value: str) -> None:
     assert str(err.value).startswith(name)
 
 
+def test_redis_url_may_be_tls_with_user_and_password_or_a_unix_socket() -> None:
+    for url in ("rediss://app:pw@redis.example:6380/1", "unix:///run/redis/redis.sock"):
+        assert load_settings(env={"REDIS_URL": url}).redis_url == url
+
+
 def test_all_symbols_is_resolved_later() -> None:
     assert load_settings(env={"PIPELINE_SYMBOLS": "ALL"}).symbols is None
 
