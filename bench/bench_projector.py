@@ -297,8 +297,9 @@ Reading the figures (2-core VM shared with other work; figures vary by up to 2x 
   (single-threaded profile, 200,000 entries), the whole loop from ~14 to ~8 us. What remains
   is reading (XREADGROUP reply, hiredis + one dict per entry, ~3.8 us incl. Redis' own work)
   and writing (one EVALSHA of the batch's surviving writes + XACK of every id, ~2.7 us).
-  A larger `--batch` coalesces more: 1000 gave 124-136k/s, 2000 142-149k/s on the same
-  machine (500 is still the default). Replay uses the same fold (chunks of 5,000), hence
+  A larger `--batch` coalesces more: 1000 gave 124-136k/s, 2000 142-149k/s against
+  107-117k/s at 500 in the same minutes (before the read-ahead below; 500 is still the
+  default). Replay uses the same fold (chunks of 5,000), hence
   ~4 s instead of 13 s for the million frames.
 - Latency: the log leg is the ingestor's (pipeline/writer.py). Under sustained load its writer
   pauses `LINGER_S` after a batch of >= 8 entries: 10 ms since commit 8dfc37b (5 ms before),
@@ -317,14 +318,15 @@ Reading the figures (2-core VM shared with other work; figures vary by up to 2x 
   itself: pipeline object, connection pool, instrumentation), a burst wakes four threads that
   queue for one GIL, and a thread back from a socket call may wait the whole switch interval.
   What helped: the next non-blocking read rides in the write + ack round trip (stateless
-  projections only; a burst's first entry wakes the blocked read, the rest come with its
-  write), the GIL switch interval at 0.5 ms while projecting (project leg p99 8.6-9.5 -> 7.5-8
-  ms in A/B runs, events/s unchanged), and one process per projection (own GIL: project leg
-  p99 ~5 ms instead of 6-8.5). The bench itself keeps only flat tuples per frame and parses
-  them after the run (keeping each batch's entry dicts made GC pauses show up as latency).
-  Next step if needed: send the hot commands (XREADGROUP, the write pipeline) on a dedicated
-  connection with pre-packed commands instead of through redis-py's command layer (measured:
-  74 -> 40 us CPU per write pipeline, 63 -> 33 us per read).
+  projections only; a burst's first entry wakes the blocked read, the rest come with its write;
+  A/B over 3 pairs of runs, one process: project leg p50 3.06-3.25 ms with it, 3.49-3.72
+  without, p99 6.2-6.8 vs 6.4-7.4), the GIL switch interval at 0.5 ms while projecting (project
+  leg p99 8.6-9.5 -> 7.5-8 ms in A/B runs, events/s unchanged), and one process per projection
+  (own GIL: project leg p99 ~5 ms instead of 6-8.5). The bench itself keeps only flat tuples
+  per frame and parses them after the run (keeping each batch's entry dicts made GC pauses show
+  up as latency). Next step if needed: send the hot commands (XREADGROUP, the write pipeline)
+  on a dedicated connection with pre-packed commands instead of through redis-py's command
+  layer (measured: 74 -> 40 us CPU per write pipeline, 63 -> 33 us per read).
 """
 
 
