@@ -14,10 +14,13 @@ How it writes, and why:
   block the event loop. (Not one `trio.to_thread.run_sync` per batch: that hand-off alone costs
   ~90 µs of CPU.) The thread sleeps on a `threading.Event` while the buffer is empty; the first
   append wakes it, so at low load each frame goes out alone at once. A batch is what
-  accumulated while the previous one was on the wire (up to `max_batch`). Under sustained load
-  (the batch just written held >= `LINGER_FROM` entries) the thread pauses `linger` (10 ms)
-  before taking the next one: the readers and the writer share one GIL, and many tiny batches
-  cost the readers more CPU in thread switches than the writing itself (bench/bench_ingest.py).
+  accumulated while the previous one was on the wire (up to `max_batch`). Only under heavy
+  load (more than `LINGER_RATE` entries a second over the last 100 ms window) the thread pauses
+  `linger` (10 ms) before taking the next one: the readers and the writer share one GIL, and
+  many tiny batches cost the readers more CPU in thread switches than the writing itself
+  (bench/bench_ingest.py). The rule looks at the arrival rate, not at the batch size: a batch
+  grows during a pause, so a size rule would keep pausing once it had paused, and add up to
+  10 ms to every frame at ordinary rates (bench/bench_projector.py's latency legs showed it).
   `linger=0` gives strict back-to-back batches.
 - Each XADD is packed as RESP when it is appended (per-key prefixes made once; the writer
   thread then only joins, sends with `Connection.send_packed_command` and reads the replies
@@ -47,6 +50,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import hiredis
 import redis
 import trio
 
@@ -69,7 +73,8 @@ MAX_REFUSALS = 8
 FINAL_FLUSH_TIMEOUT_S = 10.0
 LINGER_S = 0.010
 STOP_QUIET_S = 0.1
-LINGER_FROM = 8  # a batch this big means frames are arriving back to back
+LINGER_RATE = 20_000.0  # entries/s: below it, batches go back to back (latency first)
+RATE_WINDOW_S = 0.1
 
 # A buffered entry: (raw key, (its XADD command packed as RESP, recv_ts, conn, is a gap)).
 Packed = tuple[bytes, float, bytes, bool]
@@ -212,6 +217,7 @@ class LogWriter:
 
     def _thread_main(self, done: trio.Event) -> None:
         quiet_since: float | None = None
+        window_start, window_count, rate = time.monotonic(), 0, 0.0
         try:
             while not self._abort.is_set():
                 if not self.buffer:
@@ -227,9 +233,14 @@ class LogWriter:
                 quiet_since = None
                 batch = self.buffer.take(self.max_batch)
                 metrics.BUFFER_FILL.set(len(self.buffer))
+                now = time.monotonic()
+                window_count += len(batch)
+                if now - window_start >= RATE_WINDOW_S:
+                    rate = window_count / (now - window_start)
+                    window_start, window_count = now, 0
                 self._write_until_done(batch)
-                if LINGER_FROM <= len(batch) < self.max_batch // 2 and self.linger > 0:
-                    # frames arrive while we write: let the readers fill the next batch
+                if rate >= LINGER_RATE and len(batch) < self.max_batch // 2 and self.linger > 0:
+                    # frames arrive back to back: let the readers fill the next batch
                     self._abort.wait(self.linger)
         except BaseException:
             log.exception("redis writer thread failed")
@@ -296,12 +307,10 @@ class LogWriter:
         try:
             with redis_errors():
                 conn.send_packed_command([payload], check_health=False)
-                for i in range(len(batch)):
-                    try:
-                        conn.read_response()
-                    except redis.ResponseError as exc:
+                for i, reply in enumerate(_read_replies(conn, len(batch))):
+                    if isinstance(reply, hiredis.ReplyError):
                         failed.append(i)
-                        errors.append(str(exc))
+                        errors.append(str(reply))
         except BaseException:
             conn.disconnect()  # replies may be left unread: never reuse this connection
             raise
@@ -378,3 +387,32 @@ class LogWriter:
             log.warning("frames dropped: recording a gap", extra={"key": key,
                                                                   "dropped": rec.count})
             self.append_control(key, "gap", rec.body())
+
+
+def _read_replies(conn: redis.Connection, n: int) -> list[object]:
+    """The `n` replies of a pipelined batch, read off the connection's socket with hiredis.
+
+    redis-py's `read_response` costs ~0.8 µs of CPU a reply in its Python layers; this ~0.2
+    (one per frame, so it counts: bench/bench_ingest.py). redis-py still opens, authenticates
+    and names the connection; only this batch's replies bypass its parser, whose buffer stays
+    empty because nothing else reads from this connection. Error replies come back as
+    `hiredis.ReplyError` values, not exceptions, so one refused XADD does not hide the rest.
+    """
+    sock = conn._sock
+    if sock is None:
+        raise redis.ConnectionError("not connected")
+    reader = hiredis.Reader()
+    replies: list[object] = []
+    while len(replies) < n:
+        data = sock.recv(1 << 20)
+        if not data:
+            raise redis.ConnectionError("connection closed by redis")
+        reader.feed(data)
+        try:
+            reply = reader.gets()
+            while reply is not False:
+                replies.append(reply)
+                reply = reader.gets()
+        except hiredis.ProtocolError as exc:
+            raise redis.ConnectionError(f"protocol error: {exc}") from None
+    return replies

@@ -320,15 +320,17 @@ class Simulator:
             if due:
                 now_ms = int(self.clock() * 1000)
                 counts = self.frames_by_stream
-                parts = []
+                parts, payloads = [], []
                 for state in due:
                     payload = market.frame(state, now_ms).encode()
                     parts.append(ws_frame(payload))
+                    payloads.append(payload)
                     name = state.spec.name
                     counts[name] = counts.get(name, 0) + 1
-                    if self.sent is not None:
-                        self.sent.append((conn.id, payload))
-                await self._write(conn, b"".join(parts), len(due))
+                sent = await self._write(conn, b"".join(parts), len(due))
+                if sent and self.sent is not None:
+                    # recorded only once on the wire: a frame cut by the client's Close is not
+                    self.sent.extend((conn.id, p) for p in payloads)
                 if pacer.rate == 0:
                     continue
             wake_at = float("inf") if self.silent else pacer.next_time(trio.current_time())
@@ -337,7 +339,8 @@ class Simulator:
             if conn.wake.is_set():
                 conn.wake = trio.Event()
 
-    async def _write(self, conn: Connection, data: bytes, frames: int) -> None:
+    async def _write(self, conn: Connection, data: bytes, frames: int) -> bool:
+        """Send `data` unless the connection is closing; True when it went out."""
         stream = conn.stream
         async with stream.lock:
             closed = conn.ws.closed is not None
@@ -353,17 +356,19 @@ class Simulator:
             conn.close_reason = "closed by client"
             conn.scope.cancel()
             await trio.lowlevel.checkpoint()
+            return False
         conn.frames += frames
         self.frames_total += frames
+        return True
 
     async def _send_malformed(self, conn: Connection) -> None:
         bad, conn.bad = conn.bad, []
         for frame in bad:
             payload = frame if isinstance(frame, bytes) else frame.encode()
-            if self.sent is not None:
-                self.sent.append((conn.id, payload))
-            await self._write(conn, ws_frame(payload, binary=isinstance(frame, bytes)), 1)
-            self.malformed_sent += 1
+            if await self._write(conn, ws_frame(payload, binary=isinstance(frame, bytes)), 1):
+                if self.sent is not None:
+                    self.sent.append((conn.id, payload))
+                self.malformed_sent += 1
 
     def _notify(self) -> None:
         self._changed.set()
