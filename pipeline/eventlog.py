@@ -62,17 +62,13 @@ def family_of_stream(stream_name: str) -> str | None:
     return None
 
 
-_ROUTES: dict[bytes, str] = {}  # stream name -> raw key; one entry per subscribed stream
-_ROUTES_MAX = 100_000
-
-
 def route_frame(frame: bytes | str) -> str:
     """The raw key a market frame belongs to, read from the combined wrapper's first field.
 
-    Hot path (every market frame): slices the bytes instead of parsing the JSON, and remembers
-    the key of each stream name it has seen (a dict hit costs a third of working it out again,
-    measured in bench/bench_ingest.py's terms). Binance writes `{"stream":"<name>","data":...}`
-    with "stream" first; anything else goes to `raw:market:other`.
+    Hot path (every market frame): slices the bytes instead of parsing the JSON (the ingestor
+    also caches the answer per stream name: `pipeline.ingest_market.cached_router`). Binance
+    writes `{"stream":"<name>","data":...}` with "stream" first; anything else goes to
+    `raw:market:other`.
     """
     if isinstance(frame, str):
         frame = frame.encode()
@@ -81,14 +77,8 @@ def route_frame(frame: bytes | str) -> str:
     end = frame.find(b'"', len(_COMBINED_PREFIX), 120)
     if end < 0:
         return KEY_OTHER
-    name = frame[len(_COMBINED_PREFIX):end]
-    key = _ROUTES.get(name)
-    if key is None:
-        family = family_of_stream(name.decode("ascii", "replace"))
-        key = market_key(family) if family else KEY_OTHER
-        if len(_ROUTES) < _ROUTES_MAX:  # names come from the exchange: stay bounded
-            _ROUTES[name] = key
-    return key
+    family = family_of_stream(frame[len(_COMBINED_PREFIX):end].decode("ascii", "replace"))
+    return market_key(family) if family else KEY_OTHER
 
 
 def format_ts(ts: float) -> bytes:
