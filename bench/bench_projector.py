@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_projector.py                 # all three, default sizes
     .venv/bin/python bench/bench_projector.py --only events --events 300000
-    .venv/bin/python bench/bench_projector.py --write-doc     # also docs/parts/bench-projector.md
+    .venv/bin/python bench/bench_projector.py --write-doc     # also bench/results/projector-*.md
+                                                              # (figures go to docs/benchmarks.md)
 
 Each part starts its own redis-server (pipeline.localredis) on a free port.
 
@@ -279,55 +280,7 @@ its own redis-server). One projector process means the same `projections.runner.
 - replay: 1,000,000 pre-filled frames, `pipeline replay` of the four market projections.
 """
 
-DOC_NOTES = """
-Baseline before the changes below, same command, same machine (24 Nov 07:17-07:19, load
-average 1.4-1.8; another engineer's bench_ingest ran at times): events/s with coalescing
-70,241 and 74,152 (without: 49,070 and 37,204); latency p50 6.57 / p99 11.01 ms (legs p50/p99:
-receive 0.97/1.92, log 2.36/5.64, project 3.15/6.13) and p50 7.98 / p99 161 ms in a run hit by
-load (project leg p99 159 ms); replay 13.0 s (earlier run). After (07:36-07:40, load average
-0.7-1.2): events/s with coalescing 128,814, 149,463, 138,437 (without: 48,863, 59,949,
-59,984); replay 3.9 s.
 
-Reading the figures (2-core VM shared with other work; figures vary by up to 2x with load):
-- Events/s: the fold was most of the cost per entry (orjson of a 1 KB depth20 frame, picking,
-  the view's JSON, a ViewWrite) and most of it was thrown away by `coalesce`. Pre-coalescing
-  (`projections.groups.superseded`, `last_value_key` of the stateless market folds) reads the
-  stream name from the wrapper's bytes and parses only the last frame per stream in a batch
-  (every closed kline is still parsed): the fold fell from ~7.1 to ~1.6 us per entry
-  (single-threaded profile, 200,000 entries), the whole loop from ~14 to ~8 us. What remains
-  is reading (XREADGROUP reply, hiredis + one dict per entry, ~3.8 us incl. Redis' own work)
-  and writing (one EVALSHA of the batch's surviving writes + XACK of every id, ~2.7 us).
-  A larger `--batch` coalesces more: 1000 gave 124-136k/s, 2000 142-149k/s against
-  107-117k/s at 500 in the same minutes (before the read-ahead below; 500 is still the
-  default). Replay uses the same fold (chunks of 5,000), hence
-  ~4 s instead of 13 s for the million frames.
-- Latency: the log leg is the ingestor's (pipeline/writer.py). Under sustained load its writer
-  pauses `LINGER_S` after a batch of >= 8 entries: 10 ms since commit 8dfc37b (5 ms before),
-  which alone makes the log leg p50 ~5.3 ms and p99 ~11 ms: above the 10 ms target before the
-  projector does anything. Diagnostic runs with only the writer's
-  linger changed (a launcher outside the repo sets `LogWriter`'s default; everything else as
-  in this bench; 24 Nov 07:39-07:41, load average 1.1-2.5):
-  linger 5 ms: one process p50 6.49 / p99 11.24 ms (project leg 2.86 / 5.74), split p50 5.88 /
-  p99 10.55 ms (project 2.32 / 5.17), log leg p99 5.9; linger 0: one process p50 4.12 / p99
-  12.21 ms (project 2.72 / 9.23: every frame is its own tiny batch and four threads share one
-  GIL), split p50 2.68 / p99 6.16 ms (project 1.61 / 3.97). So the target is met end to end
-  with one projector process per projection and a writer that does not linger; with the
-  10 ms linger it cannot be.
-- The projector's own leg: at 5,000 frames/s a batch holds 1-30 entries, so the cost is per
-  batch, not per entry: a redis-py call costs ~60-75 us of CPU here (~30-40 us of it redis-py
-  itself: pipeline object, connection pool, instrumentation), a burst wakes four threads that
-  queue for one GIL, and a thread back from a socket call may wait the whole switch interval.
-  What helped: the next non-blocking read rides in the write + ack round trip (stateless
-  projections only; a burst's first entry wakes the blocked read, the rest come with its write;
-  A/B over 3 pairs of runs, one process: project leg p50 3.06-3.25 ms with it, 3.49-3.72
-  without, p99 6.2-6.8 vs 6.4-7.4), the GIL switch interval at 0.5 ms while projecting (project
-  leg p99 8.6-9.5 -> 7.5-8 ms in A/B runs, events/s unchanged), and one process per projection
-  (own GIL: project leg p99 ~5 ms instead of 6-8.5). The bench itself keeps only flat tuples
-  per frame and parses them after the run (keeping each batch's entry dicts made GC pauses show
-  up as latency). Next step if needed: send the hot commands (XREADGROUP, the write pipeline)
-  on a dedicated connection with pre-packed commands instead of through redis-py's command
-  layer (measured: 74 -> 40 us CPU per write pipeline, 63 -> 33 us per read).
-"""
 
 
 def verdict(value: float, target: float, higher_is_better: bool) -> str:
@@ -392,8 +345,11 @@ def main() -> int:
                      f"(target < 15 s: {verdict(took, 15, False)})")
         print(lines[-1], flush=True)
     if args.write_doc:
-        doc = ROOT / "docs" / "parts" / "bench-projector.md"
-        doc.write_text(DOC_HEAD + "\n```\n" + "\n".join(lines) + "\n```\n" + DOC_NOTES)
+        out = ROOT / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        doc = out / time.strftime("projector-%Y%m%d-%H%M%S.md", time.gmtime())
+        doc.write_text(DOC_HEAD + "\n```\n" + "\n".join(lines) + "\n```\n")
+        print(f"written to {doc.relative_to(ROOT)}")
     return 0
 
 

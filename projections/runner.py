@@ -68,7 +68,7 @@ CYCLE_BUDGET_S = 0.05
 # thread that wakes when its XREADGROUP returns; when a burst lands on several keys at once the
 # threads queue for the GIL, and a thread back from a socket call could wait the whole interval
 # behind one that is folding. 0.5 ms lowered the projector leg's p99 at 5,000 frames/s and did
-# not lower events/s (bench/bench_projector.py, docs/parts/bench-projector.md).
+# not lower events/s (bench/bench_projector.py, docs/benchmarks.md).
 GIL_SWITCH_S = 0.0005
 
 DEPTH_KEY = "raw:market:depth"
