@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import attrs
-import orjson
 import redis
 from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
 from pipeline.eventlog import RAW_PREFIX
+from projections.client import parse_view
 
 EVENTS_SHOWN = 10
 
@@ -68,16 +68,6 @@ class Snapshot:
         return sum(self.frames_logged.values())
 
 
-def _json(raw: bytes | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def read_snapshot(client: redis.Redis, prefix: str, symbols: Sequence[str],
                   now: float | None = None) -> Snapshot:
     now = time.time() if now is None else now
@@ -97,14 +87,14 @@ def read_snapshot(client: redis.Redis, prefix: str, symbols: Sequence[str],
     algos: list[dict[str, Any]] = []
     for i, s in enumerate(syms):
         mark, book, open_o, open_a = replies[4 * i: 4 * i + 4]
-        if (m := _json(mark)) is not None:
+        if (m := parse_view(mark)) is not None:
             marks.append(Mark(s.upper(), str(m.get("mark_price")), str(m.get("funding_rate")),
                               max(0.0, now - float(m.get("timestamp", now)))))
-        if (b := _json(book)) is not None and b.get("bids") and b.get("asks"):
+        if (b := parse_view(book)) is not None and b.get("bids") and b.get("asks"):
             (bid, bq), (ask, aq) = b["bids"][0][:2], b["asks"][0][:2]
             tops.append(Top(s.upper(), bid, bq, ask, aq))
-        orders.extend(d for v in open_o.values() if (d := _json(v)) is not None)
-        algos.extend(d for v in open_a.values() if (d := _json(v)) is not None)
+        orders.extend(d for v in open_o.values() if (d := parse_view(v)) is not None)
+        algos.extend(d for v in open_a.values() if (d := parse_view(v)) is not None)
     events = tuple(_event(eid, fields) for eid, fields in replies[-2])
     frames, lag = _log_counts(client)
     return Snapshot(tuple(marks), tuple(tops), tuple(orders), tuple(algos), events,

@@ -42,7 +42,8 @@ DEFAULT_PREFIX = "websocket"
 _DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
 
 
-def _loads(raw: bytes | str | None) -> dict[str, Any] | None:
+def parse_view(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A view's JSON object, or None for a missing key or a value that is not one."""
     if raw is None:
         return None
     try:
@@ -114,13 +115,13 @@ class MarketReader:
         """The position view (`side` "long"/"short" in hedge mode); no REST fallback because it
         would need the account's keys. Example: `reader.position("BTCUSDT")["pa"]`."""
         suffix = f":{side.lower()}" if side else ""
-        return _loads(self.r.get(f"{self.prefix}:position:{symbol.lower()}{suffix}"))
+        return parse_view(self.r.get(f"{self.prefix}:position:{symbol.lower()}{suffix}"))
 
     # --- machinery ------------------------------------------------------------------------
 
     def _read(self, key: str, max_age: float, rest: Callable[[], dict[str, Any] | None]
               ) -> dict[str, Any] | None:
-        view = _loads(self.r.get(f"{self.prefix}:{key}"))
+        view = parse_view(self.r.get(f"{self.prefix}:{key}"))
         if view is not None and self.clock() - float(view.get("timestamp", 0)) < max_age:
             return view
         if not self.fallback:
@@ -180,7 +181,7 @@ def _hash_values(r: redis.Redis, pattern: str, key: str | None) -> list[dict[str
     out: list[dict[str, Any]] = []
     for k in keys:
         for raw in r.hvals(k):
-            doc = _loads(raw)
+            doc = parse_view(raw)
             if doc is not None:
                 out.append(doc)
     return out
@@ -234,7 +235,7 @@ class OrderEvent:
 
         return cls(entry_id.decode(), text("order_id"), text("status"), text("symbol"),
                    text("kind") or "order", text("source") or "stream",
-                   _loads(fields.get(b"data")) or {})
+                   parse_view(fields.get(b"data")) or {})
 
 
 class OrdersConsumer:
