@@ -190,13 +190,14 @@ def _redis(explicit: str | None, folder: Path) -> Iterator[tuple[str, LocalRedis
 
 @contextlib.contextmanager
 def _stop_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set the event instead of interrupting whatever runs."""
+    """SIGINT, SIGTERM and SIGHUP (the terminal closed) set the event instead of interrupting
+    whatever runs, so the children are always stopped in order."""
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield stop
     finally:
