@@ -101,6 +101,17 @@ class RunOptions:
     coalescing: bool = True
 
 
+# task -> monotonic time its current run of failures began; what /healthz looks at
+_FAILING_SINCE: dict[str, float] = {}
+UNHEALTHY_AFTER_S = 30.0
+
+
+def healthy() -> bool:
+    """False once any projection (or the snapshot fetcher) has failed for 30 s on end."""
+    now = time.monotonic()
+    return all(now - since < UNHEALTHY_AFTER_S for since in list(_FAILING_SINCE.values()))
+
+
 class Backoff:
     """Exponential wait between retries (Redis away, a snapshot request failed); logs the
     outage once and its end once."""
@@ -112,12 +123,14 @@ class Backoff:
     async def failed(self, exc: Exception) -> None:
         if self.delay == 0:
             log.warning("failed, retrying", extra={"task": self.what, "error": str(exc)})
+            _FAILING_SINCE.setdefault(self.what, time.monotonic())
         self.delay = min(self.cap, self.delay * 2 or self.first)
         await trio.sleep(self.delay)
 
     def ok(self) -> None:
         if self.delay:
             log.info("working again", extra={"task": self.what})
+            _FAILING_SINCE.pop(self.what, None)
         self.delay = 0.0
 
 
@@ -486,7 +499,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     connect_checked(settings.redis_url, name="project").close()
     opts = options_from(args)
     if settings.metrics_port > 0:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, healthy)
     log.info("projector starting", extra={"consumer": opts.consumer,
                                           "projections": ",".join(s.name for s in specs)})
     trio.run(_main_async, settings, specs, opts)

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 import orjson
+import pytest
 import redis
 import trio
 
@@ -396,3 +397,15 @@ async def test_view_writes_refused_for_lack_of_memory_are_written_once_redis_can
         r.config_set("maxmemory", 0)
         await wait_for(lambda: r.exists("websocket:mark_price:btcusdt"))
         nursery.cancel_scope.cancel()
+
+
+async def test_projector_health_fails_only_after_a_lasting_outage(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    backoff = runner.Backoff("mark_price", first=0.0)
+    assert runner.healthy()
+    await backoff.failed(RuntimeError("redis unavailable"))
+    assert runner.healthy()  # one failure is not an outage yet
+    monkeypatch.setattr(runner, "UNHEALTHY_AFTER_S", 0.0)
+    assert not runner.healthy()  # /healthz answers 503 from here on
+    backoff.ok()
+    assert runner.healthy()
