@@ -131,7 +131,7 @@ class Backoff:
         if self.delay:
             log.info("working again", extra={"task": self.what})
             _FAILING_SINCE.pop(self.what, None)
-        self.delay = 0.0
+            self.delay = 0.0
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:

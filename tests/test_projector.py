@@ -401,7 +401,7 @@ async def test_view_writes_refused_for_lack_of_memory_are_written_once_redis_can
 
 async def test_projector_health_fails_only_after_a_lasting_outage(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    backoff = runner.Backoff("mark_price", first=0.0)
+    backoff = runner.Backoff("mark_price", first=0.001)
     assert runner.healthy()
     await backoff.failed(RuntimeError("redis unavailable"))
     assert runner.healthy()  # one failure is not an outage yet
