@@ -10,14 +10,14 @@ queues ONE call of `lua/orders.lua` on a redis-py pipeline; the script, atomical
 4. writes the state, sets or deletes the `P:open_orders:{symbol}` / `P:open_algo_orders:{symbol}`
    row, and XADDs the change to `P:orders:{symbol}` (MAXLEN ~) and `P:orders` (MINID ~ by age).
 
-Importing this module registers the performers in `projections.viewstore.PERFORMERS` when that
-module exists. The write types are pure values; redis is imported only to build the Script.
+`projections.viewstore.PERFORMERS` maps the write types to `perform_order_write`. The write
+types are pure values; redis is imported only to build the Script, so the pure order fold
+(projections.orders) can import them without Redis.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
     from redis.commands.core import Script
 
-log = logging.getLogger(__name__)
 
 LUA_PATH = Path(__file__).with_name("lua") / "orders.lua"
 DEFAULT_SYMBOL_MAXLEN = 1000
@@ -117,24 +116,3 @@ def perform_order_write(pipe: Pipeline, write: object) -> None:
         args=[orjson.dumps(script_payload(write)), write.symbol_maxlen,
               int(write.orders_max_age_s * 1000)],
         client=pipe)
-
-
-def register() -> bool:
-    """Put the performers into projections.viewstore.PERFORMERS; False if it does not exist."""
-    try:
-        from projections import viewstore
-    except ImportError:
-        return False
-    except Exception as exc:  # a broken viewstore fails where it is used, not in the pure fold
-        log.warning("order performers not registered: projections.viewstore failed to import: "
-                    "%s", exc)
-        return False
-    performers = getattr(viewstore, "PERFORMERS", None)
-    if performers is None:
-        return False
-    performers[OrderWrite] = perform_order_write
-    performers[AlgoOrderWrite] = perform_order_write
-    return True
-
-
-register()

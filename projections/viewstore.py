@@ -11,9 +11,9 @@ Results: one list per script call, one number per write (1 written, 0 not newer,
   `version_field` is lower or the key is missing.
 - `ListPushIfNewer`: LPUSH + LTRIM only when newer than the list's head.
 
-User-data writes (projections.orderstore) have their own scripts; that module registers a
-performer per write type in `PERFORMERS` when it is imported. An output of any other type is a
-programming error and raises TypeError (the runner dead-letters the entry that produced it).
+User-data writes (projections.orderstore) have their own script; `PERFORMERS` maps each write
+type to the function that queues it. An output of any other type is a programming error and
+raises TypeError (the runner dead-letters the entry that produced it).
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ from typing import Any
 import redis
 import redis.client
 
+from projections import orderstore
 from projections.core import ListPushIfNewer, LogGap, NeedSnapshot, Output, ViewWrite
 
 Performer = Callable[[redis.client.Pipeline, Any], None]
 
-# write type -> function queuing it on a pipeline; filled by projections.orderstore on import
-PERFORMERS: dict[type, Performer] = {}
+# write type -> function queuing it on a pipeline (the shell knows its performers; the pure
+# folds that produce these values never import Redis)
+PERFORMERS: dict[type, Performer] = {
+    orderstore.OrderWrite: orderstore.perform_order_write,
+    orderstore.AlgoOrderWrite: orderstore.perform_order_write,
+}
 
 VIEWS_LUA = resources.files("projections").joinpath("lua/views.lua").read_text()
 
