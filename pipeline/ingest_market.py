@@ -14,8 +14,8 @@ to `LogWriter.final_flush_timeout` seconds to write what is buffered, and the co
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -29,6 +29,7 @@ from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import route_frame
 from pipeline.redisconn import connect_checked
 from pipeline.rest import RestClient
+from pipeline.shutdown import serve_until_signal
 from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Subscription, plan_connections
 from pipeline.writer import LogWriter
 from pipeline.wsconn import ConnSpec, Timing, WsConnection
@@ -65,7 +66,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                                 f"cannot listen on {settings.metrics_port}: {exc.strerror}"
                                 ) from None
     try:
-        trio.run(_serve_until_signal, settings, client, symbols, max_per, running)
+        trio.run(serve_until_signal, functools.partial(
+            run_market_ingest, settings, client, symbols, max_per_connection=max_per), running)
     finally:
         if server is not None:
             server.shutdown()
@@ -185,18 +187,3 @@ async def run_market_ingest(
                 scope.deadline = trio.current_time() + writer.final_flush_timeout
                 await writer.flush()
             top.cancel_scope.cancel()
-
-
-async def _serve_until_signal(settings: Settings, client: redis.Redis, symbols: Sequence[str],
-                              max_per: int, running: list[MarketIngest]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            ingest: MarketIngest = await nursery.start(
-                lambda task_status: run_market_ingest(settings, client, symbols,
-                                                      max_per_connection=max_per,
-                                                      task_status=task_status))
-            running.append(ingest)
-            async for signum in signals:
-                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-                ingest.stop()
-                break

@@ -29,8 +29,8 @@ failure at the exchange that no setting explains ends the command with one line,
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +48,7 @@ from pipeline.listenkey import DEFAULT_KEEPALIVE_S, ListenKeys
 from pipeline.reconcile import Reconciler
 from pipeline.redisconn import connect_checked, make_client
 from pipeline.rest import RestClient
+from pipeline.shutdown import serve_until_signal
 from pipeline.signing import (
     DEFAULT_RECV_WINDOW_MS,
     MAX_RECV_WINDOW_MS,
@@ -110,7 +111,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                            ) if settings.metrics_port > 0 else None
     try:
         try:
-            trio.run(_serve_until_signal, settings, client, api_key, signer, opts, running)
+            trio.run(serve_until_signal, functools.partial(
+                run_user_ingest, settings, client, api_key, signer, opts), running)
         except BaseExceptionGroup as group:
             raise _first_of(group) from None  # one line for the CLI, not a nursery's traceback
     except ExchangeError as exc:
@@ -328,18 +330,3 @@ async def run_user_ingest(
         with trio.CancelScope(shield=True):
             await rest.aclose()
         views.close()
-
-
-async def _serve_until_signal(settings: Settings, client: redis.Redis, api_key: Secret,
-                              signer: Signer, opts: UserOptions,
-                              running: list[UserIngest]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            ingest: UserIngest = await nursery.start(
-                lambda task_status: run_user_ingest(settings, client, api_key, signer, opts,
-                                                    task_status=task_status))
-            running.append(ingest)
-            async for signum in signals:
-                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-                ingest.stop()
-                break
