@@ -66,6 +66,16 @@ def perform(r: redis.Redis, entries: list) -> None:
     pipe.execute()
 
 
+def reference(entries: list) -> InMemoryOrders:
+    """The pure Python reference of orders.lua, fed the same entries."""
+    ref = InMemoryOrders()
+    proj = OrdersProjection(P)
+    for entry in entries:
+        for out in proj.apply(entry):
+            ref.perform(out)
+    return ref
+
+
 def hash_json(r: redis.Redis, key: str) -> dict[str, dict]:
     return {k.decode(): orjson.loads(v) for k, v in r.hgetall(key).items()}
 
@@ -78,11 +88,7 @@ def stream_fields(r: redis.Redis, key: str) -> list[dict[str, str]]:
 def test_lua_store_ends_where_the_pure_reference_ends(r):
     entries = story()
     perform(r, entries)
-    ref = InMemoryOrders()
-    proj = OrdersProjection(P)
-    for entry in entries:
-        for out in proj.apply(entry):
-            ref.perform(out)
+    ref = reference(entries)
     for (kind, symbol, ident), state in ref.states.items():
         table = "order_state" if kind == "order" else "algo_order_state"
         assert hash_json(r, f"{P}:{table}:{symbol.lower()}")[str(ident)] == state
@@ -283,11 +289,7 @@ def test_fill_sums_are_exact_decimals_like_the_reference_for_many_random_fills(r
             last_price=px, rp=rp), 1.0))
         z = z_new
     perform(r, entries)
-    ref = InMemoryOrders()
-    proj = OrdersProjection(P)
-    for entry in entries:
-        for out in proj.apply(entry):
-            ref.perform(out)
+    ref = reference(entries)
     stored = hash_json(r, f"{P}:order_state:btcusdt")["77"]
     expected = ref.states[("order", "BTCUSDT", 77)]
     assert (stored["cum_quote"], stored["realized_profit"]) == (
