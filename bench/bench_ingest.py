@@ -256,6 +256,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pin", action="store_true",
                         help="simulator and redis on CPU 0, bare loop and ingestor on CPU 1")
+    parser.add_argument("--skip-bursts", action="store_true",
+                        help="throughput only (for quick comparisons while tuning)")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,7 +280,8 @@ def main() -> int:
                 ingest.append(run_ingest(sim, r, server.url, args.seconds))
         finally:
             sim.stop()
-        bursts = [run_burst(r, server.url, b, args.seconds) for b in (500, 2000)]
+        bursts = [] if args.skip_bursts else [run_burst(r, server.url, b, args.seconds)
+                                              for b in (500, 2000)]
         r.close()
 
     bare_rate = statistics.median(b["rate"] for b in bare)
