@@ -3,6 +3,8 @@ of them, whatever the size, and a refused entry in the middle is found at its in
 
 from __future__ import annotations
 
+import socket
+
 import hiredis
 import redis
 
@@ -43,4 +45,21 @@ def test_refused_entries_are_found_at_their_index(r: redis.Redis) -> None:
     assert [i for i, _ in refused] == [5000, 10001]
     assert all("WRONGTYPE" in error for _, error in refused)
     assert r.xlen("raw:test") == 10_000
+    assert client.ping()
+
+
+def test_replies_shorter_than_the_xadd_floor_are_still_all_read(r: redis.Redis) -> None:
+    # The reader waits for n x 22 bytes before reading (an XADD reply is never shorter); ten
+    # `+OK` replies are 50 bytes, so the wait ends on its timeout and the read goes on.
+    client = make_client(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0")
+    conn = client.connection_pool.get_connection()
+    try:
+        command = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+        conn.send_packed_command([command * 10], check_health=False)
+        assert _read_replies(conn, 10) == [b"OK"] * 10
+        # and the socket is back to waking on any byte: the next command reads its reply
+        assert conn._sock is not None
+        assert conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    finally:
+        client.connection_pool.release(conn)
     assert client.ping()
