@@ -24,7 +24,8 @@ How it writes, and why:
   `linger=0` gives strict back-to-back batches.
 - Each XADD is packed as RESP when it is appended (per-key prefixes made once; the writer
   thread then only joins, sends with `Connection.send_packed_command` and reads the replies
-  with `read_response`): redis-py's `Pipeline` object costs ~7 µs of CPU per XADD, this ~1.6 µs,
+  with `pipeline.replies`, which sleeps until a batch's replies are in and then mostly just
+  counts them): redis-py's `Pipeline` object costs ~7 µs of CPU per XADD, this ~1.6 µs,
   and the less the writer thread holds the GIL, the less the readers wait for it. The wire
   protocol is the same pipelining. An age limit (`MINID`) is computed at append time.
 - No automatic retry inside redis-py (see `pipeline.redisconn`): a re-sent `XADD *` would log a
@@ -45,14 +46,11 @@ from __future__ import annotations
 import logging
 import math
 import random
-import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import hiredis
 import redis
 import trio
 
@@ -67,6 +65,7 @@ from pipeline.eventlog import (
     retention_family,
 )
 from pipeline.redisconn import redis_errors
+from pipeline.replies import read_replies
 
 log = logging.getLogger("pipeline.writer")
 
@@ -77,12 +76,9 @@ LINGER_S = 0.010
 STOP_QUIET_S = 0.1
 LINGER_RATE = 20_000.0  # entries/s: below it, batches go back to back (latency first)
 RATE_WINDOW_S = 0.1
-RECV_BYTES = 1 << 16  # a recv of 1 MiB costs an mmap'd allocation each time; replies are ~24 B
-MIN_REPLY_BYTES = 22  # the shortest XADD reply: see `_wait_for`
-REPLY_WAIT_MS = 20  # longest sleep in `_wait_for` before reading whatever has arrived
 
 # A buffered entry: (raw key, (its XADD command packed as RESP, recv_ts, conn, is a gap)).
-Packed = tuple[bytes, float, bytes, bool]
+Packed = tuple[bytes, float, str, bool]
 Item = tuple[str, Packed]
 Batch = list[Item]
 
@@ -106,7 +102,7 @@ class LogWriter:
         self._trim_cache: dict[str, tuple[int | None, float | None]] = {}
         self._prefixes: dict[tuple[str, int], bytes] = {}
         self._frame_prefixes: dict[str, bytes] = {}
-        self._conn_ids: dict[str, bytes] = {}  # one per connection id seen
+        self._conn_tails: dict[str, bytes] = {}  # per connection id: see `_conn_tail`
         self.buffer = FrameBuffer(bound)
         self.max_batch = max_batch
         self.clock = clock
@@ -131,19 +127,13 @@ class LogWriter:
     def append_frame(self, key: str, frame: bytes, recv_ts: float, conn: str, seq: int) -> bool:
         """Queue one frame for `key`. False: the buffer was full and the frame was counted as
         dropped (it will be reported in a `gap` entry)."""
-        # hot path (every frame): cached prefixes and connection ids, no helper calls
+        # hot path (every frame): cached prefix per key and tail per connection, one format
         prefix = self._frame_prefixes.get(key) or self._prefix(key)
-        connb = self._conn_ids.get(conn)
-        if connb is None:
-            if len(self._conn_ids) > 10_000:
-                self._conn_ids.clear()
-            connb = self._conn_ids[conn] = conn.encode()
+        tail = self._conn_tails.get(conn) or self._conn_tail(conn)
         ts, sq = b"%.6f" % recv_ts, b"%d" % seq  # as eventlog.format_ts
-        packed = prefix + (
-            b"$5\r\nframe\r\n$%d\r\n%s\r\n$7\r\nrecv_ts\r\n$%d\r\n%s\r\n"
-            b"$4\r\nconn\r\n$%d\r\n%s\r\n$3\r\nseq\r\n$%d\r\n%s\r\n"
-            % (len(frame), frame, len(ts), ts, len(connb), connb, len(sq), sq))
-        if self.buffer.put(key, (packed, recv_ts, connb, False), recv_ts, conn):
+        packed = b"%s$5\r\nframe\r\n$%d\r\n%s\r\n$7\r\nrecv_ts\r\n$%d\r\n%s%s$%d\r\n%s\r\n" % (
+            prefix, len(frame), frame, len(ts), ts, tail, len(sq), sq)
+        if self.buffer.put(key, (packed, recv_ts, conn, False), recv_ts, conn):
             if self._idle:
                 self._work.set()
             return True
@@ -156,7 +146,7 @@ class LogWriter:
         fields = control_entry(ctl, body, now, conn)
         packed = self._prefix(key, 2 * len(fields)) + b"".join(
             [b"$%d\r\n%s\r\n" % (len(part), part) for kv in fields.items() for part in kv])
-        if self.buffer.put_control(key, (packed, now, conn.encode(), ctl == "gap"), now, conn):
+        if self.buffer.put_control(key, (packed, now, conn, ctl == "gap"), now, conn):
             if self._idle:
                 self._work.set()
             return True
@@ -312,10 +302,9 @@ class LogWriter:
         try:
             with redis_errors():
                 conn.send_packed_command([payload], check_health=False)
-                for i, reply in enumerate(_read_replies(conn, len(batch))):
-                    if isinstance(reply, hiredis.ReplyError):
-                        failed.append(i)
-                        errors.append(str(reply))
+                for i, error in read_replies(conn, len(batch)):
+                    failed.append(i)
+                    errors.append(error)
         except BaseException:
             conn.disconnect()  # replies may be left unread: never reuse this connection
             raise
@@ -343,6 +332,16 @@ class LogWriter:
             if nfields == 8:
                 self._frame_prefixes[key] = prefix
         return prefix
+
+    def _conn_tail(self, conn: str) -> bytes:
+        """A frame entry's RESP from the end of its `recv_ts` value to the `seq` value: the
+        `conn` field and value and the `seq` field name, the same for every frame of `conn`."""
+        if len(self._conn_tails) > 10_000:  # connection ids are not reused: keep the recent
+            self._conn_tails.clear()
+        connb = conn.encode()
+        tail = self._conn_tails[conn] = b"\r\n$4\r\nconn\r\n$%d\r\n%s\r\n$3\r\nseq\r\n" % (
+            len(connb), connb)
+        return tail
 
     def _trim(self, key: str) -> tuple[int | None, float | None]:
         trim = self._trim_cache.get(key)
@@ -381,7 +380,7 @@ class LogWriter:
         for key, (_, ts, conn, is_gap) in batch:
             if is_gap:
                 continue  # a refused gap entry is not reported by another one
-            self.buffer.record_drop(key, ts, conn.decode())
+            self.buffer.record_drop(key, ts, conn)
             metrics.FRAMES_DROPPED.labels(key).inc()
         self._append_gaps()
 
@@ -392,62 +391,3 @@ class LogWriter:
             log.warning("frames dropped: recording a gap", extra={"key": key,
                                                                   "dropped": rec.count})
             self.append_control(key, "gap", rec.body())
-
-
-def _read_replies(conn: redis.Connection, n: int) -> list[object]:
-    """The `n` replies of a pipelined batch, read off the connection's socket with hiredis.
-
-    redis-py's `read_response` costs ~0.8 µs of CPU a reply in its Python layers; this ~0.2
-    (one per frame, so it counts: bench/bench_ingest.py). redis-py still opens, authenticates
-    and names the connection; only this batch's replies bypass its parser, whose buffer stays
-    empty because nothing else reads from this connection. Error replies come back as
-    `hiredis.ReplyError` values, not exceptions, so one refused XADD does not hide the rest.
-
-    Redis answers a large pipeline in pieces (one write per ~16 KB of commands it read), and
-    every `recv` that returns is one more time this thread wakes up and takes the GIL from the
-    websocket readers: ~9 wake-ups a batch at full speed. So the thread first sleeps in the
-    kernel until at least the bytes that the outstanding replies must fill have arrived
-    (`_wait_for`): one wake-up a batch instead (bench/bench_ingest.py: 0.77 -> 0.83).
-    """
-    sock = conn._sock
-    if sock is None:
-        raise redis.ConnectionError("not connected")
-    reader = hiredis.Reader()
-    replies: list[object] = []
-    received = 0
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    while len(replies) < n:
-        _wait_for(sock, poller, n * MIN_REPLY_BYTES - received)
-        data = sock.recv(RECV_BYTES)
-        if not data:
-            raise redis.ConnectionError("connection closed by redis")
-        received += len(data)
-        reader.feed(data)
-        try:
-            reply = reader.gets()
-            while reply is not False:
-                replies.append(reply)
-                reply = reader.gets()
-        except hiredis.ProtocolError as exc:
-            raise redis.ConnectionError(f"protocol error: {exc}") from None
-    return replies
-
-
-def _wait_for(sock: socket.socket, poller: select.poll, nbytes: int) -> None:
-    """Sleep until `nbytes` can be read from `sock` (SO_RCVLOWAT, which Linux's poll honours),
-    or `REPLY_WAIT_MS` passed, whichever comes first; then let `recv` take what is there.
-
-    `MIN_REPLY_BYTES` is a floor, not an estimate: a successful XADD reply is a bulk string
-    holding an id of at least 15 characters (a 13-digit millisecond time, `-`, a sequence), so
-    `$15\r\n` + id + `\r\n` >= 22 bytes; Redis's XADD errors (OOM, WRONGTYPE, READONLY,
-    NOPERM, LOADING...) are longer. Were a reply ever shorter, the wait would end on its timeout
-    and the read go on as before: slower, never wrong. Where the option is missing, `recv`
-    simply returns what is there."""
-    if nbytes <= 1 or not hasattr(socket, "SO_RCVLOWAT"):
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(nbytes, RECV_BYTES))
-    try:
-        poller.poll(REPLY_WAIT_MS)
-    finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

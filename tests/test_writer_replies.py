@@ -1,15 +1,15 @@
 """How the batch writer reads a batch's XADD replies straight off the socket (real Redis): all
-of them, whatever the size, and a refused entry in the middle is found at its index."""
+of them, whatever the size, and a refused entry in the middle is found at its index. Plus the
+pure check that decides when counting newlines is enough, tried at every cut of the bytes."""
 
 from __future__ import annotations
 
 import socket
 
-import hiredis
 import redis
 
 from pipeline.redisconn import make_client
-from pipeline.writer import _read_replies
+from pipeline.replies import bulk_newlines, read_replies
 
 
 def xadd(key: str, value: bytes) -> bytes:
@@ -21,15 +21,17 @@ def send(r: redis.Redis, commands: list[bytes]) -> list[tuple[int, str]]:
     conn = r.connection_pool.get_connection()
     try:
         conn.send_packed_command([b"".join(commands)], check_health=False)
-        replies = _read_replies(conn, len(commands))
-        assert len(replies) == len(commands)
-        return [(i, str(x)) for i, x in enumerate(replies) if isinstance(x, hiredis.ReplyError)]
+        return read_replies(conn, len(commands))
     finally:
         r.connection_pool.release(conn)
 
 
+def client_of(r: redis.Redis) -> redis.Redis:
+    return make_client(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0")
+
+
 def test_a_large_accepted_batch_reports_nothing_and_every_entry_is_there(r: redis.Redis) -> None:
-    client = make_client(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0")
+    client = client_of(r)
     assert send(client, [xadd("raw:test", b"x" * 100)] * 20_000) == []
     assert r.xlen("raw:test") == 20_000
     # the connection is left clean: the next command reads its own reply
@@ -37,7 +39,7 @@ def test_a_large_accepted_batch_reports_nothing_and_every_entry_is_there(r: redi
 
 
 def test_refused_entries_are_found_at_their_index(r: redis.Redis) -> None:
-    client = make_client(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0")
+    client = client_of(r)
     r.set("not-a-stream", "x")
     batch = [xadd("raw:test", b"a")] * 5000 + [xadd("not-a-stream", b"b")] + \
         [xadd("raw:test", b"c")] * 5000 + [xadd("not-a-stream", b"d")]
@@ -48,18 +50,45 @@ def test_refused_entries_are_found_at_their_index(r: redis.Redis) -> None:
     assert client.ping()
 
 
-def test_replies_shorter_than_the_xadd_floor_are_still_all_read(r: redis.Redis) -> None:
+def test_a_refused_first_entry_and_replies_shorter_than_the_xadd_floor(r: redis.Redis) -> None:
     # The reader waits for n x 22 bytes before reading (an XADD reply is never shorter); ten
     # `+OK` replies are 50 bytes, so the wait ends on its timeout and the read goes on.
-    client = make_client(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0")
+    client = client_of(r)
+    r.set("not-a-stream", "x")
+    set_ok = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    assert send(client, [set_ok] * 10) == []
+    refused = send(client, [xadd("not-a-stream", b"a"), xadd("raw:test", b"b")])
+    assert [i for i, _ in refused] == [0]
     conn = client.connection_pool.get_connection()
-    try:
-        command = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
-        conn.send_packed_command([command * 10], check_health=False)
-        assert _read_replies(conn, 10) == [b"OK"] * 10
-        # and the socket is back to waking on any byte: the next command reads its reply
+    try:  # the socket is back to waking on any byte
         assert conn._sock is not None
         assert conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
     finally:
         client.connection_pool.release(conn)
     assert client.ping()
+
+
+BULK = [b"$15\r\n1732450000123-0\r\n", b"$17\r\n1732450000123-417\r\n"]
+OTHERS = [b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+          b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+          b"+OK\r\n", b":1\r\n", b"$-1\r\n", b"*0\r\n"]
+
+
+def test_counting_newlines_is_trusted_only_where_every_reply_is_a_bulk_string() -> None:
+    all_bulk = b"".join(BULK * 3)
+    for cut in range(1, len(all_bulk)):
+        counts = [bulk_newlines(all_bulk[:cut]), bulk_newlines(all_bulk[cut:])]
+        # a cut right before an id's `-` asks for a real parse; any other gives the count
+        if None not in counts:
+            assert sum(c for c in counts if c is not None) == 2 * 6
+        else:
+            assert all_bulk[cut:cut + 1] == b"-"
+    for other in OTHERS:
+        for at in range(3):
+            replies = BULK * 3
+            stream = b"".join([*replies[:at], other, *replies[at:]])
+            assert bulk_newlines(stream) is None
+            for cut in range(1, len(stream)):
+                # wherever the bytes are cut, some chunk sends them to the real parser
+                assert None in (bulk_newlines(stream[:cut]), bulk_newlines(stream[cut:])), \
+                    (other, at, cut)
