@@ -45,12 +45,15 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import hiredis
 import redis
 import trio
 
@@ -77,10 +80,13 @@ STOP_QUIET_S = 0.1
 LINGER_RATE = 20_000.0  # entries/s: below it, batches go back to back (latency first)
 RATE_WINDOW_S = 0.1
 
-# A buffered entry: (raw key, (its XADD command packed as RESP, recv_ts, conn, is a gap)).
-Packed = tuple[bytes, float, str, bool]
-Item = tuple[str, Packed]
+# A buffered entry: (raw key, its XADD command packed as RESP). One flat tuple per entry, so
+# the writer thread's passes over a batch run in C (`map(itemgetter...)`, `Counter`); what a
+# refused entry needs besides (its receipt time and connection) is read back from its bytes.
+Item = tuple[str, bytes]
 Batch = list[Item]
+_key_of = operator.itemgetter(0)
+_command_of = operator.itemgetter(1)
 
 
 class LogWriter:
@@ -133,7 +139,7 @@ class LogWriter:
         ts, sq = b"%.6f" % recv_ts, b"%d" % seq  # as eventlog.format_ts
         packed = b"%s$5\r\nframe\r\n$%d\r\n%s\r\n$7\r\nrecv_ts\r\n$%d\r\n%s%s$%d\r\n%s\r\n" % (
             prefix, len(frame), frame, len(ts), ts, tail, len(sq), sq)
-        if self.buffer.put(key, (packed, recv_ts, conn, False), recv_ts, conn):
+        if self.buffer.put(key, packed, recv_ts, conn):
             if self._idle:
                 self._work.set()
             return True
@@ -146,7 +152,7 @@ class LogWriter:
         fields = control_entry(ctl, body, now, conn)
         packed = self._prefix(key, 2 * len(fields)) + b"".join(
             [b"$%d\r\n%s\r\n" % (len(part), part) for kv in fields.items() for part in kv])
-        if self.buffer.put_control(key, (packed, now, conn, ctl == "gap"), now, conn):
+        if self.buffer.put_control(key, packed, now, conn):
             if self._idle:
                 self._work.set()
             return True
@@ -293,7 +299,7 @@ class LogWriter:
     def _write_sync(self, batch: Batch, now: float) -> tuple[list[int], list[str]]:
         """Worker thread: the batch's XADDs in one pipelined round trip."""
         started = time.perf_counter()
-        payload = b"".join([item[0] for _, item in batch])
+        payload = b"".join(map(_command_of, batch))
         pool = self._client.connection_pool
         with redis_errors():
             conn = pool.get_connection()  # connects (and names the client) if needed
@@ -353,9 +359,7 @@ class LogWriter:
     def _count(self, batch: Batch, failed: list[int], seconds: float) -> None:
         metrics.REDIS_WRITE_SECONDS.observe(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
-        counts: dict[str, int] = {}
-        for key, _ in batch:
-            counts[key] = counts.get(key, 0) + 1
+        counts = Counter(map(_key_of, batch))
         for i in failed:
             counts[batch[i][0]] -= 1
         for key, n in counts.items():
@@ -377,10 +381,11 @@ class LogWriter:
             self._on_trio(self._notify_progress)
 
     def _record_given_up(self, batch: Batch) -> None:  # trio thread: the buffer's drop records
-        for key, (_, ts, conn, is_gap) in batch:
-            if is_gap:
+        for key, command in batch:
+            fields = entry_fields(command)
+            if fields.get(b"ctl") == b"gap":
                 continue  # a refused gap entry is not reported by another one
-            self.buffer.record_drop(key, ts, conn)
+            self.buffer.record_drop(key, float(fields[b"recv_ts"]), fields[b"conn"].decode())
             metrics.FRAMES_DROPPED.labels(key).inc()
         self._append_gaps()
 
@@ -391,3 +396,17 @@ class LogWriter:
             log.warning("frames dropped: recording a gap", extra={"key": key,
                                                                   "dropped": rec.count})
             self.append_control(key, "gap", rec.body())
+
+
+def entry_fields(command: bytes) -> dict[bytes, bytes]:
+    """The field/value pairs of one packed `XADD key [trim] * f v ...` command. Pure.
+
+    The writer keeps only the packed bytes of a buffered entry; the rare entry Redis refuses
+    for good is read back with this to report its receipt time and connection in a gap."""
+    reader = hiredis.Reader()
+    reader.feed(command)
+    args = reader.gets()
+    if not isinstance(args, list) or args[:1] != [b"XADD"]:
+        raise ValueError("not a packed XADD command")
+    start = args.index(b"*", 2) + 1  # the id argument: fields follow
+    return dict(zip(args[start::2], args[start + 1::2], strict=True))

@@ -1,6 +1,7 @@
-"""How the batch writer reads a batch's XADD replies straight off the socket (real Redis): all
-of them, whatever the size, and a refused entry in the middle is found at its index. Plus the
-pure check that decides when counting newlines is enough, tried at every cut of the bytes."""
+"""How the batch writer packs entries and reads a batch's XADD replies straight off the socket
+(real Redis): all of them, whatever the size, and a refused entry in the middle is found at its
+index. Plus the pure check that decides when counting newlines is enough, tried at every cut of
+the bytes, and the read-back of a packed entry's fields."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import socket
 
 import redis
 
+from pipeline.eventlog import Retention, frame_entry
 from pipeline.redisconn import make_client
 from pipeline.replies import bulk_newlines, read_replies
+from pipeline.writer import LogWriter, entry_fields
 
 
 def xadd(key: str, value: bytes) -> bytes:
@@ -92,3 +95,18 @@ def test_counting_newlines_is_trusted_only_where_every_reply_is_a_bulk_string() 
                 # wherever the bytes are cut, some chunk sends them to the real parser
                 assert None in (bulk_newlines(stream[:cut]), bulk_newlines(stream[cut:])), \
                     (other, at, cut)
+
+
+def test_a_packed_entry_reads_back_as_the_fields_the_log_gets() -> None:
+    # what the writer reports for an entry Redis refused for good comes from its own bytes
+    writer = LogWriter(make_client("redis://127.0.0.1:1/0"),  # never connected here
+                       {"aggTrade": Retention(max_age_s=60), "conn": Retention(maxlen=10)})
+    writer.append_frame("raw:market:aggTrade", b'{"p":"1.5"}\r\n*', 1732450000.25, "mkt-1-ab", 7)
+    writer.append_control("raw:conn", "gap", {"dropped": 3}, "mkt-1-ab")
+    (key1, frame_cmd), (key2, gap_cmd) = writer.buffer.take(2)
+    assert key1 == "raw:market:aggTrade" and key2 == "raw:conn"
+    assert b"MINID" in frame_cmd and b"MAXLEN" in gap_cmd
+    assert entry_fields(frame_cmd) == frame_entry(b'{"p":"1.5"}\r\n*', 1732450000.25,
+                                                  "mkt-1-ab", 7)
+    gap = entry_fields(gap_cmd)
+    assert (gap[b"ctl"], gap[b"conn"], gap[b"body"]) == (b"gap", b"mkt-1-ab", b'{"dropped":3}')
