@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 
 import hiredis
 import redis
@@ -61,8 +62,10 @@ def read_replies(conn: redis.Connection, n: int) -> list[tuple[int, str]]:
     sock = conn._sock
     if sock is None:
         raise redis.ConnectionError("not connected")
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
+    poller = None
+    if not isinstance(sock, ssl.SSLSocket):  # TLS may hold decrypted replies poll cannot see
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
     chunks: list[bytes] = []
     received = newlines = 0
     while newlines < 2 * n:
@@ -79,7 +82,7 @@ def read_replies(conn: redis.Connection, n: int) -> list[tuple[int, str]]:
     return []
 
 
-def _parse(sock: socket.socket, poller: select.poll, n: int, head: bytes
+def _parse(sock: socket.socket, poller: select.poll | None, n: int, head: bytes
            ) -> list[tuple[int, str]]:
     """The slow path: hiredis parses every reply, `head` first, then what is still to come.
     Error replies come back as `hiredis.ReplyError` values, not exceptions, so one refused XADD
@@ -115,7 +118,7 @@ def _recv(sock: socket.socket) -> bytes:
     return chunk
 
 
-def _wait_for(sock: socket.socket, poller: select.poll, nbytes: int) -> None:
+def _wait_for(sock: socket.socket, poller: select.poll | None, nbytes: int) -> None:
     """Sleep until `nbytes` can be read from `sock` or `REPLY_WAIT_MS` passed, whichever comes
     first; the caller's `recv` then takes what is there.
 
@@ -123,9 +126,10 @@ def _wait_for(sock: socket.socket, poller: select.poll, nbytes: int) -> None:
     holding an id of at least 15 characters (a 13-digit millisecond time, `-`, a sequence), so
     `$15\\r\\n` + id + `\\r\\n` >= 22 bytes; Redis's XADD errors (OOM, WRONGTYPE, READONLY,
     NOPERM, LOADING...) are longer. Were the replies ever shorter, the wait would end on its
-    timeout and the read go on as before: slower, never wrong. Where the option is missing,
-    `recv` simply returns what is there."""
-    if nbytes <= 1 or not hasattr(socket, "SO_RCVLOWAT"):
+    timeout and the read go on as before: slower, never wrong. Where the option is missing, or
+    on TLS (`poller` None: the SSL layer may already hold the decrypted replies while the
+    socket stays quiet), `recv` simply returns what is there."""
+    if poller is None or nbytes <= 1 or not hasattr(socket, "SO_RCVLOWAT"):
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(nbytes, RECV_BYTES))
     try:
