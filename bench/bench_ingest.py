@@ -1,6 +1,7 @@
 """Benchmark of `pipeline ingest market` (not a test): throughput, bursts, peak memory.
 
-    .venv/bin/python bench/bench_ingest.py [--seconds 5] [--rounds 2] [--pin]
+    .venv/bin/python bench/bench_ingest.py [--seconds 5] [--rounds 2] [--pin] [--skip-bursts]
+                                           [--pauses]
 
 Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a subprocess), then:
 1. throughput: the simulator sends one stream (btcusdt@aggTrade) flat out (rate 0). Alternately,
@@ -10,7 +11,9 @@ Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a s
 2. bursts: a fresh simulator sends 50 frames/s plus 500 (then 2,000) extra frames every 100 ms;
    after `--seconds` it goes silent, the ingestor drains, and the frames logged are compared with
    the frames the simulator sent (GET /sim/stats) and checked for gap entries;
-3. the ingestor's peak resident memory (VmHWM from /proc) in every run.
+3. the ingestor's peak resident memory (VmHWM from /proc) in every run;
+4. with `--pauses`, in each throughput round also the ingestor with the writer's pause after a
+   batch forced to 0, 1 and 10 ms: what `pipeline.writer.pause_after` chooses between.
 
 Prints a table and writes JSON to bench/results/ingest-<time>.json.
 """
@@ -38,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.localredis import LocalRedis  # noqa: E402
 
 KEY = "raw:market:aggTrade"
+# `--pauses`: the writer's pause after every batch, forced (seconds)
+PAUSES = {"0 (back to back)": 0.0, "1 ms": 0.001, "10 ms": 0.010}
 STREAM = "btcusdt@aggTrade"
 
 
@@ -125,12 +130,19 @@ class Sim:
 
 
 class Ingestor:
-    """`pipeline ingest market` as a subprocess."""
+    """`pipeline ingest market` as a subprocess. `pause`: the writer's pause after every batch
+    forced to this many seconds (`pipeline.writer.pause_after` replaced in that process only),
+    to measure what the pause rule buys."""
 
-    def __init__(self, redis_url: str, ws_url: str) -> None:
+    def __init__(self, redis_url: str, ws_url: str, pause: float | None = None) -> None:
         env = {**clean_env(), "REDIS_URL": redis_url, "BINANCE_WS_URL": ws_url,
                "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "market"],
+        cmd = [sys.executable, "-m", "pipeline", "ingest", "market"]
+        if pause is not None:
+            cmd = [sys.executable, "-c", "import pipeline.writer as w, pipeline.cli as c; "
+                   f"w.pause_after = lambda *a: {pause!r}; "
+                   "raise SystemExit(c.main(['ingest', 'market']))"]
+        self.proc = subprocess.Popen(cmd,
                                      env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
                                      preexec_fn=pinned(READER_CPU))
@@ -210,9 +222,10 @@ def run_bare(sim: Sim, seconds: float) -> dict[str, float]:
     return result
 
 
-def run_ingest(sim: Sim, r: redis.Redis, url: str, seconds: float) -> dict[str, float]:
+def run_ingest(sim: Sim, r: redis.Redis, url: str, seconds: float,
+               pause: float | None = None) -> dict[str, float]:
     r.flushall()
-    ing = Ingestor(url, sim.ws_url)
+    ing = Ingestor(url, sim.ws_url, pause)
     try:
         wait_for(lambda: entries_added(r) > 0)
         time.sleep(1.0)  # warm-up, as in the bare loop
@@ -258,6 +271,8 @@ def main() -> int:
                         help="simulator and redis on CPU 0, bare loop and ingestor on CPU 1")
     parser.add_argument("--skip-bursts", action="store_true",
                         help="throughput only (for quick comparisons while tuning)")
+    parser.add_argument("--pauses", action="store_true",
+                        help="also the ingestor with the writer's pause forced to 0, 1 and 10 ms")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -274,10 +289,14 @@ def main() -> int:
         r = server.client()
         sim = Sim("--rate", "0")
         bare, ingest = [], []
+        pauses: dict[str, list[dict[str, float]]] = {p: [] for p in PAUSES} if args.pauses else {}
         try:
             for _ in range(args.rounds):
                 bare.append(run_bare(sim, args.seconds))
                 ingest.append(run_ingest(sim, r, server.url, args.seconds))
+                for name in pauses:
+                    pauses[name].append(run_ingest(sim, r, server.url, args.seconds,
+                                                   PAUSES[name]))
         finally:
             sim.stop()
         bursts = [] if args.skip_bursts else [run_burst(r, server.url, b, args.seconds)
@@ -291,6 +310,8 @@ def main() -> int:
         "command": "bench/bench_ingest.py " + " ".join(sys.argv[1:]),
         "cpus": os.cpu_count(), "pinned": args.pin, "bare": bare, "ingest": ingest,
         "bursts": bursts,
+        "pauses": {name: statistics.median(run["rate"] for run in runs) / bare_rate
+                   for name, runs in pauses.items()},
         "bare_rate": bare_rate, "ingest_rate": ingest_rate, "ratio": ingest_rate / bare_rate,
         "cpu_ratio": statistics.median(i["per_cpu_second"] for i in ingest)
         / statistics.median(b["per_cpu_second"] for b in bare),
@@ -314,6 +335,8 @@ def print_table(res: dict[str, Any]) -> None:
               f"{g['per_cpu_second']:>12,.0f}   (simulator sent {g['sim_sent_rate']:,.0f}/s)")
     print(f"{'ratio (medians)':<34}{res['ratio']:>12.2f}{res['cpu_ratio']:>12.2f}"
           "   target >= 0.80")
+    for name, ratio in res["pauses"].items():
+        print(f"{'writer pause ' + name:<34}{ratio:>12.2f}   (ratio of the medians)")
     print()
     print(f"{'burst every 100 ms':<20}{'sent':>10}{'logged':>10}{'lost':>8}{'gaps':>6}")
     for b in res["bursts"]:

@@ -18,7 +18,9 @@ How it writes, and why:
   load (more than `LINGER_RATE` entries a second over the last 100 ms window) the thread pauses
   `linger` (10 ms) before taking the next one: the readers and the writer share one GIL, and
   many tiny batches cost the readers more CPU in thread switches than the writing itself
-  (bench/bench_ingest.py). The rule looks at the arrival rate, not at the batch size: a batch
+  (bench/bench_ingest.py). Between 10,000 and 20,000 entries a second it pauses 1 ms, so that
+  the back-to-back mode cannot hold the ingestor below the rate that starts the long pauses
+  (`pause_after`). The rule looks at the arrival rate, not at the batch size: a batch
   grows during a pause, so a size rule would keep pausing once it had paused, and add up to
   10 ms to every frame at ordinary rates (bench/bench_projector.py's latency legs showed it).
   `linger=0` gives strict back-to-back batches.
@@ -77,7 +79,9 @@ MAX_REFUSALS = 8
 FINAL_FLUSH_TIMEOUT_S = 10.0
 LINGER_S = 0.010
 STOP_QUIET_S = 0.1
-LINGER_RATE = 20_000.0  # entries/s: below it, batches go back to back (latency first)
+LINGER_RATE = 20_000.0  # entries/s: above it, pause `linger` after a batch
+SHORT_LINGER_S = 0.001
+SHORT_LINGER_RATE = 10_000.0  # entries/s: above it (and below LINGER_RATE), pause 1 ms
 RATE_WINDOW_S = 0.1
 
 # A buffered entry: (raw key, its XADD command packed as RESP). One flat tuple per entry, so
@@ -240,9 +244,9 @@ class LogWriter:
                     rate = window_count / (now - window_start)
                     window_start, window_count = now, 0
                 self._write_until_done(batch)
-                if rate >= LINGER_RATE and len(batch) < self.max_batch // 2 and self.linger > 0:
-                    # frames arrive back to back: let the readers fill the next batch
-                    self._abort.wait(self.linger)
+                pause = pause_after(rate, len(batch), self.max_batch, self.linger)
+                if pause > 0:  # frames arrive back to back: let the readers fill the next batch
+                    self._abort.wait(pause)
         except BaseException:
             log.exception("redis writer thread failed")
         finally:
@@ -396,6 +400,26 @@ class LogWriter:
             log.warning("frames dropped: recording a gap", extra={"key": key,
                                                                   "dropped": rec.count})
             self.append_control(key, "gap", rec.body())
+
+
+def pause_after(rate: float, batch_len: int, max_batch: int, linger: float) -> float:
+    """Seconds the writer thread waits after a batch before taking the next one. Pure.
+
+    Below `SHORT_LINGER_RATE` (entries a second over the last 100 ms) none: latency first.
+    Above `LINGER_RATE`, `linger`: batches of hundreds, few GIL hand-offs. In between 1 ms,
+    which adds at most 1 ms to a frame. Without it the rule could hold itself down under a heavy
+    feed: batches back to back cost the readers so much CPU that this machine persisted only
+    17,000-28,000 frames/s that way, around the threshold that starts the long pauses; with
+    1 ms pauses ~38,000, well over it (`bench/bench_ingest.py --pauses`: 0.53, 0.72 and 0.85
+    of the bare loop for 0, 1 and 10 ms). A batch of half `max_batch` or more is a backlog: no
+    pause."""
+    if linger <= 0 or batch_len >= max_batch // 2:
+        return 0.0
+    if rate >= LINGER_RATE:
+        return linger
+    if rate >= SHORT_LINGER_RATE:
+        return min(linger, SHORT_LINGER_S)
+    return 0.0
 
 
 def entry_fields(command: bytes) -> dict[bytes, bytes]:

@@ -18,7 +18,7 @@ from pipeline.eventlog import Retention, frame_entry
 from pipeline.localredis import LocalRedis, free_port
 from pipeline.redisconn import make_client
 from pipeline.replies import bulk_newlines, read_replies
-from pipeline.writer import LogWriter, entry_fields
+from pipeline.writer import LogWriter, entry_fields, pause_after
 
 
 def xadd(key: str, value: bytes) -> bytes:
@@ -156,3 +156,16 @@ async def test_the_writer_logs_every_frame_over_tls(tmp_path: Path,
         assert [fields[b"frame"] for _, fields in logged] == frames
         assert [fields[b"seq"] for _, fields in logged] == [b"%d" % i for i in range(1, 3001)]
         plain.close()
+
+
+def test_the_writer_pauses_after_a_batch_only_under_load() -> None:
+    # latency first at ordinary rates; 1 ms between 10,000 and 20,000 entries/s so that back-
+    # to-back batches cannot hold the ingestor under the rate that starts the 10 ms pauses
+    assert pause_after(5_000, 3, 2000, 0.010) == 0.0
+    assert pause_after(9_999, 30, 2000, 0.010) == 0.0
+    assert pause_after(12_000, 10, 2000, 0.010) == 0.001
+    assert pause_after(20_000, 200, 2000, 0.010) == 0.010
+    assert pause_after(50_000, 400, 2000, 0.010) == 0.010
+    assert pause_after(50_000, 1000, 2000, 0.010) == 0.0  # a backlog: straight on
+    assert pause_after(50_000, 400, 2000, 0.0) == 0.0  # linger=0: always back to back
+    assert pause_after(12_000, 10, 2000, 0.0005) == 0.0005  # never longer than linger
