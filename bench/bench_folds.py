@@ -27,15 +27,15 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.eventlog import ControlEntry, FrameEntry
-from projections.core import Output, coalesce
-from projections.depthbook import DiffBookProjection
-from projections.market import (
+from projections.core.depthbook import DiffBookProjection
+from projections.core.market import (
     BookTickerProjection,
     KlineProjection,
     MarkPriceProjection,
     PartialBookProjection,
     TradeProjection,
 )
+from projections.core.outputs import Output, coalesce
 
 SYMBOLS = [f"SYM{i}USDT" for i in range(50)]
 T0 = 1_764_000_000_000

@@ -9,7 +9,7 @@ Each part starts its own redis-server (pipeline.localredis) on a free port.
 
 - events: the raw streams are pre-filled with realistic frames (mark price, depth20, aggTrade,
   kline_1m over `--symbols` symbols, in exchange order); one projector process (this one: the
-  same `projections.runner.run` as `pipeline project`) folds them all; events/s = entries /
+  same `projections.shell.project.run` as `pipeline project`) folds them all; events/s = entries /
   time until every group has acknowledged everything. Once with coalescing, once without.
 - latency: `pipeline simulate` (subprocess) sends `--rate` frames/s in total, `pipeline ingest
   market` (subprocess) logs them, the projector runs here (all projections in this process) or,
@@ -19,7 +19,7 @@ Each part starts its own redis-server (pipeline.localredis) on a free port.
   wall-clock send time in ms). Coalesced and superseded frames count too: their view was
   written (with the same or a newer value) at that instant. The callback only keeps the batch;
   frames are parsed for `E` after the run, off the path being measured.
-- replay: `--replay-frames` frames pre-filled, then `projections.replay.replay` of every
+- replay: `--replay-frames` frames pre-filled, then `projections.shell.replay.replay` of every
   projection (XRANGE chunks, same folds, same forward-only writes; one process per projection,
   `--jobs` at once, as `pipeline replay` does by default), timed end to end.
 """
@@ -45,12 +45,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.eventlog import frame_entry, market_key  # noqa: E402
+from pipeline.eventlog import frame_entry  # noqa: E402
 from pipeline.localredis import LocalRedis  # noqa: E402
-from projections import runner  # noqa: E402
-from projections.groups import Folded, RawEntry  # noqa: E402
-from projections.registry import choose  # noqa: E402
-from projections.replay import replay  # noqa: E402
+from projections.core.batch import Folded, RawEntry  # noqa: E402
+from projections.core.keys import market_key  # noqa: E402
+from projections.shell import project as runner  # noqa: E402
+from projections.shell.registry import choose  # noqa: E402
+from projections.shell.replay import replay  # noqa: E402
 
 STREAMS = "markPrice@1s,depth20@100ms,aggTrade,kline_1m"
 
@@ -263,7 +264,7 @@ def bench_replay(n: int, n_symbols: int, jobs: int) -> tuple[float, int]:
 DOC_HEAD = """## Projector (bench/bench_projector.py)
 
 Run: `.venv/bin/python bench/bench_projector.py --write-doc` (about 75 s; every part starts
-its own redis-server). One projector process means the same `projections.runner.run` that
+its own redis-server). One projector process means the same `projections.shell.project.run` that
 `pipeline project` runs, all market projections in one process.
 
 - events/s: raw streams pre-filled with realistic frames of four families over 50 symbols

@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter, shared by the websocket reconnects and the Redis writer.
+"""Exponential backoff with jitter: the websocket reconnects, the Redis writer, the projector.
 
 Pure. Jitter keeps many connections (or several processes) that failed together from all
 coming back in the same instant.
@@ -6,7 +6,10 @@ coming back in the same instant.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+
+import attrs
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float]) -> float:
@@ -14,3 +17,28 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], floa
     [c/2, c] where c = base * 2**(attempt-1), capped at `cap`."""
     ceiling = min(cap, base * 2 ** max(0, min(attempt - 1, 30)))
     return ceiling * (0.5 + 0.5 * rand())
+
+
+@attrs.define
+class Backoff:
+    """The waits of one retry loop: `next_delay()` after each failure, `reset()` after a
+    success. Pure: the caller sleeps (trio.sleep in the projector, an Event wait in the writer
+    thread). `failing` says whether the last attempt failed, for logging an outage once."""
+
+    base: float
+    cap: float
+    rand: Callable[[], float] = random.random
+    attempt: int = 0
+
+    @property
+    def failing(self) -> bool:
+        return self.attempt > 0
+
+    def next_delay(self) -> float:
+        self.attempt += 1
+        return backoff_delay(self.attempt, self.base, self.cap, self.rand)
+
+    def reset(self) -> bool:
+        """Back to no wait; True when it was failing (an outage just ended)."""
+        was, self.attempt = self.attempt > 0, 0
+        return was

@@ -22,8 +22,8 @@ from pipeline.logs import register_secret, setup_logging
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("ingest", "market"): ("pipeline.ingest_market", "market-data ingestor"),
     ("ingest", "user"): ("pipeline.ingest_user", "user-data ingestor"),
-    ("project",): ("projections.runner", "run the projector consumer groups"),
-    ("replay",): ("projections.replay", "rebuild views from the log, then exit"),
+    ("project",): ("projections.shell.project", "run the projector consumer groups"),
+    ("replay",): ("projections.shell.replay", "rebuild views from the log, then exit"),
     ("status",): ("pipeline.status", "connections, streams, lag, view ages, dead letters"),
     ("simulate",): ("pipeline.simulator.server", "local Binance-protocol exchange simulator"),
     ("demo",): ("pipeline.demo", "the whole system on one machine, no account needed"),

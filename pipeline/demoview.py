@@ -18,8 +18,8 @@ from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.eventlog import RAW_PREFIX
 from projections.client import parse_view
+from projections.core.keys import RAW_PATTERN, Keys
 
 EVENTS_SHOWN = 10
 
@@ -72,14 +72,15 @@ def read_snapshot(client: redis.Redis, prefix: str, symbols: Sequence[str],
                   now: float | None = None) -> Snapshot:
     now = time.time() if now is None else now
     syms = [s.lower() for s in symbols]
+    keys = Keys(prefix)
     with client.pipeline(transaction=False) as pipe:
         for s in syms:
-            pipe.get(f"{prefix}:mark_price:{s}")
-            pipe.get(f"{prefix}:orderbook:{s}:20")
-            pipe.hgetall(f"{prefix}:open_orders:{s}")
-            pipe.hgetall(f"{prefix}:open_algo_orders:{s}")
-        pipe.xrevrange(f"{prefix}:orders", count=EVENTS_SHOWN)
-        pipe.xlen(f"{prefix}:orders")
+            pipe.get(keys.mark_price(s))
+            pipe.get(keys.orderbook(s, 20))
+            pipe.hgetall(keys.open_orders(s))
+            pipe.hgetall(keys.open_orders(s, "algo"))
+        pipe.xrevrange(keys.orders_stream(), count=EVENTS_SHOWN)
+        pipe.xlen(keys.orders_stream())
         replies = pipe.execute()
     marks: list[Mark] = []
     tops: list[Top] = []
@@ -112,7 +113,7 @@ def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> OrderEvent:
 def _log_counts(client: redis.Redis) -> tuple[dict[str, int], dict[str, int]]:
     frames: dict[str, int] = {}
     lag: Counter[str] = Counter()
-    for raw_key in client.scan_iter(match=f"{RAW_PREFIX}*", count=1000, _type="stream"):
+    for raw_key in client.scan_iter(match=RAW_PATTERN, count=1000, _type="stream"):
         key = raw_key.decode()
         info = cast(dict[str, Any], client.xinfo_stream(key))
         frames[key] = int(info.get("entries-added") or info["length"])
@@ -123,10 +124,13 @@ def _log_counts(client: redis.Redis) -> tuple[dict[str, int], dict[str, int]]:
 
 def _view_counts(client: redis.Redis, prefix: str) -> dict[str, int]:
     counts: Counter[str] = Counter()
-    for i, key in enumerate(client.scan_iter(match=f"{prefix}:*", count=1000)):
+    keys = Keys(prefix)
+    for i, key in enumerate(client.scan_iter(match=keys.pattern(), count=1000)):
         if i >= 20_000:
             break
-        counts[key.decode()[len(prefix) + 1:].split(":", 1)[0]] += 1
+        family = keys.family_of(key.decode())
+        if family is not None:
+            counts[family] += 1
     return dict(sorted(counts.items()))
 
 

@@ -25,6 +25,11 @@ class RedisUnavailable(PipelineError):
     """Redis could not be reached or dropped the connection mid-command."""
 
 
+class RedisRefused(RedisUnavailable):
+    """Redis is up but refuses writes for now (out of memory, a replica, loading, an ACL being
+    fixed): retried like an unreachable Redis, reported with Redis's own reason."""
+
+
 class ExchangeError(PipelineError):
     """The exchange (or the simulator) answered with an error or not at all."""
 

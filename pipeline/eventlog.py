@@ -1,7 +1,7 @@
 """The event log: which `raw:` stream a frame goes to and what one entry holds.
 
 Pure: no I/O. The writer (`pipeline.writer`) turns these entries into XADD commands; the
-projectors (`projections.runner`) read them back with `decode_entry`.
+projectors (`projections.shell.project`) read them back with `decode_entry`.
 
 Keys (documented with sizes in docs/architecture.md):
 - `raw:market:{family}`  one stream per market stream family (markPrice, depth20, depth,
@@ -31,18 +31,9 @@ import attrs
 import orjson
 
 from pipeline.errors import SettingsError
-
-RAW_PREFIX = "raw:"
-MARKET_PREFIX = "raw:market:"
-KEY_OTHER = "raw:market:other"
-KEY_USER = "raw:user"
-KEY_CONN = "raw:conn"
+from projections.core.keys import KEY_OTHER, MARKET_PREFIX, RAW_PREFIX, market_key
 
 _COMBINED_PREFIX = b'{"stream":"'
-
-
-def market_key(family: str) -> str:
-    return MARKET_PREFIX + family
 
 
 def family_of_stream(stream_name: str) -> str | None:

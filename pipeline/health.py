@@ -24,8 +24,9 @@ from typing import Any
 
 import attrs
 
-from pipeline.eventlog import MARKET_PREFIX, ControlEntry
+from pipeline.eventlog import ControlEntry
 from pipeline.streams import Path, parse_stream_kind
+from projections.core.keys import family_of_key, is_raw
 
 # Newest value of a view family older than this (seconds) is unhealthy. None: event-driven
 # views (positions, balances) whose age says nothing about health.
@@ -48,17 +49,17 @@ FEEDS: dict[str, str] = {
 
 
 def feeds(raw_key: str) -> str | None:
-    if not raw_key.startswith(MARKET_PREFIX):
+    family = family_of_key(raw_key)
+    if family is None:
         return None
-    family = raw_key[len(MARKET_PREFIX):]
     return "kline" if family.startswith("kline_") else FEEDS.get(family)
 
 
 def path_of(raw_key: str) -> Path | None:
     """The websocket path whose frames land in `raw_key`, for families that tick every second."""
-    if not raw_key.startswith(MARKET_PREFIX):
+    family = family_of_key(raw_key)
+    if family is None:
         return None
-    family = raw_key[len(MARKET_PREFIX):]
     spec = {"markPrice_arr": "!markPrice@arr@1s", "depth": "depth@100ms"}.get(family, family)
     try:
         kind = parse_stream_kind(spec)
@@ -170,7 +171,7 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
     problems = []
     for s in streams:
         for g in s.groups:
-            if s.key.startswith("raw:") and g.lag is not None and g.lag > max_lag:
+            if is_raw(s.key) and g.lag is not None and g.lag > max_lag:
                 more = "" if g.lag_exact else " or more"
                 problems.append(f"group {g.name} on {s.key}: lag {g.lag}{more} > {max_lag}")
     for v in views:

@@ -43,7 +43,6 @@ import trio
 from pipeline import metrics
 from pipeline.config import Secret, Settings, redact_url
 from pipeline.errors import ExchangeError, SettingsError
-from pipeline.eventlog import KEY_USER
 from pipeline.listenkey import DEFAULT_KEEPALIVE_S, ListenKeys
 from pipeline.reconcile import Reconciler
 from pipeline.redisconn import connect_checked, make_client
@@ -58,6 +57,7 @@ from pipeline.signing import (
 )
 from pipeline.writer import LogWriter
 from pipeline.wsconn import ConnSpec, Timing, WsConnection
+from projections.core.keys import KEY_USER
 
 log = logging.getLogger("pipeline.ingest_user")
 

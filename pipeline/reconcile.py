@@ -38,8 +38,9 @@ import trio
 from pipeline import metrics
 from pipeline.errors import ExchangeError, RedisUnavailable
 from pipeline.redisconn import redis_errors
-from pipeline.rest import open_orders_weight
 from pipeline.signing import SignedRest
+from pipeline.weight import open_orders_weight
+from projections.core.keys import Keys
 
 log = logging.getLogger("pipeline.reconcile")
 
@@ -108,13 +109,13 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def parse_held(prefix: str, key: bytes | str, fields: Iterable[bytes | str]) -> list[HeldOrder]:
+def parse_held(keys: Keys, key: bytes | str, fields: Iterable[bytes | str]) -> list[HeldOrder]:
     """`P:open_orders:btcusdt` + its hash fields -> HeldOrder per field."""
-    parts = _text(key).split(":")
-    if len(parts) != 3 or parts[0] != prefix or parts[1] not in HELD_VIEWS:
+    held = keys.held_orders(_text(key))
+    if held is None:
         return []
-    kind = HELD_VIEWS[parts[1]][0]
-    return [HeldOrder(kind, parts[2].upper(), _text(f)) for f in fields]
+    family, symbol = held
+    return [HeldOrder(HELD_VIEWS[family][0], symbol, _text(f)) for f in fields]
 
 
 # --- shell --------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class Reconciler:
                  append: Append) -> None:
         self.api = api
         self.views = views
-        self.prefix = view_prefix
+        self.keys = Keys(view_prefix)
         self.append = append
         self.runs = 0
         self._lock = trio.Lock()
@@ -207,9 +208,9 @@ class Reconciler:
     def _read_held(self) -> list[HeldOrder]:
         out: list[HeldOrder] = []
         with redis_errors():
-            for view in HELD_VIEWS:
-                for key in self.views.scan_iter(match=f"{self.prefix}:{view}:*", count=500):
-                    out += parse_held(self.prefix, key, self.views.hkeys(key))
+            for family in HELD_VIEWS:
+                for key in self.views.scan_iter(match=self.keys.pattern(family), count=500):
+                    out += parse_held(self.keys, key, self.views.hkeys(key))
         return out
 
 

@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from pipeline.config import redact_url
-from pipeline.errors import RedisUnavailable, SettingsError
+from pipeline.errors import RedisRefused, RedisUnavailable, SettingsError
 
 SOCKET_TIMEOUT_S = 10.0
 MAX_BLOCK_MS = 2_000
@@ -42,13 +42,53 @@ def make_client(url: str, *, name: str = "pipeline") -> redis.Redis:
     )
 
 
+# redis-py turns some error codes into classes (and drops the code from the text), not others.
+_CODES_OF_CLASSES: tuple[tuple[type[Exception], str], ...] = (
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.NoScriptError, "NOSCRIPT"),
+    (redis.exceptions.ExecAbortError, "EXECABORT"),
+)
+# Refusals a later attempt can get past: out of memory, a replica, loading, a script running,
+# an ACL being fixed, a failed background save.
+REFUSED_FOR_NOW = frozenset(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN",
+                             "NOPERM", "MISCONF"))
+
+
+def error_code(exc: BaseException) -> str:
+    """The Redis error code of an error reply ("OOM", "NOGROUP", "BUSYGROUP", "NOSCRIPT", ...),
+    "" for anything that is not one. The one place that reads redis-py's error texts."""
+    for cls, code in _CODES_OF_CLASSES:
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, redis.ResponseError):
+        head = str(exc).split(" ", 1)[0]
+        return head if head.isupper() else "ERR"
+    return ""
+
+
+def refused_for_now(exc: BaseException) -> bool:
+    """An error reply that a later attempt of the same command can get past."""
+    return error_code(exc) in REFUSED_FOR_NOW
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Turn redis-py's connection-level failures into RedisUnavailable."""
+    """Turn redis-py's connection-level failures into RedisUnavailable, and an error reply
+    that a later attempt can get past into RedisRefused (a RedisUnavailable too: callers
+    retry both the same way). Other error replies pass through as redis.ResponseError."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+    except redis.ResponseError as exc:
+        if refused_for_now(exc):
+            raise RedisRefused(f"redis refused: {str(exc)[:120]}") from None
+        raise
 
 
 def connect_checked(url: str, *, name: str = "pipeline") -> redis.Redis:

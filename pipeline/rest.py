@@ -16,27 +16,7 @@ import orjson
 import trio
 
 from pipeline.errors import ExchangeError
-from pipeline.weight import WeightBudget
-
-# Weights of the endpoints this project calls (Binance's documentation, 2026).
-WEIGHTS: dict[str, int] = {
-    "/fapi/v1/exchangeInfo": 1,
-    "/fapi/v1/premiumIndex": 1,
-    "/fapi/v1/time": 1,
-    "/fapi/v1/listenKey": 1,
-    "/fapi/v1/order": 1,
-    "/fapi/v1/algoOrder": 1,
-    "/fapi/v3/positionRisk": 5,
-    "/fapi/v2/balance": 5,
-}
-
-
-def depth_weight(limit: int) -> int:
-    return 2 if limit <= 50 else 5 if limit <= 100 else 10 if limit <= 500 else 20
-
-
-def open_orders_weight(symbol: str | None) -> int:
-    return 1 if symbol else 40
+from pipeline.weight import WEIGHTS, WeightBudget
 
 
 class RestClient:
@@ -69,17 +49,16 @@ class RestClient:
     ) -> Any:
         """Send one request and return its decoded JSON; waits first if the weight is spent."""
         w = WEIGHTS.get(path, 1) if weight is None else weight
-        delay = self.budget.delay_before(w, self.clock())
-        if delay > 0:
+        delay = self.budget.take(w, self.clock())
+        if delay > 0:  # spent for this minute: wait, then spend (the minute has rolled)
             await trio.sleep(delay)
-        self.budget.spend(w, self.clock())
+            self.budget.spend(w, self.clock())
         try:
             resp = await self._http.request(method, path, params=params, headers=headers)
         except httpx.HTTPError as exc:
             # the message of an httpx error can hold the full URL (and a signature): not kept
             raise ExchangeError(f"{method} {path}: {type(exc).__name__}") from None
-        self.budget.observe(resp.headers.get("X-MBX-USED-WEIGHT-1M"), resp.status_code,
-                            self.clock(), resp.headers.get("Retry-After"))
+        self.budget.observe_response(resp.headers, resp.status_code, self.clock())
         try:
             body = orjson.loads(resp.content) if resp.content else None
         except orjson.JSONDecodeError:
@@ -100,22 +79,3 @@ class RestClient:
     async def trading_symbols(self) -> list[str]:
         info = await self.get("/fapi/v1/exchangeInfo")
         return [s["symbol"] for s in info["symbols"] if s.get("status") == "TRADING"]
-
-    async def depth_snapshot_raw(self, symbol: str, limit: int = 1000) -> bytes:
-        """The depth snapshot's exact body bytes, to be logged as received."""
-        w = depth_weight(limit)
-        delay = self.budget.delay_before(w, self.clock())
-        if delay > 0:
-            await trio.sleep(delay)
-        self.budget.spend(w, self.clock())
-        try:
-            resp = await self._http.get("/fapi/v1/depth", params={"symbol": symbol,
-                                                                  "limit": limit})
-        except httpx.HTTPError as exc:
-            raise ExchangeError(f"GET /fapi/v1/depth: {type(exc).__name__}") from None
-        self.budget.observe(resp.headers.get("X-MBX-USED-WEIGHT-1M"), resp.status_code,
-                            self.clock(), resp.headers.get("Retry-After"))
-        if resp.status_code >= 400:
-            raise ExchangeError(f"GET /fapi/v1/depth: HTTP {resp.status_code}",
-                                status=resp.status_code)
-        return resp.content

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from pipeline.config import Settings, redact_url
 from pipeline.errors import RedisUnavailable, SettingsError
-from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, decode_entry
+from pipeline.eventlog import ControlEntry, decode_entry
 from pipeline.health import (
     VIEW_LIMITS,
     Connection,
@@ -39,6 +39,7 @@ from pipeline.health import (
     open_connections,
 )
 from pipeline.redisconn import connect_checked, redis_errors
+from projections.core.keys import DLQ_PATTERN, KEY_CONN, KEY_USER, RAW_PATTERN, Keys
 
 SCAN_CAP = 50_000  # keys looked at per SCAN pattern: a bound on the cost of one status call
 CONN_ENTRIES = 2_000  # newest raw:conn entries folded into the connection list
@@ -81,13 +82,14 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     seconds, micros = client.time()
     server_ms = seconds * 1000 + micros // 1000
     now = clock()
-    keys = sorted(_scan(client, "raw:*", "stream"))
-    if client.exists(f"{prefix}:orders"):
-        keys.append(f"{prefix}:orders")  # the listener's groups: reported, not judged
+    orders = Keys(prefix).orders_stream()
+    keys = sorted(_scan(client, RAW_PATTERN, "stream"))
+    if client.exists(orders):
+        keys.append(orders)  # the listener's groups: reported, not judged
     streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
     conns = mark_silent(open_connections(_conn_entries(client), now), streams, silence_timeout)
     views = read_views(client, prefix, sample, now)
-    dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, "dlq:*", "stream"))}
+    dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, DLQ_PATTERN, "stream"))}
     problems = assess(conns, streams, views, max_lag=max_lag)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
                   tuple(problems))
@@ -145,15 +147,17 @@ def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
 
 def read_views(client: redis.Redis, prefix: str, sample: int, now: float) -> list[ViewFamily]:
     """Per view family: how many keys, and the age of the newest "timestamp" in a sample."""
-    start = len(prefix) + 1
+    keys = Keys(prefix)
     out = []
     for type_ in ("string", "hash", "list", "stream"):
         by_family: dict[str, list[str]] = defaultdict(list)
-        for key in _scan(client, f"{prefix}:*", type_):
-            by_family[key[start:].split(":", 1)[0]].append(key)
-        for family, keys in sorted(by_family.items()):
-            age = _newest_age(client, keys[:sample], now) if type_ == "string" else None
-            out.append(ViewFamily(family, type_, len(keys), age, VIEW_LIMITS.get(family)))
+        for key in _scan(client, keys.pattern(), type_):
+            family = keys.family_of(key)
+            if family is not None:
+                by_family[family].append(key)
+        for family, names in sorted(by_family.items()):
+            age = _newest_age(client, names[:sample], now) if type_ == "string" else None
+            out.append(ViewFamily(family, type_, len(names), age, VIEW_LIMITS.get(family)))
     return out
 
 

@@ -7,9 +7,33 @@ the consumer library's sync fallback (`projections.client`) both consult it befo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 
 LIMIT_PER_MINUTE = 2400
+
+# Weights of the endpoints this project calls (Binance's documentation, 2026).
+WEIGHTS: dict[str, int] = {
+    "/fapi/v1/exchangeInfo": 1,
+    "/fapi/v1/premiumIndex": 1,
+    "/fapi/v1/time": 1,
+    "/fapi/v1/listenKey": 1,
+    "/fapi/v1/order": 1,
+    "/fapi/v1/algoOrder": 1,
+    "/fapi/v3/positionRisk": 5,
+    "/fapi/v2/balance": 5,
+}
+
+
+def depth_weight(limit: int) -> int:
+    """`GET /fapi/v1/depth`: 2 up to 50 levels, 5 to 100, 10 to 500, 20 above."""
+    return 2 if limit <= 50 else 5 if limit <= 100 else 10 if limit <= 500 else 20
+
+
+def open_orders_weight(symbol: str | None) -> int:
+    """`GET /fapi/v1/openOrders` and `openAlgoOrders`: 1 for one symbol, 40 for all."""
+    return 1 if symbol else 40
 
 
 @attrs.define
@@ -38,6 +62,19 @@ class WeightBudget:
     def spend(self, weight: int, now: float) -> None:
         self._roll(now)
         self.used += weight
+
+    def take(self, weight: int, now: float) -> float:
+        """Spend `weight` and return 0 when it fits now; else spend nothing and return the
+        seconds to wait (the async client sleeps and asks again, a sync reader gives up)."""
+        delay = self.delay_before(weight, now)
+        if delay <= 0:
+            self.spend(weight, now)
+        return delay
+
+    def observe_response(self, headers: Mapping[str, str], status: int, now: float) -> None:
+        """`observe` with the answer's `X-MBX-USED-WEIGHT-1M` and `Retry-After` headers."""
+        self.observe(headers.get("X-MBX-USED-WEIGHT-1M"), status, now,
+                     headers.get("Retry-After"))
 
     def observe(self, header: str | None, status: int, now: float,
                 retry_after: str | None = None) -> None:

@@ -63,7 +63,7 @@ from wsproto.events import CloseConnection
 from pipeline import metrics
 from pipeline.backoff import backoff_delay
 from pipeline.config import redact_url
-from pipeline.eventlog import KEY_CONN, KEY_OTHER
+from projections.core.keys import KEY_CONN, KEY_OTHER
 
 
 class FrameSink(Protocol):

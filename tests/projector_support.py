@@ -17,9 +17,10 @@ import redis
 import trio
 
 from pipeline.config import Settings, load_settings
-from pipeline.eventlog import frame_entry, market_key
-from projections import runner
-from projections.registry import ProjectionSpec, choose
+from pipeline.eventlog import frame_entry
+from projections.core.keys import market_key
+from projections.shell import project as runner
+from projections.shell.registry import ProjectionSpec, choose
 from tests.conftest import ROOT
 
 STREAMS = "markPrice@1s,depth20@100ms,aggTrade,kline_1m"

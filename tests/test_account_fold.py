@@ -6,8 +6,8 @@ import orjson
 import pytest
 from user_frames import T0, account_frame, control, frame_entry, position
 
-from projections.account import AccountProjection
-from projections.core import PoisonEntry, ViewWrite, coalesce
+from projections.core.account import AccountProjection
+from projections.core.outputs import PoisonEntry, ViewWrite, coalesce
 
 
 def views(outputs) -> dict[str, dict]:

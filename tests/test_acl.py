@@ -23,7 +23,7 @@ from pipeline.errors import SettingsError
 from pipeline.eventlog import control_entry, frame_entry
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import connect_checked, make_client
-from projections.core import ViewWrite
+from projections.core.outputs import ViewWrite
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_user_ingestor_appends_user_frames_and_reads_only_open_orders(
 def test_projector_consumes_raw_streams_and_writes_views_through_lua(
     as_role: Callable[[str], redis.Redis], admin: redis.Redis,
 ) -> None:
-    from projections.viewstore import ViewStore
+    from projections.shell.viewstore import ViewStore
 
     proj = as_role("projector")
     proj.xgroup_create("raw:market:markPrice", "mark_price", id="0", mkstream=True)

@@ -1,4 +1,4 @@
-"""Coalescing inside a batch (`projections.groups.fold_batch`): only the newest event of a
+"""Coalescing inside a batch (`projections.shell.groups.fold_batch`): only the newest event of a
 view is written, a closed candle is never skipped, and what a later frame supersedes is
 acknowledged without being parsed. Pure: no Redis is touched."""
 
@@ -9,9 +9,9 @@ import time
 import orjson
 
 from pipeline.eventlog import format_ts
-from projections.core import ListPushIfNewer, ViewWrite
-from projections.groups import RawEntry, fold_batch
-from projections.market import KlineProjection, MarkPriceProjection
+from projections.core.batch import RawEntry, fold_batch
+from projections.core.market import KlineProjection, MarkPriceProjection
+from projections.core.outputs import ListPushIfNewer, ViewWrite
 
 NOW = time.time()
 

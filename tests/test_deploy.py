@@ -83,7 +83,7 @@ def test_projector_can_be_scaled(compose: dict[str, Any]) -> None:
 
 def test_each_command_is_a_real_pipeline_command(compose: dict[str, Any]) -> None:
     expected = {"ingest-market": "pipeline.ingest_market", "ingest-user": "pipeline.ingest_user",
-                "projector": "projections.runner", "status": "pipeline.status"}
+                "projector": "projections.shell.project", "status": "pipeline.status"}
     for name, module in expected.items():
         assert parse_command(compose["services"][name]["command"]) == module
 

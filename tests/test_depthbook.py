@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from pipeline.eventlog import ControlEntry, FrameEntry
-from projections.core import LogGap, NeedSnapshot, PoisonEntry, ViewWrite
-from projections.depthbook import DiffBookProjection, State, state_of
+from projections.core.depthbook import DiffBookProjection, State, state_of
+from projections.core.outputs import LogGap, NeedSnapshot, PoisonEntry, ViewWrite
 
 RECV = 1_764_000_000.5
 SYM = "BTCUSDT"

@@ -31,13 +31,14 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from pipeline.config import Secret, Settings, load_settings
-from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, FrameEntry, decode_entry
+from pipeline.eventlog import ControlEntry, FrameEntry, decode_entry
 from pipeline.ingest_user import UserIngest, UserOptions, redact_key, run_user_ingest
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import make_client
 from pipeline.signing import make_signer
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.wsconn import Timing
+from projections.core.keys import KEY_CONN, KEY_USER
 from tests.conftest import run_cli
 
 FAST = Timing(connect_timeout=5.0, disconnect_timeout=1.0, backoff_base=0.05, backoff_cap=0.5)
@@ -426,9 +427,9 @@ async def test_listener_sees_fills_of_the_outage_on_p_orders_soon_after_reconnec
         redis_server: LocalRedis) -> None:
     """The whole path: stream -> log -> orders projection -> views; stream down; reconnect ->
     reconciliation -> final states -> entries on P:orders the listener reads."""
-    from projections.registry import choose
-    from projections.runner import RunOptions
-    from projections.runner import run as run_projector
+    from projections.shell.project import RunOptions
+    from projections.shell.project import run as run_projector
+    from projections.shell.registry import choose
 
     async with running(redis_server, timing=SLOW_RECONNECT) as run:
         prefix = run.settings.view_prefix

@@ -13,14 +13,14 @@ import orjson
 import pytest
 
 from pipeline.eventlog import ControlEntry, FrameEntry
-from projections.core import ListPushIfNewer, PoisonEntry, ViewWrite, coalesce
-from projections.market import (
+from projections.core.market import (
     BookTickerProjection,
     KlineProjection,
     MarkPriceProjection,
     PartialBookProjection,
     TradeProjection,
 )
+from projections.core.outputs import ListPushIfNewer, PoisonEntry, ViewWrite, coalesce
 
 RECV = 1_764_000_000.123456  # receipt time of every frame below, unix seconds
 E = 1_764_000_000_050  # event time, ms

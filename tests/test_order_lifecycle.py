@@ -14,9 +14,9 @@ from pipeline.localredis import LocalRedis
 from pipeline.rest import RestClient
 from pipeline.signing import SignedRest, make_signer
 from projections.client import OrderEvent, OrdersConsumer, open_algo_orders, open_orders
-from projections.registry import choose
-from projections.runner import RunOptions
-from projections.runner import run as run_projector
+from projections.shell.project import RunOptions
+from projections.shell.project import run as run_projector
+from projections.shell.registry import choose
 from tests.test_ingest_user import (
     API_KEY,
     API_SECRET,

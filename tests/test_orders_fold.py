@@ -13,16 +13,16 @@ from user_frames import (
     rest_order,
 )
 
-from pipeline import metrics
-from projections.core import PoisonEntry
-from projections.orders import (
+from projections.core.batch import fold_batch
+from projections.core.orders import (
     ALGO_TRANSITIONS,
     ORDER_TRANSITIONS,
     InMemoryOrders,
     OrdersProjection,
     order_rest_row,
 )
-from projections.orderstore import OrderWrite
+from projections.core.orderwrites import OrderWrite
+from projections.core.outputs import PoisonEntry, Unrecognized
 
 
 def fold(entries: list, store: InMemoryOrders | None = None) -> InMemoryOrders:
@@ -139,21 +139,22 @@ def test_stop_market_algo_order_triggers_and_its_market_order_fills():
     assert store.open_orders("algo") == [] and store.open_orders("order") == []
 
 
-def test_unknown_event_types_are_ignored_and_counted():
-    seen: list[str] = []
-    proj = OrdersProjection(on_unknown=seen.append)
-    assert list(proj.apply(frame_entry(b'{"e":"SOMETHING_NEW","E":1,"x":[1]}', 1.0))) == []
+def test_unknown_event_types_are_ignored_and_reported_for_counting():
+    proj = OrdersProjection()
+    assert list(proj.apply(frame_entry(b'{"e":"SOMETHING_NEW","E":1,"x":[1]}', 1.0))) == [
+        Unrecognized("SOMETHING_NEW")]
     assert list(proj.apply(frame_entry(b'{"e":"TRADE_LITE","E":1,"T":1,"s":"BTCUSDT"}',
                                        1.0))) == []
-    assert list(proj.apply(frame_entry(b'{"result":null,"id":1}', 1.0))) == []
-    assert seen == ["SOMETHING_NEW", "(no e field)"]
+    assert list(proj.apply(frame_entry(b'{"result":null,"id":1}', 1.0))) == [
+        Unrecognized("(no e field)")]
 
 
-def test_unknown_event_default_counts_in_the_metric():
-    counter = metrics.UNKNOWN_EVENTS.labels(type="BRAND_NEW_EVENT")
-    before = counter._value.get()
-    OrdersProjection().apply(frame_entry(b'{"e":"BRAND_NEW_EVENT"}', 1.0))
-    assert counter._value.get() == before + 1
+def test_the_batch_fold_collects_unknown_event_types_for_the_metric():
+    folded = fold_batch(OrdersProjection(), [
+        ("raw:user", b"1-0", {b"frame": b'{"e":"BRAND_NEW_EVENT"}', b"recv_ts": b"1.0",
+                              b"conn": b"u1", b"seq": b"1"})])
+    assert folded.unrecognized == ["BRAND_NEW_EVENT"] and not folded.failures
+    assert folded.acks == {"raw:user": [b"1-0"]}
 
 
 def test_unknown_fields_are_ignored_and_kept_in_the_state():

@@ -16,8 +16,9 @@ from user_frames import (
     rest_order,
 )
 
-from projections.orders import InMemoryOrders, OrdersProjection
-from projections.orderstore import AlgoOrderWrite, OrderWrite, perform_order_write
+from projections.core.orders import InMemoryOrders, OrdersProjection
+from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
+from projections.shell.orderstore import perform_order_write
 
 P = "websocket"
 
@@ -209,7 +210,7 @@ def test_refused_write_changes_nothing_at_all(r):
 
 
 def test_performers_are_registered_in_the_view_store(r):
-    from projections import viewstore
+    from projections.shell import viewstore
 
     assert viewstore.PERFORMERS[OrderWrite] is perform_order_write
     store = viewstore.ViewStore(r)

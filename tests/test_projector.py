@@ -12,17 +12,17 @@ from typing import Any
 
 import attrs
 import orjson
-import pytest
 import redis
 import trio
 
 from pipeline import metrics
 from pipeline.eventlog import ControlEntry, FrameEntry, frame_entry
 from pipeline.localredis import LocalRedis
-from projections import runner
-from projections.core import Output, PoisonEntry, ViewWrite
-from projections.lease import lease_key
-from projections.registry import ProjectionSpec, choose
+from projections.core.keys import lease_key
+from projections.core.outputs import Output, PoisonEntry, ViewWrite
+from projections.shell import project as runner
+from projections.shell.health import ProjectorHealth
+from projections.shell.registry import ProjectionSpec, choose
 from tests.conftest import run_cli
 from tests.projector_support import (
     SYMBOLS,
@@ -402,13 +402,15 @@ async def test_view_writes_refused_for_lack_of_memory_are_written_once_redis_can
         nursery.cancel_scope.cancel()
 
 
-async def test_projector_health_fails_only_after_a_lasting_outage(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    backoff = runner.Backoff("mark_price", first=0.001)
-    assert runner.healthy()
-    await backoff.failed(RuntimeError("redis unavailable"))
-    assert runner.healthy()  # one failure is not an outage yet
-    monkeypatch.setattr(runner, "UNHEALTHY_AFTER_S", 0.0)
-    assert not runner.healthy()  # /healthz answers 503 from here on
-    backoff.ok()
-    assert runner.healthy()
+def test_projector_health_fails_only_after_a_lasting_outage() -> None:
+    now = [100.0]
+    health = ProjectorHealth(unhealthy_after_s=30.0, clock=lambda: now[0])
+    assert health.healthy()
+    health.failed("mark_price")
+    now[0] += 29.0
+    assert health.healthy()  # a short outage is not a page
+    health.failed("mark_price")  # still the same outage: counted from its start
+    now[0] += 1.0
+    assert not health.healthy()  # /healthz answers 503 from here on
+    health.recovered("mark_price")
+    assert health.healthy()

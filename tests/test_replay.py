@@ -10,7 +10,7 @@ import redis
 from pipeline.errors import SettingsError
 from pipeline.eventlog import frame_entry
 from pipeline.localredis import LocalRedis
-from projections.replay import merged_entries, parse_from
+from projections.shell.replay import merged_entries, parse_from
 from tests.conftest import run_cli
 from tests.projector_support import (
     STREAMS,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.eventlog import KEY_CONN, KEY_USER, ControlEntry, control_entry, frame_entry
+from pipeline.eventlog import ControlEntry, control_entry, frame_entry
 from pipeline.health import (
     Connection,
     Group,
@@ -30,6 +30,7 @@ from pipeline.health import (
     open_connections,
 )
 from pipeline.localredis import LocalRedis
+from projections.core.keys import KEY_CONN, KEY_USER
 from tests.conftest import ROOT, run_cli
 
 

@@ -13,14 +13,24 @@ write with the update id as version, so the newest wins either way.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 
 import attrs
 
 from pipeline.config import Settings
 from pipeline.errors import SettingsError
-from projections.core import Projection
+from projections.core.account import AccountProjection
+from projections.core.depthbook import DiffBookProjection
+from projections.core.keys import Keys
+from projections.core.market import (
+    BookTickerProjection,
+    KlineProjection,
+    MarkPriceProjection,
+    PartialBookProjection,
+    TradeProjection,
+)
+from projections.core.orders import OrdersProjection
+from projections.core.outputs import Projection
 
 BOOK_DEPTH = 20  # levels of the diff-depth book published to P:orderbook:{symbol}:20
 
@@ -33,42 +43,31 @@ class ProjectionSpec:
     key_patterns: tuple[str, ...]
 
 
-# name -> (module, class, view key patterns with {P} for the prefix)
-_MARKET: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "mark_price": ("projections.market", "MarkPriceProjection", ("{P}:mark_price:*",)),
-    "orderbook": ("projections.market", "PartialBookProjection", ()),  # per depth, below
-    "kline": ("projections.market", "KlineProjection", ("{P}:kline:*", "{P}:klines:*")),
-    "last_price": ("projections.market", "TradeProjection", ("{P}:last_price:*",)),
-    "book_ticker": ("projections.market", "BookTickerProjection", ("{P}:book_ticker:*",)),
-    "depth_book": ("projections.depthbook", "DiffBookProjection",
-                   (f"{{P}}:orderbook:*:{BOOK_DEPTH}",)),
+# name -> (fold class, the view families it owns: (family, *parts) of a SCAN pattern)
+Owned = tuple[tuple[str, ...], ...]
+_MARKET: dict[str, tuple[type, Owned]] = {
+    "mark_price": (MarkPriceProjection, (("mark_price",),)),
+    "orderbook": (PartialBookProjection, ()),  # per configured depth, below
+    "kline": (KlineProjection, (("kline",), ("klines",))),
+    "last_price": (TradeProjection, (("last_price",),)),
+    "book_ticker": (BookTickerProjection, (("book_ticker",),)),
+    "depth_book": (DiffBookProjection, (("orderbook", "*", str(BOOK_DEPTH)),)),
 }
-_USER: dict[str, tuple[str, str, tuple[str, ...]]] = {
+_USER: dict[str, tuple[type, Owned]] = {
     # P:orders and P:orders:{symbol} are the listener's streams: never deleted by a reset
-    "orders": ("projections.orders", "OrdersProjection",
-               ("{P}:order_state:*", "{P}:algo_order_state:*", "{P}:open_orders:*",
-                "{P}:open_algo_orders:*")),
-    "account": ("projections.account", "AccountProjection",
-                ("{P}:position:*", "{P}:balance:*")),
+    "orders": (OrdersProjection, (("order_state",), ("algo_order_state",), ("open_orders",),
+                                  ("open_algo_orders",))),
+    "account": (AccountProjection, (("position",), ("balance",))),
 }
-
-
-def _load(module: str, cls: str) -> type | None:
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError):
-        return None  # not built in this version
 
 
 def available(settings: Settings) -> dict[str, ProjectionSpec]:
     """Every projection that has something to read with these settings, by name."""
     families = [k.family for k in settings.market_streams]
     prefix = settings.view_prefix
+    keys = Keys(prefix)
     out: dict[str, ProjectionSpec] = {}
-    for name, (module, clsname, patterns) in {**_MARKET, **_USER}.items():
-        cls = _load(module, clsname)
-        if cls is None:
-            continue
+    for name, (cls, owned) in {**_MARKET, **_USER}.items():
         # market folds take the configured families; the user folds only the prefix
         options: dict[str, object] = (
             {"families": families, "book_depth": BOOK_DEPTH} if name in _MARKET else {})
@@ -80,10 +79,10 @@ def available(settings: Settings) -> dict[str, ProjectionSpec]:
         if not probe.sources or (name == "depth_book" and "depth" not in families):
             continue
         if name == "orderbook":
-            patterns = tuple(f"{{P}}:orderbook:*:{f[len('depth'):]}" for f in families
-                             if f in ("depth5", "depth10", "depth20"))
+            owned = tuple(("orderbook", "*", f[len("depth"):]) for f in families
+                          if f in ("depth5", "depth10", "depth20"))
         out[name] = ProjectionSpec(name, factory, bool(probe.exclusive),
-                                   tuple(p.replace("{P}", prefix) for p in patterns))
+                                   tuple(keys.pattern(*parts) for parts in owned))
     return out
 
 

@@ -1,8 +1,8 @@
 """The Redis side of one projection's consumer group: reads, claims, acks, dead letters.
 
-Sync redis-py calls, each wrapped in `redis_errors()`; the runner calls them from worker
-threads. The fold itself (`fold_batch`) is pure and lives here too because it decides what the
-batch acknowledges.
+Sync redis-py calls, each wrapped in `redis_errors()`; the loop (`projections.shell.loop`)
+calls them from worker threads. The fold between read and write is pure
+(`projections.core.batch.fold_batch`).
 
 Keys this module writes besides the views (for the ACL, see docs/architecture.md):
 `dlq:{projection}`, the entries that failed `max_attempts` deliveries, with `source_key`,
@@ -17,30 +17,15 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
-import attrs
 import redis
 
-from pipeline.eventlog import decode_entry
-from pipeline.redisconn import redis_errors
-from projections.core import (
-    ListPushIfNewer,
-    LogGap,
-    NeedSnapshot,
-    Output,
-    Projection,
-    ViewWrite,
-    coalesce,
-)
-from projections.viewstore import check_performable
+from pipeline.redisconn import error_code, redis_errors
+from projections.core.batch import Folded, RawEntry
+from projections.core.keys import dlq_key
+from projections.core.outputs import Output
 
 log = logging.getLogger("pipeline.project")
 
-# (source key, entry id, fields); fields are empty for an entry trimmed while it was pending
-RawEntry = tuple[str, bytes, dict[bytes, bytes]]
-
-DLQ_PREFIX = "dlq:"
-ERROR_TEXT_MAX = 500
-_CORE_TYPES = frozenset((ViewWrite, ListPushIfNewer, NeedSnapshot, LogGap))
 
 
 def parse_xreadgroup(response: Sequence[Any] | None, **_options: object) -> list[RawEntry]:
@@ -62,94 +47,6 @@ def parse_xreadgroup(response: Sequence[Any] | None, **_options: object) -> list
     return out
 
 
-@attrs.define
-class Folded:
-    """What one batch comes to: the writes, the effects, the acks and the failures."""
-
-    writes: list[Output] = attrs.Factory(list)
-    effects: list[NeedSnapshot | LogGap] = attrs.Factory(list)
-    acks: dict[str, list[bytes]] = attrs.Factory(dict)
-    failures: list[tuple[RawEntry, str]] = attrs.Factory(list)
-    applied: int = 0
-    newest_recv_ts: float = 0.0
-    written_at: float = 0.0  # wall clock right after the write + ack pipeline returned
-
-
-def fold_batch(projection: Projection, entries: Sequence[RawEntry],
-               coalescing: bool = True) -> Folded:
-    """Apply each entry; an entry that raises is a failure and is not acknowledged.
-
-    With coalescing, a projection that has `last_value_key(frame)` (the stateless market
-    folds) gets only the last frame of each key in the batch: the others would be coalesced
-    away anyway, and parsing them was most of the fold's cost. Superseded entries count as
-    applied and are acknowledged; they are not parsed (see `superseded`).
-
-    Hot path (every entry of every batch): plain locals, no per-entry allocation beyond what
-    the fold returns.
-    """
-    folded = Folded()
-    outputs: list[Output] = []
-    acks = folded.acks
-    apply = projection.apply
-    keyer = getattr(projection, "last_value_key", None) if coalescing else None
-    skip = superseded(entries, keyer) if keyer is not None else ()
-    newest = 0.0
-    for i, raw in enumerate(entries):
-        key, eid, fields = raw
-        if i in skip:
-            folded.applied += 1
-        elif fields:
-            try:
-                entry = decode_entry(eid, fields)
-                outs = apply(entry)
-                if type(outs) is not list:
-                    outs = list(outs)
-                for out in outs:
-                    if type(out) not in _CORE_TYPES:
-                        check_performable(out)
-            except Exception as exc:  # any failure of a fold is the entry's, not the process's
-                folded.failures.append((raw, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]))
-                continue
-            outputs += outs
-            folded.applied += 1
-            if entry.recv_ts > newest:
-                newest = entry.recv_ts
-        ids = acks.get(key)
-        if ids is None:
-            acks[key] = [eid]
-        else:
-            ids.append(eid)
-    folded.newest_recv_ts = newest
-    for out in coalesce(outputs) if coalescing else outputs:
-        if type(out) is NeedSnapshot or type(out) is LogGap:
-            folded.effects.append(out)
-        else:
-            folded.writes.append(out)
-    return folded
-
-
-def superseded(entries: Sequence[RawEntry],
-               keyer: Callable[[bytes], bytes | None]) -> set[int]:
-    """Indexes of the frame entries that a later entry with the same `keyer(frame)` (the
-    stream name, which also decides the source key) supersedes. `keyer` returns None for a
-    frame that must always be folded (not a well-formed wrapper, a closed candle, a list
-    payload)."""
-    last: dict[bytes, int] = {}
-    skip: set[int] = set()
-    for i, (_key, _eid, fields) in enumerate(entries):
-        frame = fields.get(b"frame")
-        if frame is None:
-            continue
-        name = keyer(frame)
-        if name is None:
-            continue
-        held = last.get(name)
-        if held is not None:
-            skip.add(held)
-        last[name] = i
-    return skip
-
-
 class GroupIO:
     """One projection's group on its source keys, for one consumer."""
 
@@ -169,7 +66,7 @@ class GroupIO:
                 try:
                     self.client.xgroup_create(key, self.group, id="0", mkstream=True)
                 except redis.ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
+                    if error_code(exc) != "BUSYGROUP":
                         raise
 
     def _has_group(self, key: str) -> bool:
@@ -212,7 +109,7 @@ class GroupIO:
         pipe = self.client.pipeline(transaction=False)
         dead: dict[Any, Any] = {b"source_key": key.encode(), b"entry_id": eid,
                                 b"error": error.encode(), **fields}
-        pipe.xadd(DLQ_PREFIX + self.group, dead)
+        pipe.xadd(dlq_key(self.group), dead)
         pipe.xack(key, self.group, eid)
         with redis_errors():
             pipe.execute()

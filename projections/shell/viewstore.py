@@ -1,7 +1,8 @@
 """Performs a projection's writes in Redis: each one atomic and forward-only.
 
-The shell (`projections.runner`, `projections.replay`) queues a batch's writes on one redis-py
-pipeline with `ViewStore.queue`, adds its XACKs, and sends it all in one round trip. Every
+The loop (`projections.shell.loop`) and replay (`projections.shell.replay`) queue a batch's
+writes on one redis-py pipeline with `ViewStore.queue_all`, add its XACKs, and send it all in
+one round trip. Every
 market write is one call of `lua/views.lua`, which compares versions inside Redis:
 
 Results: one list per script call, one number per write (1 written, 0 not newer, -1 expired).
@@ -11,9 +12,10 @@ Results: one list per script call, one number per write (1 written, 0 not newer,
   `version_field` is lower or the key is missing.
 - `ListPushIfNewer`: LPUSH + LTRIM only when newer than the list's head.
 
-User-data writes (projections.orderstore) have their own script; `PERFORMERS` maps each write
+User-data writes (projections.shell.orderstore) have their own script; `PERFORMERS` maps each write
 type to the function that queues it. An output of any other type is a programming error and
-raises TypeError (the runner dead-letters the entry that produced it).
+raises TypeError (`projections.core.outputs.check_output` already failed the entry that
+produced it, and the loop dead-letters it).
 """
 
 from __future__ import annotations
@@ -25,22 +27,20 @@ from typing import Any
 import redis
 import redis.client
 
-from projections import orderstore
-from projections.core import ListPushIfNewer, LogGap, NeedSnapshot, Output, ViewWrite
+from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
+from projections.core.outputs import ListPushIfNewer, Output, ViewWrite
+from projections.shell.orderstore import perform_order_write
 
 Performer = Callable[[redis.client.Pipeline, Any], None]
 
 # write type -> function queuing it on a pipeline (the shell knows its performers; the pure
 # folds that produce these values never import Redis)
 PERFORMERS: dict[type, Performer] = {
-    orderstore.OrderWrite: orderstore.perform_order_write,
-    orderstore.AlgoOrderWrite: orderstore.perform_order_write,
+    OrderWrite: perform_order_write,
+    AlgoOrderWrite: perform_order_write,
 }
 
-VIEWS_LUA = resources.files("projections").joinpath("lua/views.lua").read_text()
-
-# Outputs the shell acts on itself (REST snapshot, gap entry): never sent to the store.
-EFFECT_TYPES = (NeedSnapshot, LogGap)
+VIEWS_LUA = resources.files("projections.shell").joinpath("lua/views.lua").read_text()
 
 
 def _num(v: float) -> str:
@@ -106,12 +106,3 @@ class ViewStore:
         keys.clear()
         args.clear()
         return 1
-
-
-def check_performable(out: Output) -> None:
-    """Raise TypeError now, while the entry that produced `out` is known, if no one can write it."""
-    kind = type(out)
-    if kind is ViewWrite or kind is ListPushIfNewer or kind is NeedSnapshot or kind is LogGap:
-        return
-    if type(out) not in PERFORMERS:
-        raise TypeError(f"no performer for output type {type(out).__name__}")

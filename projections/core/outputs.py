@@ -1,8 +1,8 @@
 """What a projection is, and the writes it asks for. Pure: imports neither trio nor redis.
 
 A projection folds one log entry at a time: `apply(entry) -> list[Output]`. It never touches
-Redis. The shell (`projections.runner`) coalesces the outputs of a batch, hands them to
-`projections.viewstore`, which performs each as one atomic, forward-only Redis operation, and
+Redis. The shell (`projections.shell.loop`) coalesces the outputs of a batch, hands them to
+`projections.shell.viewstore`, which performs each as one atomic, forward-only Redis operation, and
 acknowledges the batch afterwards. Every write carries a version; the store keeps whichever is
 newer, so redelivery, a second consumer, or a replay never moves a view backwards.
 """
@@ -15,6 +15,7 @@ from typing import Protocol
 import attrs
 
 from pipeline.eventlog import ControlEntry, FrameEntry
+from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
 
 Entry = FrameEntry | ControlEntry
 
@@ -69,9 +70,28 @@ class LogGap:
     body: dict[str, object]
 
 
-Output = ViewWrite | ListPushIfNewer | NeedSnapshot | LogGap | object
-# `object`: the user-data projections add their own write types (projections.orders), which
-# projections.viewstore knows how to perform.
+@attrs.frozen
+class Unrecognized:
+    """An event this version does not know (a new user-data type or order status): ignored,
+    counted by the shell (`pipeline_unknown_events_total`) and logged once per type."""
+
+    event_type: str
+
+
+Output = (ViewWrite | ListPushIfNewer | NeedSnapshot | LogGap | Unrecognized | OrderWrite
+          | AlgoOrderWrite)
+# What the shell writes (`projections.shell.viewstore` has a performer for each), what it acts
+# on itself, and what it only counts. Any other output is a programming error: the entry that
+# produced it fails (and is dead-lettered) instead of the batch.
+WRITE_TYPES: frozenset[type] = frozenset((ViewWrite, ListPushIfNewer, OrderWrite, AlgoOrderWrite))
+EFFECT_TYPES: frozenset[type] = frozenset((NeedSnapshot, LogGap))
+OUTPUT_TYPES = WRITE_TYPES | EFFECT_TYPES | {Unrecognized}
+
+
+def check_output(out: object) -> None:
+    """Raise TypeError, while the entry that produced `out` is known, for an unknown type."""
+    if type(out) not in OUTPUT_TYPES:
+        raise TypeError(f"no performer for output type {type(out).__name__}")
 
 
 class Projection(Protocol):
@@ -103,8 +123,3 @@ def coalesce(outputs: Iterable[Output]) -> list[Output]:
         else:
             rest.append(out)
     return [newest[k] for k in order] + rest
-
-
-def view_key(prefix: str, *parts: str) -> str:
-    """`view_key("websocket", "mark_price", "btcusdt")` -> `websocket:mark_price:btcusdt`."""
-    return ":".join((prefix, *parts))

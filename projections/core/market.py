@@ -16,7 +16,7 @@ another event type (a SUBSCRIBE reply, an event Binance adds one day) give no wr
 
 Pre-coalescing (`last_value_key`): the views here hold only the newest event of a stream, so
 of the frames of one stream in a batch only the last matters; the shell
-(`projections.groups.fold_batch`) parses only that one, finding the stream name in the
+(`projections.shell.groups.fold_batch`) parses only that one, finding the stream name in the
 wrapper's first bytes (`frames.wrapped_stream`). Entries of one raw key are in exchange order
 per symbol, so the last is the newest. Consequences, by design: a frame superseded in its batch
 is not parsed (if it was poison it is acknowledged, not dead-lettered; a frame whose wrapper is
@@ -24,7 +24,7 @@ not well-formed is always parsed); in a connection rotation's overlap an older d
 come last, which the forward-only write refuses, leaving the view one event behind until the
 stream's next event. Klines publish a closed candle (`"x":true`) to a list, so only open-candle
 frames (`"x":false`) are skipped; mark price frames of `!markPrice@arr` (a list of symbols)
-and the diff-depth book (projections.depthbook) are never skipped.
+and the diff-depth book (projections.core.depthbook) are never skipped.
 
 Options: every class takes `prefix` (Settings.view_prefix) and keyword options; options a
 class does not use are ignored, so a registry may pass the same ones to all:
@@ -39,10 +39,11 @@ from typing import Any
 
 import orjson
 
-from pipeline.eventlog import FrameEntry, market_key
+from pipeline.eventlog import FrameEntry
 from pipeline.streams import KLINE_INTERVALS, PARTIAL_DEPTHS
-from projections import frames
-from projections.core import Entry, ListPushIfNewer, Output, PoisonEntry, ViewWrite, view_key
+from projections.core import frames
+from projections.core.keys import Keys, market_key
+from projections.core.outputs import Entry, ListPushIfNewer, Output, PoisonEntry, ViewWrite
 
 SOURCE = "websocket"  # the seed service's readers look for this in every market view
 TTL_MS = 60_000  # mark price, books, last price, book ticker: 60 s after receipt
@@ -74,21 +75,45 @@ def _chosen(families: Iterable[str] | None, foldable: Iterable[str]) -> list[str
     return [f for f in foldable if f in wanted]
 
 
-class MarkPriceProjection:
-    """`P:mark_price:{symbol}` from `@markPrice` and `!markPrice@arr` (a list per frame)."""
+class LastValueFold:
+    """What the stateless folds share: the raw keys of the configured families they fold, the
+    head of their view keys, and the batch's last-value key (the stream name). A subclass
+    names its view, the families it folds and its event type, and implements `fold`."""
 
-    name = "mark_price"
+    name: str
+    view: str  # view family in the key: P:{view}:{symbol}...
+    foldable: tuple[str, ...]  # stream families it can fold
+    event: str  # the payload's "e"
     exclusive = False
 
     def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
                  **_unused: object) -> None:
-        self.sources = [market_key(f) for f in _chosen(families, ("markPrice", "markPrice_arr"))]
-        self._key = view_key(prefix, "mark_price", "")
+        self.sources = [market_key(f) for f in _chosen(families, self.foldable)]
+        self._key = Keys(prefix).view_head(self.view)
 
     @staticmethod
     def last_value_key(frame: bytes) -> bytes | None:
         """Frames with the same key: only the batch's last needs folding (module docstring)."""
         return frames.wrapped_stream(frame)
+
+    def apply(self, entry: Entry) -> list[Output]:
+        got = _payload(entry)
+        if got is None or frames.event_type(got[1]) != self.event:
+            return []
+        assert type(entry) is FrameEntry
+        return self.fold(got[0], got[1], entry)
+
+    def fold(self, stream: str, data: Any, entry: FrameEntry) -> list[Output]:
+        raise NotImplementedError
+
+
+class MarkPriceProjection(LastValueFold):
+    """`P:mark_price:{symbol}` from `@markPrice` and `!markPrice@arr` (a list per frame)."""
+
+    name = "mark_price"
+    view = "mark_price"
+    foldable = ("markPrice", "markPrice_arr")
+    event = "markPriceUpdate"
 
     def apply(self, entry: Entry) -> list[Output]:
         got = _payload(entry)
@@ -114,35 +139,23 @@ class MarkPriceProjection:
                          _expiry(entry, TTL_MS))
 
 
-class PartialBookProjection:
+class PartialBookProjection(LastValueFold):
     """`P:orderbook:{symbol}:{depth}` from the partial depth streams `@depth{5,10,20}`.
 
     The depth is read from the stream name in the wrapper (the payload does not say it).
     """
 
     name = "orderbook"
-    exclusive = False
+    view = "orderbook"
+    foldable = tuple(f"depth{n}" for n in PARTIAL_DEPTHS)
+    event = "depthUpdate"
 
     def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
                  **_unused: object) -> None:
-        self.sources = [market_key(f) for f in
-                        _chosen(families, [f"depth{n}" for n in PARTIAL_DEPTHS])]
-        self._key = view_key(prefix, "orderbook", "")
+        super().__init__(prefix, families=families)
         self._depths: dict[str, str] = {}  # stream name -> "20"; at most one per stream
 
-    @staticmethod
-    def last_value_key(frame: bytes) -> bytes | None:
-        """Frames with the same key: only the batch's last needs folding (module docstring)."""
-        return frames.wrapped_stream(frame)
-
-    def apply(self, entry: Entry) -> list[Output]:
-        got = _payload(entry)
-        if got is None:
-            return []
-        assert type(entry) is FrameEntry
-        stream, data = got
-        if frames.event_type(data) != "depthUpdate":
-            return []
+    def fold(self, stream: str, data: Any, entry: FrameEntry) -> list[Output]:
         depth = self._depths.get(stream) or self._depth_of(stream)
         symbol, e_time, u, bids, asks = frames.partial_depth(data)
         value = orjson.dumps({
@@ -162,20 +175,20 @@ class PartialBookProjection:
         return depth
 
 
-class KlineProjection:
+class KlineProjection(LastValueFold):
     """`P:kline:{symbol}:{interval}` (the latest candle, versioned by event time) and, for
     each closed candle, `P:klines:{symbol}:{interval}` (newest first, capped at 500,
     versioned by open time)."""
 
     name = "kline"
-    exclusive = False
+    view = "kline"
+    foldable = tuple(f"kline_{i}" for i in KLINE_INTERVALS)
+    event = "kline"
 
     def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
                  **_unused: object) -> None:
-        self.sources = [market_key(f) for f in
-                        _chosen(families, [f"kline_{i}" for i in KLINE_INTERVALS])]
-        self._latest = view_key(prefix, "kline", "")
-        self._closed = view_key(prefix, "klines", "")
+        super().__init__(prefix, families=families)
+        self._closed = Keys(prefix).view_head("klines")
         self._ttl: dict[str, int] = {}
 
     @staticmethod
@@ -184,15 +197,9 @@ class KlineProjection:
         skipped): of these, only the batch's last per stream needs folding."""
         return frames.wrapped_stream(frame) if b'"x":false' in frame else None
 
-    def apply(self, entry: Entry) -> list[Output]:
-        got = _payload(entry)
-        if got is None:
-            return []
-        assert type(entry) is FrameEntry
-        if frames.event_type(got[1]) != "kline":
-            return []
+    def fold(self, stream: str, data: Any, entry: FrameEntry) -> list[Output]:
         (symbol, e_time, interval, open_time, close_time, open_, high, low, close, volume,
-         quote_volume, trades, closed) = frames.kline(got[1])
+         quote_volume, trades, closed) = frames.kline(data)
         ttl = self._ttl.get(interval) or self._ttl_of(interval)
         value = orjson.dumps({
             "open_time": open_time, "close_time": close_time, "open": open_, "high": high,
@@ -201,7 +208,7 @@ class KlineProjection:
             "timestamp": e_time / 1000, "source": SOURCE,
         })
         suffix = f"{symbol.lower()}:{interval}"
-        out: list[Output] = [ViewWrite(self._latest + suffix, value, e_time, "event_time",
+        out: list[Output] = [ViewWrite(self._key + suffix, value, e_time, "event_time",
                                        _expiry(entry, ttl))]
         if closed:
             out.append(ListPushIfNewer(self._closed + suffix, value, open_time, "open_time",
@@ -215,30 +222,16 @@ class KlineProjection:
         return ttl
 
 
-class TradeProjection:
+class TradeProjection(LastValueFold):
     """`P:last_price:{symbol}` from `@aggTrade`, versioned by the aggregate trade id."""
 
     name = "last_price"
-    exclusive = False
+    view = "last_price"
+    foldable = ("aggTrade",)
+    event = "aggTrade"
 
-    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
-                 **_unused: object) -> None:
-        self.sources = [market_key(f) for f in _chosen(families, ("aggTrade",))]
-        self._key = view_key(prefix, "last_price", "")
-
-    @staticmethod
-    def last_value_key(frame: bytes) -> bytes | None:
-        """Frames with the same key: only the batch's last needs folding (module docstring)."""
-        return frames.wrapped_stream(frame)
-
-    def apply(self, entry: Entry) -> list[Output]:
-        got = _payload(entry)
-        if got is None:
-            return []
-        assert type(entry) is FrameEntry
-        if frames.event_type(got[1]) != "aggTrade":
-            return []
-        symbol, e_time, agg_id, price, qty, trade_time = frames.agg_trade(got[1])
+    def fold(self, stream: str, data: Any, entry: FrameEntry) -> list[Output]:
+        symbol, e_time, agg_id, price, qty, trade_time = frames.agg_trade(data)
         value = orjson.dumps({
             "price": price, "qty": qty, "agg_trade_id": agg_id, "trade_time": trade_time,
             "timestamp": e_time / 1000, "source": SOURCE,
@@ -247,30 +240,16 @@ class TradeProjection:
                           _expiry(entry, TTL_MS))]
 
 
-class BookTickerProjection:
+class BookTickerProjection(LastValueFold):
     """`P:book_ticker:{symbol}` from `@bookTicker`, versioned by the book update id."""
 
     name = "book_ticker"
-    exclusive = False
+    view = "book_ticker"
+    foldable = ("bookTicker",)
+    event = "bookTicker"
 
-    def __init__(self, prefix: str, *, families: Iterable[str] | None = None,
-                 **_unused: object) -> None:
-        self.sources = [market_key(f) for f in _chosen(families, ("bookTicker",))]
-        self._key = view_key(prefix, "book_ticker", "")
-
-    @staticmethod
-    def last_value_key(frame: bytes) -> bytes | None:
-        """Frames with the same key: only the batch's last needs folding (module docstring)."""
-        return frames.wrapped_stream(frame)
-
-    def apply(self, entry: Entry) -> list[Output]:
-        got = _payload(entry)
-        if got is None:
-            return []
-        assert type(entry) is FrameEntry
-        if frames.event_type(got[1]) != "bookTicker":
-            return []
-        symbol, e_time, update_id, bid, bid_qty, ask, ask_qty = frames.book_ticker(got[1])
+    def fold(self, stream: str, data: Any, entry: FrameEntry) -> list[Output]:
+        symbol, e_time, update_id, bid, bid_qty, ask, ask_qty = frames.book_ticker(data)
         value = orjson.dumps({
             "bid": bid, "bid_qty": bid_qty, "ask": ask, "ask_qty": ask_qty,
             "update_id": update_id, "timestamp": e_time / 1000, "source": SOURCE,

@@ -32,21 +32,19 @@ from typing import Any
 
 import orjson
 
-from pipeline.eventlog import KEY_USER, ControlEntry, FrameEntry
-from projections.core import Entry, Output, PoisonEntry, ViewWrite, view_key
-from projections.userevents import AccountUpdate, BadEvent, decode_frame, parse_user_event
+from pipeline.eventlog import ControlEntry, FrameEntry
+from projections.core.keys import KEY_USER, Keys
+from projections.core.outputs import Entry, Output, PoisonEntry, ViewWrite
+from projections.core.userevents import AccountUpdate, BadEvent, decode_frame, parse_user_event
 
 DEFAULT_TTL_S = 300.0
 _SIDE_SUFFIX = {"BOTH": (), "LONG": ("long",), "SHORT": ("short",)}
 
 
-def position_key(prefix: str, symbol: str, position_side: str) -> str:
+def position_key(keys: Keys, symbol: str, position_side: str) -> str:
+    """`BOTH` (one-way mode) -> `P:position:{symbol}`; LONG/SHORT -> `...:long`/`...:short`."""
     suffix = _SIDE_SUFFIX.get(position_side.upper(), (position_side.lower(),))
-    return view_key(prefix, "position", symbol.lower(), *suffix)
-
-
-def balance_key(prefix: str, asset: str) -> str:
-    return view_key(prefix, "balance", asset.lower())
+    return keys.position(symbol, *suffix)
 
 
 def _is_zero(value: Any) -> bool:
@@ -82,7 +80,7 @@ class AccountProjection:
     exclusive = True
 
     def __init__(self, prefix: str = "websocket", *, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.ttl_ms = int(ttl_s * 1000)
         self._cr: dict[str, Any] = {}  # position key -> last accumulated realized seen
 
@@ -112,12 +110,12 @@ class AccountProjection:
         ts = event.event_time / 1000
         out: list[Output] = []
         for pos in event.account.positions:
-            key = position_key(self.prefix, pos.symbol, pos.position_side)
+            key = position_key(self.keys, pos.symbol, pos.position_side)
             if "cr" in pos.raw:
                 self._cr[key] = pos.raw["cr"]
             out.append(self._write(key, dict(pos.raw), ts, "websocket", entry.recv_ts))
         for bal in event.account.balances:
-            out.append(self._write(balance_key(self.prefix, bal.asset), dict(bal.raw), ts,
+            out.append(self._write(self.keys.balance(bal.asset), dict(bal.raw), ts,
                                    "websocket", entry.recv_ts))
         return out
 
@@ -131,11 +129,11 @@ class AccountProjection:
         ts = fetched / 1000
         try:
             if body["kind"] == "balance":
-                return [self._write(balance_key(self.prefix, r["asset"]), balance_from_rest(r),
+                return [self._write(self.keys.balance(r["asset"]), balance_from_rest(r),
                                     ts, "reconciliation", entry.recv_ts) for r in rows]
             out: list[Output] = []
             for r in rows:
-                key = position_key(self.prefix, r["symbol"], r.get("positionSide", "BOTH"))
+                key = position_key(self.keys, r["symbol"], r.get("positionSide", "BOTH"))
                 out.append(self._write(key, position_from_risk(r, self._cr.get(key)), ts,
                                        "reconciliation", entry.recv_ts))
             return out

@@ -33,12 +33,12 @@ import httpx
 import orjson
 import redis
 
-from pipeline.rest import depth_weight
-from pipeline.weight import WeightBudget
+from pipeline.redisconn import error_code
+from pipeline.weight import WeightBudget, depth_weight
+from projections.core.keys import DEFAULT_PREFIX, Keys
 
 log = logging.getLogger("projections.client")
 
-DEFAULT_PREFIX = "websocket"
 _DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
 
 
@@ -80,7 +80,7 @@ class MarketReader:
         budget: WeightBudget | None = None,
     ) -> None:
         self.r = r
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.fallback = fallback
         self.clock = clock
         self.budget = budget or WeightBudget()
@@ -94,7 +94,7 @@ class MarketReader:
     def mark_price(self, symbol: str, max_age: float = 5.0) -> dict[str, Any] | None:
         """`{"mark_price", "index_price", "funding_rate", "next_funding_time", "timestamp",
         "source"}`, or None. Example: `reader.mark_price("BTCUSDT")["mark_price"]`."""
-        return self._read(f"mark_price:{symbol.lower()}", max_age,
+        return self._read(self.keys.mark_price(symbol), max_age,
                           lambda: self._rest_mark_price(symbol))
 
     def order_book(
@@ -102,26 +102,25 @@ class MarketReader:
     ) -> dict[str, Any] | None:
         """`{"bids": [[price, qty], ...], "asks": [...], "timestamp", "last_update_id", "source"}`.
         Example: `reader.order_book("BTCUSDT", 5)["asks"][0]`."""
-        return self._read(f"orderbook:{symbol.lower()}:{depth}", max_age,
+        return self._read(self.keys.orderbook(symbol, depth), max_age,
                           lambda: self._rest_book(symbol, depth))
 
     def last_price(self, symbol: str, max_age: float = 5.0) -> dict[str, Any] | None:
         """`{"price", "qty", "timestamp", "source", ...}` of the last aggregated trade.
         Example: `reader.last_price("SOLUSDT")["price"]`."""
-        return self._read(f"last_price:{symbol.lower()}", max_age,
+        return self._read(self.keys.last_price(symbol), max_age,
                           lambda: self._rest_last_price(symbol))
 
     def position(self, symbol: str, side: str | None = None) -> dict[str, Any] | None:
         """The position view (`side` "long"/"short" in hedge mode); no REST fallback because it
         would need the account's keys. Example: `reader.position("BTCUSDT")["pa"]`."""
-        suffix = f":{side.lower()}" if side else ""
-        return parse_view(self.r.get(f"{self.prefix}:position:{symbol.lower()}{suffix}"))
+        return parse_view(self.r.get(self.keys.position(symbol, side)))
 
     # --- machinery ------------------------------------------------------------------------
 
     def _read(self, key: str, max_age: float, rest: Callable[[], dict[str, Any] | None]
               ) -> dict[str, Any] | None:
-        view = parse_view(self.r.get(f"{self.prefix}:{key}"))
+        view = parse_view(self.r.get(key))
         if view is not None and self.clock() - float(view.get("timestamp", 0)) < max_age:
             return view
         if not self.fallback:
@@ -130,18 +129,15 @@ class MarketReader:
         return fresh if fresh is not None else view
 
     def _get(self, path: str, params: dict[str, Any], weight: int) -> Any:
-        now = self.clock()
-        if self.budget.delay_before(weight, now) > 0:
+        if self.budget.take(weight, self.clock()) > 0:
             log.warning("rest fallback skipped: weight budget spent", extra={"path": path})
             return None
-        self.budget.spend(weight, now)
         try:
             resp = self._http.get(path, params=params)
         except httpx.HTTPError as exc:
             log.warning("rest fallback failed", extra={"path": path, "error": type(exc).__name__})
             return None
-        self.budget.observe(resp.headers.get("X-MBX-USED-WEIGHT-1M"), resp.status_code,
-                            self.clock(), resp.headers.get("Retry-After"))
+        self.budget.observe_response(resp.headers, resp.status_code, self.clock())
         if resp.status_code != 200:
             log.warning("rest fallback refused", extra={"path": path, "status": resp.status_code})
             return None
@@ -197,8 +193,9 @@ def open_orders(r: redis.Redis, symbol: str | None = None, *,
         for o in open_orders(r, "BTCUSDT"):
             print(o["orderId"], o["status"], o["executedQty"])
     """
-    key = f"{prefix}:open_orders:{symbol.lower()}" if symbol else None
-    orders = _hash_values(r, f"{prefix}:open_orders:*", key)
+    keys = Keys(prefix)
+    key = keys.open_orders(symbol) if symbol else None
+    orders = _hash_values(r, keys.pattern("open_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("orderId", 0)))
 
 
@@ -209,8 +206,9 @@ def open_algo_orders(r: redis.Redis, symbol: str | None = None, *,
 
     Example: `stops = [o for o in open_algo_orders(r) if o["orderType"] == "STOP_MARKET"]`
     """
-    key = f"{prefix}:open_algo_orders:{symbol.lower()}" if symbol else None
-    orders = _hash_values(r, f"{prefix}:open_algo_orders:*", key)
+    keys = Keys(prefix)
+    key = keys.open_orders(symbol, "algo") if symbol else None
+    orders = _hash_values(r, keys.pattern("open_algo_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("algoId", 0)))
 
 
@@ -275,7 +273,7 @@ class OrdersConsumer:
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.handler = handler
-        self.stream = f"{prefix}:orders"
+        self.stream = Keys(prefix).orders_stream()
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
         self.count = count
@@ -286,7 +284,7 @@ class OrdersConsumer:
         try:
             self.r.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if error_code(exc) != "BUSYGROUP":
                 raise
 
     def stop(self) -> None:

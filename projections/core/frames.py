@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from projections.core import PoisonEntry
+from projections.core.outputs import PoisonEntry
 
 
 def unwrap(frame: bytes) -> tuple[str, Any] | None:

@@ -50,10 +50,11 @@ from typing import Any
 import attrs
 import orjson
 
-from pipeline.eventlog import ControlEntry, FrameEntry, market_key
-from projections import frames
-from projections.core import Entry, LogGap, NeedSnapshot, Output, ViewWrite, view_key
-from projections.market import SOURCE, TTL_MS
+from pipeline.eventlog import ControlEntry, FrameEntry
+from projections.core import frames
+from projections.core.keys import Keys, market_key
+from projections.core.market import SOURCE, TTL_MS
+from projections.core.outputs import Entry, LogGap, NeedSnapshot, Output, ViewWrite
 
 RAW_KEY = market_key("depth")
 DEFAULT_BUFFER_LIMIT = 1000  # 100 s of events at 100 ms: far more than a snapshot round trip
@@ -255,7 +256,7 @@ class DiffBookProjection:
         self.sources = [RAW_KEY]
         self.book_depth = book_depth
         self.buffer_limit = buffer_limit
-        self._key = view_key(prefix, "orderbook", "")
+        self._key = Keys(prefix).view_head("orderbook")
         self._suffix = f":{book_depth}"
         self.sequencers: dict[str, Sequencer] = {}
         self.books: dict[str, Book] = {}

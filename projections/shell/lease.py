@@ -22,10 +22,10 @@ import trio
 
 from pipeline.errors import RedisUnavailable
 from pipeline.redisconn import redis_errors
+from projections.core.keys import lease_key
 
 log = logging.getLogger("pipeline.project.lease")
 
-LEASE_PREFIX = "lease:"
 
 # Take the lease if free or already ours; returns 1 when held by us afterwards.
 _ACQUIRE = """
@@ -45,10 +45,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def lease_key(name: str) -> str:
-    return LEASE_PREFIX + name
 
 
 class Lease:

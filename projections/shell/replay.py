@@ -2,12 +2,12 @@
 
 Reads each projection's source keys with XRANGE in chunks (no consumer group, no acks), merged
 in entry-id order when a projection reads several keys, folds them with a fresh instance of the
-same projection and performs the same forward-only writes (projections.viewstore). It stops at
+same projection and performs the same forward-only writes (projections.shell.viewstore). It stops at
 the last entry each key held when the replay started, so it ends even while ingestors append.
 
 Live projectors may keep running meanwhile: both sides write only when newer, so the views end
 the same whichever writes last. `--reset` first deletes the projection's view keys (SCAN by
-its key patterns, projections.registry) so they are rebuilt from scratch; frames older than a
+its key patterns, projections.shell.registry) so they are rebuilt from scratch; frames older than a
 view's TTL write nothing, so a reset view holds only what is still fresh.
 
 Replay never calls REST and never appends to the log: `NeedSnapshot` and `LogGap` are ignored,
@@ -36,9 +36,9 @@ import redis
 from pipeline.config import Settings
 from pipeline.errors import RedisUnavailable, SettingsError
 from pipeline.redisconn import connect_checked, make_client, redis_errors
-from projections.groups import RawEntry, fold_batch
-from projections.registry import ProjectionSpec, choose
-from projections.viewstore import ViewStore
+from projections.core.batch import RawEntry, fold_batch
+from projections.shell.registry import ProjectionSpec, choose
+from projections.shell.viewstore import ViewStore
 
 log = logging.getLogger("pipeline.replay")
 

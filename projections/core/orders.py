@@ -18,7 +18,7 @@ duplicates (redelivery, a replay over live views, the frames both connections lo
 24-hour rotation) and anything older (a REST snapshot taken before the last event).
 
 This module decides; it stores nothing. `OrdersProjection.apply(entry)` turns a raw:user entry
-into `OrderWrite`/`AlgoOrderWrite` values (projections.orderstore), each with the statuses it
+into `OrderWrite`/`AlgoOrderWrite` values (projections.core.orderwrites), each with the statuses it
 may leave; the store's Lua script performs the check and the write atomically against what
 Redis holds, so a projector restarted from any point, or two of them, end with the same views.
 `apply_write(stored, write)` is the same rule in Python: the reference the Lua script is tested
@@ -33,17 +33,15 @@ guesses a final status.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import attrs
 
-from pipeline import metrics
-from pipeline.eventlog import KEY_USER, ControlEntry, FrameEntry
-from projections.core import Entry, Output, PoisonEntry
-from projections.orderstore import (
+from pipeline.eventlog import ControlEntry, FrameEntry
+from projections.core.keys import KEY_USER
+from projections.core.orderwrites import (
     DEFAULT_ORDERS_MAX_AGE_S,
     DEFAULT_SYMBOL_MAXLEN,
     AlgoOrderWrite,
@@ -51,7 +49,8 @@ from projections.orderstore import (
     Version,
     script_payload,
 )
-from projections.userevents import (
+from projections.core.outputs import Entry, Output, PoisonEntry, Unrecognized
+from projections.core.userevents import (
     KNOWN_TYPES,
     AlgoUpdate,
     BadEvent,
@@ -60,8 +59,6 @@ from projections.userevents import (
     decode_frame,
     parse_user_event,
 )
-
-log = logging.getLogger(__name__)
 
 _ORDER_TERMINAL = ("FILLED", "CANCELED", "EXPIRED", "EXPIRED_IN_MATCH")
 _ALGO_TERMINAL = ("FINISHED", "CANCELED", "EXPIRED", "REJECTED")
@@ -298,19 +295,6 @@ def apply_write(stored: Mapping[str, Any] | None, write: OrderWrite | AlgoOrderW
 
 # --- the projection ---------------------------------------------------------------------------
 
-_seen_unknown: set[str] = set()
-
-
-def count_unknown(event_type: str) -> None:
-    """Default handling of an event type this version does not know: count it, say so once
-    per type and process (a chatty new event must not flood the log)."""
-    label = event_type[:64]
-    if label not in _seen_unknown:
-        _seen_unknown.add(label)
-        log.warning("unknown user-data event type %r: ignored and counted", label)
-    metrics.UNKNOWN_EVENTS.labels(type=label).inc()
-
-
 def _rows(response: Any) -> list[Mapping[str, Any]]:
     if isinstance(response, dict) and isinstance(response.get("orders"), list):
         response = response["orders"]
@@ -337,10 +321,8 @@ class OrdersProjection:
 
     def __init__(self, prefix: str = "websocket", *,
                  symbol_maxlen: int = DEFAULT_SYMBOL_MAXLEN,
-                 orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S,
-                 on_unknown: Callable[[str], None] = count_unknown) -> None:
+                 orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S) -> None:
         self.cfg = OrderSettings(prefix, symbol_maxlen, orders_max_age_s)
-        self.on_unknown = on_unknown
 
     def apply(self, entry: Entry) -> Iterable[Output]:
         if isinstance(entry, FrameEntry):
@@ -367,11 +349,10 @@ class OrdersProjection:
             label = f"ALGO_UPDATE:{event.order.status}"
         else:
             if isinstance(event, UnknownEvent):
-                self.on_unknown(event.event_type or "(no e field)")
+                return [Unrecognized(event.event_type or "(no e field)")]
             return []
         if write is None:  # a status this version does not know
-            self.on_unknown(label)
-            return []
+            return [Unrecognized(label)]
         return [write]
 
     def _control(self, entry: ControlEntry) -> list[Output]:

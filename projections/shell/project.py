@@ -1,0 +1,169 @@
+"""`pipeline project`: runs the projector consumer groups, one loop per projection.
+
+The process: one nursery; per projection a `ProjectionLoop` (`projections.shell.loop`) on its
+own Redis connection, run directly or, for an exclusive projection, only while this process
+holds its lease (`projections.shell.lease`); one depth snapshot fetcher
+(`projections.shell.snapshots`) shared by the loops; a lag reporter; `/metrics` and `/healthz`
+(`projections.shell.health`). SIGTERM and SIGINT cancel the nursery: leases are released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from pipeline import metrics
+from pipeline.config import Settings
+from pipeline.errors import RedisUnavailable
+from pipeline.eventlog import retention_family
+from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
+from pipeline.rest import RestClient
+from projections.core.depthbook import RAW_KEY as DEPTH_KEY
+from projections.shell.health import ProjectorHealth
+from projections.shell.lease import Lease, run_while_holding
+from projections.shell.loop import (
+    OnWritten,
+    ProjectionLoop,
+    RunOptions,
+    default_consumer,
+    in_thread,
+)
+from projections.shell.registry import ProjectionSpec, choose
+from projections.shell.snapshots import Snapshotter
+
+log = logging.getLogger("pipeline.project")
+
+# GIL switch interval while projecting (CPython's default is 5 ms). Every projection is a
+# thread that wakes when its XREADGROUP returns; when a burst lands on several keys at once the
+# threads queue for the GIL, and a thread back from a socket call could wait the whole interval
+# behind one that is folding. 0.5 ms lowered the projector leg's p99 at 5,000 frames/s and did
+# not lower events/s (bench/bench_projector.py, docs/benchmarks.md).
+GIL_SWITCH_S = 0.0005
+
+
+__all__ = ["RunOptions", "add_arguments", "main", "run"]
+
+
+async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
+                   health: ProjectorHealth, snapshots: Snapshotter | None,
+                   loops: list[ProjectionLoop], on_written: OnWritten | None = None) -> None:
+    """Run one projection: directly, or while holding its lease when it is exclusive."""
+    client = make_client(settings.redis_url, name=f"project:{spec.name}")
+
+    async def work() -> None:
+        loop = ProjectionLoop(spec.factory(), client, opts, health, snapshots, on_written)
+        loops.append(loop)
+        try:
+            await loop.run()
+        finally:
+            loops.remove(loop)
+
+    try:
+        if spec.exclusive:
+            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms)
+            await run_while_holding(lease, work)
+        else:
+            await work()
+    finally:
+        client.close()
+
+
+async def report_metrics(loops: list[ProjectionLoop], every: float = 5.0) -> None:
+    while True:
+        await trio.sleep(every)
+        for loop in list(loops):
+            try:
+                await in_thread(loop.report_lag)
+            except RedisUnavailable:
+                pass
+
+
+async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOptions,
+              rest: RestClient | None = None, on_written: OnWritten | None = None,
+              health: ProjectorHealth | None = None) -> None:
+    """Every projection of `specs` until cancelled."""
+    health = health or ProjectorHealth()
+    loops: list[ProjectionLoop] = []
+    client = make_client(settings.redis_url, name="project:snapshots")
+    own_rest = rest is None
+    rest = rest or RestClient(settings.rest_url)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, GIL_SWITCH_S))
+    try:
+        async with trio.open_nursery() as nursery:
+            ret = settings.retention.get(retention_family(DEPTH_KEY))
+            snapshots = Snapshotter(client, nursery, rest, raw_key=DEPTH_KEY,
+                                    maxlen=ret.maxlen if ret is not None else None,
+                                    health=health)
+            for spec in specs:
+                nursery.start_soon(run_spec, spec, settings, opts, health, snapshots, loops,
+                                   on_written)
+            nursery.start_soon(report_metrics, loops)
+    finally:
+        sys.setswitchinterval(switch)
+        client.close()
+        if own_rest:
+            with trio.CancelScope(shield=True):
+                await rest.aclose()
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default=None, help="comma list of projection names")
+    parser.add_argument("--consumer", default=None, help="consumer name (default hostname-pid)")
+    parser.add_argument("--block-ms", type=int, default=1000,
+                        help=f"XREADGROUP BLOCK in ms (at most {MAX_BLOCK_MS})")
+    parser.add_argument("--batch", type=int, default=500, help="XREADGROUP COUNT")
+    parser.add_argument("--claim-idle-ms", type=int, default=30_000,
+                        help="take over entries another consumer left pending this long")
+    parser.add_argument("--max-attempts", type=int, default=3,
+                        help="failed folds of one entry before it goes to dlq:{name}")
+    parser.add_argument("--lease-ttl-ms", type=int, default=10_000,
+                        help="TTL of the lease of an exclusive projection")
+    parser.add_argument("--no-coalesce", action="store_true",
+                        help="write every event instead of the newest per view (benchmarks)")
+
+
+def options_from(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        consumer=args.consumer or default_consumer(),
+        block_ms=max(1, min(args.block_ms, MAX_BLOCK_MS)),
+        batch=max(1, args.batch),
+        claim_idle_ms=max(0, args.claim_idle_ms),
+        max_attempts=max(1, args.max_attempts),
+        lease_ttl_ms=max(100, args.lease_ttl_ms),
+        coalescing=not args.no_coalesce,
+    )
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    specs = choose(settings, args.only)
+    connect_checked(settings.redis_url, name="project").close()
+    opts = options_from(args)
+    health = ProjectorHealth()
+    if settings.metrics_port > 0:
+        metrics.serve(settings.metrics_port, health.healthy)
+    log.info("projector starting", extra={"consumer": opts.consumer,
+                                          "projections": ",".join(s.name for s in specs)})
+    trio.run(_main_async, settings, specs, opts, health)
+    return 0
+
+
+async def _main_async(settings: Settings, specs: Sequence[ProjectionSpec],
+                      opts: RunOptions, health: ProjectorHealth) -> None:
+    # SIGTERM (docker stop) and SIGINT end the process cleanly: leases are released.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    nursery.cancel_scope.cancel()
+                    return
+            nursery.start_soon(stop_on_signal)
+            await run(settings, specs, opts, health=health)
