@@ -14,15 +14,14 @@ increments it), so they survive a restart and need no key of their own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
 from pipeline.redisconn import error_code, redis_errors
-from projections.core.batch import Folded, RawEntry
+from projections.core.batch import RawEntry
 from projections.core.keys import dlq_key
-from projections.core.outputs import Output
 
 log = logging.getLogger("pipeline.project")
 
@@ -85,7 +84,7 @@ class GroupIO:
         return cast(list[RawEntry], reply)
 
     def queue_read(self, pipe: Any, count: int) -> None:
-        """Queue a non-blocking read of new entries (`>`) on `pipe` (see `write_batch`)."""
+        """Queue a non-blocking read of new entries (`>`) on `pipe` (the loop's read-ahead)."""
         pipe.xreadgroup(self.group, self.consumer, {k: ">" for k in self.keys}, count=count)
 
     def autoclaim(self, key: str, min_idle_ms: int, start: bytes | str,
@@ -127,29 +126,3 @@ class GroupIO:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def write_batch(client: redis.Redis, queue_all: Callable[[Any, list[Output]], object],
-                group: str, folded: Folded,
-                extra: Callable[[Any], None] | None = None,
-                then: Callable[[Any], None] | None = None) -> tuple[list[Exception], Any]:
-    """The batch's writes, then its XACKs, in ONE non-transactional pipeline.
-
-    `then` queues one more command after the XACKs (the next non-blocking read, see
-    `ProjectionLoop._write`); its reply is returned apart from the errors, None without it.
-    Returns the errors Redis answered for single commands (a script error, NOGROUP after a
-    Redis restart); raises RedisUnavailable when the round trip itself failed, in which case
-    the caller sends the same batch again (every write is forward-only, so a repeat is safe).
-    """
-    pipe = client.pipeline(transaction=False)
-    queue_all(pipe, folded.writes)
-    if extra is not None:
-        extra(pipe)
-    for key, ids in folded.acks.items():
-        pipe.xack(key, group, *ids)
-    if then is not None:
-        then(pipe)
-    with redis_errors():
-        results = pipe.execute(raise_on_error=False)
-    tail = results.pop() if then is not None else None
-    return [r for r in results if isinstance(r, Exception)], tail
