@@ -6,7 +6,6 @@ and the two entrypoint scripts are run with `sh` as the containers would run the
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import subprocess
@@ -39,18 +38,7 @@ def acl_users() -> dict[str, str]:
 
 def parse_command(words: list[str]) -> str:
     """The module a compose `command` runs; fails as `pipeline` itself would on a bad one."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(words)
-    try:
-        module = importlib.import_module(known._module)
-    except ModuleNotFoundError:
-        parser.parse_args(words)  # that role is not written yet: its words must still parse
-        return str(known._module)
-    from pipeline.cli import _subparser_for
-
-    module.add_arguments(_subparser_for(parser, known))
-    parser.parse_args(words)
-    return str(known._module)
+    return str(build_parser(words).parse_args(words)._module)
 
 
 def test_compose_has_redis_both_ingestors_and_the_projector(compose: dict[str, Any]) -> None:
