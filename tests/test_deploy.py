@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from pipeline.cli import build_parser
+from pipeline.localredis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -128,6 +131,87 @@ def test_api_key_and_secret_reach_the_user_ingestor_only_as_secret_files(
         if name != "ingest-user":
             assert "binance_api_key" not in other.get("secrets", []), name
         assert "BINANCE_API_KEY" not in other.get("environment", {}), name
+
+
+def redis_bind_mounts(compose: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of the redis service's bind mounts (named volumes left out)."""
+    mounts = {}
+    for volume in compose["services"]["redis"]["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            mounts[target] = source
+    return mounts
+
+
+def test_redis_gets_only_the_files_its_entrypoint_reads_and_no_data(
+    compose: dict[str, Any],
+) -> None:
+    assert not [p for p in DEPLOY.rglob("*") if p.suffix in (".rdb", ".aof")], \
+        "a Redis data file is in deploy/: the server would start from it"
+    mounts = redis_bind_mounts(compose)
+    entry = (DEPLOY / "redis" / "entrypoint.sh").read_text()
+    read = {"entrypoint.sh", *re.findall(r'"\$here/([\w.-]+)"', entry)}
+    assert read == {"entrypoint.sh", "render-acl.sh", "users.acl.template", "redis.conf"}
+    assert mounts == {f"/etc/pipeline-redis/{name}": f"./deploy/redis/{name}" for name in read}
+    assert all((ROOT / source).is_file() for source in mounts.values())
+    # the data lives in the named volume, where redis.conf points the server
+    conf = (DEPLOY / "redis" / "redis.conf").read_text()
+    assert re.search(r"^dir /data$", conf, re.M)
+    assert "redis-data:/data" in compose["services"]["redis"]["volumes"]
+    assert "redis-data" in compose["volumes"]
+
+
+def test_redis_with_the_compose_config_starts_empty_and_keeps_what_it_was_given(
+    tmp_path: Path,
+) -> None:
+    """No shipped dump is needed: the server of deploy/redis/redis.conf creates its own files
+    in an empty data folder and finds its data there after a restart."""
+    from tests.test_acl import render_acl
+
+    acl = render_acl(tmp_path / "acl")
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    # redis-server changes into `dir` while it reads the file: /data (the compose volume)
+    # becomes the empty temporary folder, every other line stays as compose has it
+    conf = tmp_path / "redis.conf"
+    conf.write_text(re.sub(r"^dir /data$", f"dir {data}",
+                           (DEPLOY / "redis" / "redis.conf").read_text(), flags=re.M))
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["redis-server", str(conf), "--port", str(port),
+             "--bind", "127.0.0.1", "--aclfile", str(acl),
+             "--appendfsync", "everysec", "--logfile", str(tmp_path / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if admin().ping():
+                    return proc
+            except redis.ConnectionError:
+                assert proc.poll() is None, (tmp_path / "redis.log").read_text()[-800:]
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)
+
+    def admin() -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, username="admin", password="pw-admin")
+
+    proc = start()
+    try:
+        client = admin()
+        client.xadd("raw:user", {"frame": b"{}"})
+        client.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert (data / "appendonlydir").is_dir()
+        proc = start()
+        client = admin()
+        assert client.xlen("raw:user") == 1
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
