@@ -1,6 +1,7 @@
 """The deployment files say what the code does: compose services, Redis users, commands, image.
 
-No Docker engine runs here: compose.yaml is parsed with PyYAML, the Dockerfile line by line,
+No Docker engine runs here: compose.yaml is parsed with PyYAML (and checked against the Compose
+Specification in tests/test_compose_schema.py), the Dockerfile line by line,
 and the two entrypoint scripts are run with `sh` as the containers would run them.
 """
 
