@@ -162,3 +162,47 @@ def test_order_events_carry_fill_quantities_prices_and_the_triggered_order(
     closed = by["order", "10", "CANCELED", "reconciliation"]
     assert (closed.filled_qty, closed.avg_price) == ("0", "0")
     assert closed.last_filled_qty is None and closed.last_filled_price is None
+
+
+def test_freshness_is_judged_on_the_clock_the_reader_is_given(r: redis.Redis) -> None:
+    written = 1_800_000_000.0
+    r.set("websocket:mark_price:btcusdt", _mark(written))
+    now = [written + 4.9]
+    reader = MarketReader(r, fallback=False, clock=lambda: now[0])
+    assert reader.mark_price("BTCUSDT", max_age=5) is not None
+    now[0] = written + 5.1
+    assert reader.mark_price("BTCUSDT", max_age=5) is None
+    reader.close()
+
+
+async def test_a_spent_weight_budget_makes_no_call_until_the_next_minute(
+        r: redis.Redis) -> None:
+    import httpx
+    import trio
+
+    from pipeline.simulator import SimConfig, Simulator
+    from pipeline.weight import WeightBudget
+
+    r.set("websocket:mark_price:btcusdt", _mark(0.0, price="1.0"))  # long stale
+    now = [1_800_000_000.0]  # the start of a minute, on the reader's clock
+    sent: list[str] = []
+    async with trio.open_nursery() as nursery:
+        _, rest_url = await nursery.start(Simulator(SimConfig(symbols=("BTCUSDT",))).run)
+        http = httpx.Client(base_url=rest_url, timeout=5.0,
+                            event_hooks={"request": [lambda req: sent.append(req.url.path)]})
+        reader = MarketReader(r, http=http, clock=lambda: now[0],
+                              budget=WeightBudget(ceiling=2))  # two premiumIndex calls a minute
+
+        async def source() -> str | None:
+            mp = await trio.to_thread.run_sync(reader.mark_price, "BTCUSDT", 5.0)
+            return None if mp is None else str(mp["source"])
+
+        got = [await source(), await source(), await source()]
+        calls_in_first_minute = len(sent)
+        now[0] += 60
+        got.append(await source())
+        reader.close()
+        nursery.cancel_scope.cancel()
+    assert got == ["rest", "rest", "websocket", "rest"]  # the third: the stale view, no call
+    assert calls_in_first_minute == 2
+    assert sent == ["/fapi/v1/premiumIndex"] * 3
