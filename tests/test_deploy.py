@@ -215,6 +215,33 @@ def test_redis_with_the_compose_config_starts_empty_and_keeps_what_it_was_given(
         proc.wait(10)
 
 
+def test_readme_reader_urls_name_a_user_the_acl_defines_on_the_compose_port(
+    compose: dict[str, Any],
+) -> None:
+    """What a newcomer copies from the README connects to the compose Redis (no default user)."""
+    readme = (ROOT / "README.md").read_text()
+    users = acl_users()
+    urls = re.findall(r"redis://([\w-]+):(.+?)@([\w.]+):(\d+)/\d+", readme)
+    assert len(urls) >= 3, urls  # the table, the Python example, the listener's command
+    [mapping] = compose["services"]["redis"]["ports"]
+    default = re.fullmatch(r"\$\{REDIS_HOST_PORT:-([\d.]+):(\d+)\}:6379", mapping)
+    assert default, mapping
+    made = re.search(r"for role in ([\w ]+); do", (DEPLOY / "make-secrets.sh").read_text())
+    assert made
+    for user, password, host, port in urls:
+        assert user in users and " on " in users[user], f"{user!r} is not an ACL user"
+        assert (host, port) in {("localhost", default[2]), (default[1], default[2])}
+        # the password comes from the secret file (or stands for it), never written out
+        assert "redis_password_" in password or password in ("PASSWORD", "{password}"), password
+        role = user.replace("-", "_")
+        assert role in made[1].split(), f"make-secrets.sh writes no password for {user}"
+        assert f"secrets/redis_password_{role}" in readme
+    assert {u[0] for u in urls} == {"reader"}  # readers use the least-privileged user
+    assert "%R~@PREFIX@:*" in users["reader"] and "+xreadgroup" in users["reader"]
+    assert "deploy/make-secrets.sh" in readme and "docs/contract.md" in readme
+    assert "../shared" not in readme
+
+
 # --- Dockerfile ---------------------------------------------------------------------------
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
