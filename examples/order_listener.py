@@ -1,8 +1,17 @@
 """An order listener that consumes `websocket:orders` instead of polling open orders.
 
-Run it next to `pipeline project` (or inside `pipeline demo`):
+Run it next to `pipeline project` (or next to `pipeline demo`, with the Redis URL the demo
+prints):
 
     python examples/order_listener.py --redis-url redis://localhost:6379/0 --group listener
+
+Against the compose deployment, connect as its `reader` user (README.md, "Reading the views"):
+
+    python examples/order_listener.py \
+        --redis-url "redis://reader:$(cat secrets/redis_password_reader)@localhost:6379/0"
+
+It prints one line per event, e.g. `fill BTCUSDT 8 PARTIALLY_FILLED filled=0.005 avg=50000
+last=0.005@50000 (stream)`.
 
 Each order or algo-order change arrives once per state change, from the user-data stream or,
 after an outage, from reconciliation. The handler is acknowledged only after it returns; kill
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 
 import redis
 
@@ -21,13 +31,14 @@ from projections.client import OrderEvent, OrdersConsumer
 
 
 def on_order(event: OrderEvent) -> None:
-    data = event.data
     if event.kind == "algo":
         print(f"algo {event.symbol} {event.order_id} {event.status} "
-              f"triggered order={data.get('ai') or '-'} ({event.source})")
+              f"triggered order={event.actual_order_id or '-'} ({event.source})")
     elif event.status in ("FILLED", "PARTIALLY_FILLED"):
+        last = (f" last={event.last_filled_qty}@{event.last_filled_price}"
+                if event.last_filled_qty is not None else "")
         print(f"fill {event.symbol} {event.order_id} {event.status} "
-              f"filled={data.get('z')} avg={data.get('ap')} ({event.source})")
+              f"filled={event.filled_qty} avg={event.avg_price}{last} ({event.source})")
     else:
         print(f"order {event.symbol} {event.order_id} {event.status} ({event.source})")
 
@@ -40,6 +51,8 @@ def main() -> None:
     parser.add_argument("--prefix", default="websocket")
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
     args = parser.parse_args()
+    # one line per event as it comes, also when stdout is a pipe or a file
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     consumer = OrdersConsumer(redis.Redis.from_url(args.redis_url), group=args.group,
                               consumer=args.consumer, prefix=args.prefix, handler=on_order,
                               claim_idle_ms=args.claim_idle_ms)

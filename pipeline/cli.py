@@ -1,9 +1,10 @@
-"""`pipeline` command line: one subcommand per process role (see ../shared/SPEC.md).
+"""`pipeline` command line: one subcommand per process role (contract: docs/contract.md).
 
 Each role lives in its own module exposing `add_arguments(parser)` and
-`main(settings, args) -> int`; the module is imported only when its command runs, so a broken
-role cannot stop the others from starting. A SettingsError anywhere during start-up prints one
-line naming the setting and exits 2.
+`main(settings, args) -> int`. Only the module of the command named on the command line is
+imported, and its flags are added before anything is parsed, so `pipeline <command> --help`
+shows them and a broken role cannot stop the others from starting. A SettingsError anywhere
+during start-up prints one line naming the setting and exits 2.
 """
 
 from __future__ import annotations
@@ -47,36 +48,51 @@ COMMON_FLAGS: dict[str, str] = {
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (a flag wins over its environment variable)")
     for flag, env in COMMON_FLAGS.items():
-        parser.add_argument(flag, dest=env, default=None, help=f"overrides ${env}")
+        group.add_argument(flag, dest=env, default=None, help=f"overrides ${env}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+def command_of(argv: Sequence[str]) -> tuple[str, ...] | None:
+    """The command words `argv` starts with (`("ingest", "user")`), or None when it names none.
+
+    Every flag comes after the command words (the top level and `ingest` take no flag but
+    --help), so the words are a prefix of argv."""
+    for words in COMMANDS:
+        if tuple(argv[:len(words)]) == words:
+            return words
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Every command with the common flags; the command `argv` names also gets its own
+    (its module is imported for that)."""
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description=__doc__.splitlines()[0],
+        epilog="`pipeline <command> --help` lists a command's flags. Contract: docs/contract.md;"
+               " how it is built: docs/architecture.md.")
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
+    chosen = command_of(argv)
     for words, (module_name, help_text) in COMMANDS.items():
         if len(words) == 1:
-            p = sub.add_parser(words[0], help=help_text)
+            p = sub.add_parser(words[0], help=help_text, description=help_text)
         else:
             if words[0] not in groups:
                 g = sub.add_parser(words[0], help=f"{words[0]} roles")
                 groups[words[0]] = g.add_subparsers(dest="role", required=True)
-            p = groups[words[0]].add_parser(words[1], help=help_text)
+            p = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
         _add_common(p)
+        if words == chosen:
+            importlib.import_module(module_name).add_arguments(p)
         p.set_defaults(_module=module_name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Parse once to find the command, then let its module add its own flags and parse again.
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(known._module)
-    sub = _subparser_for(parser, known)
-    module.add_arguments(sub)
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(args._module)
     overrides = {env: getattr(args, env) for env in COMMON_FLAGS.values()}
     try:
         settings = load_settings(overrides)
@@ -92,13 +108,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("pipeline").info("interrupted")
         return 130
 
-
-def _subparser_for(
-    parser: argparse.ArgumentParser, ns: argparse.Namespace
-) -> argparse.ArgumentParser:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    p = action.choices[ns.command]
-    if getattr(ns, "role", None):
-        inner = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        p = inner.choices[ns.role]
-    return p

@@ -8,6 +8,10 @@ It starts, as child processes of its own:
 - `pipeline ingest market`, `pipeline ingest user` (with the simulator's API key) and
   `pipeline project`, all pointed at the simulator and the Redis.
 
+With `--metrics-port N` (or PIPELINE_METRICS_PORT=N) the ingestors and the projector serve
+/metrics and /healthz on N, N+1 and N+2, and the demo prints the three URLs; by default none
+does, so two demos (or a demo next to a deployment) never fight over a port.
+
 Then it shows a live view (mark prices, top of book, open orders, recent order events, group
 lag, frames per second) until Ctrl-C or SIGTERM, or for `--seconds N` and prints a plain
 summary. Either way it stops every child: each runs in a process group of its own, gets
@@ -25,6 +29,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +47,7 @@ from rich.live import Live
 from pipeline.cli import COMMON_FLAGS
 from pipeline.config import Settings, redact_url
 from pipeline.demoview import Snapshot, read_snapshot, render_live, summary_lines
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SettingsError
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import connect_checked, redis_errors
 
@@ -53,11 +58,40 @@ STOP_GRACE_S = 5.0
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
 
 
+# the children that serve /metrics with `--metrics-port N`: on N, N+1, N+2 in this order
+METRICS_CHILDREN = ("ingest-market", "ingest-user", "project")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=None,
                         help="run this long, print a summary and exit (default: until Ctrl-C)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temporary folder with the child logs")
+    parser.epilog = ("--metrics-port N: ingest-market, ingest-user and project serve "
+                     "Prometheus /metrics (and /healthz) on N, N+1 and N+2; the demo prints "
+                     "the URLs. Default 0: no metrics server.")
+
+
+def metrics_ports(base: int) -> dict[str, int]:
+    """The /metrics port of each child that serves one: none for `base` 0, else consecutive
+    ports from `base`, each checked free now so that a taken one stops the demo before it
+    starts anything (a child would otherwise die on it mid-demo)."""
+    if base <= 0:
+        return {}
+    ports = {name: base + i for i, name in enumerate(METRICS_CHILDREN)}
+    if max(ports.values()) > 65535:
+        raise SettingsError("--metrics-port", f"{base}: the demo needs {base} to "
+                                              f"{max(ports.values())}, past 65535")
+    for name, port in ports.items():
+        with socket.socket() as probe:
+            # as pipeline.metrics.serve binds: reuse allowed, so only a listener makes it taken
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as exc:
+                raise SettingsError("--metrics-port", f"port {port} (for {name}) is not free: "
+                                                      f"{exc.strerror}") from None
+    return ports
 
 
 class DemoFailed(PipelineError):
@@ -220,6 +254,7 @@ def child_env(settings: Settings, args: argparse.Namespace, redis_url: str, ws: 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     explicit = args.REDIS_URL or os.environ.get("REDIS_URL")
     symbols = settings.symbols or DEFAULT_SYMBOLS
+    ports = metrics_ports(settings.metrics_port)
     folder = Path(tempfile.mkdtemp(prefix="pipeline-demo-"))
     console = Console(stderr=True, soft_wrap=True)  # a URL is never cut in two lines
     try:
@@ -227,7 +262,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 redis_url, server):
             children = Children(folder, child_env(settings, args, redis_url, "", ""))
             try:
-                snap = _run(settings, args, children, redis_url, symbols, stop, console)
+                snap = _run(settings, args, children, redis_url, symbols, ports, stop, console)
             except DemoFailed as exc:
                 console.print(f"pipeline demo: {exc}")
                 return 1
@@ -244,7 +279,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace, children: Children, redis_url: str,
-         symbols: Sequence[str], stop: threading.Event, console: Console) -> Snapshot:
+         symbols: Sequence[str], ports: dict[str, int], stop: threading.Event,
+         console: Console) -> Snapshot:
     client = connect_checked(redis_url, name="pipeline-demo")
     sim = children.start("simulator", ["simulate", "--ws-port", "0", "--rest-port", "0",
                                        "--script-account", "--symbols", ",".join(symbols)],
@@ -252,12 +288,18 @@ def _run(settings: Settings, args: argparse.Namespace, children: Children, redis
     ws, rest = _wait_ready_line(sim, stop)
     children.env = child_env(settings, args, redis_url, ws, rest)
     console.print(f"demo: redis {redact_url(redis_url)}, simulator ws={ws} rest={rest}")
-    children.start("ingest-market", ["ingest", "market"])
+    def metrics_env(name: str) -> dict[str, str]:
+        return {"PIPELINE_METRICS_PORT": str(ports.get(name, 0))}
+
+    children.start("ingest-market", ["ingest", "market"], extra_env=metrics_env("ingest-market"))
     children.start("ingest-user", ["ingest", "user"],
-                   extra_env={"BINANCE_API_KEY": SIM_API_KEY, "BINANCE_API_SECRET": SIM_API_SECRET})
-    children.start("project", ["project"])
+                   extra_env={"BINANCE_API_KEY": SIM_API_KEY, "BINANCE_API_SECRET": SIM_API_SECRET,
+                              **metrics_env("ingest-user")})
+    children.start("project", ["project"], extra_env=metrics_env("project"))
     for c in children.children:
         console.print(f"demo: started {c.name} pid {c.proc.pid}")
+    for name, port in ports.items():
+        console.print(f"demo: metrics of {name} at http://127.0.0.1:{port}/metrics")
     try:
         return _watch(client, settings.view_prefix, symbols, children, args.seconds, stop,
                       console)

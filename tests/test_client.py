@@ -130,3 +130,79 @@ async def test_stale_view_falls_back_to_the_exchange_and_respects_weight(r: redi
     # premiumIndex 1 + depth(limit 5) 2 + ticker/price 1, as the exchange reported it
     assert reader.budget.used >= 1 + 2 + 1
     assert stale is not None and stale["mark_price"] == "1.0"
+
+
+def test_order_events_carry_fill_quantities_prices_and_the_triggered_order(
+        r: redis.Redis) -> None:
+    from tests.test_orderstore import perform, story
+
+    got: list[OrderEvent] = []
+    consumer = OrdersConsumer(r, group="g", consumer="c", handler=got.append, block_ms=10,
+                              start_id="0")
+    perform(r, story())  # through orders.lua, as the projector writes them
+    consumer.poll_once()
+    by = {(ev.kind, ev.order_id, ev.status, ev.source): ev for ev in got}
+
+    new = by["order", "7", "NEW", "stream"]
+    assert (new.filled_qty, new.avg_price) == ("0", "0")
+    partial = by["order", "7", "PARTIALLY_FILLED", "stream"]
+    assert (partial.filled_qty, partial.avg_price) == ("0.001", "50000.10")
+    assert (partial.last_filled_qty, partial.last_filled_price) == ("0.001", "50000.10")
+    filled = by["order", "7", "FILLED", "stream"]
+    assert (filled.filled_qty, filled.avg_price) == ("0.003", "50000.16667")
+    assert (filled.last_filled_qty, filled.last_filled_price) == ("0.002", "50000.20")
+    assert filled.fields["S"] == "BUY" and filled.actual_order_id is None
+
+    assert by["algo", "500", "NEW", "stream"].actual_order_id is None
+    triggered = by["algo", "500", "TRIGGERED", "stream"]
+    assert triggered.actual_order_id == "9001" and triggered.filled_qty is None
+    assert by["order", "9001", "FILLED", "stream"].filled_qty == "0.003"
+
+    # REST reports totals, not the last fill
+    closed = by["order", "10", "CANCELED", "reconciliation"]
+    assert (closed.filled_qty, closed.avg_price) == ("0", "0")
+    assert closed.last_filled_qty is None and closed.last_filled_price is None
+
+
+def test_freshness_is_judged_on_the_clock_the_reader_is_given(r: redis.Redis) -> None:
+    written = 1_800_000_000.0
+    r.set("websocket:mark_price:btcusdt", _mark(written))
+    now = [written + 4.9]
+    reader = MarketReader(r, fallback=False, clock=lambda: now[0])
+    assert reader.mark_price("BTCUSDT", max_age=5) is not None
+    now[0] = written + 5.1
+    assert reader.mark_price("BTCUSDT", max_age=5) is None
+    reader.close()
+
+
+async def test_a_spent_weight_budget_makes_no_call_until_the_next_minute(
+        r: redis.Redis) -> None:
+    import httpx
+    import trio
+
+    from pipeline.simulator import SimConfig, Simulator
+    from pipeline.weight import WeightBudget
+
+    r.set("websocket:mark_price:btcusdt", _mark(0.0, price="1.0"))  # long stale
+    now = [1_800_000_000.0]  # the start of a minute, on the reader's clock
+    sent: list[str] = []
+    async with trio.open_nursery() as nursery:
+        _, rest_url = await nursery.start(Simulator(SimConfig(symbols=("BTCUSDT",))).run)
+        http = httpx.Client(base_url=rest_url, timeout=5.0,
+                            event_hooks={"request": [lambda req: sent.append(req.url.path)]})
+        reader = MarketReader(r, http=http, clock=lambda: now[0],
+                              budget=WeightBudget(ceiling=2))  # two premiumIndex calls a minute
+
+        async def source() -> str | None:
+            mp = await trio.to_thread.run_sync(reader.mark_price, "BTCUSDT", 5.0)
+            return None if mp is None else str(mp["source"])
+
+        got = [await source(), await source(), await source()]
+        calls_in_first_minute = len(sent)
+        now[0] += 60
+        got.append(await source())
+        reader.close()
+        nursery.cancel_scope.cancel()
+    assert got == ["rest", "rest", "websocket", "rest"]  # the third: the stale view, no call
+    assert calls_in_first_minute == 2
+    assert sent == ["/fapi/v1/premiumIndex"] * 3

@@ -1,22 +1,25 @@
 """The deployment files say what the code does: compose services, Redis users, commands, image.
 
-No Docker engine runs here: compose.yaml is parsed with PyYAML, the Dockerfile line by line,
+No Docker engine runs here: compose.yaml is parsed with PyYAML (and checked against the Compose
+Specification in tests/test_compose_schema.py), the Dockerfile line by line,
 and the two entrypoint scripts are run with `sh` as the containers would run them.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from pipeline.cli import build_parser
+from pipeline.localredis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -39,18 +42,7 @@ def acl_users() -> dict[str, str]:
 
 def parse_command(words: list[str]) -> str:
     """The module a compose `command` runs; fails as `pipeline` itself would on a bad one."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(words)
-    try:
-        module = importlib.import_module(known._module)
-    except ModuleNotFoundError:
-        parser.parse_args(words)  # that role is not written yet: its words must still parse
-        return str(known._module)
-    from pipeline.cli import _subparser_for
-
-    module.add_arguments(_subparser_for(parser, known))
-    parser.parse_args(words)
-    return str(known._module)
+    return str(build_parser(words).parse_args(words)._module)
 
 
 def test_compose_has_redis_both_ingestors_and_the_projector(compose: dict[str, Any]) -> None:
@@ -140,6 +132,114 @@ def test_api_key_and_secret_reach_the_user_ingestor_only_as_secret_files(
         if name != "ingest-user":
             assert "binance_api_key" not in other.get("secrets", []), name
         assert "BINANCE_API_KEY" not in other.get("environment", {}), name
+
+
+def redis_bind_mounts(compose: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of the redis service's bind mounts (named volumes left out)."""
+    mounts = {}
+    for volume in compose["services"]["redis"]["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            mounts[target] = source
+    return mounts
+
+
+def test_redis_gets_only_the_files_its_entrypoint_reads_and_no_data(
+    compose: dict[str, Any],
+) -> None:
+    assert not [p for p in DEPLOY.rglob("*") if p.suffix in (".rdb", ".aof")], \
+        "a Redis data file is in deploy/: the server would start from it"
+    mounts = redis_bind_mounts(compose)
+    entry = (DEPLOY / "redis" / "entrypoint.sh").read_text()
+    read = {"entrypoint.sh", *re.findall(r'"\$here/([\w.-]+)"', entry)}
+    assert read == {"entrypoint.sh", "render-acl.sh", "users.acl.template", "redis.conf"}
+    assert mounts == {f"/etc/pipeline-redis/{name}": f"./deploy/redis/{name}" for name in read}
+    assert all((ROOT / source).is_file() for source in mounts.values())
+    # the data lives in the named volume, where redis.conf points the server
+    conf = (DEPLOY / "redis" / "redis.conf").read_text()
+    assert re.search(r"^dir /data$", conf, re.M)
+    assert "redis-data:/data" in compose["services"]["redis"]["volumes"]
+    assert "redis-data" in compose["volumes"]
+
+
+def test_redis_with_the_compose_config_starts_empty_and_keeps_what_it_was_given(
+    tmp_path: Path,
+) -> None:
+    """No shipped dump is needed: the server of deploy/redis/redis.conf creates its own files
+    in an empty data folder and finds its data there after a restart."""
+    from tests.test_acl import render_acl
+
+    acl = render_acl(tmp_path / "acl")
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    # redis-server changes into `dir` while it reads the file: /data (the compose volume)
+    # becomes the empty temporary folder, every other line stays as compose has it
+    conf = tmp_path / "redis.conf"
+    conf.write_text(re.sub(r"^dir /data$", f"dir {data}",
+                           (DEPLOY / "redis" / "redis.conf").read_text(), flags=re.M))
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["redis-server", str(conf), "--port", str(port),
+             "--bind", "127.0.0.1", "--aclfile", str(acl),
+             "--appendfsync", "everysec", "--logfile", str(tmp_path / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if admin().ping():
+                    return proc
+            except redis.ConnectionError:
+                assert proc.poll() is None, (tmp_path / "redis.log").read_text()[-800:]
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)
+
+    def admin() -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, username="admin", password="pw-admin")
+
+    proc = start()
+    try:
+        client = admin()
+        client.xadd("raw:user", {"frame": b"{}"})
+        client.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert (data / "appendonlydir").is_dir()
+        proc = start()
+        client = admin()
+        assert client.xlen("raw:user") == 1
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_readme_reader_urls_name_a_user_the_acl_defines_on_the_compose_port(
+    compose: dict[str, Any],
+) -> None:
+    """What a newcomer copies from the README connects to the compose Redis (no default user)."""
+    readme = (ROOT / "README.md").read_text()
+    users = acl_users()
+    urls = re.findall(r"redis://([\w-]+):(.+?)@([\w.]+):(\d+)/\d+", readme)
+    assert len(urls) >= 3, urls  # the table, the Python example, the listener's command
+    [mapping] = compose["services"]["redis"]["ports"]
+    default = re.fullmatch(r"\$\{REDIS_HOST_PORT:-([\d.]+):(\d+)\}:6379", mapping)
+    assert default, mapping
+    made = re.search(r"for role in ([\w ]+); do", (DEPLOY / "make-secrets.sh").read_text())
+    assert made
+    for user, password, host, port in urls:
+        assert user in users and " on " in users[user], f"{user!r} is not an ACL user"
+        assert (host, port) in {("localhost", default[2]), (default[1], default[2])}
+        # the password comes from the secret file (or stands for it), never written out
+        assert "redis_password_" in password or password in ("PASSWORD", "{password}"), password
+        role = user.replace("-", "_")
+        assert role in made[1].split(), f"make-secrets.sh writes no password for {user}"
+        assert f"secrets/redis_password_{role}" in readme
+    assert {u[0] for u in urls} == {"reader"}  # readers use the least-privileged user
+    assert "%R~@PREFIX@:*" in users["reader"] and "+xreadgroup" in users["reader"]
+    assert "deploy/make-secrets.sh" in readme and "docs/contract.md" in readme
+    assert "../shared" not in readme
 
 
 # --- Dockerfile ---------------------------------------------------------------------------

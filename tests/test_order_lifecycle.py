@@ -5,8 +5,15 @@ XREADGROUP, and `open_orders()` answering what `GET /fapi/v1/openOrders` answers
 from __future__ import annotations
 
 import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+from decimal import Decimal
 from typing import Any
 
+import redis
 import trio
 
 from pipeline.config import Secret
@@ -14,9 +21,11 @@ from pipeline.localredis import LocalRedis
 from pipeline.rest import RestClient
 from pipeline.signing import SignedRest, make_signer
 from projections.client import OrderEvent, OrdersConsumer, open_algo_orders, open_orders
+from projections.core.keys import Keys
 from projections.shell.project import RunOptions
 from projections.shell.project import run as run_projector
 from projections.shell.registry import choose
+from tests.conftest import ROOT
 from tests.test_ingest_user import (
     API_KEY,
     API_SECRET,
@@ -97,3 +106,71 @@ async def test_listener_sees_every_lifecycle_step_and_open_orders_match_rest(
             assert all(e.source == "stream" for e in seen)
             projector.cancel_scope.cancel()
         await api.rest.aclose()
+
+
+# --- the example listener, as a user runs it ------------------------------------------------
+
+FILL_LINE = re.compile(r"^fill BTCUSDT (?P<id>\d+) (?P<status>\w+) filled=(?P<filled>\S+) "
+                       r"avg=(?P<avg>\S+) last=(?P<last_qty>\S+)@(?P<last_price>\S+) \(stream\)$")
+
+
+def has_group(r: redis.Redis, key: str, group: str) -> bool:
+    try:
+        return any(g["name"] == group.encode() for g in r.xinfo_groups(key))
+    except redis.ResponseError:  # the stream does not exist yet
+        return False
+
+
+async def test_example_listener_prints_real_fill_quantities_and_prices(
+        redis_server: LocalRedis) -> None:
+    async with running(redis_server) as run:
+        prefix = run.settings.view_prefix
+        output = bytearray()
+
+        async def collect(stream: trio.abc.ReceiveStream) -> None:
+            async for chunk in stream:
+                output.extend(chunk)
+
+        def lines() -> list[str]:
+            return output.decode().splitlines()
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "REDIS_"))}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(
+                run_projector, run.settings, choose(run.settings, "orders"),
+                RunOptions(consumer="test", block_ms=50, lease_ttl_ms=2000)))
+            await snapshots_after(run, 1)
+            listener = await trio.lowlevel.open_process(
+                [sys.executable, str(ROOT / "examples" / "order_listener.py"), "--redis-url",
+                 redis_server.url, "--group", "example", "--prefix", prefix],
+                stdout=subprocess.PIPE, env=env, cwd=ROOT)
+            assert listener.stdout is not None
+            nursery.start_soon(collect, listener.stdout)
+            await until(lambda: has_group(run.r, Keys(prefix).orders_stream(), "example"))
+
+            order = place(run.sim, type="LIMIT", price="50000", quantity="0.020")
+            run.sim.account.control("fill", {"orderId": order["orderId"],
+                                             "quantity": "0.005"})
+            run.sim.account.control("fill", {"orderId": order["orderId"], "price": "49990"})
+            try:
+                await until(lambda: any(" FILLED " in line for line in lines()))
+                listener.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    assert await listener.wait() == 0
+            finally:
+                if listener.returncode is None:
+                    listener.kill()
+            nursery.cancel_scope.cancel()
+
+    assert "None" not in output.decode(), output.decode()
+    fills = [m.groupdict() for line in lines() if (m := FILL_LINE.match(line))]
+    assert [f["status"] for f in fills] == ["PARTIALLY_FILLED", "FILLED"], lines()
+    assert {f["id"] for f in fills} == {str(order["orderId"])}
+    partial, full = ({k: v if k in ("id", "status") else Decimal(v) for k, v in f.items()}
+                     for f in fills)
+    assert (partial["filled"], partial["avg"]) == (Decimal("0.005"), Decimal("50000"))
+    assert (partial["last_qty"], partial["last_price"]) == (Decimal("0.005"), Decimal("50000"))
+    # 0.005 at 50000 and 0.015 at 49990: the average of the two fills
+    assert (full["filled"], full["avg"]) == (Decimal("0.020"), Decimal("49992.5"))
+    assert (full["last_qty"], full["last_price"]) == (Decimal("0.015"), Decimal("49990"))
+    assert f"order BTCUSDT {order['orderId']} NEW (stream)" in lines()

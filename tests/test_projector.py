@@ -138,6 +138,9 @@ async def test_entries_left_pending_by_a_dead_consumer_are_taken_over(
 
 
 # --- exclusive projections: one process holds the lease ------------------------------------
+# Real time, short TTLs: Redis expires a lease on its own clock, which a MockClock cannot move,
+# and the projector makes its Redis calls in worker threads, during which autojump would move
+# the clock on under it. The lease's own timing is tested on a MockClock in tests/test_lease.py.
 
 @attrs.define
 class CountingProjection:

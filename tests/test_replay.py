@@ -92,10 +92,47 @@ def test_from_takes_an_id_an_iso_time_or_unix_seconds(value: str | None, start: 
     assert parse_from(value) == start
 
 
-def test_from_that_is_none_of_those_names_itself() -> None:
+@pytest.mark.parametrize("value", ["yesterday", "-5", "-1700000000", "nan", "inf",
+                                   "1960-01-01T00:00:00Z", "99999999999999999999-0", "1e30"])
+def test_from_that_is_no_time_after_1970_names_itself(value: str) -> None:
     with pytest.raises(SettingsError) as err:
-        parse_from("yesterday")
+        parse_from(value)
     assert str(err.value).startswith("--from")
+
+
+def test_negative_from_is_a_bad_setting_not_a_full_replay(redis_server: LocalRedis,
+                                                          r: redis.Redis) -> None:
+    seed(r, [("markPrice", mark_frame("BTCUSDT", int(time.time() * 1000), "1.0"))])
+    done = run_cli("replay", "--only", "mark_price", "--from", "-5",
+                   env={"REDIS_URL": redis_server.url})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "pipeline: bad setting --from: '-5' is not a time after 1970 (unix seconds >= 0)"]
+    assert r.exists("websocket:mark_price:btcusdt") == 0  # nothing was replayed
+
+
+def test_from_after_the_newest_entry_says_so_and_resets_nothing(redis_server: LocalRedis,
+                                                                r: redis.Redis) -> None:
+    now = time.time()
+    seed(r, [("markPrice", mark_frame("BTCUSDT", int(now * 1000), "1.0"))], recv_ts=now)
+    replay_cli(redis_server.url, "--only", "mark_price")
+    view = r.get("websocket:mark_price:btcusdt")
+    assert view is not None
+    # milliseconds typed where seconds were meant: a time some 50,000 years ahead
+    done = run_cli("replay", "--only", "mark_price", "--reset", "--from",
+                   str(int(now * 1000)), env={"REDIS_URL": redis_server.url})
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("pipeline: bad setting --from: ")
+    assert "after the newest entry" in line and "nothing to replay" in line
+    assert r.get("websocket:mark_price:btcusdt") == view  # --reset deleted nothing
+
+
+def test_from_on_an_empty_log_replays_nothing_without_error(redis_server: LocalRedis) -> None:
+    done = run_cli("replay", "--only", "mark_price", "--from", "1700000000",
+                   env={"REDIS_URL": redis_server.url})
+    assert done.returncode == 0, done.stderr
+    assert "replayed 0 entries" in done.stderr
 
 
 def test_entries_of_several_keys_come_back_in_id_order(r: redis.Redis) -> None:

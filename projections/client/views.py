@@ -216,7 +216,26 @@ def open_algo_orders(r: redis.Redis, symbol: str | None = None, *,
 
 @attrs.frozen
 class OrderEvent:
-    """One entry of `P:orders`: an order or algo order changed state."""
+    """One entry of `P:orders`: an order or algo order changed state.
+
+    `data` is the order's whole state after the change, as the projector stores it (JSON):
+    `status`, `symbol`, `source`, `update_time` and `created_time` (ms), `version`, and `o`, the
+    order's fields under Binance's ORDER_TRADE_UPDATE / ALGO_UPDATE names (`o["q"]` quantity,
+    `o["p"]` price, `o["l"]`/`o["L"]` last fill, ...; after a reconciliation, the REST row's
+    fields under those names). An order's state adds `cum_filled`, `avg_price`, `cum_quote`
+    and `realized_profit`; an algo order's adds `actual_order_id` (the matching-engine order it
+    placed when triggered, "" before). The properties below read these. Quantities and prices
+    are the strings Binance sent (`Decimal(ev.filled_qty)` for arithmetic).
+
+    Example::
+
+        def on_order(ev: OrderEvent) -> None:
+            if ev.kind == "order" and ev.status in ("PARTIALLY_FILLED", "FILLED"):
+                print(ev.order_id, ev.filled_qty, "filled at", ev.avg_price,
+                      "last", ev.last_filled_qty, "@", ev.last_filled_price)
+            elif ev.kind == "algo" and ev.status == "TRIGGERED":
+                print("stop", ev.order_id, "placed order", ev.actual_order_id)
+    """
 
     entry_id: str
     order_id: str
@@ -235,6 +254,48 @@ class OrderEvent:
                    text("kind") or "order", text("source") or "stream",
                    parse_view(fields.get(b"data")) or {})
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The order's fields under Binance's event names (`data["o"]`). Example:
+        `ev.fields.get("S")` is the side, "BUY" or "SELL"."""
+        o = self.data.get("o")
+        return o if isinstance(o, dict) else {}
+
+    @property
+    def filled_qty(self) -> str | None:
+        """An order's cumulative filled quantity ("0" before any fill); None for an algo
+        order. Example: `Decimal(ev.filled_qty) == Decimal(ev.fields["q"])` once FILLED."""
+        return self._text(self.data.get("cum_filled"))
+
+    @property
+    def avg_price(self) -> str | None:
+        """An order's average fill price ("0" before any fill); None for an algo order.
+        Example: `print(f"{ev.filled_qty} @ {ev.avg_price}")`."""
+        return self._text(self.data.get("avg_price"))
+
+    @property
+    def last_filled_qty(self) -> str | None:
+        """The quantity of the fill this event reports (`o["l"]`); None when the event came
+        from a REST reconciliation, which reports totals only. Example: `ev.last_filled_qty`."""
+        return self._text(self.fields.get("l")) if self.source == "stream" else None
+
+    @property
+    def last_filled_price(self) -> str | None:
+        """The price of the fill this event reports (`o["L"]`); None as `last_filled_qty`.
+        Example: `ev.last_filled_price`."""
+        return self._text(self.fields.get("L")) if self.source == "stream" else None
+
+    @property
+    def actual_order_id(self) -> str | None:
+        """For a triggered algo order, the id of the order it placed (follow that order's own
+        events); None before the trigger and for plain orders. Example:
+        `if ev.kind == "algo" and ev.actual_order_id: watch(ev.actual_order_id)`."""
+        return self._text(self.data.get("actual_order_id")) or None
+
+    @staticmethod
+    def _text(value: object) -> str | None:
+        return None if value is None else str(value)
+
 
 class OrdersConsumer:
     """Consume `P:orders` in a consumer group: the order listener's replacement for polling.
@@ -251,7 +312,7 @@ class OrdersConsumer:
 
         def on_order(ev: OrderEvent) -> None:
             if ev.status == "FILLED":
-                print("filled", ev.symbol, ev.order_id, ev.data.get("ap"))
+                print("filled", ev.symbol, ev.order_id, ev.filled_qty, "at", ev.avg_price)
 
         OrdersConsumer(r, group="listener", handler=on_order).run()
     """

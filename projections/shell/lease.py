@@ -5,8 +5,9 @@ so two processes folding the same entries side by side would each hold half a bo
 `lease:{name}` is a string whose value is the holder (the consumer name), taken by a small Lua
 script (GET, then SET PX when the lease is free or already ours) with a TTL (default 10 s),
 renewed at a third of its TTL, deleted on a clean shutdown. Other processes wait as hot
-standbys and take over when it expires. A holder that cannot renew before the TTL runs out stops
-its projection at once: by then another process may hold the lease.
+standbys and take over when it expires. A holder whose last good renewal was sent 80 % of the
+TTL ago stops its projection, whether Redis refused, failed or still has not answered (a hung
+call is abandoned): at 100 % another process may hold the lease.
 
 A process started again with the same `--consumer` name takes its own lease back at once,
 instead of waiting out the TTL of the process it replaces.
@@ -14,8 +15,10 @@ instead of waiting out the TTL of the process it replaces.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis
 import trio
@@ -47,15 +50,24 @@ return 0
 """
 
 
+# How the async methods make their blocking Redis calls: in a worker thread, abandoned when
+# cancelled (a renewal stuck on a hung Redis must not keep the holder past its deadline).
+RunSync = Callable[[Callable[[], Any]], Awaitable[Any]]
+IN_THREAD: RunSync = functools.partial(trio.to_thread.run_sync, abandon_on_cancel=True)
+
+
 class Lease:
-    """The lease on one projection. Sync methods; the async ones call them from threads."""
+    """The lease on one projection. Sync methods; the async ones run them through `run_sync`
+    (worker threads by default)."""
 
     def __init__(self, client: redis.Redis, name: str, holder: str, ttl_ms: int = 10_000,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 clock: Callable[[], float] = trio.current_time,
+                 run_sync: RunSync = IN_THREAD) -> None:
         self.key = lease_key(name)
         self.holder = holder
         self.ttl_ms = ttl_ms
         self.clock = clock
+        self.run_sync = run_sync
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
 
@@ -71,33 +83,42 @@ class Lease:
         with redis_errors():
             self._renew(keys=[self.key], args=[self.holder, 0])
 
-    async def acquire(self) -> None:
-        """Wait until this process holds the lease (polling at a third of the TTL)."""
+    async def acquire(self) -> float:
+        """Wait until this process holds the lease (polling at a third of the TTL). Returns
+        the clock reading taken just before the successful attempt: the lease runs at least
+        one TTL from then."""
         while True:
+            sent = self.clock()
             try:
-                if await trio.to_thread.run_sync(self.try_acquire):
-                    return
+                if await self.run_sync(self.try_acquire):
+                    return sent
             except RedisUnavailable:
                 pass
             await trio.sleep(self.ttl_ms / 3000)
 
-    async def keep(self, on_lost: Callable[[], object]) -> None:
-        """Renew until cancelled; call `on_lost` when the lease is lost or may be."""
-        last_ok = self.clock()
+    async def keep(self, on_lost: Callable[[], object], since: float | None = None) -> None:
+        """Renew at every third of the TTL until cancelled; call `on_lost` and return when a
+        renewal finds the lease gone, or once 80 % of the TTL has passed since the last good
+        renewal (or the acquisition at `since`) was sent, whether Redis refuses, fails or hangs:
+        the lease runs out at 100 %, and another process may take it over then."""
+        good = self.clock() if since is None else since
         while True:
-            await trio.sleep(self.ttl_ms / 3000)
-            try:
-                if not await trio.to_thread.run_sync(self.renew):
-                    log.warning("lease lost", extra={"lease": self.key})
-                    on_lost()
-                    return
-                last_ok = self.clock()
-            except RedisUnavailable:
-                # Past most of the TTL without a renewal someone else may take over: stop first.
-                if (self.clock() - last_ok) * 1000 > self.ttl_ms * 0.8:
-                    log.warning("lease not renewed in time", extra={"lease": self.key})
-                    on_lost()
-                    return
+            stop_at = good + self.ttl_ms * 0.8 / 1000
+            await trio.sleep(max(0.0, min(self.ttl_ms / 3000, stop_at - self.clock())))
+            sent = self.clock()
+            if sent >= stop_at:
+                log.warning("lease not renewed in time", extra={"lease": self.key})
+                on_lost()
+                return
+            with trio.move_on_after(stop_at - sent):  # a hung call is abandoned at the limit
+                try:
+                    if not await self.run_sync(self.renew):
+                        log.warning("lease lost", extra={"lease": self.key})
+                        on_lost()
+                        return
+                    good = sent
+                except RedisUnavailable:
+                    pass  # tried again at the next third, or given up at the limit
 
 
 async def run_while_holding(lease: Lease, work: Callable[[], Awaitable[object]]) -> None:
@@ -107,16 +128,16 @@ async def run_while_holding(lease: Lease, work: Callable[[], Awaitable[object]])
     fresh state each time (the other holder may have moved the views on meanwhile).
     """
     while True:
-        await lease.acquire()
+        since = await lease.acquire()
         log.info("lease acquired", extra={"lease": lease.key, "holder": lease.holder})
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(lease.keep, nursery.cancel_scope.cancel)
+                nursery.start_soon(lease.keep, nursery.cancel_scope.cancel, since)
                 await work()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    await trio.to_thread.run_sync(lease.release)
+                    await lease.run_sync(lease.release)
                 except RedisUnavailable:
                     pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -43,15 +44,20 @@ from projections.shell.viewstore import ViewStore
 log = logging.getLogger("pipeline.replay")
 
 CHUNK = 5_000
-_ID_RE = re.compile(r"^\d+-\d+$")
+_ID_RE = re.compile(r"^(\d+)-(\d+)$")
+_MAX_ID_PART = 2**64 - 1  # each half of a stream id is an unsigned 64-bit number
 
 
 def parse_from(value: str | None) -> str:
-    """`--from`: a stream id (`1700000000000-0`), an ISO time, or unix seconds -> XRANGE start."""
+    """`--from`: a stream id (`1700000000000-0`), an ISO time, or unix seconds -> XRANGE start.
+    Anything else, a negative or not finite number, or an id Redis cannot hold, is a bad
+    setting naming `--from` (rather than a silent replay of everything)."""
     if value is None or value in ("", "-", "0"):
         return "-"
     v = value.strip()
-    if _ID_RE.match(v):
+    if m := _ID_RE.match(v):
+        if max(int(m[1]), int(m[2])) > _MAX_ID_PART:
+            raise SettingsError("--from", f"{value!r} is larger than any stream id")
         return v
     try:
         seconds = float(v)
@@ -64,7 +70,32 @@ def parse_from(value: str | None) -> str:
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = when.timestamp()
-    return f"{max(0, int(seconds * 1000))}-0"
+    if not math.isfinite(seconds) or seconds < 0:
+        raise SettingsError("--from", f"{value!r} is not a time after 1970 (unix seconds >= 0)")
+    ms = int(seconds * 1000)
+    if ms > _MAX_ID_PART:
+        raise SettingsError("--from", f"{value!r} is larger than any stream id")
+    return f"{ms}-0"
+
+
+def check_start(client: redis.Redis, specs: Sequence[ProjectionSpec], start: str,
+                value: str | None) -> None:
+    """Refuse a `--from` past the newest entry of every key the chosen projections read: the
+    replay would do nothing (and `--reset` would only delete), which is almost always a
+    mistyped time (milliseconds given as seconds, a wrong year). An empty log passes."""
+    if start == "-":
+        return
+    newest = [e for spec in specs for k in spec.factory().sources
+              if (e := log_end(client, k)) is not None]
+    if not newest:
+        return
+    last = max(newest, key=_id_key)
+    if _id_key(start.encode()) > _id_key(last):
+        when = datetime.fromtimestamp(_id_key(last)[0] / 1000, UTC).isoformat(
+            timespec="seconds")
+        raise SettingsError("--from", f"{value!r} ({start}) is after the newest entry the "
+                                      f"chosen projections read ({last.decode()}, {when}): "
+                                      "nothing to replay")
 
 
 def _id_key(eid: bytes) -> tuple[int, int]:
@@ -269,9 +300,12 @@ def replay(client: redis.Redis, specs: Sequence[ProjectionSpec], start: str = "-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, help="comma list of projection names")
-    parser.add_argument("--from", dest="from_", default=None,
-                        help="start at a stream id, an ISO time or unix seconds (default: the "
-                             "log's start)")
+    parser.add_argument("--from", dest="from_", default=None, metavar="WHEN",
+                        help="start at a stream id (1700000000000-0), an ISO time or unix "
+                             "seconds (default: the log's start). A malformed or negative "
+                             "value, or one after the newest entry of every key the chosen "
+                             "projections read (nothing to replay), is a bad setting: exit 2, "
+                             "before --reset deletes anything")
     parser.add_argument("--reset", action="store_true",
                         help="delete the chosen projections' view keys first")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -283,11 +317,15 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     start = parse_from(args.from_)
     client = connect_checked(settings.redis_url, name="replay")
     try:
+        with redis_errors():
+            check_start(client, specs, start, args.from_)
         result = replay(client, specs, start, args.reset, max(1, args.jobs), settings.redis_url)
     except RedisUnavailable as exc:
         print(f"pipeline replay: {exc}; views may be partly rebuilt, run it again",
               file=sys.stderr)
         return 1
+    finally:
+        client.close()
     rate = result.entries / max(result.seconds, 1e-9)
     print(f"replayed {result.entries} entries for {', '.join(s.name for s in specs)} in "
           f"{result.seconds:.2f} s ({rate:,.0f} entries/s), {result.writes} writes, "
