@@ -139,7 +139,7 @@ def test_every_cited_path_is_in_the_tree(doc: Path) -> None:
     assert not missing, f"{doc.name} cites paths that are not in the tree: {missing}"
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: p.name)
 def test_docs_cite_nothing_outside_the_repository(doc: Path) -> None:
     leaving = leaving_paths(doc.read_text())
     assert not leaving, f"{doc.name} cites paths a clone does not have: {leaving}"
