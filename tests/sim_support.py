@@ -78,9 +78,17 @@ class Exchange:
             yield ws
 
 
+# A fixed exchange time, one second into a clock minute: the weight minute cannot roll under a
+# test, and only `advance_clock` moves it.
+T0 = 29_916_667 * 60 + 1.0
+
+
 @asynccontextmanager
-async def running(config: SimConfig | None = None) -> AsyncIterator[Exchange]:
-    sim = Simulator(config or SimConfig(symbols=("BTCUSDT", "ETHUSDT")))
+async def running(config: SimConfig | None = None,
+                  clock: Callable[[], float] | None = None) -> AsyncIterator[Exchange]:
+    """A simulator on free ports; `clock` (default: fixed at T0) is the exchange's base clock."""
+    sim = Simulator(config or SimConfig(symbols=("BTCUSDT", "ETHUSDT")),
+                    clock=clock or (lambda: T0))
     async with trio.open_nursery() as nursery:
         ws_url, rest_url = await nursery.start(sim.run)
         async with httpx.AsyncClient(base_url=rest_url) as http:

@@ -4,12 +4,14 @@ for all ten event types, and `/private/stream` with several accounts' keys on on
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
+from sim_support import KEY, Exchange, events_until, next_event, running
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from pipeline.simulator import SimConfig
-from sim_support import KEY, Exchange, events_until, next_event, running
 
 TEN_TYPES = (
     "ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE", "TRADE_LITE", "MARGIN_CALL",
@@ -218,3 +220,81 @@ async def test_each_account_has_its_own_key_books_and_stream() -> None:
     assert [o["price"] for o in open_a] == ["50000"]
     assert wrong_secret.json()["code"] == -1022
 
+
+
+# ---- 2026 event shapes --------------------------------------------------------------------------
+
+async def test_an_amendment_carries_its_modify_id_in_m_and_other_updates_do_not() -> None:
+    async with running() as ex:
+        key = await ex.new_key()
+        async with ex.user_stream(f"/private/ws?listenKey={key}&events=ORDER_TRADE_UPDATE"
+                                  ) as ws:
+            order = await cause_order(ex)
+            await ex.control("amend", orderId=order["orderId"], price="50100")
+            await ex.control("amend", orderId=order["orderId"], quantity="0.02")
+            await ex.control("cancel", orderId=order["orderId"])
+            new, first, second, canceled = [(await next_event(ws))["o"] for _ in range(4)]
+    assert (first["x"], second["x"]) == ("AMENDMENT", "AMENDMENT")
+    assert isinstance(first["M"], int) and second["M"] > first["M"]
+    assert "M" not in new and "M" not in canceled
+
+
+async def test_only_trailing_stops_carry_ap_and_cr_and_ia_turns_true_on_activation() -> None:
+    async with running() as ex:
+        key = await ex.new_key()
+        async with ex.user_stream(f"/private/ws?listenKey={key}") as ws:
+            stop = await ex.control("place", symbol="BTCUSDT", side="SELL", type="STOP_MARKET",
+                                    quantity="0.01", triggerPrice="40000")
+            trail = await ex.control("place", symbol="BTCUSDT", side="SELL",
+                                     type="TRAILING_STOP_MARKET", quantity="0.01",
+                                     callbackRate="1.5", activatePrice="65000")
+            await ex.control("activate", algoId=trail["algoId"])
+            await ex.control("trigger", algoId=trail["algoId"], price="64000")
+            seen = await events_until(ws, lambda e: e["e"] == "ALGO_UPDATE"
+                                      and e["o"]["X"] == "FINISHED")
+    stop_new, trail_new, trail_active = seen[0]["o"], seen[1]["o"], seen[2]["o"]
+    assert (stop_new["ia"], "cr" in stop_new) == (False, False)
+    assert (trail_new["X"], trail_new["ia"], trail_new["cr"]) == ("NEW", False, "1.5")
+    assert (trail_active["X"], trail_active["ia"]) == ("NEW", True)
+    orders = [e["o"] for e in seen if e["e"] == "ORDER_TRADE_UPDATE"]
+    assert [(o["o"], o["ot"], o["AP"], o["cr"]) for o in orders] == [
+        ("MARKET", "TRAILING_STOP_MARKET", "65000", "1.5")] * 2
+    assert stop["algoId"] == stop_new["aid"]
+
+
+async def test_a_funding_fee_names_the_balance_row_with_a_wb_cw_bc_and_no_position() -> None:
+    async with running() as ex:
+        key = await ex.new_key()
+        async with ex.user_stream(f"/private/ws?listenKey={key}&events=ACCOUNT_UPDATE") as ws:
+            await ex.control("place", symbol="BTCUSDT", side="BUY", type="MARKET",
+                             quantity="0.01")
+            await ex.control("funding", symbol="BTCUSDT", amount="-0.25")
+            trade, funding = await next_event(ws), await next_event(ws)
+    assert funding["a"]["m"] == "FUNDING_FEE" and funding["a"]["P"] == []
+    [row] = funding["a"]["B"]
+    assert set(row) == {"a", "wb", "cw", "bc"} == set(trade["a"]["B"][0])
+    assert (row["a"], row["bc"]) == ("USDT", "-0.25")
+
+
+async def test_margin_call_strategy_grid_and_trigger_reject_have_binances_shapes() -> None:
+    async with running() as ex:
+        key = await ex.new_key()
+        async with ex.user_stream(f"/private/ws?listenKey={key}&events=MARGIN_CALL/"
+                                  "STRATEGY_UPDATE/GRID_UPDATE/CONDITIONAL_ORDER_TRIGGER_REJECT"
+                                  ) as ws:
+            await cause_every_type(ex)
+            call, strategy, grid, reject = [await next_event(ws) for _ in range(4)]
+    assert set(call) == {"e", "E", "cw", "p"}
+    assert [(p["s"], p["ps"], p["pa"], p["mt"]) for p in call["p"]] == [
+        ("BTCUSDT", "BOTH", "0.02", "CROSSED")]
+    assert set(call["p"][0]) == {"s", "ps", "pa", "mt", "iw", "mp", "up", "mm"}
+    assert set(strategy["su"]) == {"si", "st", "ss", "s", "ut", "c"}
+    assert (strategy["su"]["ss"], strategy["su"]["c"]) == ("WORKING", 8007)
+    assert set(grid["gu"]) == {"si", "st", "ss", "s", "r", "up", "uq", "uf", "mp", "ut"}
+    assert grid["gu"]["r"] == "0.5"
+    assert set(reject["or"]) == {"s", "i", "r"} and reject["or"]["s"] == "BTCUSDT"
+
+
+async def cause_order(ex: Exchange) -> Any:
+    return await ex.control("place", symbol="BTCUSDT", side="BUY", type="LIMIT",
+                            quantity="0.01", price="50000")
