@@ -298,3 +298,19 @@ async def test_margin_call_strategy_grid_and_trigger_reject_have_binances_shapes
 async def cause_order(ex: Exchange) -> Any:
     return await ex.control("place", symbol="BTCUSDT", side="BUY", type="LIMIT",
                             quantity="0.01", price="50000")
+
+
+async def test_the_control_api_addresses_an_account_by_name() -> None:
+    async with running(TWO_ACCOUNTS) as ex:
+        mine = await cause_order(ex)
+        theirs = await ex.control("place", symbol="BTCUSDT", side="BUY", type="LIMIT",
+                                  quantity="0.01", price="50000", account="desk-b")
+        state_b = (await ex.http.get("/sim/account/state", params={"account": "desk-b"})).json()
+        listed = await ex.control("accounts")
+        unknown = await ex.http.post("/sim/account/place", json={
+            "account": "nobody", "symbol": "BTCUSDT", "side": "BUY", "type": "MARKET",
+            "quantity": "1"})
+    assert [o["orderId"] for o in state_b["openOrders"]] == [theirs["orderId"]]
+    assert theirs["orderId"] != mine["orderId"]  # each account numbers in its own range
+    assert [a["account"] for a in listed] == ["main", "desk-b"]
+    assert unknown.status_code == 404

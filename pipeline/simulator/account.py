@@ -681,8 +681,9 @@ class Accounts:
         """One control action in-process: the exchange's, else the named account's."""
         if name in self._controls:
             return self._controls[name](body)
-        account = self.named(str(body.pop("account", None) or MAIN_ACCOUNT))
-        return account.control(name, body)
+        rest = dict(body)
+        account = self.named(str(rest.pop("account", None) or MAIN_ACCOUNT))
+        return account.control(name, rest)
 
     def _ctl_advance_clock(self, body: dict[str, Any]) -> object:
         seconds = float(body["seconds"])

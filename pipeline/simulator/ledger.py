@@ -22,7 +22,8 @@ Order state transitions (anything else is refused with a `LedgerError`):
     NEW               PARTIALLY_FILLED   FILLED        CANCELED   EXPIRED    NEW
     PARTIALLY_FILLED  PARTIALLY_FILLED   FILLED        CANCELED   EXPIRED    PARTIALLY_FILLED
 
-Algo order transitions: NEW -> CANCELED | EXPIRED | TRIGGERING -> TRIGGERED -> FINISHED.
+Algo order transitions: NEW -> CANCELED | EXPIRED | TRIGGERING -> TRIGGERED -> FINISHED, and
+TRIGGERING -> REJECTED; a trailing stop may go NEW -> NEW (activated) first.
 
 A rejected trigger (`reject_trigger`) goes NEW -> TRIGGERING -> REJECTED, with the matching
 engine's reason in `rm`; a TRAILING_STOP_MARKET order is first NEW with `ia` false, and `activate`
