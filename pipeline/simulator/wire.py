@@ -202,7 +202,7 @@ TPSL_FIELDS = ("tpTriggerPrice", "tpPrice", "slTriggerPrice", "slPrice", "tpOrde
 
 
 def position_risk(pos: Position, mark: Decimal, wallet: Decimal,
-                  open_notional: tuple[Decimal, Decimal], leverage: int) -> Event:
+                  open_notional: tuple[Decimal, Decimal], leverage: int = 20) -> Event:
     """One item of GET /fapi/v3/positionRisk (v3 names no leverage; margins use it)."""
     notional = pos.amount * mark
     initial = abs(notional) / leverage
