@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import attrs
 
+MAIN_ACCOUNT = "main"  # the name of the account made of api_key/api_secret
+
 
 def _symbols(value: Iterable[str] | str) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
@@ -15,6 +17,37 @@ def _symbols(value: Iterable[str] | str) -> tuple[str, ...]:
 def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen
+class AccountKeys:
+    """One more simulated account: its name (for the control API) and its key material."""
+
+    name: str
+    api_key: str
+    api_secret: str = attrs.field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> AccountKeys:
+        """`NAME:API_KEY:API_SECRET`, the form of `pipeline simulate --account`."""
+        parts = text.split(":", 2)
+        if len(parts) != 3 or not all(p.strip() for p in parts):
+            raise ValueError("account must be given as NAME:API_KEY:API_SECRET")
+        return cls(*(p.strip() for p in parts))
+
+
+def _accounts(value: Iterable[AccountKeys | str]) -> tuple[AccountKeys, ...]:
+    return tuple(a if isinstance(a, AccountKeys) else AccountKeys.parse(a) for a in value)
+
+
+def _distinct_accounts(inst: SimConfig, _attribute: attrs.Attribute,
+                       value: tuple[AccountKeys, ...]) -> None:
+    names = [MAIN_ACCOUNT, *(a.name for a in value)]
+    keys = [inst.api_key, *(a.api_key for a in value)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"account names must be distinct ({MAIN_ACCOUNT!r} is the first's)")
+    if len(set(keys)) != len(keys):
+        raise ValueError("account API keys must be distinct")
 
 
 def _rate(_inst: object, _attribute: attrs.Attribute, value: float | None) -> None:
@@ -30,6 +63,12 @@ class SimConfig:
     depth@100ms ten times a second, ...); a number is frames per second per connection, shared
     round-robin over that connection's streams; 0 sends as fast as the socket takes them.
     `burst` extra frames are added every `burst_every` seconds on top of that.
+
+    The account side: `api_key`/`api_secret` (or `ed25519_public_key_pem`) are the first
+    account's, named "main"; `accounts` adds more, each with its own key, books and listenKey.
+    `algo_tpsl_fields`: GET /fapi/v1/algoOrder and openAlgoOrders rows keep tpTriggerPrice,
+    tpPrice, slTriggerPrice, slPrice and tpOrderType, which Binance stopped sending on
+    2026-06-09; False answers the 2026-06-09 shape.
     """
 
     symbols: tuple[str, ...] = attrs.field(default=("BTCUSDT", "ETHUSDT", "SOLUSDT"),
@@ -45,8 +84,11 @@ class SimConfig:
     burst: int = 0
     burst_every: float = attrs.field(default=0.1, validator=_positive)
     api_key: str = "sim-api-key"
-    api_secret: str = "sim-api-secret"
+    api_secret: str = attrs.field(default="sim-api-secret", repr=False)
     ed25519_public_key_pem: str | bytes | None = None
     listen_key_ttl: float = 3600.0
     hedge_mode: bool = False
     script_account: bool = False
+    accounts: tuple[AccountKeys, ...] = attrs.field(default=(), converter=_accounts,
+                                                    validator=_distinct_accounts)
+    algo_tpsl_fields: bool = True

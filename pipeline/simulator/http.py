@@ -1,8 +1,17 @@
-"""A small HTTP/1.1 server on trio with h11 (keep-alive, bodies, one handler), and the REST
-weight meter Binance applies to every answer.
+"""A small HTTP/1.1 server on trio with h11 (keep-alive, bodies, one handler), the REST weight
+meter Binance applies to every answer, and the REST faults a test can switch on.
 
 h11 holds the protocol; this module is only the loop that feeds it bytes and sends its events,
-in the shape trio-websocket uses for wsproto. The simulator's routes live in `server.py`.
+in the shape trio-websocket uses for wsproto. The simulator's routes live in `restapi.py`.
+
+Faults (`RestFaults`, switched by `POST /sim/account/rest_fault`), for one path or all, for the
+next N calls or until cleared:
+- `429`: code -1003 with a chosen `Retry-After` (seconds), the call is not run;
+- `418`: the IP ban, code -1003 and `Retry-After`, the call is not run;
+- `5xx`: a chosen status (500-599) with Binance's -1001 body, the call is not run;
+- `truncated`, `empty`, `empty_object`: the call runs and its 200 answer's body is cut in half,
+  empty, or `{}` (Content-Length matches what is sent: the HTTP is valid, the JSON is not);
+- `hang`: no answer for `seconds`, then the normal one (a client that gave up has gone by then).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 import h11
+import orjson
 import trio
 
 log = logging.getLogger("pipeline.simulator.http")
@@ -42,6 +52,88 @@ class HttpResponse:
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
+FAULT_KINDS = frozenset({"429", "418", "5xx", "truncated", "empty", "empty_object", "hang"})
+BODY_FAULTS = frozenset({"truncated", "empty", "empty_object"})
+
+
+@attrs.define
+class RestFault:
+    """One switched-on fault; `path` None means every Binance path, `count` None until cleared."""
+
+    kind: str
+    path: str | None = None
+    count: int | None = None
+    retry_after: int = 60
+    status: int = 503
+    seconds: float = 30.0
+
+    @classmethod
+    def from_json(cls, body: dict[str, object]) -> RestFault:
+        kind = str(body.get("kind", ""))
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"kind must be one of {sorted(FAULT_KINDS)}, not {kind!r}")
+        count = None if body.get("count") is None else int(str(body["count"]))
+        fault = cls(kind, str(body["path"]) if body.get("path") else None, count,
+                    int(str(body.get("retry_after", 60))), int(str(body.get("status", 503))),
+                    float(str(body.get("seconds", 30.0))))
+        if (count is not None and count < 1) or fault.retry_after < 0 or fault.seconds < 0:
+            raise ValueError("count must be >= 1, retry_after and seconds >= 0")
+        if not 500 <= fault.status <= 599:
+            raise ValueError("status must be a 5xx")
+        return fault
+
+    def summary(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+    def reply(self, used_weight: int) -> HttpResponse | None:
+        """The answer given instead of running the call, or None when the call runs."""
+        used = ("X-MBX-USED-WEIGHT-1M", str(used_weight))
+        if self.kind in ("429", "418"):
+            msg = ("Too many requests; current limit of IP is 2400 requests per minute."
+                   if self.kind == "429" else
+                   "Way too much request weight used; IP banned. Please use WebSocket Streams "
+                   "for live updates to avoid bans.")
+            return HttpResponse(int(self.kind), orjson.dumps({"code": -1003, "msg": msg}),
+                                (used, ("Retry-After", str(self.retry_after))))
+        if self.kind == "5xx":
+            return HttpResponse(self.status, orjson.dumps({
+                "code": -1001, "msg": "Internal error; unable to process your request. Please "
+                                      "try again."}), (used,))
+        return None
+
+    def spoil(self, response: HttpResponse) -> HttpResponse:
+        """The body faults: the call's own answer, made unreadable."""
+        if self.kind not in BODY_FAULTS:
+            return response
+        body = {"truncated": response.body[:len(response.body) // 2], "empty": b"",
+                "empty_object": b"{}"}[self.kind]
+        return attrs.evolve(response, status=200, body=body)
+
+
+@attrs.define
+class RestFaults:
+    """The faults switched on, first match wins; each call it hits counts down its `count`."""
+
+    active: list[RestFault] = attrs.Factory(list)
+
+    def add(self, fault: RestFault) -> None:
+        self.active.append(fault)
+
+    def clear(self, path: str | None = None) -> int:
+        kept = [f for f in self.active if path is not None and f.path != path]
+        cleared, self.active = len(self.active) - len(kept), kept
+        return cleared
+
+    def take(self, path: str) -> RestFault | None:
+        for fault in self.active:
+            if fault.path in (None, path):
+                if fault.count is not None:
+                    fault.count -= 1
+                    if fault.count == 0:
+                        self.active.remove(fault)
+                return fault
+        return None
+
 
 @attrs.define
 class WeightMeter:
@@ -63,6 +155,11 @@ class WeightMeter:
             return False
         self.used += weight
         return True
+
+    def force(self, weight: int, now: float) -> None:
+        """Count `weight` even past the limit: a call that already ran, or another client's."""
+        self._roll(now)
+        self.used += weight
 
     def current(self, now: float) -> int:
         self._roll(now)
@@ -148,4 +245,5 @@ async def _send_response(conn: h11.Connection, stream: trio.SocketStream,
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 418: "I'm a teapot", 429: "Too Many Requests",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout"}

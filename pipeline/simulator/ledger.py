@@ -22,11 +22,22 @@ Order state transitions (anything else is refused with a `LedgerError`):
     NEW               PARTIALLY_FILLED   FILLED        CANCELED   EXPIRED    NEW
     PARTIALLY_FILLED  PARTIALLY_FILLED   FILLED        CANCELED   EXPIRED    PARTIALLY_FILLED
 
-Algo order transitions: NEW -> CANCELED | EXPIRED | TRIGGERING -> TRIGGERED -> FINISHED.
+Algo order transitions: NEW -> CANCELED | EXPIRED | TRIGGERING -> TRIGGERED -> FINISHED, and
+TRIGGERING -> REJECTED; a trailing stop may go NEW -> NEW (activated) first.
+
+A rejected trigger (`reject_trigger`) goes NEW -> TRIGGERING -> REJECTED, with the matching
+engine's reason in `rm`; a TRAILING_STOP_MARKET order is first NEW with `ia` false, and `activate`
+pushes it NEW again with `ia` true (Binance, 2026-08-21), before its trigger.
+
+Besides the orders the books keep every trade (`trades`, for GET /fapi/v1/userTrades), the
+leverage per symbol (`set_leverage`: ACCOUNT_CONFIG_UPDATE `ac`) and the Multi-Assets mode
+(`set_multi_assets`: `ai`). `margin_call` reports the open positions as MARGIN_CALL does.
+Which orders and trades REST still finds after days is `history.py`'s.
 
 Numbers are Decimals inside and strings on the wire (normalised, no exponent), one formatter for
 both the stream and REST. Fees: maker 0.02 %, taker 0.05 %, charged in USDT. Margin is cross at
-20x; liquidation price and margins are simple estimates, good enough to be plausible.
+20x unless `set_leverage` changed a symbol's; liquidation price and margins are simple
+estimates, good enough to be plausible.
 """
 
 from __future__ import annotations
@@ -45,6 +56,9 @@ MARKET_KINDS = frozenset({"LIMIT", "MARKET"})
 ALGO_KINDS = frozenset({"STOP_MARKET", "TAKE_PROFIT_MARKET", "STOP", "TAKE_PROFIT",
                         "TRAILING_STOP_MARKET"})
 OPEN = frozenset({"NEW", "PARTIALLY_FILLED"})
+TRAILING = "TRAILING_STOP_MARKET"
+DEFAULT_LEVERAGE = 20
+MAX_LEVERAGE = 125
 ALGO_OPEN = frozenset({"NEW", "TRIGGERING", "TRIGGERED"})
 MAKER_FEE = Decimal("0.0002")
 TAKER_FEE = Decimal("0.0005")
@@ -97,6 +111,9 @@ class Order:
     cum_quote: Decimal = ZERO
     realized: Decimal = ZERO
     algo_id: int | None = None
+    amendment_id: int = 0  # of the last AMENDMENT (`M`); 0 while never amended
+    callback_rate: Decimal = ZERO  # trailing stops only (`cr`), copied from the algo order
+    activate_price: Decimal = ZERO  # trailing stops only (`AP`)
 
     @property
     def avg_price(self) -> Decimal:
@@ -129,6 +146,9 @@ class AlgoOrder:
     actual_order_id: int | None = None
     trigger_time: int = 0
     callback_rate: Decimal = ZERO
+    activate_price: Decimal = ZERO
+    activated: bool = False  # `ia`: a trailing stop whose activation price was reached
+    reject_reason: str = ""  # `rm`
 
 
 @attrs.frozen
@@ -151,6 +171,23 @@ class Fill:
     commission: Decimal
     realized: Decimal
     maker: bool
+
+
+@attrs.frozen
+class Trade:
+    """One fill as GET /fapi/v1/userTrades reports it."""
+
+    trade_id: int
+    order_id: int
+    symbol: str
+    side: str
+    position_side: str
+    price: Decimal
+    quantity: Decimal
+    commission: Decimal
+    realized: Decimal
+    maker: bool
+    time: int
 
 
 def apply_trade(pos: Position, signed_qty: Decimal, price: Decimal,
@@ -189,9 +226,13 @@ class Ledger:
     pinned: dict[str, Decimal] = attrs.Factory(dict)  # set by the `mark` control: wins
     # The market side's price (e.g. the simulated book's mid), when the server wires it in.
     mark_source: Callable[[str], Decimal | None] | None = None
+    trades: list[Trade] = attrs.Factory(list)
+    leverage: dict[str, int] = attrs.Factory(dict)  # symbols not in it are at DEFAULT_LEVERAGE
+    multi_assets: bool = False
     next_order_id: int = 8_389_765_001
     next_algo_id: int = 4_000_000_001
     next_trade_id: int = 1_000_001
+    next_amendment_id: int = 5_363_001
 
     # ---- reading -------------------------------------------------------------------------
     def mark(self, symbol: str) -> Decimal:
@@ -200,6 +241,9 @@ class Ledger:
             return self.pinned[symbol]
         market = self.mark_source(symbol) if self.mark_source else None
         return market or self.marks.get(symbol) or BASE_PRICES.get(symbol, Decimal(100))
+
+    def leverage_of(self, symbol: str) -> int:
+        return self.leverage.get(symbol, DEFAULT_LEVERAGE)
 
     def open_orders(self, symbol: str | None = None) -> list[Order]:
         return [o for o in self.orders.values()
@@ -261,7 +305,8 @@ class Ledger:
                 quantity=req.quantity, trigger_price=req.trigger_price, price=req.price,
                 position_side=side, reduce_only=req.reduce_only,
                 close_position=req.close_position, create_time=now_ms, update_time=now_ms,
-                time_in_force=req.time_in_force, callback_rate=req.callback_rate)
+                time_in_force=req.time_in_force, callback_rate=req.callback_rate,
+                activate_price=req.activate_price)
             if not algo.client_algo_id:
                 algo = attrs.evolve(algo, client_algo_id=f"simalgo{algo.algo_id}")
             self.algos[algo.algo_id] = algo
@@ -321,6 +366,8 @@ class Ledger:
         commission = qty * px * (MAKER_FEE if maker else TAKER_FEE)
         self.balances["USDT"] += pnl - commission
         fill = Fill(self._trade_id(), qty, px, commission, pnl, maker)
+        self.trades.append(Trade(fill.trade_id, order.order_id, order.symbol, order.side,
+                                 order.position_side, px, qty, commission, pnl, maker, now_ms))
         executed = order.executed + qty
         order = attrs.evolve(
             order, executed=executed, cum_quote=order.cum_quote + qty * px,
@@ -359,12 +406,7 @@ class Ledger:
         return [self._otu(order, status, None, now_ms), *self._finish_algo(order, now_ms)], order
 
     def end_algo(self, algo_id: int, status: str, now_ms: int) -> tuple[list[Event], AlgoOrder]:
-        algo = self.algos.get(algo_id)
-        if algo is None:
-            raise LedgerError(-2013, "Order does not exist.")
-        if algo.status != "NEW":
-            raise LedgerError(-2011, f"Algo order is {algo.status}, not NEW.")
-        algo = attrs.evolve(algo, status=status, update_time=now_ms)
+        algo = attrs.evolve(self._new_algo(algo_id), status=status, update_time=now_ms)
         self.algos[algo_id] = algo
         return [wire.algo_update(algo, now_ms)], algo
 
@@ -376,8 +418,9 @@ class Ledger:
         new_qty = order.quantity if quantity is None else quantity
         if new_qty <= order.executed:
             raise LedgerError(-4003, "Quantity must exceed the executed quantity.")
+        self.next_amendment_id += 1
         order = attrs.evolve(order, price=price or order.price, quantity=new_qty,
-                             update_time=now_ms)
+                             update_time=now_ms, amendment_id=self.next_amendment_id - 1)
         self.orders[order_id] = order
         return [self._otu(order, "AMENDMENT", None, now_ms)], order
 
@@ -385,11 +428,7 @@ class Ledger:
                 now_ms: int) -> tuple[list[Event], AlgoOrder]:
         """The trigger condition is met: TRIGGERING, TRIGGERED (with `ai`), the new order's
         events, and for the *_MARKET kinds its fill and FINISHED."""
-        algo = self.algos.get(algo_id)
-        if algo is None:
-            raise LedgerError(-2013, "Order does not exist.")
-        if algo.status != "NEW":
-            raise LedgerError(-2011, f"Algo order is {algo.status}, not NEW.")
+        algo = self._new_algo(algo_id)
         px = price or algo.trigger_price or self.mark(algo.symbol)
         self.marks[algo.symbol] = px
         order_id = self._order_id()
@@ -405,9 +444,64 @@ class Ledger:
             side=algo.side, type="LIMIT" if limit else "MARKET", orig_type=algo.order_type,
             quantity=algo.quantity, price=algo.price if limit else ZERO,
             stop_price=algo.trigger_price, position_side=algo.position_side,
-            reduce_only=algo.reduce_only, time=now_ms, update_time=now_ms, algo_id=algo_id)
+            reduce_only=algo.reduce_only, time=now_ms, update_time=now_ms, algo_id=algo_id,
+            callback_rate=algo.callback_rate, activate_price=algo.activate_price)
         more, _ = self._enter(order, now_ms)
         return events + more, self.algos[algo_id]
+
+    def reject_trigger(self, algo_id: int, reason: str, now_ms: int,
+                       legacy_event: bool = False) -> tuple[list[Event], AlgoOrder]:
+        """The trigger fires but the matching engine refuses the order: TRIGGERING, then
+        REJECTED with the reason in `rm` (Binance since 2025-12-15). `legacy_event` also pushes
+        the CONDITIONAL_ORDER_TRIGGER_REJECT that Binance deprecated then, between the two."""
+        algo = self._new_algo(algo_id)
+        order_id = self._order_id()
+        algo = attrs.evolve(algo, status="TRIGGERING", actual_order_id=order_id,
+                            trigger_time=now_ms, update_time=now_ms)
+        events = [wire.algo_update(algo, now_ms)]
+        if legacy_event:
+            events.append(wire.conditional_order_trigger_reject(algo.symbol, order_id, reason,
+                                                                now_ms))
+        algo = attrs.evolve(algo, status="REJECTED", reject_reason=reason)
+        self.algos[algo_id] = algo
+        events.append(wire.algo_update(algo, now_ms))
+        return events, algo
+
+    def activate(self, algo_id: int, now_ms: int) -> tuple[list[Event], AlgoOrder]:
+        """A trailing stop's activation price is reached: ALGO_UPDATE NEW again, `ia` true."""
+        algo = self._new_algo(algo_id)
+        if algo.order_type != TRAILING or algo.activated:
+            raise LedgerError(-2011, "Only a TRAILING_STOP_MARKET order not yet activated can "
+                                     "be activated.")
+        algo = attrs.evolve(algo, activated=True, update_time=now_ms)
+        self.algos[algo_id] = algo
+        return [wire.algo_update(algo, now_ms)], algo
+
+    def set_leverage(self, symbol: str, leverage: int, now_ms: int) -> list[Event]:
+        """ACCOUNT_CONFIG_UPDATE with `ac`: the symbol's new initial leverage."""
+        if symbol not in self.symbols:
+            raise LedgerError(-1121, "Invalid symbol.")
+        if not 1 <= leverage <= MAX_LEVERAGE:
+            raise LedgerError(-4028, f"Leverage {leverage} is not valid")
+        self.leverage[symbol] = leverage
+        return [wire.account_config_leverage(symbol, leverage, now_ms)]
+
+    def set_multi_assets(self, on: bool, now_ms: int) -> list[Event]:
+        """ACCOUNT_CONFIG_UPDATE with `ai`: the Multi-Assets margin mode."""
+        if on == self.multi_assets:
+            raise LedgerError(-4171, "Adjusted asset mode is currently set and does not need "
+                                     "to be adjusted repeatedly.")
+        self.multi_assets = on
+        return [wire.account_config_multi_assets(on, now_ms)]
+
+    def margin_call(self, symbol: str | None, now_ms: int) -> list[Event]:
+        """MARGIN_CALL listing the open positions (of `symbol`, or all)."""
+        rows = [wire.margin_call_position(p, self.mark(p.symbol))
+                for (s, _), p in sorted(self.positions.items())
+                if p.amount and symbol in (None, s)]
+        if not rows:
+            raise LedgerError(-2013, "No open position to call margin on.")
+        return [wire.margin_call(self.balances["USDT"], rows, now_ms)]
 
     def funding(self, symbol: str, amount: Decimal, now_ms: int) -> list[Event]:
         """A funding fee (negative: paid) booked to USDT: ACCOUNT_UPDATE reason FUNDING_FEE."""
@@ -427,6 +521,14 @@ class Ledger:
         self.positions = {k: p for k, p in self.positions.items() if p.amount}
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _new_algo(self, algo_id: int) -> AlgoOrder:
+        algo = self.algos.get(algo_id)
+        if algo is None:
+            raise LedgerError(-2013, "Order does not exist.")
+        if algo.status != "NEW":
+            raise LedgerError(-2011, f"Algo order is {algo.status}, not NEW.")
+        return algo
+
     def _otu(self, order: Order, execution: str, fill: Fill | None, now_ms: int) -> Event:
         return wire.order_trade_update(order, execution, fill, now_ms,
                                        self.open_notional(order.symbol))
@@ -460,6 +562,7 @@ class PlaceRequest:
     time_in_force: str = "GTC"
     client_id: str | None = None
     callback_rate: Decimal = ZERO
+    activate_price: Decimal = ZERO
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> PlaceRequest:
@@ -480,7 +583,8 @@ class PlaceRequest:
             time_in_force=str(body.get("timeInForce") or "GTC"),
             client_id=body.get("newClientOrderId") or body.get("clientOrderId")
             or body.get("clientAlgoId"),
-            callback_rate=num("callbackRate"))
+            callback_rate=num("callbackRate"),
+            activate_price=num("activatePrice", "activationPrice"))
 
 
 def _flag(value: object) -> bool:

@@ -1,10 +1,15 @@
-"""The simulator's REST side: Binance's market endpoints with their weights, the account's
-endpoints (handed to `Account.handle_rest`), and the control API under `/sim/`.
+"""The simulator's REST side: Binance's market endpoints with their weights, the accounts'
+endpoints (handed to `Accounts.handle_rest`, which routes by API key), and the control API under
+`/sim/`.
 
 Every answer carries `X-MBX-USED-WEIGHT-1M`. Market calls are weighed before they run and
 refused with 429 (code -1003, Retry-After) when they would pass 2400 in the clock minute; an
 account call is refused when the minute is already spent, and its weight (known only from its
-reply) is counted after. The `/sim/` control API is not weighed.
+reply) is counted after. The budget is the IP's: `/sim/account/spend_weight` adds what other
+clients on it (COIN-M's, since 2026-06-30) used. The `/sim/` control API is not weighed.
+
+A REST fault switched on (`http.RestFault`, `/sim/account/rest_fault`) is applied first, to any
+path outside `/sim/`: it answers instead of the call, delays it, or spoils its body.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import trio
 
 from pipeline.simulator.http import HttpRequest, HttpResponse
 from pipeline.simulator.market import DEPTH_LIMITS, MARKET, PUBLIC, depth_weight
@@ -27,6 +33,17 @@ class RestApi:
         self.sim = sim
 
     async def __call__(self, req: HttpRequest) -> HttpResponse:
+        fault = None if req.path.startswith("/sim/") else self.sim.rest_faults.take(req.path)
+        if fault is not None:
+            if fault.kind == "hang":
+                await trio.sleep(fault.seconds)
+            instead = fault.reply(self.sim.weight.current(self.sim.clock()))
+            if instead is not None:
+                return instead
+        response = await self._answer(req)
+        return response if fault is None else fault.spoil(response)
+
+    async def _answer(self, req: HttpRequest) -> HttpResponse:
         now = self.sim.clock()
         if req.path.startswith("/sim/") and not req.path.startswith("/sim/account"):
             status, body = self._control(req)
@@ -38,17 +55,18 @@ class RestApi:
             if not meter.try_spend(weight, now):
                 return self._too_many(now)
             return self._reply(status, body, now)
-        account = self.sim.account
-        if account is None:
+        accounts = self.sim.accounts
+        if accounts is None:
             return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
         if meter.current(now) >= meter.limit and not req.path.startswith("/sim/"):
             return self._too_many(now)
-        reply = await account.handle_rest(req.method, req.path, req.query, req.headers, req.body)
+        reply = await accounts.handle_rest(req.method, req.path, req.query, req.headers,
+                                           req.body)
         if reply is None:
             return self._reply(404, {"code": -1000, "msg": "Path not found."}, now)
         if not meter.try_spend(int(reply.weight), now):
             # the account call already happened: count it even past the limit
-            meter.used += int(reply.weight)
+            meter.force(int(reply.weight), now)
         return self._reply(int(reply.status), reply.body, now)
 
     def _reply(self, status: int, body: object, now: float) -> HttpResponse:

@@ -11,8 +11,11 @@ Per connection three tasks run under one cancel scope: the reader (SUBSCRIBE and
 sender (the pacer's frames, malformed frames on request), the pinger (ping every
 `ping_interval`; no pong within `pong_timeout` closes). The scope ends at `lifetime` (closed
 politely) or on `drop` (the TCP socket is closed without a close frame, as a network fault
-would). `/private/ws` goes to the account (`pipeline.simulator.account`, written separately; the
-market side runs without it).
+would). `/private/ws` and `/private/stream` go to the accounts (`pipeline.simulator.account`,
+written separately; the market side runs without it).
+
+The exchange's clock is an `ExchangeClock` around the `clock` given: `POST
+/sim/account/advance_clock` moves it (and every timestamp, REST and stream) forward.
 
 REST: `http.py` serves HTTP/1.1 with h11; `restapi.py` routes Binance's market endpoints (with
 their weights), the account's endpoints and the control API under `/sim/` to this object.
@@ -39,7 +42,7 @@ import trio_websocket
 from pipeline.config import Settings
 from pipeline.errors import SettingsError
 from pipeline.simulator.config import SimConfig
-from pipeline.simulator.http import WeightMeter, serve_http
+from pipeline.simulator.http import RestFaults, WeightMeter, serve_http
 from pipeline.simulator.market import (
     MARKET,
     PUBLIC,
@@ -103,6 +106,7 @@ class Connection:
         self.wake = trio.Event()
         self.bad: list[str | bytes] = []
         self.frames = 0
+        self.target = ""  # the request target: the private stream reads its repeated params
 
     def summary(self) -> dict[str, object]:
         return {"id": self.id, "path": self.path, "combined": self.combined,
@@ -113,7 +117,8 @@ class Connection:
         self.wake.set()
 
 
-def _load_account(config: SimConfig, clock: Callable[[], float]) -> Any:
+def _load_accounts(config: SimConfig, clock: Callable[[], float], weight: WeightMeter,
+                   faults: RestFaults) -> Any:
     """The account side, if its module is there (it is written separately)."""
     try:
         module = importlib.import_module("pipeline.simulator.account")
@@ -122,7 +127,16 @@ def _load_account(config: SimConfig, clock: Callable[[], float]) -> Any:
             raise
         log.warning("simulator account module missing: market data only")
         return None
-    return module.Account(config, clock=clock)
+    return module.Accounts(config, clock, weight, faults)
+
+
+def _exchange_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """`clock` made movable by the account side's `advance_clock` (as is, without it)."""
+    try:
+        from pipeline.simulator.account import ExchangeClock
+    except ModuleNotFoundError:
+        return clock
+    return clock if isinstance(clock, ExchangeClock) else ExchangeClock(clock)
 
 
 class Simulator:
@@ -140,13 +154,16 @@ class Simulator:
         bytes), in `self.sent`, for tests that compare what a client stored byte for byte."""
         self.config = config or SimConfig()
         self.sent: deque[tuple[str, bytes]] | None = deque(maxlen=record) if record else None
-        self.clock = clock
+        self.clock = _exchange_clock(clock)
         self.market = Market(self.config.symbols, self.config.seed)
-        self.account = _load_account(self.config, clock)
-        if hasattr(self.account, "set_mark_source"):
-            # fills and positionRisk of the account price off the same book the streams show
-            self.account.set_mark_source(self.market.mid_price)
         self.weight = WeightMeter()
+        self.rest_faults = RestFaults()
+        self.accounts = _load_accounts(self.config, self.clock, self.weight, self.rest_faults)
+        # the main account: what single-account tests and the demo script drive
+        self.account = self.accounts.primary if self.accounts is not None else None
+        if self.accounts is not None:
+            # fills and positionRisk of the accounts price off the same book the streams show
+            self.accounts.set_mark_source(self.market.mid_price)
         self.connections: dict[str, Connection] = {}
         self.closed: deque[dict[str, object]] = deque(maxlen=CLOSED_KEPT)
         self.silent = False
@@ -209,6 +226,7 @@ class Simulator:
         conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream,
                           Pacer(self.market.rng, trio.current_time()), self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
+        conn.target = request.path
         self.connections[conn.id] = conn
         self._notify()
         log.info("simulator connection opened", extra={"conn": conn.id, "path": path})
@@ -246,9 +264,9 @@ class Simulator:
     async def _serve_private(self, conn: Connection, query: dict[str, str],
                              done: trio.CancelScope) -> None:
         conn.close_reason = "closed"
-        if self.account is not None:
+        if self.accounts is not None:
             try:
-                await self.account.serve_user_ws(conn.ws, query)
+                await self.accounts.serve_user_ws(conn.ws, conn.target)
             except trio_websocket.ConnectionClosed:
                 pass
         else:
@@ -447,11 +465,11 @@ def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
         return None
     kind, form, rest = segments[0], segments[1], segments[2:]
     if kind == "private":
-        if form != "ws":
+        if form not in ("ws", "stream") or (form == "stream" and rest):
             return None
         if rest and "listenKey" not in query:
             query["listenKey"] = rest[0]
-        return kind, False, [], query
+        return kind, form == "stream", [], query
     if form == "stream" and not rest:
         return kind, True, streams_of_query(query.get("streams", "")), query
     if form == "ws":
@@ -483,6 +501,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-secret", default="sim-api-secret")
     parser.add_argument("--ed25519-public-key-file", default=None,
                         help="PEM file: the account also accepts Ed25519-signed requests")
+    parser.add_argument("--account", action="append", default=[], metavar="NAME:KEY:SECRET",
+                        help="one more simulated account (repeatable), its own books and "
+                             "listenKey")
+    parser.add_argument("--drop-algo-tpsl-fields", action="store_true",
+                        help="algo order rows without tpTriggerPrice/tpPrice/slTriggerPrice/"
+                             "slPrice/tpOrderType (Binance's shape since 2026-06-09)")
 
 
 def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
@@ -501,7 +525,8 @@ def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
             burst=args.burst, burst_every=args.burst_every,
             api_key=args.api_key, api_secret=args.api_secret,
             listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
-            script_account=args.script_account, ed25519_public_key_pem=pem)
+            script_account=args.script_account, ed25519_public_key_pem=pem,
+            accounts=tuple(args.account), algo_tpsl_fields=not args.drop_algo_tpsl_fields)
     except ValueError as exc:
         # SimConfig's messages start with the field's name, which is the flag's name
         field = str(exc).split(" ", 1)[0]

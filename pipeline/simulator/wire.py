@@ -1,10 +1,20 @@
 """The account's books in Binance's wire shapes: user-data events and REST answers. Pure.
 
 One function per shape, named for it, so a reader can hold each next to Binance's documentation:
-ORDER_TRADE_UPDATE, ALGO_UPDATE, ACCOUNT_UPDATE, TRADE_LITE, listenKeyExpired; and the REST
-bodies of GET /fapi/v1/order (also each item of openOrders), /fapi/v1/algoOrder (also each item of
-openAlgoOrders), /fapi/v3/positionRisk and /fapi/v2/balance. Every number goes through `fmt`, the
-same on the stream and over REST.
+the ten user-data event types of 2026 (ORDER_TRADE_UPDATE, ALGO_UPDATE, ACCOUNT_UPDATE,
+TRADE_LITE, MARGIN_CALL, ACCOUNT_CONFIG_UPDATE, STRATEGY_UPDATE, GRID_UPDATE,
+CONDITIONAL_ORDER_TRIGGER_REJECT, listenKeyExpired); and the REST bodies of GET /fapi/v1/order
+(also each item of openOrders and allOrders), /fapi/v1/algoOrder (also each item of
+openAlgoOrders), /fapi/v1/userTrades, /fapi/v3/positionRisk, /fapi/v2/balance and
+/fapi/v1/symbolConfig. Every number goes through `fmt`, the same on the stream and over REST.
+
+2026 details: `AP` and `cr` are in ORDER_TRADE_UPDATE only for TRAILING_STOP_MARKET orders
+(`o` or `ot`); an AMENDMENT carries the modification's id in `M`; ALGO_UPDATE carries `ia`
+(a trailing stop's activation reached; false for the other kinds) and, for trailing stops, `cr`.
+ACCOUNT_UPDATE balance rows are `a`, `wb`, `cw`, `bc` and nothing else, FUNDING_FEE included
+(Binance's Event: Balance and Position Update); a funding fee on a cross position names no
+position. GRID_UPDATE and CONDITIONAL_ORDER_TRIGGER_REJECT are marked deprecated by Binance and
+are only sent when a control asks for them.
 """
 
 from __future__ import annotations
@@ -13,11 +23,11 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.simulator.ledger import AlgoOrder, Fill, Order, Position
+    from pipeline.simulator.ledger import AlgoOrder, Fill, Order, Position, Trade
 
 Event = dict[str, Any]
 ZERO = Decimal(0)
-LEVERAGE = Decimal(20)
+TRAILING = "TRAILING_STOP_MARKET"
 MAINT_RATE = Decimal("0.004")
 TAKER_FEE = Decimal("0.0005")
 
@@ -42,10 +52,14 @@ def order_trade_update(order: Order, execution: str, fill: Fill | None, event_ms
         "N": "USDT", "T": event_ms, "t": fill.trade_id if fill else 0,
         "b": fmt(notional[0]), "a": fmt(notional[1]), "m": fill.maker if fill else False,
         "R": order.reduce_only, "wt": "CONTRACT_PRICE", "ot": order.orig_type,
-        "ps": order.position_side, "cp": False, "AP": "0", "cr": "0",
+        "ps": order.position_side, "cp": False,
         "pP": False, "si": 0, "ss": 0, "rp": fmt(fill.realized) if fill else "0",
         "V": "EXPIRE_MAKER", "pm": "NONE", "gtd": 0, "er": "0",
     }
+    if TRAILING in (order.type, order.orig_type):
+        o["AP"], o["cr"] = fmt(order.activate_price), fmt(order.callback_rate)
+    if execution == "AMENDMENT":
+        o["M"] = order.amendment_id
     return {"e": "ORDER_TRADE_UPDATE", "E": event_ms, "T": event_ms, "o": o}
 
 
@@ -61,8 +75,11 @@ def algo_update(algo: AlgoOrder, event_ms: int, filled: Order | None = None) -> 
         "act": filled.type if filled else "0",
         "tp": fmt(algo.trigger_price), "p": fmt(algo.price), "V": "EXPIRE_MAKER",
         "wt": "CONTRACT_PRICE", "pm": "NONE", "cp": algo.close_position, "pP": False,
-        "R": algo.reduce_only, "tt": algo.trigger_time, "gtd": 0, "rm": "",
+        "R": algo.reduce_only, "tt": algo.trigger_time, "gtd": 0, "rm": algo.reject_reason,
+        "ia": algo.activated,
     }
+    if algo.order_type == TRAILING:
+        o["cr"] = fmt(algo.callback_rate)
     return {"e": "ALGO_UPDATE", "T": event_ms, "E": event_ms, "o": o}
 
 
@@ -96,6 +113,49 @@ def listen_key_expired(listen_key: str, event_ms: int) -> Event:
     return {"e": "listenKeyExpired", "E": str(event_ms), "listenKey": listen_key}
 
 
+def account_config_leverage(symbol: str, leverage: int, event_ms: int) -> Event:
+    return {"e": "ACCOUNT_CONFIG_UPDATE", "E": event_ms, "T": event_ms,
+            "ac": {"s": symbol, "l": leverage}}
+
+
+def account_config_multi_assets(on: bool, event_ms: int) -> Event:
+    return {"e": "ACCOUNT_CONFIG_UPDATE", "E": event_ms, "T": event_ms, "ai": {"j": on}}
+
+
+def margin_call_position(pos: Position, mark: Decimal) -> Event:
+    """One element of MARGIN_CALL `p`."""
+    return {"s": pos.symbol, "ps": pos.position_side, "pa": fmt(pos.amount), "mt": "CROSSED",
+            "iw": "0", "mp": fmt(mark), "up": fmt(unrealized(pos, mark)),
+            "mm": fmt(abs(pos.amount * mark) * MAINT_RATE)}
+
+
+def margin_call(cross_wallet: Decimal, positions: list[Event], event_ms: int) -> Event:
+    # Binance's MARGIN_CALL has an event time and no transaction time.
+    return {"e": "MARGIN_CALL", "E": event_ms, "cw": fmt(cross_wallet), "p": positions}
+
+
+def strategy_update(strategy_id: int, symbol: str, status: str, op_code: int,
+                    event_ms: int, strategy_type: str = "GRID") -> Event:
+    return {"e": "STRATEGY_UPDATE", "T": event_ms, "E": event_ms,
+            "su": {"si": strategy_id, "st": strategy_type, "ss": status, "s": symbol,
+                   "ut": event_ms, "c": op_code}}
+
+
+def grid_update(strategy_id: int, symbol: str, status: str, realized: Decimal,
+                unmatched_avg: Decimal, unmatched_qty: Decimal, unmatched_fee: Decimal,
+                matched_profit: Decimal, event_ms: int) -> Event:
+    return {"e": "GRID_UPDATE", "T": event_ms, "E": event_ms,
+            "gu": {"si": strategy_id, "st": "GRID", "ss": status, "s": symbol,
+                   "r": fmt(realized), "up": fmt(unmatched_avg), "uq": fmt(unmatched_qty),
+                   "uf": fmt(unmatched_fee), "mp": fmt(matched_profit), "ut": event_ms}}
+
+
+def conditional_order_trigger_reject(symbol: str, order_id: int, reason: str,
+                                     event_ms: int) -> Event:
+    return {"e": "CONDITIONAL_ORDER_TRIGGER_REJECT", "E": event_ms, "T": event_ms,
+            "or": {"s": symbol, "i": order_id, "r": reason}}
+
+
 def rest_order(order: Order) -> Event:
     """GET /fapi/v1/order, and each item of GET /fapi/v1/openOrders."""
     body: Event = {
@@ -113,9 +173,11 @@ def rest_order(order: Order) -> Event:
     return body
 
 
-def rest_algo_order(algo: AlgoOrder, filled: Order | None = None) -> Event:
-    """GET /fapi/v1/algoOrder, and each item of GET /fapi/v1/openAlgoOrders."""
-    return {
+def rest_algo_order(algo: AlgoOrder, filled: Order | None = None, *,
+                    tpsl_fields: bool = True) -> Event:
+    """GET /fapi/v1/algoOrder, and each item of GET /fapi/v1/openAlgoOrders; `tpsl_fields`
+    False is the 2026-06-09 shape, without the tp/sl trigger and price fields."""
+    row = {
         "algoId": algo.algo_id, "clientAlgoId": algo.client_algo_id, "algoType": "CONDITIONAL",
         "orderType": algo.order_type, "symbol": algo.symbol, "side": algo.side,
         "positionSide": algo.position_side, "timeInForce": algo.time_in_force,
@@ -130,14 +192,21 @@ def rest_algo_order(algo: AlgoOrder, filled: Order | None = None) -> Event:
         "reduceOnly": algo.reduce_only, "createTime": algo.create_time,
         "updateTime": algo.update_time, "triggerTime": algo.trigger_time, "goodTillDate": 0,
     }
+    if not tpsl_fields:
+        for name in TPSL_FIELDS:
+            del row[name]
+    return row
+
+
+TPSL_FIELDS = ("tpTriggerPrice", "tpPrice", "slTriggerPrice", "slPrice", "tpOrderType")
 
 
 def position_risk(pos: Position, mark: Decimal, wallet: Decimal,
-                  open_notional: tuple[Decimal, Decimal]) -> Event:
-    """One item of GET /fapi/v3/positionRisk."""
+                  open_notional: tuple[Decimal, Decimal], leverage: int = 20) -> Event:
+    """One item of GET /fapi/v3/positionRisk (v3 names no leverage; margins use it)."""
     notional = pos.amount * mark
-    initial = abs(notional) / LEVERAGE
-    order_initial = (open_notional[0] + open_notional[1]) / LEVERAGE
+    initial = abs(notional) / leverage
+    order_initial = (open_notional[0] + open_notional[1]) / leverage
     return {
         "symbol": pos.symbol, "positionSide": pos.position_side,
         "positionAmt": fmt(pos.amount), "entryPrice": fmt(pos.entry_price),
@@ -164,6 +233,31 @@ def balance_row(asset: str, wallet: Decimal, unrealized_total: Decimal, now_ms: 
         "maxWithdrawAmount": fmt(max(min(wallet, available), ZERO)),
         "marginAvailable": True, "updateTime": now_ms,
     }
+
+
+def user_trade(trade: Trade) -> Event:
+    """One item of GET /fapi/v1/userTrades."""
+    return {
+        "buyer": trade.side == "BUY", "commission": fmt(trade.commission),
+        "commissionAsset": "USDT", "id": trade.trade_id, "maker": trade.maker,
+        "orderId": trade.order_id, "price": fmt(trade.price), "qty": fmt(trade.quantity),
+        "quoteQty": fmt(trade.price * trade.quantity), "realizedPnl": fmt(trade.realized),
+        "side": trade.side, "positionSide": trade.position_side, "symbol": trade.symbol,
+        "time": trade.time,
+    }
+
+
+# The notional cap of the first bracket a leverage allows (BTCUSDT-like brackets).
+_BRACKETS = ((125, "50000"), (100, "600000"), (50, "3000000"), (20, "12000000"),
+             (10, "70000000"), (5, "100000000"), (4, "230000000"), (3, "480000000"),
+             (2, "600000000"), (1, "800000000"))
+
+
+def symbol_config(symbol: str, leverage: int) -> Event:
+    """One item of GET /fapi/v1/symbolConfig."""
+    cap = next(cap for most, cap in reversed(_BRACKETS) if leverage <= most)
+    return {"symbol": symbol, "marginType": "CROSSED", "isAutoAddMargin": False,
+            "leverage": leverage, "maxNotionalValue": cap}
 
 
 def unrealized(pos: Position, mark: Decimal) -> Decimal:
