@@ -8,8 +8,9 @@
 # redis_tls_cert, redis_tls_key, redis_tls_ca (made by deploy/make-secrets.sh; used by
 # deploy/compose.tls.yaml). Clients authenticate with their ACL password as without TLS; the
 # certificate lets them check they talk to this server.
-# SECRETS_DIR (/run/secrets) and REDIS_RUN_DIR (/run/redis-acl, where the rendered ACL and the
-# TLS files readable by the redis user go) are for running this outside the image.
+# SECRETS_DIR (/run/secrets), REDIS_RUN_DIR (/run/redis-acl, where the rendered ACL and the
+# TLS files readable by the redis user go) and REDIS_DATA_DIR (/data, the volume) are for
+# running this outside the image.
 set -eu
 here=$(dirname "$0")
 secrets="${SECRETS_DIR:-/run/secrets}"
@@ -43,5 +44,5 @@ case "${REDIS_TLS:-no}" in
      exit 2 ;;
 esac
 chown -R redis:redis "$run_dir" 2>/dev/null || true
-exec docker-entrypoint.sh redis-server "$here/redis.conf" \
+exec docker-entrypoint.sh redis-server "$here/redis.conf" --dir "${REDIS_DATA_DIR:-/data}" \
   --aclfile "$run_dir/users.acl" --appendfsync "$fsync" "$@"
