@@ -7,7 +7,7 @@
 # - for the TLS profile (deploy/compose.tls.yaml), made with openssl: redis_tls_ca, the
 #   certificate of a CA made for this deployment alone; redis_tls_cert and redis_tls_key, the
 #   Redis server's certificate signed by it, for the names clients use: redis (the compose
-#   service), localhost, 127.0.0.1; more with REDIS_TLS_SAN="DNS:redis,DNS:cache.lan,...".
+#   service), localhost, 127.0.0.1 (REDIS_TLS_SAN replaces the list: "DNS:redis,DNS:x.lan").
 #   The CA's key (redis_tls_ca_key) stays here and is mounted nowhere: it is only needed to
 #   sign the next server certificate (delete redis_tls_cert and run this again).
 set -eu
@@ -64,7 +64,7 @@ if [ -s "$dir/redis_tls_cert" ] && [ -s "$dir/redis_tls_key" ]; then
 elif command -v openssl >/dev/null 2>&1; then
   make_tls
 else
-  echo "make-secrets: openssl not found: no TLS certificates (deploy/compose.tls.yaml needs them)" >&2
+  echo "make-secrets: openssl not found: no TLS certificates (for deploy/compose.tls.yaml)" >&2
 fi
 echo "secrets in $dir/: redis_password_* (generated), binance_api_key/secret (fill in)," \
      "redis_tls_* (the TLS profile)"
