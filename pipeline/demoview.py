@@ -19,9 +19,12 @@ from rich.table import Table
 from rich.text import Text
 
 from projections.client import parse_view
-from projections.core.keys import RAW_PATTERN, Keys
+from projections.core.keys import CONN_KEYS, KEY_DEPTH_SNAPSHOTS, RAW_PATTERN, Keys
 
 EVENTS_SHOWN = 10
+# raw streams of control entries only (connection lifecycle of each ingestor, the projector's
+# depth snapshots): their groups count in the lag, their entries are not frames
+CONTROL_STREAMS = frozenset((*CONN_KEYS, KEY_DEPTH_SNAPSHOTS))
 
 
 @attrs.frozen
@@ -115,8 +118,9 @@ def _log_counts(client: redis.Redis) -> tuple[dict[str, int], dict[str, int]]:
     lag: Counter[str] = Counter()
     for raw_key in client.scan_iter(match=RAW_PATTERN, count=1000, _type="stream"):
         key = raw_key.decode()
-        info = cast(dict[str, Any], client.xinfo_stream(key))
-        frames[key] = int(info.get("entries-added") or info["length"])
+        if key not in CONTROL_STREAMS:
+            info = cast(dict[str, Any], client.xinfo_stream(key))
+            frames[key] = int(info.get("entries-added") or info["length"])
         for g in cast(list[dict[str, Any]], client.xinfo_groups(key)):
             lag[g["name"].decode()] += int(g.get("lag") or 0)
     return frames, dict(lag)

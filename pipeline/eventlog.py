@@ -10,7 +10,9 @@ Keys (documented with sizes in docs/architecture.md):
 - `raw:market:other`  frames that name no known stream: SUBSCRIBE replies, malformed, binary,
   oversized or unknown frames. Logged as received and counted, never dropped.
 - `raw:user`  every frame of the user-data stream plus the REST snapshots of reconciliation.
-- `raw:conn`  connection lifecycle: opened, closed, silent, rotated.
+- `raw:conn:market`, `raw:conn:user`  connection lifecycle of each ingestor: opened, closed,
+  silent, rotated.
+- `raw:depth_snapshots`  the projector's depth snapshots and diff-depth gaps.
 
 Entry fields:
 - frame entry: `frame` (exact bytes as received), `recv_ts` (local receipt time, unix seconds
@@ -31,7 +33,7 @@ import attrs
 import orjson
 
 from pipeline.errors import SettingsError
-from projections.core.keys import KEY_OTHER, MARKET_PREFIX, RAW_PREFIX, market_key
+from projections.core.keys import CONN_PREFIX, KEY_OTHER, MARKET_PREFIX, RAW_PREFIX, market_key
 
 _COMBINED_PREFIX = b'{"stream":"'
 
@@ -150,13 +152,17 @@ DEFAULT_RETENTION: dict[str, Retention] = {
     "forceOrder": Retention(maxlen=100_000),
     "kline": Retention(maxlen=500_000),  # every kline_<interval> key
     "other": Retention(maxlen=100_000),
-    "conn": Retention(maxlen=100_000),
+    "conn": Retention(maxlen=100_000),  # each of raw:conn:market and raw:conn:user
+    # a 1000-level snapshot is ~50 KB: ~200 MB at most, 10 snapshots of each of 400 symbols
+    "depth_snapshots": Retention(maxlen=4_000),
     "user": Retention(),  # user data is never trimmed by default
 }
 
 
 def retention_family(key: str) -> str:
-    """`raw:market:kline_1m` -> `kline`; `raw:user` -> `user`."""
+    """`raw:market:kline_1m` -> `kline`; `raw:user` -> `user`; `raw:conn:user` -> `conn`."""
+    if key.startswith(CONN_PREFIX):
+        return "conn"
     if key.startswith(MARKET_PREFIX):
         fam = key[len(MARKET_PREFIX):]
         return "kline" if fam.startswith("kline_") else fam

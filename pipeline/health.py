@@ -8,10 +8,18 @@ list of problems (empty: healthy). The rules:
 - stale view: the newest value of a view family is older than its limit (`VIEW_LIMITS`, by the
   value's own "timestamp", i.e. event time), or a family has no key at all while the raw stream
   that feeds it is fresh (the views expired because nothing writes them);
-- silent connection: a connection the log says is open (its last `raw:conn` entry is `opened`)
-  for longer than the silence timeout, on a path whose raw streams got nothing for that long.
-  Binance accepts a stream on the wrong path and then sends nothing, and an ingestor killed
-  without a `closed` entry looks the same: both deserve a page.
+- silent connection: a connection the log says is open (its last entry in `raw:conn:market`
+  or `raw:conn:user` is `opened`) for longer than the silence timeout, on a path whose raw
+  streams got nothing for that long. Binance accepts a stream on the wrong path and then sends
+  nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page;
+- a tampered stream (`tampering`). The ACL gives each role write access to its own streams
+  only, but XADD cannot be allowed without its options, so a buggy or compromised role can
+  still trim its own streams (`XADD ... MAXLEN 0`) or append an explicit id far in the future
+  (the largest, `18446744073709551615-18446744073709551615`, makes every later `XADD *` fail).
+  Redis keeps the evidence in XINFO STREAM: a stream that is never trimmed (`raw:user`) holding
+  fewer entries than were ever added to it; a count-retained stream holding less than half of
+  what its retention keeps while more was added; a last id ahead of the server's clock (ids
+  written with `*` come from that clock, so only an explicit id can be ahead of it).
 
 Dead letters, pending entries and REST weight are reported, not judged: they need a human look
 but do not mean the views are wrong now.
@@ -24,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from pipeline.eventlog import ControlEntry
+from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, retention_family
 from pipeline.streams import Path, parse_stream_kind
 from projections.core.keys import family_of_key, is_raw
 
@@ -78,6 +86,15 @@ class Group:
     lag_exact: bool = True  # False: counted up to a bound (`lag` is a lower bound)
 
 
+# Ids written with `*` never run ahead of the server's clock; one that does was given
+# explicitly. The margin covers the clock stepping back (NTP) on the Redis host.
+FUTURE_ID_TOLERANCE_S = 60.0
+MAX_STREAM_ID = "18446744073709551615-18446744073709551615"
+# a count-retained stream (MAXLEN ~ n) never holds less than n once n were added; under half
+# of that was cut by hand (or its retention was lowered since)
+SHORT_FRACTION = 0.5
+
+
 @attrs.frozen
 class Stream:
     key: str
@@ -85,6 +102,9 @@ class Stream:
     memory_bytes: int | None
     newest_age_s: float | None  # None: empty
     groups: tuple[Group, ...] = ()
+    entries_added: int | None = None  # XINFO STREAM: every entry ever added
+    last_id: str | None = None  # XINFO STREAM last-generated-id, even when trimmed away
+    last_id_ahead_s: float = 0.0  # how far that id's time is ahead of the server's clock
 
 
 @attrs.frozen
@@ -126,7 +146,7 @@ class Report:
 
 
 def open_connections(entries: Iterable[ControlEntry], now: float) -> list[Connection]:
-    """Connections whose last `raw:conn` entry is `opened`, oldest entries first in `entries`.
+    """Connections whose last lifecycle entry is `opened`, oldest entries first in `entries`.
 
     A connection whose name was opened again later was replaced (or its process restarted
     without writing `closed`): only the newest of a name counts.
@@ -166,8 +186,35 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
     return out
 
 
+def tampering(streams: Sequence[Stream],
+              retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> list[str]:
+    """What a role did to its own streams that their retention cannot explain."""
+    problems = []
+    for s in streams:
+        if s.last_id == MAX_STREAM_ID:
+            problems.append(f"stream {s.key}: its last id is the largest possible, so every "
+                            "append with an automatic id (XADD *) now fails")
+        elif s.last_id_ahead_s > FUTURE_ID_TOLERANCE_S:
+            problems.append(f"stream {s.key}: last id {s.last_id} is {s.last_id_ahead_s:.0f} s "
+                            "ahead of the server clock (an explicit id was appended)")
+        if not is_raw(s.key) or s.entries_added is None or s.entries_added <= s.length:
+            continue
+        kept = retention.get(retention_family(s.key), Retention())
+        if kept.maxlen is None and kept.max_age_s is None:
+            problems.append(f"stream {s.key}: {s.entries_added - s.length} of its "
+                            f"{s.entries_added} entries were removed, but it is never trimmed")
+        elif kept.maxlen is not None:
+            expected = min(s.entries_added, kept.maxlen)
+            if s.length < expected * SHORT_FRACTION:
+                problems.append(f"stream {s.key}: {s.length} entries after {s.entries_added} "
+                                f"appends, far below its retention (~{kept.maxlen}): trimmed "
+                                "by hand")
+    return problems
+
+
 def assess(conns: Sequence[Connection], streams: Sequence[Stream],
-           views: Sequence[ViewFamily], *, max_lag: int) -> list[str]:
+           views: Sequence[ViewFamily], *, max_lag: int,
+           retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> list[str]:
     problems = []
     for s in streams:
         for g in s.groups:
@@ -189,4 +236,5 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
                     for family, key in missing.items())
     problems.extend(f"connection {c.id} ({c.path}) is silent: no frame on its path for "
                     f"its whole silence timeout" for c in conns if c.silent)
+    problems.extend(tampering(streams, retention))
     return problems

@@ -33,6 +33,7 @@ from pipeline.shutdown import serve_until_signal
 from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Subscription, plan_connections
 from pipeline.writer import LogWriter
 from pipeline.wsconn import ConnSpec, Timing, WsConnection
+from projections.core.keys import KEY_CONN_MARKET
 
 log = logging.getLogger("pipeline.ingest_market")
 
@@ -171,7 +172,7 @@ async def run_market_ingest(
 ) -> None:
     """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
     writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
-    conns = [WsConnection(spec, writer, timing=timing or Timing())
+    conns = [WsConnection(spec, writer, conn_key=KEY_CONN_MARKET, timing=timing or Timing())
              for spec in market_specs(settings, symbols, max_per_connection)]
     log.info("ingesting", extra={"connections": len(conns), "symbols": len(symbols)})
     async with trio.open_nursery() as top:

@@ -9,7 +9,7 @@ Start-up, in this order, so that a bad setting stops the command before anything
 
 Then, in one nursery:
 - the writer (`pipeline.writer.LogWriter`): every frame of the private stream goes to `raw:user`
-  byte-exact, as market frames go to theirs; connection lifecycle to `raw:conn`;
+  byte-exact, as market frames go to theirs; connection lifecycle to `raw:conn:user`;
 - the connection (`pipeline.wsconn.WsConnection`) to `/private/ws?listenKey=K&events=...`
   naming every event type the projections consume. The URL is built per connect from the
   current key, and is logged and recorded only through `redact_url`. No silence rule: a quiet
@@ -57,7 +57,7 @@ from pipeline.signing import (
 )
 from pipeline.writer import LogWriter
 from pipeline.wsconn import ConnSpec, Timing, WsConnection
-from projections.core.keys import KEY_USER
+from projections.core.keys import KEY_CONN_USER, KEY_USER
 
 log = logging.getLogger("pipeline.ingest_user")
 
@@ -244,7 +244,7 @@ class _Session:
             # a quiet account may send nothing for hours: hand over as soon as the new
             # connection is up; both carry every event meanwhile, so none is missed
             handover_on_connect=True),
-            _FrameTap(writer, self.on_frame), timing=timing)
+            _FrameTap(writer, self.on_frame), conn_key=KEY_CONN_USER, timing=timing)
 
     def _append(self, ctl: str, body: Mapping[str, Any]) -> None:
         self.writer.append_control(KEY_USER, ctl, body)

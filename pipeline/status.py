@@ -2,9 +2,12 @@
 how old the views are, what was dead-lettered, how much REST weight was used.
 
 Reads Redis only (the `status` ACL user can do it: deploy/redis/users.acl.template), a bounded
-amount: SCAN with a cap, a sample of keys per view family, the newest entries of `raw:conn` and
-`raw:user`, `MEMORY USAGE ... SAMPLES 5` (exact memory of a big stream would walk all of it).
-The rules that make it unhealthy are in `pipeline.health`.
+amount: SCAN with a cap, XINFO STREAM per stream (length, entries ever added, last id: what
+`pipeline.health.tampering` judges), a sample of keys per view family, the newest entries of
+each connection stream (`raw:conn:market`, `raw:conn:user`) and of `raw:user`,
+`MEMORY USAGE ... SAMPLES 5` (exact memory of a big stream would walk all of it). The rules
+that make it unhealthy are in `pipeline.health`; the retention they compare the streams with
+is this command's own `PIPELINE_RETENTION`, so it must be the one the writers were given.
 
 Exit codes: 0 healthy, 1 unhealthy, 2 Redis unreachable (a bad REDIS_URL, like every command).
 `--json` prints one JSON document (same facts, for scripts); otherwise rich tables.
@@ -16,7 +19,7 @@ import argparse
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import orjson
@@ -26,7 +29,7 @@ from rich.table import Table
 
 from pipeline.config import Settings, redact_url
 from pipeline.errors import RedisUnavailable, SettingsError
-from pipeline.eventlog import ControlEntry, decode_entry
+from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, decode_entry
 from pipeline.health import (
     VIEW_LIMITS,
     Connection,
@@ -39,10 +42,10 @@ from pipeline.health import (
     open_connections,
 )
 from pipeline.redisconn import connect_checked, redis_errors
-from projections.core.keys import DLQ_PATTERN, KEY_CONN, KEY_USER, RAW_PATTERN, Keys
+from projections.core.keys import CONN_KEYS, DLQ_PATTERN, KEY_USER, RAW_PATTERN, Keys
 
 SCAN_CAP = 50_000  # keys looked at per SCAN pattern: a bound on the cost of one status call
-CONN_ENTRIES = 2_000  # newest raw:conn entries folded into the connection list
+CONN_ENTRIES = 2_000  # newest entries of each connection stream folded into the list
 USER_ENTRIES = 500  # newest raw:user entries searched for the REST weight
 
 
@@ -59,7 +62,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with redis_errors():
             report = collect(client, prefix=settings.view_prefix, max_lag=args.max_lag,
-                             silence_timeout=settings.silence_timeout, sample=args.sample)
+                             silence_timeout=settings.silence_timeout, sample=args.sample,
+                             retention=settings.retention)
     except RedisUnavailable as exc:
         raise SettingsError("REDIS_URL", f"{redact_url(settings.redis_url)}: {exc}") from None
     finally:
@@ -76,7 +80,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 # --- reading Redis ------------------------------------------------------------------------
 
 def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: float,
-            sample: int = 50, clock: Callable[[], float] = time.time) -> Report:
+            sample: int = 50, clock: Callable[[], float] = time.time,
+            retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> Report:
     """Everything status reports, in one pass. `clock` is the local clock (recv_ts, event
     times); stream ids are compared with Redis's own clock, which wrote them."""
     seconds, micros = client.time()
@@ -90,7 +95,7 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     conns = mark_silent(open_connections(_conn_entries(client), now), streams, silence_timeout)
     views = read_views(client, prefix, sample, now)
     dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, DLQ_PATTERN, "stream"))}
-    problems = assess(conns, streams, views, max_lag=max_lag)
+    problems = assess(conns, streams, views, max_lag=max_lag, retention=retention)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
                   tuple(problems))
 
@@ -113,12 +118,17 @@ def _id_ms(entry_id: bytes) -> int:
 
 
 def read_stream(client: redis.Redis, key: str, server_ms: int, max_lag: int) -> Stream:
-    length = int(client.xlen(key))
-    newest = _newest(client, key, 1)
-    age = max(0.0, (server_ms - _id_ms(newest[0][0])) / 1000) if newest else None
+    info = cast(dict[str, Any], client.xinfo_stream(key))
+    newest = info.get("last-entry")
+    age = max(0.0, (server_ms - _id_ms(newest[0])) / 1000) if newest else None
+    last_id = info.get("last-generated-id") or b"0-0"
     memory = client.memory_usage(key, samples=5)
     groups = tuple(read_group(client, key, g, max_lag) for g in client.xinfo_groups(key))
-    return Stream(key, length, memory, age, groups)
+    added = info.get("entries-added")
+    return Stream(key, int(info["length"]), memory, age, groups,
+                  entries_added=None if added is None else int(added),
+                  last_id=last_id.decode(),
+                  last_id_ahead_s=max(0.0, (_id_ms(last_id) - server_ms) / 1000))
 
 
 def read_group(client: redis.Redis, key: str, info: dict, max_lag: int) -> Group:
@@ -134,8 +144,11 @@ def read_group(client: redis.Redis, key: str, info: dict, max_lag: int) -> Group
 
 
 def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
+    """The lifecycle entries of both ingestors, oldest first: the two streams' ids come from
+    one server clock, so merging by id keeps their order in time."""
     out = []
-    for entry_id, fields in reversed(_newest(client, KEY_CONN, CONN_ENTRIES)):
+    raw = [e for key in CONN_KEYS for e in _newest(client, key, CONN_ENTRIES)]
+    for entry_id, fields in sorted(raw, key=lambda e: _id_order(e[0])):
         try:
             entry = decode_entry(entry_id, fields)
         except ValueError:
@@ -143,6 +156,11 @@ def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
         if isinstance(entry, ControlEntry):
             out.append(entry)
     return out
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def read_views(client: redis.Redis, prefix: str, sample: int, now: float) -> list[ViewFamily]:
@@ -238,15 +256,17 @@ def _connections_table(conns: tuple[Connection, ...]) -> Table:
 
 def _streams_table(streams: tuple[Stream, ...]) -> Table:
     t = Table(title="streams and groups", title_justify="left")
-    for col in ("stream", "length", "memory", "newest", "group", "lag", "pending"):
-        t.add_column(col, justify="right" if col in ("length", "lag", "pending") else "left")
+    numbers = ("length", "added", "lag", "pending")
+    for col in ("stream", "length", "added", "memory", "newest", "group", "lag", "pending"):
+        t.add_column(col, justify="right" if col in numbers else "left")
     for s in streams:
-        head = [s.key, str(s.length), _bytes(s.memory_bytes), _age(s.newest_age_s)]
+        added = "-" if s.entries_added is None else str(s.entries_added)
+        head = [s.key, str(s.length), added, _bytes(s.memory_bytes), _age(s.newest_age_s)]
         if not s.groups:
             t.add_row(*head, "-", "-", "-")
         for i, g in enumerate(s.groups):
             lag = "?" if g.lag is None else f"{g.lag}{'' if g.lag_exact else '+'}"
-            t.add_row(*(head if i == 0 else ["", "", "", ""]), g.name, lag, str(g.pending))
+            t.add_row(*(head if i == 0 else [""] * len(head)), g.name, lag, str(g.pending))
     return t
 
 

@@ -17,10 +17,13 @@ the private stream. Everything that differs is in the `ConnSpec`:
         rotate_after=85_800.0,           # None: no rotation
         handover_on_connect=False,       # True: rotate without waiting for a data frame
     )
-    await WsConnection(spec, writer).run()   # until cancelled
+    await WsConnection(spec, writer, conn_key=KEY_CONN_MARKET).run()   # until cancelled
+
+`conn_key` is the stream the connection's lifecycle entries go to: one per ingestor role
+(`raw:conn:market`, `raw:conn:user`), so that no role can write another's.
 
 What one connection does (`_run_link`): connect under a timeout, append an `opened` control
-entry to `raw:conn`, send the SUBSCRIBE messages (at most 5 a second, 200 streams each; Binance
+entry to `conn_key`, send the SUBSCRIBE messages (at most 5 a second, 200 streams each; Binance
 drops a connection past 10 incoming messages a second), then read. Each frame is turned into
 the exact bytes the server sent (a text frame arrives as `str` decoded from valid UTF-8, so
 encoding it again gives the same bytes), numbered (`seq`, per connection) and handed to
@@ -63,7 +66,7 @@ from wsproto.events import CloseConnection
 from pipeline import metrics
 from pipeline.backoff import backoff_delay
 from pipeline.config import redact_url
-from projections.core.keys import KEY_CONN, KEY_OTHER
+from projections.core.keys import KEY_OTHER
 
 
 class FrameSink(Protocol):
@@ -147,12 +150,14 @@ class WsConnection:
         spec: ConnSpec,
         writer: FrameSink,
         *,
+        conn_key: str,
         timing: Timing = Timing(),
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.spec = spec
         self.writer = writer
+        self.conn_key = conn_key
         self.timing = timing
         self.clock = clock
         self.rand = rand
@@ -210,8 +215,8 @@ class WsConnection:
     def _rotated(self, old: _Link, new: _Link) -> None:
         age = trio.current_time() - (old.opened_at or trio.current_time())
         log.info("rotated", extra={"conn": old.id, "new_conn": new.id, "age_s": round(age, 1)})
-        self.writer.append_control(KEY_CONN, "rotated", {"new_conn": new.id,
-                                                         "age_s": round(age, 3)}, old.id)
+        self.writer.append_control(self.conn_key, "rotated", {"new_conn": new.id,
+                                                              "age_s": round(age, 3)}, old.id)
         metrics.RECONNECTS.labels("rotation").inc()
         old.retire.set()
 
@@ -264,7 +269,7 @@ class WsConnection:
         safe = redact_url(url)
         log.info("connected", extra={"conn": link.id, "path": self.spec.path, "url": safe,
                                      "streams": self.spec.streams})
-        self.writer.append_control(KEY_CONN, "opened", {
+        self.writer.append_control(self.conn_key, "opened", {
             "path": self.spec.path, "url": safe, "streams": self.spec.streams,
             "name": self.spec.name}, link.id)
         metrics.CONNECTIONS.labels(self.spec.path).inc()
@@ -274,8 +279,8 @@ class WsConnection:
         link.counted = link.seq
         if opened:
             metrics.CONNECTIONS.labels(self.spec.path).dec()
-            self.writer.append_control(KEY_CONN, "closed", {"reason": link.reason,
-                                                            "frames": link.seq}, link.id)
+            self.writer.append_control(self.conn_key, "closed", {"reason": link.reason,
+                                                                 "frames": link.seq}, link.id)
         if link.reason not in ("shutdown", "rotated"):
             metrics.RECONNECTS.labels(link.reason.split(":")[0]).inc()
         log.info("closed", extra={"conn": link.id, "reason": link.reason, "frames": link.seq})
@@ -377,8 +382,8 @@ class WsConnection:
         log.error("no frame for %.1f s: replacing the connection. A stream on the wrong path "
                   "(/public vs /market) is accepted and stays silent: check the routing",
                   seconds, extra={"conn": link.id, "path": self.spec.path})
-        self.writer.append_control(KEY_CONN, "silent", {"seconds": round(seconds, 3),
-                                                        "path": self.spec.path}, link.id)
+        self.writer.append_control(self.conn_key, "silent", {"seconds": round(seconds, 3),
+                                                             "path": self.spec.path}, link.id)
         link.close("silent")
 
 

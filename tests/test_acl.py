@@ -27,7 +27,7 @@ from projections.core.outputs import ViewWrite
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ("ingest_market", "ingest_user", "projector", "reader", "status", "admin")
+ROLES = ("ingest_market", "ingest_user", "projector", "reader", "listener", "status", "admin")
 MARK = b'{"stream":"btcusdt@markPrice@1s","data":{"e":"markPriceUpdate","E":1,"s":"BTCUSDT"}}'
 
 
@@ -110,7 +110,7 @@ def test_market_ingestor_appends_to_raw_streams_and_nothing_else(
     with ing.pipeline(transaction=False) as pipe:
         pipe.xadd("raw:market:markPrice", frame_entry(MARK, 2.0, "c1", 2),
                   maxlen=1000, approximate=True)
-        pipe.xadd("raw:conn", control_entry("opened", {"path": "market"}, 2.0, "c1"))
+        pipe.xadd("raw:conn:market", control_entry("opened", {"path": "market"}, 2.0, "c1"))
         pipe.execute()
     assert admin.xlen("raw:market:markPrice") >= 2
     assert refused(lambda: ing.delete("websocket:mark_price:btcusdt"))
@@ -126,7 +126,7 @@ def test_user_ingestor_appends_user_frames_and_reads_only_open_orders(
 ) -> None:
     ing = as_role("ingest-user")
     ing.xadd("raw:user", frame_entry(b'{"e":"ORDER_TRADE_UPDATE"}', 3.0, "u1", 1))
-    ing.xadd("raw:conn", control_entry("opened", {"path": "private"}, 3.0, "u1"))
+    ing.xadd("raw:conn:user", control_entry("opened", {"path": "private"}, 3.0, "u1"))
     keys = list(ing.scan_iter(match="websocket:open_orders:*", count=100))
     assert keys == [b"websocket:open_orders:btcusdt"]
     assert ing.hgetall(keys[0]) == {b"42": b'{"orderId": 42}'}
@@ -158,7 +158,7 @@ def test_projector_consumes_raw_streams_and_writes_views_through_lua(
     proj.xautoclaim("raw:market:markPrice", "mark_price", "p2", min_idle_time=0)
     proj.xpending("raw:market:markPrice", "mark_price")
     proj.xinfo_groups("raw:market:markPrice")
-    proj.xadd("raw:market:depth", control_entry("snapshot", {"symbol": "BTCUSDT"}, 4.0))
+    proj.xadd("raw:depth_snapshots", control_entry("snapshot", {"symbol": "BTCUSDT"}, 4.0))
     proj.xadd("dlq:mark_price", {"source": "raw:market:markPrice", "error": "bad"})
     assert proj.set("lease:depth_book", "p1", nx=True, px=10_000)
     assert list(proj.scan_iter(match="websocket:*", count=100))
@@ -179,20 +179,27 @@ def test_projector_cannot_rewrite_the_log_or_the_server(
     assert refused(lambda: proj.config_get("*"))
 
 
-def test_reader_reads_views_and_consumes_the_orders_stream_with_its_group(
-    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
-) -> None:
+def test_reader_reads_views(as_role: Callable[[str], redis.Redis], admin: redis.Redis) -> None:
     reader = as_role("reader")
     assert reader.get("websocket:mark_price:btcusdt") == b'{"timestamp": 1}'
     assert reader.hgetall("websocket:open_orders:btcusdt")
     assert reader.ttl("websocket:mark_price:btcusdt") == -1
     assert reader.xrevrange("websocket:orders", count=1)
-    reader.xgroup_create("websocket:orders", "listener", id="0")
-    got = reader.xreadgroup("listener", "l1", {"websocket:orders": ">"}, count=10)
+    assert reader.xinfo_stream("websocket:orders")["length"] >= 1
+
+
+def test_listener_reads_views_and_consumes_the_orders_stream_with_its_group(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    listener = as_role("listener")
+    assert listener.get("websocket:mark_price:btcusdt") == b'{"timestamp": 1}'
+    listener.xgroup_create("websocket:orders", "listener", id="0")
+    got = listener.xreadgroup("listener", "l1", {"websocket:orders": ">"}, count=10)
     (entry_id, fields), = got[0][1]
     assert fields[b"order_id"] == b"42"
-    reader.xautoclaim("websocket:orders", "listener", "l2", min_idle_time=0)
-    assert reader.xack("websocket:orders", "listener", entry_id) == 1
+    listener.xautoclaim("websocket:orders", "listener", "l2", min_idle_time=0)
+    assert listener.xpending("websocket:orders", "listener")["pending"] == 1
+    assert listener.xack("websocket:orders", "listener", entry_id) == 1
 
 
 def test_reader_is_refused_every_write_and_the_raw_log(
@@ -217,13 +224,129 @@ def test_status_user_reads_everything_and_writes_nothing(
     assert status.memory_usage("raw:market:markPrice", samples=5)
     assert status.xinfo_groups("raw:market:markPrice")
     assert refused(lambda: status.delete("websocket:mark_price:btcusdt"))
-    assert refused(lambda: status.xadd("raw:conn", {"ctl": "opened"}))
+    assert refused(lambda: status.xadd("raw:conn:market", {"ctl": "opened"}))
 
 
 def test_a_different_view_prefix_is_rendered_into_every_view_pattern(tmp_path: Path) -> None:
     text = render_acl(tmp_path, prefix="ws2").read_text()
     assert "websocket" not in text
     assert "%R~ws2:* " in text and "(~ws2:orders " in text and "~ws2:* ~dlq:*" in text
+
+
+# --- issue #17: no role can trim, block or write another role's stream -------------------
+
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def abuses(client: redis.Redis, key: str) -> list[Callable[[], object]]:
+    """What an append-only right let a role do to a stream: append, trim it to nothing, and
+    append the largest id, after which no XADD * succeeds."""
+    entry = control_entry("opened", {"path": "x"}, 9.0)
+    return [lambda: client.xadd(key, entry),
+            lambda: client.xadd(key, entry, maxlen=0),
+            lambda: client.xadd(key, entry, id=MAX_ID)]
+
+
+def test_each_ingestor_is_refused_every_abuse_of_the_other_ones_streams(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    market, user = as_role("ingest-market"), as_role("ingest-user")
+    for key in ("raw:conn:user", "raw:user", "raw:depth_snapshots", "raw:conn"):
+        assert all(refused(abuse) for abuse in abuses(market, key)), key
+    for key in ("raw:conn:market", "raw:market:depth", "raw:market:other",
+                "raw:depth_snapshots", "raw:conn"):
+        assert all(refused(abuse) for abuse in abuses(user, key)), key
+    # the victims append as before
+    user.xadd("raw:conn:user", control_entry("closed", {"reason": "shutdown"}, 9.5, "u1"))
+    market.xadd("raw:conn:market", control_entry("closed", {"reason": "shutdown"}, 9.5, "c1"))
+    assert admin.xlen("raw:conn:user") >= 1 and admin.xlen("raw:conn:market") >= 1
+
+
+def test_projector_is_refused_every_abuse_of_the_ingestors_streams(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    proj, market = as_role("projector"), as_role("ingest-market")
+    for key in ("raw:market:depth", "raw:market:markPrice", "raw:user", "raw:conn:market",
+                "raw:conn:user"):
+        assert all(refused(abuse) for abuse in abuses(proj, key)), key
+        assert refused(lambda key=key: proj.xtrim(key, maxlen=0)), key
+    # its own control entries go where no ingestor writes, and the depth stream is untouched
+    proj.xadd("raw:depth_snapshots", control_entry("gap", {"symbol": "BTCUSDT"}, 9.0))
+    market.xadd("raw:market:depth", frame_entry(b'{"stream":"btcusdt@depth@100ms"}', 9.0,
+                                                "c1", 3))
+    assert admin.xlen("raw:market:depth") >= 1
+
+
+def test_reader_is_strictly_read_only(as_role: Callable[[str], redis.Redis],
+                                      admin: redis.Redis) -> None:
+    reader = as_role("reader")
+    assert refused(lambda: reader.xgroup_create("websocket:orders", "mine", id="0"))
+    assert refused(lambda: reader.xreadgroup("listener", "r1", {"websocket:orders": ">"}))
+    assert refused(lambda: reader.xack("websocket:orders", "listener", "0-1"))
+    assert refused(lambda: reader.xautoclaim("websocket:orders", "listener", "r1", 0))
+    # Redis's own account of the user: no selector, and not one command that writes
+    user: Any = admin.acl_getuser("reader")
+    writes = {c.decode() for c in admin.command_list(category="write")}
+    allowed = {str(w)[1:].split("|")[0] for w in user["commands"] if str(w)[0] == "+"}
+    assert not user["selectors"] and allowed and not allowed & writes, allowed & writes
+
+
+def test_listener_runs_groups_on_the_orders_stream_and_nothing_more(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    listener, proj = as_role("listener"), as_role("projector")
+    stream = "websocket:orders"
+    listener.xgroup_create(stream, "late", id="$")
+    assert refused(lambda: listener.xadd(stream, {"order_id": "1"}))
+    assert refused(lambda: listener.xtrim(stream, maxlen=0))
+    assert refused(lambda: listener.delete(stream))
+    assert refused(lambda: listener.xgroup_destroy(stream, "late"))
+    assert refused(lambda: listener.xgroup_setid(stream, "late", id="0"))
+    assert refused(lambda: listener.xgroup_delconsumer(stream, "late", "someone"))
+    assert refused(lambda: listener.xgroup_create("websocket:orders:btcusdt", "g", id="0"))
+    assert refused(lambda: listener.xgroup_create("raw:user", "g", id="0"))
+    assert refused(lambda: listener.set("websocket:mark_price:btcusdt", b"{}"))
+    assert refused(lambda: listener.eval("return 1", 0))
+    # a group is no lever on the stream: one created at the largest id blocks no append
+    listener.xgroup_create(stream, "at-the-end", id=MAX_ID)
+    assert proj.xadd(stream, {"order_id": "43", "status": "NEW", "data": "{}"})
+
+
+def test_what_a_role_can_still_do_to_its_own_streams_is_flagged_by_status(
+    tmp_path: Path,
+) -> None:
+    """XADD cannot be granted without its options: each role may still trim its own streams or
+    append a future id to them. That harms only the role itself, and `pipeline status`
+    (as the status user) names it."""
+    server = LocalRedis(tmp_path / "redis", args=["--aclfile", str(render_acl(tmp_path))]).start()
+
+    def url(user: str) -> str:
+        return f"redis://{user}:pw-{user.replace('-', '_')}@127.0.0.1:{server.port}/0"
+
+    try:
+        user, market, proj = (connect_checked(url(u)) for u in ("ingest-user", "ingest-market",
+                                                                "projector"))
+        for i in range(5):
+            user.xadd("raw:user", frame_entry(b'{"e":"ORDER_TRADE_UPDATE"}', 1.0 + i, "u1", i))
+            market.xadd("raw:conn:market", control_entry("closed", {"reason": "shutdown"}, 1.0))
+        clean = run_cli("status", "--json", env={"REDIS_URL": url("status")})
+        assert clean.returncode == 0, clean.stdout
+
+        user.xadd("raw:user", frame_entry(b"{}", 7.0, "u1", 6), maxlen=0)
+        market.xadd("raw:conn:market", control_entry("closed", {}, 7.0), id=MAX_ID)
+        ahead_ms = int(time.time() * 1000) + 86_400_000
+        proj.xadd("raw:depth_snapshots", control_entry("gap", {}, 7.0), id=f"{ahead_ms}-0")
+        for c in (user, market, proj):
+            c.close()
+        done = run_cli("status", "--json", env={"REDIS_URL": url("status")})
+    finally:
+        server.stop()
+    assert done.returncode == 1, done.stderr
+    problems = json.loads(done.stdout)["problems"]
+    assert any(p.startswith("stream raw:user:") and "never trimmed" in p for p in problems)
+    assert any(p.startswith("stream raw:conn:market:") and "largest possible" in p
+               for p in problems)
+    assert any(p.startswith("stream raw:depth_snapshots:") and "ahead" in p for p in problems)
 
 
 # --- the real commands, each logged in as its own user -------------------------------------
@@ -237,9 +360,9 @@ def _wait(condition: Callable[[], object], timeout: float = 25.0) -> None:
 
 def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
     """Ingestors, projector (with the diff-depth book's snapshot entries), status, replay
-    --reset and the reader's library run against the simulator with the ACL on, and no log
-    line says NOPERM."""
-    from projections.client import OrdersConsumer, open_orders
+    --reset, the listener's and the reader's library run against the simulator with the ACL
+    on, and no log line says NOPERM."""
+    from projections.client import MarketReader, OrdersConsumer, open_orders
 
     server = LocalRedis(tmp_path / "redis", args=["--aclfile", str(render_acl(tmp_path))]).start()
 
@@ -276,15 +399,19 @@ def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
                                    "websocket:orderbook:btcusdt:20",
                                    "websocket:book_ticker:btcusdt") == 3
               and admin.xlen("websocket:orders") > 0)
-        snapshots = admin.xrevrange("raw:market:depth", count=10_000)
+        snapshots = admin.xrevrange("raw:depth_snapshots", count=10_000)
         assert any(f.get(b"ctl") == b"snapshot" for _, f in snapshots)  # the projector's XADD
+        assert admin.xlen("raw:conn:market") and admin.xlen("raw:conn:user")
 
-        reader = connect_checked(url("reader"))
+        listener = connect_checked(url("listener"))
         events: list[object] = []
-        consumer = OrdersConsumer(reader, group="listener", handler=events.append, start_id="0",
-                                  block_ms=100)
+        consumer = OrdersConsumer(listener, group="listener", handler=events.append,
+                                  start_id="0", block_ms=100)
         assert consumer.poll_once() > 0 and events
-        open_orders(reader)  # SCAN + HGETALL of the open-order views
+        listener.close()
+        reader = connect_checked(url("reader"))
+        assert MarketReader(reader, fallback=False).mark_price("BTCUSDT", max_age=60)
+        open_orders(reader)  # SCAN + HVALS of the open-order views
         reader.close()
 
         status = run_cli("status", "--json", env={**env, "REDIS_URL": url("status")})

@@ -24,6 +24,7 @@ from pipeline.localredis import free_port
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PIPELINE_SERVICES = ("ingest-market", "ingest-user", "projector")
+ROLES = ("ingest_market", "ingest_user", "projector", "reader", "listener", "status", "admin")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,8 @@ def test_redis_gets_every_role_password_and_keeps_an_append_only_file(
 
 def test_the_default_user_is_off_and_every_role_has_a_user() -> None:
     users = acl_users()
-    assert set(users) >= {"default", "ingest-market", "ingest-user", "projector", "reader"}
+    assert set(users) >= {"default", "ingest-market", "ingest-user", "projector", "reader",
+                          "listener"}
     assert " off " in users["default"] and " on " not in users["default"]
 
 
@@ -335,7 +337,7 @@ def test_acl_renderer_names_a_missing_secret_and_writes_no_password_in_clear(
                   env={"SECRETS_DIR": str(tmp_path)})
     assert done.returncode == 2 and "redis_password_" in done.stderr
     assert not out.exists()
-    for role in ("ingest_market", "ingest_user", "projector", "reader", "status", "admin"):
+    for role in ROLES:
         (tmp_path / f"redis_password_{role}").write_text(f"secret-of-{role}\n")
     done = run_sh(DEPLOY / "redis" / "render-acl.sh", str(template), str(out),
                   env={"SECRETS_DIR": str(tmp_path)})
@@ -349,7 +351,7 @@ def test_generated_secrets_are_url_safe_and_render_the_acl(tmp_path: Path) -> No
     secrets = tmp_path / "secrets"
     done = run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={})
     assert done.returncode == 0, done.stderr
-    for role in ("ingest_market", "ingest_user", "projector", "reader", "status", "admin"):
+    for role in ROLES:
         assert re.fullmatch(r"[0-9a-f]{48}", (secrets / f"redis_password_{role}").read_text())
     assert (secrets / "binance_api_key").read_text() == ""
     before = (secrets / "redis_password_admin").read_text()
@@ -358,3 +360,156 @@ def test_generated_secrets_are_url_safe_and_render_the_acl(tmp_path: Path) -> No
     done = run_sh(DEPLOY / "redis" / "render-acl.sh", str(DEPLOY / "redis" / "users.acl.template"),
                   str(tmp_path / "users.acl"), env={"SECRETS_DIR": str(secrets)})
     assert done.returncode == 0, done.stderr
+
+
+# --- the network, the image, TLS (issue #17) -----------------------------------------------
+
+TLS_OVERRIDE = DEPLOY / "compose.tls.yaml"
+HOST_PORT_OVERRIDE = DEPLOY / "compose.host-port.yaml"
+LIST_MERGED = ("secrets", "networks")  # compose appends these; other lists are replaced
+
+
+def merge(base: Any, override: Any, key: str = "") -> Any:
+    """`docker compose -f base -f override` for the parts of compose these files use."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merge(base[k], v, k) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(override, list) and key in LIST_MERGED:
+        return base + [v for v in override if v not in base]
+    return override
+
+
+def env_default(value: str) -> str:
+    """`${NAME:-default}` -> default, as compose resolves it when NAME is not set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_redis_image_is_pinned_to_the_redis_version_the_tests_run(
+    compose: dict[str, Any],
+) -> None:
+    image = compose["services"]["redis"]["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+", image), image
+    local = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
+                           check=True).stdout
+    tested = re.search(r"v=(\d+)\.(\d+)\.", local)
+    assert tested is not None
+    assert image.split(":")[1].split(".")[:2] == [tested[1], tested[2]]
+
+
+def test_redis_publishes_no_port_and_only_the_pipeline_containers_reach_it(
+    compose: dict[str, Any],
+) -> None:
+    redis_service = compose["services"]["redis"]
+    assert "ports" not in redis_service
+    assert redis_service["networks"] == ["redis"]
+    assert compose["networks"]["redis"] == {"internal": True}
+    for name in (*PIPELINE_SERVICES, "status"):
+        assert "redis" in compose["services"][name]["networks"], name
+    assert compose["services"]["status"]["networks"] == ["redis"]  # nothing to reach outside
+    # the opt-in override publishes it for readers on the host, on loopback unless told
+    host = merge(compose, yaml.safe_load(HOST_PORT_OVERRIDE.read_text()))
+    (port,) = host["services"]["redis"]["ports"]
+    assert env_default(port) == "127.0.0.1:6379:6379"
+    assert set(host["services"]["redis"]["networks"]) == {"redis", "host-readers"}
+    assert "internal" not in host["networks"]["host-readers"]
+
+
+def test_redis_conf_does_not_rely_on_the_acl_alone() -> None:
+    conf = (DEPLOY / "redis" / "redis.conf").read_text()
+    for line in ("protected-mode yes", "enable-debug-command no", "enable-module-command no",
+                 "enable-protected-configs no"):
+        assert re.search(rf"^{line}$", conf, re.M), line
+    assert not re.search(r"^protected-mode no", conf, re.M)
+
+
+def test_tls_profile_closes_the_plaintext_port_and_every_service_checks_the_ca(
+    compose: dict[str, Any], tmp_path: Path,
+) -> None:
+    tls = merge(compose, yaml.safe_load(TLS_OVERRIDE.read_text()))
+    redis_service = tls["services"]["redis"]
+    assert redis_service["environment"]["REDIS_TLS"] == "yes"
+    assert {"redis_tls_cert", "redis_tls_key", "redis_tls_ca"} <= set(redis_service["secrets"])
+    assert "--tls --cacert /run/secrets/redis_tls_ca" in " ".join(
+        redis_service["healthcheck"]["test"])
+    for name in (*PIPELINE_SERVICES, "status"):
+        service = tls["services"][name]
+        assert service["environment"]["REDIS_SCHEME"] == "rediss", name
+        assert service["environment"]["REDIS_CA_FILE"] == "/run/secrets/redis_tls_ca", name
+        assert "redis_tls_ca" in service["secrets"] and "redis_tls_key" not in service["secrets"]
+        assert service["environment"]["REDIS_USER"] == compose["services"][name][
+            "environment"]["REDIS_USER"]  # the override changes the transport, not the user
+    # every secret file either file names is one that make-secrets.sh creates
+    done = run_sh(DEPLOY / "make-secrets.sh", str(tmp_path / "secrets"), env={})
+    assert done.returncode == 0, done.stderr
+    for name, secret in tls["secrets"].items():
+        path = tmp_path / secret["file"]
+        assert path.is_file() and (path.stat().st_size or name.startswith("binance_")), name
+
+
+def fake_image_entrypoint(folder: Path) -> str:
+    """A PATH holding a `docker-entrypoint.sh` that prints the command it would run."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "docker-entrypoint.sh"
+    script.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    script.chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def test_redis_entrypoint_in_tls_mode_listens_on_tls_only(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    assert run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={}).returncode == 0
+    env = {"PATH": fake_image_entrypoint(tmp_path), "SECRETS_DIR": str(secrets),
+           "REDIS_RUN_DIR": str(tmp_path / "run")}
+    plain = run_sh(DEPLOY / "redis" / "entrypoint.sh", env=env)
+    assert plain.returncode == 0, plain.stderr
+    assert "--tls-port" not in plain.stdout.split()
+    done = run_sh(DEPLOY / "redis" / "entrypoint.sh", env={**env, "REDIS_TLS": "yes"})
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.split()
+    assert args[args.index("--port") + 1] == "0"
+    assert args[args.index("--tls-port") + 1] == "6379"
+    key = Path(args[args.index("--tls-key-file") + 1])
+    assert key.read_bytes() == (secrets / "redis_tls_key").read_bytes()
+    assert key.stat().st_mode & 0o077 == 0
+    (secrets / "redis_tls_key").unlink()
+    missing = run_sh(DEPLOY / "redis" / "entrypoint.sh", env={**env, "REDIS_TLS": "yes"})
+    assert missing.returncode == 2 and "redis_tls_key" in missing.stderr
+
+
+def test_make_secrets_signs_a_server_certificate_for_the_names_clients_use(
+    tmp_path: Path,
+) -> None:
+    secrets = tmp_path / "secrets"
+    assert run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={}).returncode == 0
+    ca, cert = secrets / "redis_tls_ca", secrets / "redis_tls_cert"
+    for name in ("redis", "localhost"):
+        done = subprocess.run(["openssl", "verify", "-CAfile", str(ca), "-verify_hostname",
+                               name, str(cert)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    wrong = subprocess.run(["openssl", "verify", "-CAfile", str(ca), "-verify_hostname",
+                            "example.com", str(cert)], capture_output=True, text=True)
+    assert wrong.returncode != 0
+    for key in ("redis_tls_key", "redis_tls_ca_key"):
+        assert (secrets / key).stat().st_mode & 0o077 == 0, key
+    before = cert.read_bytes()
+    run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={})
+    assert cert.read_bytes() == before  # kept, like the passwords
+
+
+def test_pipeline_entrypoint_builds_a_rediss_url_that_checks_the_ca(tmp_path: Path) -> None:
+    secret, ca = tmp_path / "pw", tmp_path / "ca.crt"
+    secret.write_text("0a1b2c3d\n")
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {"REDIS_USER": "projector", "REDIS_PASSWORD_FILE": str(secret),
+           "REDIS_SCHEME": "rediss", "REDIS_CA_FILE": str(ca)}
+    done = run_sh(DEPLOY / "pipeline-entrypoint.sh", "printenv", "REDIS_URL", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"rediss://projector:0a1b2c3d@redis:6379/0?ssl_ca_certs={ca}"
+    gone = run_sh(DEPLOY / "pipeline-entrypoint.sh", "true",
+                  env={**env, "REDIS_CA_FILE": str(tmp_path / "missing")})
+    assert gone.returncode == 2 and "REDIS_CA_FILE" in gone.stderr
+    bad = run_sh(DEPLOY / "pipeline-entrypoint.sh", "true", env={**env, "REDIS_SCHEME": "http"})
+    assert bad.returncode == 2 and "REDIS_SCHEME" in bad.stderr and "0a1b2c3d" not in bad.stderr

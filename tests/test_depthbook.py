@@ -102,9 +102,9 @@ def test_pu_break_records_a_gap_asks_for_a_snapshot_and_recovers_from_the_next_o
     fold.apply(snapshot(100, SNAP_BIDS, SNAP_ASKS))
     fold.apply(event(99, 105, 98))
     out = fold.apply(event(111, 115, 110, bids=[("98.0", "4")]))  # 106..110 never arrived
-    assert out == [LogGap("raw:market:depth", {"symbol": SYM, "reason": "pu break",
-                                               "expected_pu": 105, "pu": 110, "U": 111,
-                                               "u": 115}),
+    assert out == [LogGap("raw:depth_snapshots", {"symbol": SYM, "reason": "pu break",
+                                                  "expected_pu": 105, "pu": 110, "U": 111,
+                                                  "u": 115}),
                    NeedSnapshot(SYM, "gap")]
     assert state_of(fold, SYM) is State.RESYNC_NEEDED
     assert fold.apply(event(116, 118, 115, bids=[("97.0", "1")])) == []  # buffered, asked once

@@ -1,8 +1,8 @@
 """`pipeline ingest market` against a real redis-server and a websocket server over real sockets.
 
 What a user of the log checks: every frame the exchange sent is in its `raw:` key byte for byte,
-connections come and go with control entries in `raw:conn`, nothing is missed across a rotation,
-a Redis outage loses only what it must and says how much.
+connections come and go with control entries in `raw:conn:market`, nothing is missed across a
+rotation, a Redis outage loses only what it must and says how much.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ async def test_each_stream_is_read_on_its_path_and_logged_in_its_family_key(
     async with ingesting(settings, ("BTCUSDT", "ETHUSDT")):
         await eventually(lambda: r.xlen("raw:market:depth20") >= 4
                          and r.xlen("raw:market:markPrice") >= 4)
-    opened = controls(r, "raw:conn", "opened")
+    opened = controls(r, "raw:conn:market", "opened")
     assert sorted(c.body["path"] for c in opened) == ["market", "public"]
     conn_of = {c.body["path"]: c.conn for c in opened}
     assert {f.conn for f in frames(r, "raw:market:depth20")} == {conn_of["public"]}
@@ -168,7 +168,7 @@ async def test_more_streams_than_one_connection_takes_are_spread_over_several(
     async with ingesting(settings, symbols, max_per_connection=2):
         await eventually(lambda: len(stream_names(r, "raw:market:markPrice")) == 3
                          and len(stream_names(r, "raw:market:aggTrade")) == 3)
-    opened = controls(r, "raw:conn", "opened")
+    opened = controls(r, "raw:conn:market", "opened")
     assert [c.body["streams"] for c in opened] == [2, 2, 2]  # a symbol's streams stay together
     assert len({c.conn for c in opened}) == 3
 
@@ -193,7 +193,7 @@ async def test_malformed_frames_are_logged_as_received_and_the_ingestor_keeps_go
     truncated = [f for f in frames(r, "raw:market:markPrice") if not f.frame.endswith(b"}}")]
     assert len(truncated) == 1
     assert metrics.BAD_FRAMES._value.get() - before == 4
-    assert len(controls(r, "raw:conn", "opened")) == 1  # never reconnected
+    assert len(controls(r, "raw:conn:market", "opened")) == 1  # never reconnected
 
 
 async def test_silent_connection_is_recorded_and_replaced(
@@ -204,15 +204,15 @@ async def test_silent_connection_is_recorded_and_replaced(
     async with ingesting(settings):
         await eventually(lambda: r.xlen("raw:market:markPrice") >= 3)
         sim.set_silence(True)
-        await eventually(lambda: controls(r, "raw:conn", "silent"))
+        await eventually(lambda: controls(r, "raw:conn:market", "silent"))
         sim.set_silence(False)
-        await eventually(lambda: len(controls(r, "raw:conn", "opened")) >= 2)
+        await eventually(lambda: len(controls(r, "raw:conn:market", "opened")) >= 2)
         n = r.xlen("raw:market:markPrice")
         await eventually(lambda: r.xlen("raw:market:markPrice") > n)
-    silent = controls(r, "raw:conn", "silent")[0]
-    first = controls(r, "raw:conn", "opened")[0]
+    silent = controls(r, "raw:conn:market", "silent")[0]
+    first = controls(r, "raw:conn:market", "opened")[0]
     assert silent.conn == first.conn and silent.body["seconds"] >= 0.3
-    closed = {c.conn: c.body["reason"] for c in controls(r, "raw:conn", "closed")}
+    closed = {c.conn: c.body["reason"] for c in controls(r, "raw:conn:market", "closed")}
     assert closed[first.conn] == "silent"
     assert frames(r, "raw:market:markPrice")[-1].conn != first.conn
     assert "wrong path" in caplog.text
@@ -224,7 +224,7 @@ async def test_stream_on_the_wrong_path_is_noticed_as_silence(
     kind = attrs.evolve(settings.market_streams[0], path=Path.PUBLIC, ticks_every_second=True)
     settings = attrs.evolve(settings, market_streams=(kind,))  # aggTrade asked on /public
     async with ingesting(settings):
-        await eventually(lambda: controls(r, "raw:conn", "silent"))
+        await eventually(lambda: controls(r, "raw:conn:market", "silent"))
     assert r.xlen("raw:market:aggTrade") == 0
 
 
@@ -234,12 +234,12 @@ async def test_dropped_connection_reconnects_with_a_new_connection_id(
     async with ingesting(settings):
         await eventually(lambda: r.xlen("raw:market:aggTrade") >= 3)
         sim.drop("market")
-        await eventually(lambda: len(controls(r, "raw:conn", "opened")) >= 2)
+        await eventually(lambda: len(controls(r, "raw:conn:market", "opened")) >= 2)
         n = r.xlen("raw:market:aggTrade")
         await eventually(lambda: r.xlen("raw:market:aggTrade") > n)
-    first, second = controls(r, "raw:conn", "opened")[:2]
+    first, second = controls(r, "raw:conn:market", "opened")[:2]
     assert first.conn != second.conn and first.conn.startswith("mkt-1-")
-    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn", "closed")}
+    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn:market", "closed")}
     assert reasons[first.conn].startswith("server_closed")
     assert reasons[second.conn] == "shutdown"
 
@@ -253,9 +253,9 @@ async def test_rotation_opens_the_new_connection_first_and_misses_no_frame(
         await ingest.writer.flush()
     logged = frames(r, "raw:market:aggTrade")
     assert sim.sent is not None
-    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn", "closed")}
+    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn:market", "closed")}
     # our n-th connection is the simulator's `sim-n`: they were opened one after the other
-    ours = [c.conn for c in controls(r, "raw:conn", "opened")]
+    ours = [c.conn for c in controls(r, "raw:conn:market", "opened")]
     rotated_away = {f"sim-{n}" for n, conn in enumerate(ours, 1) if reasons[conn] == "rotated"}
     assert len(rotated_away) >= 3
     sent_there = [payload for cid, payload in sim.sent if cid in rotated_away]
@@ -263,7 +263,7 @@ async def test_rotation_opens_the_new_connection_first_and_misses_no_frame(
     agg_ids = sorted({orjson.loads(f.frame)["data"]["a"] for f in logged})
     assert agg_ids == list(range(agg_ids[0], agg_ids[-1] + 1))  # and no id missing between
     assert len(agg_ids) < len(logged)  # the overlaps logged some frames twice
-    for rot in controls(r, "raw:conn", "rotated"):
+    for rot in controls(r, "raw:conn:market", "rotated"):
         assert reasons[rot.conn] == "rotated"
         # the new connection had delivered before the old one was told to go
         assert next(f for f in logged if f.conn == rot.body["new_conn"]).recv_ts <= rot.recv_ts
@@ -278,11 +278,11 @@ async def test_a_quiet_stream_rotates_on_connect_when_its_spec_says_so(
     writer = LogWriter(make_client(redis_server.url))
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        nursery.start_soon(WsConnection(spec, writer, timing=FAST).run)
-        await eventually(lambda: len(controls(r, "raw:conn", "rotated")) >= 2)
+        nursery.start_soon(WsConnection(spec, writer, conn_key="raw:conn:market", timing=FAST).run)
+        await eventually(lambda: len(controls(r, "raw:conn:market", "rotated")) >= 2)
         nursery.cancel_scope.cancel()
-    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn", "closed")}
-    for rot in controls(r, "raw:conn", "rotated")[:2]:
+    reasons = {c.conn: c.body["reason"] for c in controls(r, "raw:conn:market", "closed")}
+    for rot in controls(r, "raw:conn:market", "rotated")[:2]:
         assert reasons[rot.conn] == "rotated"
 
 
@@ -303,8 +303,8 @@ async def test_redis_killed_and_restarted_keeps_the_websocket_and_accounts_for_e
                              and controls(r, "raw:market:aggTrade", "gap"))
             n = r.xlen("raw:market:aggTrade")
             await eventually(lambda: r.xlen("raw:market:aggTrade") > n + 10)  # flowing again
-        opened = controls(r, "raw:conn", "opened")
-        closed = controls(r, "raw:conn", "closed")
+        opened = controls(r, "raw:conn:market", "opened")
+        closed = controls(r, "raw:conn:market", "closed")
         gaps = controls(r, "raw:market:aggTrade", "gap")
         logged = frames(r, "raw:market:aggTrade")
     finally:
@@ -423,7 +423,7 @@ async def test_sigterm_closes_the_connections_flushes_and_exits_0(
                 proc.kill()
                 await proc.wait()
     assert code == 0, (tmp_path / "stderr").read_text()
-    closed, = controls(r, "raw:conn", "closed")
+    closed, = controls(r, "raw:conn:market", "closed")
     assert closed.body["reason"] == "shutdown"
     assert max(f.seq for f in frames(r, "raw:market:aggTrade")) == closed.body["frames"]
 

@@ -38,7 +38,7 @@ from pipeline.redisconn import make_client
 from pipeline.signing import make_signer
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.wsconn import Timing
-from projections.core.keys import KEY_CONN, KEY_USER
+from projections.core.keys import KEY_CONN_USER, KEY_USER
 from tests.conftest import run_cli
 
 FAST = Timing(connect_timeout=5.0, disconnect_timeout=1.0, backoff_base=0.05, backoff_cap=0.5)
@@ -254,7 +254,7 @@ async def test_listen_key_expired_mid_stream_gives_new_key_reconnect_and_reconci
         # the stream after the reconnect carries the account's events again
         place(run.sim, type="LIMIT", price="51000")
         await until(lambda: len(events(run.r, "ORDER_TRADE_UPDATE")) == 2)
-        closed = [decode_entry(i, f) for i, f in xrange(run.r, KEY_CONN)]
+        closed = [decode_entry(i, f) for i, f in xrange(run.r, KEY_CONN_USER)]
         reasons = [e.body["reason"] for e in closed
                    if isinstance(e, ControlEntry) and e.ctl == "closed"]
         assert "listen_key_expired" in reasons
@@ -334,7 +334,7 @@ def test_missing_api_key_exits_2_naming_binance_api_key(redis_server: LocalRedis
 
 
 def conn_entries(r: redis.Redis, ctl: str) -> int:
-    return sum(1 for _, f in xrange(r, KEY_CONN) if f.get(b"ctl") == ctl.encode())
+    return sum(1 for _, f in xrange(r, KEY_CONN_USER) if f.get(b"ctl") == ctl.encode())
 
 
 def snapshots_since_expiry(r: redis.Redis) -> int:
@@ -406,7 +406,7 @@ async def test_no_key_secret_or_listen_key_in_redis_or_in_the_log_output(
                 with trio.fail_after(15):
                     await proc.wait()
             assert proc.returncode == 0
-            last = decode_entry(*xrange(r, KEY_CONN)[-1])
+            last = decode_entry(*xrange(r, KEY_CONN_USER)[-1])
             assert isinstance(last, ControlEntry) and last.ctl == "closed"
             assert last.body["reason"] == "shutdown"
             assert not sim.account.state()["listenKeyLive"]  # DELETEd on shutdown

@@ -322,13 +322,13 @@ async def test_diff_depth_book_survives_a_sequence_break_and_equals_a_fresh_snap
             ingest = await ingesting.start(functools.partial(
                 run_market_ingest, settings, ingest_client, ["BTCUSDT"]))
             await wait_for(lambda: r.exists(key))  # first snapshot fetched, logged, applied
-            assert len(control_entries(r, "raw:market:depth", b"snapshot")) == 1
+            assert len(control_entries(r, "raw:depth_snapshots", b"snapshot")) == 1
 
             sim.sequence_break("BTCUSDT")
             # the projector logs the gap, takes a new snapshot, logs it, and resumes
-            await wait_for(lambda: len(control_entries(r, "raw:market:depth", b"snapshot")) == 2)
-            [gap] = control_entries(r, "raw:market:depth", b"gap")
-            assert gap < control_entries(r, "raw:market:depth", b"snapshot")[1]
+            await wait_for(lambda: len(control_entries(r, "raw:depth_snapshots", b"snapshot")) == 2)
+            [gap] = control_entries(r, "raw:depth_snapshots", b"gap")
+            assert gap < control_entries(r, "raw:depth_snapshots", b"snapshot")[1]
 
             sim.set_silence(True)  # the book stands still: the view must catch up with it
             book = sim.market.symbol("BTCUSDT").book

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.eventlog import ControlEntry, control_entry, frame_entry
+from pipeline.eventlog import ControlEntry, Retention, control_entry, frame_entry
 from pipeline.health import (
+    FUTURE_ID_TOLERANCE_S,
     Connection,
     Group,
     Stream,
@@ -28,9 +30,10 @@ from pipeline.health import (
     assess,
     mark_silent,
     open_connections,
+    tampering,
 )
 from pipeline.localredis import LocalRedis
-from projections.core.keys import KEY_CONN, KEY_USER
+from projections.core.keys import KEY_CONN_MARKET, KEY_CONN_USER, KEY_USER
 from tests.conftest import ROOT, run_cli
 
 
@@ -120,8 +123,9 @@ def test_connection_open_on_a_quiet_path_is_silent_and_unhealthy(
     redis_server: LocalRedis, r: redis.Redis,
 ) -> None:
     opened_ms = int(time.time() * 1000) - 120_000
-    r.xadd(KEY_CONN, control_entry("opened", {"path": "market", "streams": 3, "name": "mkt-1"},
-                                   opened_ms / 1000, "mkt-1-abc123"), id=f"{opened_ms}-0")
+    r.xadd(KEY_CONN_MARKET, control_entry(
+        "opened", {"path": "market", "streams": 3, "name": "mkt-1"}, opened_ms / 1000,
+        "mkt-1-abc123"), id=f"{opened_ms}-0")
     r.xadd("raw:market:markPrice", frame_entry(mark_frame("BTCUSDT", opened_ms),
                                                opened_ms / 1000, "mkt-1-abc123", 0),
            id=f"{opened_ms + 1}-0")
@@ -196,4 +200,121 @@ def test_stale_or_missing_views_and_lag_make_it_unhealthy_but_listener_lag_does_
         "group mark_price on raw:market:markPrice: lag 11 or more > 10",
         "views mark_price: newest is 12.5 s old (limit 10 s)",
         "views orderbook: none, while raw:market:depth20 is being written",
+    ]
+
+
+# --- a role's abuse of its own streams (issue #17), performed on a real Redis -------------
+
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def problems_about(report: dict, key: str) -> list[str]:
+    return [p for p in report["problems"] if p.startswith(f"stream {key}:")]
+
+
+def test_a_never_trimmed_stream_that_lost_entries_is_unhealthy(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    for i in range(10):
+        r.xadd(KEY_USER, frame_entry(b'{"e":"ORDER_TRADE_UPDATE"}', time.time(), "usr-a", i))
+    code, report = status(redis_server)
+    assert code == 0 and not problems_about(report, KEY_USER)
+    stream = next(s for s in report["streams"] if s["key"] == KEY_USER)
+    assert (stream["length"], stream["entries_added"]) == (10, 10)
+
+    r.xadd(KEY_USER, frame_entry(b"{}", time.time(), "usr-a", 11), maxlen=0)  # the abuse
+    code, report = status(redis_server)
+    assert code == 1
+    assert problems_about(report, KEY_USER) == [
+        "stream raw:user: 11 of its 11 entries were removed, but it is never trimmed"]
+
+
+def test_a_count_retained_stream_cut_far_below_its_retention_is_unhealthy(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    entry = control_entry("closed", {"reason": "shutdown"}, time.time(), "mkt-1-abc123")
+    for _ in range(400):  # what the writer does with conn=100: trims as it appends
+        r.xadd(KEY_CONN_MARKET, entry, maxlen=100, approximate=True)
+    done = run_cli("status", "--json", env={"REDIS_URL": redis_server.url,
+                                            "PIPELINE_RETENTION": "conn=100"})
+    assert done.returncode == 0, done.stdout
+
+    r.xtrim(KEY_CONN_MARKET, maxlen=3, approximate=False)  # as XADD ... MAXLEN 3 would
+    done = run_cli("status", "--json", env={"REDIS_URL": redis_server.url,
+                                            "PIPELINE_RETENTION": "conn=100"})
+    assert done.returncode == 1
+    assert problems_about(json.loads(done.stdout), KEY_CONN_MARKET) == [
+        "stream raw:conn:market: 3 entries after 400 appends, far below its retention (~100): "
+        "trimmed by hand"]
+
+
+def test_a_stream_whose_last_id_runs_ahead_of_the_server_clock_is_unhealthy(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    r.xadd(KEY_CONN_USER, control_entry("closed", {"reason": "shutdown"}, time.time(), "usr-a"))
+    r.xadd(KEY_CONN_USER, control_entry("closed", {}, time.time()), id=MAX_ID)
+    with pytest.raises(redis.ResponseError, match="exhausted"):
+        r.xadd(KEY_CONN_USER, control_entry("opened", {}, time.time()))  # the harm
+    hour_ahead = int(time.time() * 1000) + 3_600_000
+    r.xadd("raw:market:depth", frame_entry(b"{}", time.time(), "mkt-1-a", 1),
+           id=f"{hour_ahead}-0")
+    r.xadd("raw:market:aggTrade", frame_entry(b"{}", time.time(), "mkt-1-a", 1))  # as usual
+    code, report = status(redis_server)
+    assert code == 1
+    assert problems_about(report, KEY_CONN_USER) == [
+        "stream raw:conn:user: its last id is the largest possible, so every append with an "
+        "automatic id (XADD *) now fails"]
+    (ahead,) = problems_about(report, "raw:market:depth")
+    seconds = re.search(rf"last id {hour_ahead}-0 is (\d+) s ahead of the server clock", ahead)
+    assert seconds is not None, ahead
+    assert 3500 < int(seconds[1]) <= 3600  # less the time status took to look
+    assert not problems_about(report, "raw:market:aggTrade")
+
+
+def test_connections_of_both_ingestors_are_read_from_their_own_streams(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    now = time.time()
+    r.xadd(KEY_CONN_MARKET, control_entry("opened", {"path": "market", "streams": 3,
+                                                     "name": "mkt-1"}, now, "mkt-1-abc123"))
+    r.xadd(KEY_CONN_USER, control_entry("opened", {"path": "private", "streams": 1,
+                                                   "name": "usr"}, now, "usr-def456"))
+    r.xadd(KEY_CONN_MARKET, control_entry("opened", {"path": "public", "streams": 2,
+                                                     "name": "mkt-2"}, now, "mkt-2-aaaaaa"))
+    r.xadd(KEY_CONN_MARKET, control_entry("closed", {"reason": "shutdown"}, now,
+                                          "mkt-2-aaaaaa"))
+    code, report = status(redis_server)
+    assert code == 0, report["problems"]
+    assert [(c["id"], c["path"]) for c in report["connections"]] == [
+        ("mkt-1-abc123", "market"), ("usr-def456", "private")]
+
+
+# --- the tampering rules, on plain values -------------------------------------------------
+
+def test_tampering_rules_judge_each_stream_by_its_own_retention() -> None:
+    def stream(key: str, length: int, added: int, last_id: str = "5-0",
+               ahead: float = 0.0) -> Stream:
+        return Stream(key, length, None, 1.0, entries_added=added, last_id=last_id,
+                      last_id_ahead_s=ahead)
+
+    retention = {"user": Retention(), "conn": Retention(maxlen=100),
+                 "aggTrade": Retention(max_age_s=60.0)}
+    fine = [stream("raw:user", 7, 7), stream("raw:conn:user", 100, 5000),
+            stream("raw:conn:market", 30, 30), stream("raw:market:aggTrade", 1, 90_000),
+            stream("raw:conn:user", 0, 0), stream("websocket:orders", 0, 900),
+            stream("raw:market:depth", 1, 1, ahead=FUTURE_ID_TOLERANCE_S)]
+    assert tampering(fine, retention) == []
+    bad = [stream("raw:user", 6, 7), stream("raw:conn:user", 49, 5000),
+           stream("raw:conn:market", 14, 30), stream("websocket:orders", 1, 1, ahead=999.4),
+           stream("raw:market:depth", 1, 1, last_id=MAX_ID, ahead=1e16)]
+    assert tampering(bad, retention) == [
+        "stream raw:user: 1 of its 7 entries were removed, but it is never trimmed",
+        "stream raw:conn:user: 49 entries after 5000 appends, far below its retention (~100): "
+        "trimmed by hand",
+        "stream raw:conn:market: 14 entries after 30 appends, far below its retention (~100): "
+        "trimmed by hand",
+        "stream websocket:orders: last id 5-0 is 999 s ahead of the server clock (an explicit "
+        "id was appended)",
+        "stream raw:market:depth: its last id is the largest possible, so every append with "
+        "an automatic id (XADD *) now fails",
     ]

@@ -4,8 +4,8 @@
 #   render-acl.sh TEMPLATE OUTPUT
 #
 # Reads one password per role from $SECRETS_DIR (default /run/secrets), file
-# redis_password_<role> (ingest_market, ingest_user, projector, reader, status, admin), and
-# writes its SHA-256 (never the password) into OUTPUT, with @PREFIX@ replaced by
+# redis_password_<role> (ingest_market, ingest_user, projector, reader, listener, status,
+# admin), and writes its SHA-256 (never the password) into OUTPUT, with @PREFIX@ replaced by
 # $PIPELINE_VIEW_PREFIX (default websocket). Comment and blank lines are dropped: Redis ACL
 # files have no comments. Exits 2 naming the missing secret or a bad prefix.
 set -eu
@@ -21,7 +21,7 @@ case "$prefix" in
 esac
 
 script="s/@PREFIX@/$prefix/g"
-for role in ingest_market ingest_user projector reader status admin; do
+for role in ingest_market ingest_user projector reader listener status admin; do
   file="$secrets/redis_password_$role"
   if [ ! -s "$file" ]; then
     echo "render-acl: missing or empty secret $file" >&2

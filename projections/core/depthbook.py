@@ -32,6 +32,14 @@ RESYNC_NEEDED is loaded and the buffer is replayed through the LIVE rules; a sna
 arrives while LIVE and aligned is ignored (the book is already exact; it was asked for
 earlier, or by a previous process).
 
+Snapshots and the `gap` entries of `LogGap` go to a stream of their own, `raw:depth_snapshots`
+(`SNAPSHOT_KEY`), that only the projector writes, not to the ingestor's `raw:market:depth`:
+neither can then trim or block the other's stream. The projection reads both keys, whose
+entries interleave differently in a live batch (read key by key) and in a replay (merged by
+id). The sequencer does not depend on it: until a snapshot it buffers every event, loading
+one replays the buffer through the LIVE rules, and those rules drop the events older than the
+snapshot that come after it.
+
 The buffer is bounded (`buffer_limit`): past it the oldest events are dropped and counted; if
 a whole buffer's worth of events passes without a snapshot, the snapshot is asked for again.
 
@@ -52,11 +60,12 @@ import orjson
 
 from pipeline.eventlog import ControlEntry, FrameEntry
 from projections.core import frames
-from projections.core.keys import Keys, market_key
+from projections.core.keys import KEY_DEPTH_SNAPSHOTS, Keys, market_key
 from projections.core.market import SOURCE, TTL_MS
 from projections.core.outputs import Entry, LogGap, NeedSnapshot, Output, ViewWrite
 
-RAW_KEY = market_key("depth")
+RAW_KEY = market_key("depth")  # diff-depth frames, appended by the market ingestor
+SNAPSHOT_KEY = KEY_DEPTH_SNAPSHOTS  # snapshot and gap entries, appended by the projector
 DEFAULT_BUFFER_LIMIT = 1000  # 100 s of events at 100 ms: far more than a snapshot round trip
 
 
@@ -253,7 +262,7 @@ class DiffBookProjection:
 
     def __init__(self, prefix: str, *, book_depth: int = 20,
                  buffer_limit: int = DEFAULT_BUFFER_LIMIT, **_unused: object) -> None:
-        self.sources = [RAW_KEY]
+        self.sources = [RAW_KEY, SNAPSHOT_KEY]
         self.book_depth = book_depth
         self.buffer_limit = buffer_limit
         self._key = Keys(prefix).view_head("orderbook")
@@ -293,7 +302,7 @@ class DiffBookProjection:
             book.bids.update(ev.bids)
             book.asks.update(ev.asks)
         if step.gap is not None:
-            out.append(LogGap(RAW_KEY, step.gap))
+            out.append(LogGap(SNAPSHOT_KEY, step.gap))
         if step.need_snapshot is not None:
             out.append(NeedSnapshot(symbol, step.need_snapshot))
         seq = self.sequencers[symbol]

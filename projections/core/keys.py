@@ -5,7 +5,11 @@ tags) is made here and nowhere else; every other module asks this one. Two kinds
 
 - the event log, `raw:...`: `raw:market:{family}` (one stream per stream family, e.g.
   `raw:market:depth20`), `raw:market:other` (frames naming no known stream), `raw:user` (user
-  frames and REST snapshots), `raw:conn` (connection lifecycle);
+  frames and REST snapshots), `raw:conn:market` and `raw:conn:user` (connection lifecycle,
+  one stream per ingestor role), `raw:depth_snapshots` (the projector's depth snapshots and
+  sequence gaps). Each raw stream has exactly one writing role, so the ACL can give every
+  role write access to its own streams only: a role that trims its streams or appends a
+  maximal id harms no other role's appends (`pipeline status` detects both);
 - the views, `P:{view}:{symbol}[:...]` with `P` the view prefix (`PIPELINE_VIEW_PREFIX`,
   default `websocket`) and symbols and assets lower case; the projector's own keys
   `dlq:{projection}` and `lease:{projection}`.
@@ -21,7 +25,13 @@ RAW_PREFIX = "raw:"
 MARKET_PREFIX = "raw:market:"
 KEY_OTHER = "raw:market:other"
 KEY_USER = "raw:user"
-KEY_CONN = "raw:conn"
+CONN_PREFIX = "raw:conn:"
+KEY_CONN_MARKET = "raw:conn:market"  # written by `ingest market` only
+KEY_CONN_USER = "raw:conn:user"  # written by `ingest user` only
+CONN_KEYS = (KEY_CONN_MARKET, KEY_CONN_USER)
+# Written by the projector only (`depth_book`): no ingestor reads or appends to it, so neither
+# side can block or trim the other's stream.
+KEY_DEPTH_SNAPSHOTS = "raw:depth_snapshots"
 DLQ_PREFIX = "dlq:"
 LEASE_PREFIX = "lease:"
 DEFAULT_PREFIX = "websocket"

@@ -23,7 +23,7 @@ from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import retention_family
 from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
-from projections.core.depthbook import RAW_KEY as DEPTH_KEY
+from projections.core.depthbook import SNAPSHOT_KEY
 from projections.shell.health import ProjectorHealth
 from projections.shell.lease import Lease, run_while_holding
 from projections.shell.loop import (
@@ -96,8 +96,8 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
     sys.setswitchinterval(min(switch, GIL_SWITCH_S))
     try:
         async with trio.open_nursery() as nursery:
-            ret = settings.retention.get(retention_family(DEPTH_KEY))
-            snapshots = Snapshotter(client, nursery, rest, raw_key=DEPTH_KEY,
+            ret = settings.retention.get(retention_family(SNAPSHOT_KEY))
+            snapshots = Snapshotter(client, nursery, rest, raw_key=SNAPSHOT_KEY,
                                     maxlen=ret.maxlen if ret is not None else None,
                                     health=health)
             for spec in specs:

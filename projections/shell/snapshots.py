@@ -1,10 +1,11 @@
 """Depth snapshots for the diff-depth book: REST in, the raw log out.
 
 The sequencer (`projections.core.depthbook`) only says `NeedSnapshot(symbol)`; this fetches
-`GET /fapi/v1/depth?limit=1000` and appends the answer to `raw:market:depth` as a `snapshot`
-control entry. The book applies it from the log like any other entry, so a replay sees exactly
-what the live projector saw and never calls REST. At most one request per symbol is in flight;
-a failed one is retried with backoff until it lands.
+`GET /fapi/v1/depth?limit=1000` and appends the answer to `raw:depth_snapshots` as a
+`snapshot` control entry (a stream only the projector writes, so the market ingestor's
+`raw:market:depth` stays its alone). The book applies it from the log like any other entry, so
+a replay sees exactly what the live projector saw and never calls REST. At most one request
+per symbol is in flight; a failed one is retried with backoff until it lands.
 """
 
 from __future__ import annotations
