@@ -22,7 +22,9 @@ from pipeline.cli import COMMANDS, COMMON_FLAGS
 from pipeline.config import DEFAULTS
 from pipeline.eventlog import DEFAULT_RETENTION
 from projections.core.keys import (
-    KEY_CONN,
+    KEY_CONN_MARKET,
+    KEY_CONN_USER,
+    KEY_DEPTH_SNAPSHOTS,
     KEY_OTHER,
     KEY_USER,
     Keys,
@@ -173,7 +175,8 @@ BUILT: dict[str, list[str]] = {
 # helpers of Keys that build no key of their own (patterns, parsing, argument lists)
 KEYS_HELPERS = {"view", "view_head", "pattern", "family_of", "parts_of", "held_orders",
                 "order_keys"}
-OTHER_KEYS = [market_key("{family}"), KEY_OTHER, KEY_USER, KEY_CONN, dlq_key("{projection}"),
+OTHER_KEYS = [market_key("{family}"), KEY_OTHER, KEY_USER, KEY_CONN_MARKET, KEY_CONN_USER,
+              KEY_DEPTH_SNAPSHOTS, dlq_key("{projection}"),
               lease_key("{projection}")]
 _PLACEHOLDER = re.compile(r"\{\w+\}")
 _KEY_CELL = re.compile(r"^`((?:P|raw|dlq|lease):[^`]*)`$")
