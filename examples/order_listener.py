@@ -8,7 +8,7 @@ prints):
 Against the compose deployment, connect as its `reader` user (README.md, "Reading the views"):
 
     python examples/order_listener.py \
-        --redis-url "redis://reader:$(cat secrets/redis_password_reader)@localhost:6379/0"
+        --redis-url "redis://listener:$(cat secrets/redis_password_listener)@localhost:6379/0"
 
 It prints one line per event, e.g. `fill BTCUSDT 8 PARTIALLY_FILLED filled=0.005 avg=50000
 last=0.005@50000 (stream)`.

@@ -158,8 +158,7 @@ def test_redis_gets_only_the_files_its_entrypoint_reads_and_no_data(
     assert mounts == {f"/etc/pipeline-redis/{name}": f"./deploy/redis/{name}" for name in read}
     assert all((ROOT / source).is_file() for source in mounts.values())
     # the data lives in the named volume, where redis.conf points the server
-    conf = (DEPLOY / "redis" / "redis.conf").read_text()
-    assert re.search(r"^dir /data$", conf, re.M)
+    assert '--dir "${REDIS_DATA_DIR:-/data}"' in entry
     assert "redis-data:/data" in compose["services"]["redis"]["volumes"]
     assert "redis-data" in compose["volumes"]
 
@@ -175,15 +174,13 @@ def test_redis_with_the_compose_config_starts_empty_and_keeps_what_it_was_given(
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
-    # redis-server changes into `dir` while it reads the file: /data (the compose volume)
-    # becomes the empty temporary folder, every other line stays as compose has it
-    conf = tmp_path / "redis.conf"
-    conf.write_text(re.sub(r"^dir /data$", f"dir {data}",
-                           (DEPLOY / "redis" / "redis.conf").read_text(), flags=re.M))
+    # the entrypoint gives `--dir` (the compose volume, /data) after the file: here the empty
+    # temporary folder; every line of the file stays as compose has it
+    conf = DEPLOY / "redis" / "redis.conf"
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            ["redis-server", str(conf), "--port", str(port),
+            ["redis-server", str(conf), "--dir", str(data), "--port", str(port),
              "--bind", "127.0.0.1", "--aclfile", str(acl),
              "--appendfsync", "everysec", "--logfile", str(tmp_path / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -225,7 +222,9 @@ def test_readme_reader_urls_name_a_user_the_acl_defines_on_the_compose_port(
     users = acl_users()
     urls = re.findall(r"redis://([\w-]+):(.+?)@([\w.]+):(\d+)/\d+", readme)
     assert len(urls) >= 3, urls  # the table, the Python example, the listener's command
-    [mapping] = compose["services"]["redis"]["ports"]
+    assert "ports" not in compose["services"]["redis"]  # internal network only
+    host = yaml.safe_load((DEPLOY / "compose.host-port.yaml").read_text())
+    [mapping] = host["services"]["redis"]["ports"]
     default = re.fullmatch(r"\$\{REDIS_HOST_PORT:-([\d.]+):(\d+)\}:6379", mapping)
     assert default, mapping
     made = re.search(r"for role in ([\w ]+); do", (DEPLOY / "make-secrets.sh").read_text())
@@ -238,8 +237,10 @@ def test_readme_reader_urls_name_a_user_the_acl_defines_on_the_compose_port(
         role = user.replace("-", "_")
         assert role in made[1].split(), f"make-secrets.sh writes no password for {user}"
         assert f"secrets/redis_password_{role}" in readme
-    assert {u[0] for u in urls} == {"reader"}  # readers use the least-privileged user
-    assert "%R~@PREFIX@:*" in users["reader"] and "+xreadgroup" in users["reader"]
+    # the least-privileged user for each job: the analyzer reads, the listener runs groups
+    assert {u[0] for u in urls} == {"reader", "listener"}
+    assert "%R~@PREFIX@:*" in users["reader"] and "+xreadgroup" not in users["reader"]
+    assert "+xreadgroup" in users["listener"]
     assert "deploy/make-secrets.sh" in readme and "docs/contract.md" in readme
     assert "../shared" not in readme
 
