@@ -22,7 +22,7 @@ How it writes, and why:
   the back-to-back mode cannot hold the ingestor below the rate that starts the long pauses
   (`pause_after`). The rule looks at the arrival rate, not at the batch size: a batch
   grows during a pause, so a size rule would keep pausing once it had paused, and add up to
-  10 ms to every frame at ordinary rates (bench/bench_projector.py's latency legs showed it).
+  10 ms to every frame at ordinary rates.
   `linger=0` gives strict back-to-back batches.
 - Each XADD is packed as RESP when it is appended (per-key prefixes made once; the writer
   thread then only joins, sends with `Connection.send_packed_command` and reads the replies
@@ -408,11 +408,10 @@ def pause_after(rate: float, batch_len: int, max_batch: int, linger: float) -> f
     Below `SHORT_LINGER_RATE` (entries a second over the last 100 ms) none: latency first.
     Above `LINGER_RATE`, `linger`: batches of hundreds, few GIL hand-offs. In between 1 ms,
     which adds at most 1 ms to a frame. Without it the rule could hold itself down under a heavy
-    feed: batches back to back cost the readers so much CPU that this machine persisted only
-    17,000-28,000 frames/s that way, around the threshold that starts the long pauses; with
-    1 ms pauses ~38,000, well over it (`bench/bench_ingest.py --pauses`: 0.53, 0.72 and 0.85
-    of the bare loop for 0, 1 and 10 ms). A batch of half `max_batch` or more is a backlog: no
-    pause."""
+    feed: batches back to back cost the readers so much CPU that the ingestor would persist
+    about as many frames a second as start the long pauses, and stay there; 1 ms pauses get it
+    well past (`bench/bench_ingest.py --pauses` compares 0, 1 and 10 ms). A batch of half
+    `max_batch` or more is a backlog: no pause."""
     if linger <= 0 or batch_len >= max_batch // 2:
         return 0.0
     if rate >= LINGER_RATE:

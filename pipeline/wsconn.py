@@ -10,6 +10,7 @@ the private stream. Everything that differs is in the `ConnSpec`:
                                          # logged and recorded only through redact_url
         route=route_frame,               # frame bytes -> raw key (e.g. lambda f: KEY_USER)
         subscribe=("ethusdt@aggTrade",), # SUBSCRIBEd after connect, paced (may be empty)
+        params_per_message=200,          # streams per SUBSCRIBE message
         on_connected=hook,               # async (conn_id) -> None, after each (re)connect once
                                          # the subscriptions are acknowledged; runs next to the
                                          # reader; an exception from it ends the connection
@@ -95,6 +96,7 @@ class ConnSpec:
     url: UrlFactory
     route: Callable[[bytes], str]
     subscribe: Sequence[str] = ()
+    params_per_message: int = PARAMS_PER_MESSAGE  # streams per SUBSCRIBE message
     on_connected: Callable[[str], Awaitable[None]] | None = None
     silence_timeout: float | None = None
     rotate_after: float | None = None
@@ -323,15 +325,15 @@ class WsConnection:
             link.delivered.set()
 
     async def _subscribe(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> None:
-        names = list(self.spec.subscribe)
+        names, per_message = list(self.spec.subscribe), self.spec.params_per_message
         try:
-            for i in range(0, len(names), PARAMS_PER_MESSAGE):
+            for i in range(0, len(names), per_message):
                 if i:
                     await trio.sleep(self.timing.control_interval)
                 self._next_msg_id += 1
                 link.pending.add(self._next_msg_id)
                 await ws.send_message(orjson.dumps({
-                    "method": "SUBSCRIBE", "params": names[i:i + PARAMS_PER_MESSAGE],
+                    "method": "SUBSCRIBE", "params": names[i:i + per_message],
                     "id": self._next_msg_id}).decode())
         except trio_websocket.ConnectionClosed:
             return  # the reader sees the close too
