@@ -389,8 +389,9 @@ async def _send_close(ws: trio_websocket.WebSocketConnection) -> None:
 
     `WebSocketConnection.aclose()` closes the queue at once, dropping the frames still on their
     way; here the reader goes on until the server's Close arrives after its last frame. This
-    reaches into trio-websocket 0.12 (`_send`, `_wsproto`): without them the old connection is
-    simply read until `max_overlap` runs out."""
+    reaches into trio-websocket 0.12 (`_send`, `_wsproto`; pinned in pyproject.toml, checked by
+    tests/test_wsconn_internals.py): without them the old connection is simply read until
+    `max_overlap` runs out."""
     send = getattr(ws, "_send", None)
     proto = getattr(ws, "_wsproto", None)
     if send is None or proto is None or proto.state != ConnectionState.OPEN:
