@@ -60,7 +60,7 @@ import redis
 import trio
 
 from pipeline import metrics
-from pipeline.backoff import backoff_delay
+from pipeline.backoff import Backoff, BatchRetry
 from pipeline.buffer import FrameBuffer
 from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import (
@@ -262,22 +262,20 @@ class LogWriter:
 
     def _write_until_done(self, batch: Batch) -> None:
         """Write `batch`, retrying with backoff until every entry is settled."""
-        attempt = refusals = 0
+        retry = BatchRetry(Backoff(*self.backoff, self.rand), MAX_REFUSALS)
         while batch and not self._abort.is_set():
             failed = self._write_once(batch)
             if failed is None:  # Redis unreachable: nothing known to be written
-                attempt += 1
-                self._abort.wait(backoff_delay(attempt, *self.backoff, self.rand))
+                self._abort.wait(retry.unreachable())
                 continue
             self._settle(len(batch) - len(failed))
             batch = [batch[i] for i in failed]
             if batch:
-                refusals += 1
-                if refusals >= MAX_REFUSALS:
+                delay = retry.refused()
+                if delay is None:
                     self._give_up(batch)
                     return
-                attempt += 1
-                self._abort.wait(backoff_delay(attempt, *self.backoff, self.rand))
+                self._abort.wait(delay)
         if self.buffer.has_drops() and not self._gaps_scheduled:
             self._gaps_scheduled = True
             self._on_trio(self._append_gaps)

@@ -210,7 +210,8 @@ class WsConnection:
         await trio.sleep(delay)
 
     def _rotated(self, old: _Link, new: _Link) -> None:
-        age = trio.current_time() - (old.opened_at or trio.current_time())
+        now = trio.current_time()
+        age = now - (old.opened_at if old.opened_at is not None else now)
         log.info("rotated", extra={"conn": old.id, "new_conn": new.id, "age_s": round(age, 1)})
         self.writer.append_control(KEY_CONN, "rotated", {"new_conn": new.id,
                                                          "age_s": round(age, 3)}, old.id)
