@@ -108,7 +108,7 @@ class ConnSpec:
 
 @attrs.frozen
 class Timing:
-    """Time constants, small in tests."""
+    """Time constants of a connection; the defaults are the production ones."""
 
     connect_timeout: float = 10.0
     disconnect_timeout: float = 3.0
@@ -165,7 +165,11 @@ class WsConnection:
     # --- supervisor --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep one connection open (two during a rotation) until cancelled."""
+        """Keep one connection open (two during a rotation) until cancelled.
+
+        `failures` counts the links in a row that ended without a data frame, connected or
+        not: a server that accepts and closes at once is retried with the same growing backoff
+        as one that refuses, not every 0.5 s (Binance limits connection attempts per IP)."""
         failures = 0
         async with trio.open_nursery() as nursery:
             while True:
@@ -178,7 +182,6 @@ class WsConnection:
                 old, self.current = self.current, link
                 if old is not None and not old.done.is_set():
                     self._rotated(old, link)
-                failures = 0
                 with trio.move_on_after(self.spec.rotate_after or float("inf")):
                     await link.done.wait()
                 if link.done.is_set():

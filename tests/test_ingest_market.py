@@ -313,21 +313,42 @@ async def test_dropped_connection_reconnects_with_a_new_connection_id_after_back
     assert rec.reasons()[second.conn] == "shutdown"
 
 
-async def test_an_unreachable_exchange_is_retried_with_backoff_doubling_to_30_s(
+async def test_reconnects_back_off_doubling_to_30_s_and_start_over_once_data_came(
         autojump_clock: trio.testing.MockClock) -> None:
     from pipeline.localredis import free_port
-    url = f"ws://127.0.0.1:{free_port()}/market/stream?streams=btcusdt@aggTrade"
+    refused = f"ws://127.0.0.1:{free_port()}/market/stream?streams=btcusdt@aggTrade"
     attempts: list[float] = []
-
-    def attempt() -> str:  # called once per connect
-        attempts.append(trio.current_time())
-        return url
-
     rec = Recorder()
-    async with connected(ConnSpec("mkt-1", "market", attempt, route_frame), rec):
-        await trio.sleep(200)
-    waits = [b - a for a, b in itertools.pairwise(attempts)]
-    assert waits[:9] == pytest.approx([0.5, 1, 2, 4, 8, 16, 30, 30, 30])
+    async with simulated(SimConfig(symbols=("BTCUSDT",))) as sim:
+        reachable = f"{sim.ws_url}/market/stream?streams=btcusdt@aggTrade"
+
+        def url() -> str:  # called once per connect: the exchange is away for 9 attempts
+            attempts.append(trio.current_time())
+            return refused if len(attempts) <= 9 else reachable
+
+        async with connected(ConnSpec("mkt-1", "market", url, route_frame), rec):
+            await rec.until(lambda: len(rec.frames()) >= 3, within=300)
+            sim.drop("market")
+            await rec.until(lambda: len(rec.controls("opened")) == 2, within=60)
+    waits = [b - a for a, b in itertools.pairwise(attempts[:10])]
+    assert waits == pytest.approx([0.5, 1, 2, 4, 8, 16, 30, 30, 30])
+    closed = rec.controls("closed")[0]
+    assert attempts[10] - closed.at == pytest.approx(0.5)  # it had delivered: the first step
+
+
+async def test_a_server_that_accepts_and_closes_at_once_is_retried_with_doubling_backoff(
+        autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    async with simulated(SimConfig(symbols=("BTCUSDT",))) as sim:
+        # the simulator accepts a private stream on an unknown key, then closes it (4001)
+        url = f"{sim.ws_url}/private/ws?listenKey=no-such-key&events=ORDER_TRADE_UPDATE"
+        async with connected(ConnSpec("usr", "private", lambda: url, route_frame), rec):
+            await rec.until(lambda: len(rec.controls("closed")) >= 8, within=300)
+    assert set(rec.reasons().values()) == {"server_closed: 4001"}
+    closes, opens = rec.controls("closed"), rec.controls("opened")
+    waits = [o.at - c.at for c, o in zip(closes, opens[1:], strict=False)]
+    # not a reconnect every 0.5 s for ever: Binance limits connections per IP
+    assert waits[:7] == pytest.approx([0.5, 1, 2, 4, 8, 16, 30])
 
 
 async def test_rotation_at_23_h_50_opens_the_new_connection_first_and_misses_no_frame(
