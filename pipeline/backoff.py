@@ -50,9 +50,9 @@ class BatchRetry:
 
     While Redis is unreachable nothing is known to be written, so the batch is sent again for
     as long as it takes (the bounded buffer keeps the readers going meanwhile). Entries Redis
-    refuses one by one (an error reply) are sent again alone, `max_refusals` times in all at
-    most: a key Redis keeps refusing must not stall every other key. One backoff runs over
-    both, so a batch that meets both keeps waiting longer."""
+    refuses one by one (an error reply) are sent again alone, and given up once refused
+    `max_refusals` times: a key Redis keeps refusing must not stall every other key. One
+    backoff runs over both, so a batch that meets both keeps waiting longer."""
 
     backoff: Backoff
     max_refusals: int

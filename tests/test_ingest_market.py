@@ -47,7 +47,7 @@ from pipeline.ingest_market import (
     resolve_symbols,
     run_market_ingest,
 )
-from pipeline.localredis import LocalRedis
+from pipeline.localredis import LocalRedis, free_port
 from pipeline.redisconn import make_client
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.market import malformed_frames
@@ -148,11 +148,10 @@ async def connected(spec: ConnSpec, sink: Recorder) -> AsyncIterator[WsConnectio
         nursery.cancel_scope.cancel()
 
 
-def one_spec(ws_url: str, streams: str, symbols: tuple[str, ...] = ("BTCUSDT",),
-             **env: str) -> ConnSpec:
-    settings = settings_for(NO_REDIS, ws_url, PIPELINE_SYMBOLS=",".join(symbols),
-                            PIPELINE_MARKET_STREAMS=streams, **env)
-    spec, = market_specs(settings, symbols)
+def one_spec(ws_url: str, streams: str) -> ConnSpec:
+    """The ingestor's spec for BTCUSDT's `streams`, with the default settings otherwise."""
+    settings = settings_for(NO_REDIS, ws_url, PIPELINE_MARKET_STREAMS=streams)
+    spec, = market_specs(settings, ("BTCUSDT",))
     return spec
 
 
@@ -315,7 +314,6 @@ async def test_dropped_connection_reconnects_with_a_new_connection_id_after_back
 
 async def test_reconnects_back_off_doubling_to_30_s_and_start_over_once_data_came(
         autojump_clock: trio.testing.MockClock) -> None:
-    from pipeline.localredis import free_port
     refused = f"ws://127.0.0.1:{free_port()}/market/stream?streams=btcusdt@aggTrade"
     attempts: list[float] = []
     rec = Recorder()
@@ -520,7 +518,6 @@ def test_cached_routing_gives_the_same_key_as_route_frame_for_every_kind_of_fram
 # --- the command line --------------------------------------------------------------------------
 
 def test_unreachable_redis_stops_the_command_with_one_line_and_exit_2() -> None:
-    from pipeline.localredis import free_port
     proc = run_cli("ingest", "market", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
