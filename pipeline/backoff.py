@@ -42,3 +42,29 @@ class Backoff:
         """Back to no wait; True when it was failing (an outage just ended)."""
         was, self.attempt = self.attempt > 0, 0
         return was
+
+
+@attrs.define
+class BatchRetry:
+    """The waits of the log writer's retries of one batch. Pure: the writer thread sleeps.
+
+    While Redis is unreachable nothing is known to be written, so the batch is sent again for
+    as long as it takes (the bounded buffer keeps the readers going meanwhile). Entries Redis
+    refuses one by one (an error reply) are sent again alone, and given up once refused
+    `max_refusals` times: a key Redis keeps refusing must not stall every other key. One
+    backoff runs over both, so a batch that meets both keeps waiting longer."""
+
+    backoff: Backoff
+    max_refusals: int
+    refusals: int = 0
+
+    def unreachable(self) -> float:
+        """Seconds to wait before sending the whole batch again."""
+        return self.backoff.next_delay()
+
+    def refused(self) -> float | None:
+        """Seconds to wait before sending the refused entries again; None: give them up."""
+        self.refusals += 1
+        if self.refusals >= self.max_refusals:
+            return None
+        return self.backoff.next_delay()

@@ -35,14 +35,43 @@ import orjson
 from pipeline.errors import SettingsError
 from projections.core.keys import CONN_PREFIX, KEY_OTHER, MARKET_PREFIX, RAW_PREFIX, market_key
 
-_COMBINED_PREFIX = b'{"stream":"'
+# Binance's combined form: `{"stream":"<name>","data":<payload>}`, "stream" always first.
+WRAPPER_HEAD = b'{"stream":"'
+_NAME_START = len(WRAPPER_HEAD)
+# The stream name's closing quote must lie within this many bytes of the frame's start.
+# Binance's longest names (a 24-letter symbol with a delivery date and `@depth20@100ms`) end
+# before byte 60; a frame with a longer name is not read as a wrapper at all.
+STREAM_NAME_SCAN = 120
+_DATA_OBJECT = b'","data":{'
 
 
-def family_of_stream(stream_name: str) -> str | None:
+def stream_name(frame: bytes, complete: bool = False) -> bytes | None:
+    """The stream name of a combined frame, read from its first bytes without parsing the JSON:
+    `b'{"stream":"btcusdt@aggTrade","data":{...}}'` -> `b"btcusdt@aggTrade"`. None when the frame
+    does not start with the wrapper or the name does not end within `STREAM_NAME_SCAN` bytes.
+
+    By default only the head is looked at, so a truncated or otherwise broken frame still gives
+    its name: the ingestor routes it to its stream's key, where the projector dead-letters it.
+    `complete=True` also asks for an object payload right after the name (`","data":{`) and
+    the last bytes of a whole wrapper (`}}`): the projector's coalescing skips a frame only
+    when a later frame of the same stream supersedes it, and a frame failing this is never
+    skipped (`projections.core.frames.wrapped_stream`). Hot path on both sides: one call per
+    frame.
+    """
+    if not frame.startswith(WRAPPER_HEAD):
+        return None
+    end = frame.find(b'"', _NAME_START, STREAM_NAME_SCAN)
+    if end < 0 or (complete and not (frame.startswith(_DATA_OBJECT, end)
+                                     and frame.endswith(b"}}"))):
+        return None
+    return frame[_NAME_START:end]
+
+
+def family_of_stream(name: str) -> str | None:
     """`btcusdt@depth20@100ms` -> `depth20`; `!markPrice@arr@1s` -> `markPrice_arr`."""
-    if stream_name.startswith("!markPrice@arr"):
+    if name.startswith("!markPrice@arr"):
         return "markPrice_arr"
-    parts = stream_name.split("@")
+    parts = name.split("@")
     if len(parts) < 2:
         return None
     kind = parts[1]
@@ -55,23 +84,19 @@ def family_of_stream(stream_name: str) -> str | None:
     return None
 
 
-def route_frame(frame: bytes | str) -> str:
-    """The raw key a market frame belongs to, read from the combined wrapper's first field.
-
-    Hot path (every market frame): slices the bytes instead of parsing the JSON (the ingestor
-    also caches the answer per stream name: `pipeline.ingest_market.cached_router`). Binance
-    writes `{"stream":"<name>","data":...}` with "stream" first; anything else goes to
-    `raw:market:other`.
-    """
-    if isinstance(frame, str):
-        frame = frame.encode()
-    if not frame.startswith(_COMBINED_PREFIX):
-        return KEY_OTHER
-    end = frame.find(b'"', len(_COMBINED_PREFIX), 120)
-    if end < 0:
-        return KEY_OTHER
-    family = family_of_stream(frame[len(_COMBINED_PREFIX):end].decode("ascii", "replace"))
+def route_stream(name: bytes) -> str:
+    """The raw key of the frames of stream `name`: `b"btcusdt@aggTrade"` ->
+    `raw:market:aggTrade`; `raw:market:other` for a name of no known stream family."""
+    family = family_of_stream(name.decode("ascii", "replace"))
     return market_key(family) if family else KEY_OTHER
+
+
+def route_frame(frame: bytes) -> str:
+    """The raw key a market frame belongs to, by the stream its wrapper names (`stream_name`);
+    `raw:market:other` for anything else: SUBSCRIBE replies, non-JSON, binary, unknown streams.
+    The ingestor caches the answer per name (`pipeline.ingest_market.cached_router`)."""
+    name = stream_name(frame)
+    return KEY_OTHER if name is None else route_stream(name)
 
 
 def format_ts(ts: float) -> bytes:
@@ -130,13 +155,6 @@ class Retention:
 
     maxlen: int | None = None
     max_age_s: float | None = None
-
-    def describe(self) -> str:
-        if self.maxlen is not None:
-            return f"~{self.maxlen} entries"
-        if self.max_age_s is not None:
-            return f"~{self.max_age_s:g} s"
-        return "kept forever"
 
 
 # Sized for the whole market (~400 symbols) on one Redis with ~8 GB: see docs/architecture.md.

@@ -26,14 +26,14 @@ import trio
 from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ExchangeError, SettingsError
-from pipeline.eventlog import route_frame
+from pipeline.eventlog import route_stream, stream_name
 from pipeline.redisconn import connect_checked
 from pipeline.rest import RestClient
 from pipeline.shutdown import serve_until_signal
 from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Subscription, plan_connections
 from pipeline.writer import LogWriter
-from pipeline.wsconn import ConnSpec, Timing, WsConnection
-from projections.core.keys import KEY_CONN_MARKET
+from pipeline.wsconn import PARAMS_PER_MESSAGE, ConnSpec, Timing, WsConnection
+from projections.core.keys import KEY_CONN_MARKET, KEY_OTHER
 
 log = logging.getLogger("pipeline.ingest_market")
 
@@ -52,7 +52,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("--max-streams-per-connection",
                             f"{max_per} is not between 1 and {MAX_STREAMS_PER_CONNECTION}")
     # The readers and the Redis writer thread share one GIL; a waiting thread gets it after at
-    # most this interval (default 5 ms). 1 ms measured ~10 % more frames per CPU-second here.
+    # most this interval (default 5 ms). At 1 ms the ingestor logs ~10 % more frames per
+    # CPU-second (bench/bench_ingest.py).
     sys.setswitchinterval(0.001)
     client = connect_checked(settings.redis_url, name="ingest-market")
     symbols = trio.run(resolve_symbols, settings)
@@ -95,43 +96,40 @@ async def resolve_symbols(settings: Settings) -> tuple[str, ...]:
 
 
 def market_specs(settings: Settings, symbols: Sequence[str],
-                 max_per_connection: int = MAX_STREAMS_PER_CONNECTION) -> list[ConnSpec]:
-    """One ConnSpec per planned connection: the first 200 streams in the URL, the rest
-    SUBSCRIBEd; the silence rule only where a stream ticks at least once a second."""
+                 max_per_connection: int = MAX_STREAMS_PER_CONNECTION, *,
+                 url_streams: int = URL_STREAMS,
+                 params_per_message: int = PARAMS_PER_MESSAGE) -> list[ConnSpec]:
+    """One ConnSpec per planned connection: the first `url_streams` streams in the URL, the
+    rest SUBSCRIBEd, `params_per_message` a message; the silence rule only where a stream ticks
+    at least once a second."""
     specs = []
     plan = plan_connections(symbols, settings.market_streams, max_per_connection)
     for i, (path, subs) in enumerate(plan, start=1):
         names = [s.name for s in subs]
-        url = f"{settings.ws_url}/{path.value}/stream?streams=" + "/".join(names[:URL_STREAMS])
+        url = f"{settings.ws_url}/{path.value}/stream?streams=" + "/".join(names[:url_streams])
         specs.append(ConnSpec(
             name=f"mkt-{i}", path=path.value, url=_constant(url), route=cached_router(),
-            subscribe=tuple(names[URL_STREAMS:]),
+            subscribe=tuple(names[url_streams:]), params_per_message=params_per_message,
             silence_timeout=settings.silence_timeout if _ticks(subs) else None,
             rotate_after=settings.rotate_after, streams=len(names)))
     return specs
 
 
-_COMBINED = b'{"stream":"'
-
-
-def cached_router(route: Callable[[bytes], str] = route_frame,
-                  limit: int = 4096) -> Callable[[bytes], str]:
-    """`route` with a cache keyed on the stream name: the key depends on nothing else, and a
-    dict lookup costs half of `route_frame` on the hot path (0.3 µs instead of 0.7)."""
+def cached_router(limit: int = 4096) -> Callable[[bytes], str]:
+    """`route_frame` with a cache keyed on the stream name: the key depends on nothing else, and
+    a dict lookup costs less than decoding the name and matching its family again."""
     cache: dict[bytes, str] = {}
 
     def routed(frame: bytes) -> str:
-        if frame.startswith(_COMBINED):
-            end = frame.find(b'"', len(_COMBINED), 120)
-            if end > 0:
-                name = frame[len(_COMBINED):end]
-                key = cache.get(name)
-                if key is None:
-                    key = route(frame)
-                    if len(cache) < limit:
-                        cache[name] = key
-                return key
-        return route(frame)
+        name = stream_name(frame)
+        if name is None:
+            return KEY_OTHER
+        key = cache.get(name)
+        if key is None:
+            key = route_stream(name)
+            if len(cache) < limit:
+                cache[name] = key
+        return key
 
     return routed
 

@@ -41,7 +41,6 @@ from pipeline.rest import RestClient
 DEFAULT_RECV_WINDOW_MS = 5000
 MAX_RECV_WINDOW_MS = 60_000
 CODE_TIMESTAMP_OUTSIDE_WINDOW = -1021
-CODE_BAD_SIGNATURE = -1022
 
 
 class Signer(Protocol):

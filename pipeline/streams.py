@@ -27,7 +27,9 @@ KLINE_INTERVALS = (
     "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M",
 )
 PARTIAL_DEPTHS = (5, 10, 20)
-DEPTH_SPEEDS = ("100ms", "250ms", "500ms")
+# Binance's depth speeds: `@100ms`, `@500ms`, or no suffix for its 250 ms default.
+DEPTH_SPEEDS = ("100ms", "500ms")
+_DEPTH_RE = re.compile(f"depth({'|'.join(map(str, PARTIAL_DEPTHS))})?(?:@(.+))?")
 
 _SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,24}(_[0-9]{6})?$")
 
@@ -75,9 +77,13 @@ def parse_stream_kind(spec: str) -> StreamKind:
         if s[len("kline_"):] not in KLINE_INTERVALS:
             raise bad
         return StreamKind(s, s, Path.MARKET)
-    m = re.fullmatch(r"depth(5|10|20)?(?:@(100ms|250ms|500ms))?", s)
+    m = _DEPTH_RE.fullmatch(s)
     if m:
-        levels = m.group(1)
+        levels, speed = m.groups()
+        if speed is not None and speed not in DEPTH_SPEEDS:
+            speeds = ", ".join(f"@{v}" for v in DEPTH_SPEEDS)
+            raise SettingsError("PIPELINE_MARKET_STREAMS", f"unknown stream kind {s!r}: depth "
+                                f"speeds are {speeds} or none (250 ms)")
         return StreamKind(s, f"depth{levels}" if levels else "depth", Path.PUBLIC)
     raise bad
 

@@ -22,7 +22,7 @@ How it writes, and why:
   the back-to-back mode cannot hold the ingestor below the rate that starts the long pauses
   (`pause_after`). The rule looks at the arrival rate, not at the batch size: a batch
   grows during a pause, so a size rule would keep pausing once it had paused, and add up to
-  10 ms to every frame at ordinary rates (bench/bench_projector.py's latency legs showed it).
+  10 ms to every frame at ordinary rates.
   `linger=0` gives strict back-to-back batches.
 - Each XADD is packed as RESP when it is appended (per-key prefixes made once; the writer
   thread then only joins, sends with `Connection.send_packed_command` and reads the replies
@@ -60,7 +60,7 @@ import redis
 import trio
 
 from pipeline import metrics
-from pipeline.backoff import backoff_delay
+from pipeline.backoff import Backoff, BatchRetry
 from pipeline.buffer import FrameBuffer
 from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import (
@@ -262,22 +262,20 @@ class LogWriter:
 
     def _write_until_done(self, batch: Batch) -> None:
         """Write `batch`, retrying with backoff until every entry is settled."""
-        attempt = refusals = 0
+        retry = BatchRetry(Backoff(*self.backoff, self.rand), MAX_REFUSALS)
         while batch and not self._abort.is_set():
             failed = self._write_once(batch)
             if failed is None:  # Redis unreachable: nothing known to be written
-                attempt += 1
-                self._abort.wait(backoff_delay(attempt, *self.backoff, self.rand))
+                self._abort.wait(retry.unreachable())
                 continue
             self._settle(len(batch) - len(failed))
             batch = [batch[i] for i in failed]
             if batch:
-                refusals += 1
-                if refusals >= MAX_REFUSALS:
+                delay = retry.refused()
+                if delay is None:
                     self._give_up(batch)
                     return
-                attempt += 1
-                self._abort.wait(backoff_delay(attempt, *self.backoff, self.rand))
+                self._abort.wait(delay)
         if self.buffer.has_drops() and not self._gaps_scheduled:
             self._gaps_scheduled = True
             self._on_trio(self._append_gaps)
@@ -408,11 +406,10 @@ def pause_after(rate: float, batch_len: int, max_batch: int, linger: float) -> f
     Below `SHORT_LINGER_RATE` (entries a second over the last 100 ms) none: latency first.
     Above `LINGER_RATE`, `linger`: batches of hundreds, few GIL hand-offs. In between 1 ms,
     which adds at most 1 ms to a frame. Without it the rule could hold itself down under a heavy
-    feed: batches back to back cost the readers so much CPU that this machine persisted only
-    17,000-28,000 frames/s that way, around the threshold that starts the long pauses; with
-    1 ms pauses ~38,000, well over it (`bench/bench_ingest.py --pauses`: 0.53, 0.72 and 0.85
-    of the bare loop for 0, 1 and 10 ms). A batch of half `max_batch` or more is a backlog: no
-    pause."""
+    feed: batches back to back cost the readers so much CPU that the ingestor would persist
+    about as many frames a second as start the long pauses, and stay there; 1 ms pauses get it
+    well past (`bench/bench_ingest.py --pauses` compares 0, 1 and 10 ms). A batch of half
+    `max_batch` or more is a backlog: no pause."""
     if linger <= 0 or batch_len >= max_batch // 2:
         return 0.0
     if rate >= LINGER_RATE:

@@ -10,6 +10,7 @@ the private stream. Everything that differs is in the `ConnSpec`:
                                          # logged and recorded only through redact_url
         route=route_frame,               # frame bytes -> raw key (e.g. lambda f: KEY_USER)
         subscribe=("ethusdt@aggTrade",), # SUBSCRIBEd after connect, paced (may be empty)
+        params_per_message=200,          # streams per SUBSCRIBE message
         on_connected=hook,               # async (conn_id) -> None, after each (re)connect once
                                          # the subscriptions are acknowledged; runs next to the
                                          # reader; an exception from it ends the connection
@@ -98,6 +99,7 @@ class ConnSpec:
     url: UrlFactory
     route: Callable[[bytes], str]
     subscribe: Sequence[str] = ()
+    params_per_message: int = PARAMS_PER_MESSAGE  # streams per SUBSCRIBE message
     on_connected: Callable[[str], Awaitable[None]] | None = None
     silence_timeout: float | None = None
     rotate_after: float | None = None
@@ -109,7 +111,7 @@ class ConnSpec:
 
 @attrs.frozen
 class Timing:
-    """Time constants, small in tests."""
+    """Time constants of a connection; the defaults are the production ones."""
 
     connect_timeout: float = 10.0
     disconnect_timeout: float = 3.0
@@ -168,7 +170,11 @@ class WsConnection:
     # --- supervisor --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep one connection open (two during a rotation) until cancelled."""
+        """Keep one connection open (two during a rotation) until cancelled.
+
+        `failures` counts the links in a row that ended without a data frame, connected or
+        not: a server that accepts and closes at once is retried with the same growing backoff
+        as one that refuses, not every 0.5 s (Binance limits connection attempts per IP)."""
         failures = 0
         async with trio.open_nursery() as nursery:
             while True:
@@ -181,7 +187,6 @@ class WsConnection:
                 old, self.current = self.current, link
                 if old is not None and not old.done.is_set():
                     self._rotated(old, link)
-                failures = 0
                 with trio.move_on_after(self.spec.rotate_after or float("inf")):
                     await link.done.wait()
                 if link.done.is_set():
@@ -213,7 +218,8 @@ class WsConnection:
         await trio.sleep(delay)
 
     def _rotated(self, old: _Link, new: _Link) -> None:
-        age = trio.current_time() - (old.opened_at or trio.current_time())
+        now = trio.current_time()
+        age = now - (old.opened_at if old.opened_at is not None else now)
         log.info("rotated", extra={"conn": old.id, "new_conn": new.id, "age_s": round(age, 1)})
         self.writer.append_control(self.conn_key, "rotated", {"new_conn": new.id,
                                                               "age_s": round(age, 3)}, old.id)
@@ -328,15 +334,15 @@ class WsConnection:
             link.delivered.set()
 
     async def _subscribe(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> None:
-        names = list(self.spec.subscribe)
+        names, per_message = list(self.spec.subscribe), self.spec.params_per_message
         try:
-            for i in range(0, len(names), PARAMS_PER_MESSAGE):
+            for i in range(0, len(names), per_message):
                 if i:
                     await trio.sleep(self.timing.control_interval)
                 self._next_msg_id += 1
                 link.pending.add(self._next_msg_id)
                 await ws.send_message(orjson.dumps({
-                    "method": "SUBSCRIBE", "params": names[i:i + PARAMS_PER_MESSAGE],
+                    "method": "SUBSCRIBE", "params": names[i:i + per_message],
                     "id": self._next_msg_id}).decode())
         except trio_websocket.ConnectionClosed:
             return  # the reader sees the close too
@@ -392,8 +398,9 @@ async def _send_close(ws: trio_websocket.WebSocketConnection) -> None:
 
     `WebSocketConnection.aclose()` closes the queue at once, dropping the frames still on their
     way; here the reader goes on until the server's Close arrives after its last frame. This
-    reaches into trio-websocket 0.12 (`_send`, `_wsproto`): without them the old connection is
-    simply read until `max_overlap` runs out."""
+    reaches into trio-websocket 0.12 (`_send`, `_wsproto`; pinned in pyproject.toml, checked by
+    tests/test_wsconn_internals.py): without them the old connection is simply read until
+    `max_overlap` runs out."""
     send = getattr(ws, "_send", None)
     proto = getattr(ws, "_wsproto", None)
     if send is None or proto is None or proto.state != ConnectionState.OPEN:

@@ -1,8 +1,15 @@
-"""The ingest buffer (pure) and the backoff rule: no trio, no redis."""
+"""The ingest buffer and the retry rules (pure): no trio, no redis, no clock.
+
+The reconnect backoff of a live connection is also checked end to end on Trio's MockClock in
+tests/test_ingest_market.py; the writer's retries run in its thread against Redis, where no
+MockClock reaches, so their rule is checked here.
+"""
 
 from __future__ import annotations
 
-from pipeline.backoff import backoff_delay
+import pytest
+
+from pipeline.backoff import Backoff, BatchRetry, backoff_delay
 from pipeline.buffer import FrameBuffer
 
 
@@ -59,3 +66,23 @@ def test_backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() -> None:
     assert low[:2] == [0.25, 0.5]
     assert all(lo == hi / 2 for lo, hi in zip(low, high, strict=True))
     assert backoff_delay(1000, 0.5, 30.0, lambda: 1.0) == 30.0
+
+
+def test_writer_retries_a_batch_for_as_long_as_redis_is_unreachable() -> None:
+    retry = BatchRetry(Backoff(0.05, 5.0, rand=lambda: 1.0), max_refusals=8)
+    waits = [retry.unreachable() for _ in range(12)]
+    assert waits[:8] == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0])
+    assert waits[8:] == [5.0] * 4  # capped, never given up
+
+
+def test_entries_redis_keeps_refusing_are_given_up_on_the_last_allowed_attempt() -> None:
+    retry = BatchRetry(Backoff(0.05, 5.0, rand=lambda: 1.0), max_refusals=3)
+    assert retry.refused() == pytest.approx(0.05)
+    assert retry.refused() == pytest.approx(0.1)
+    assert retry.refused() is None  # sent 3 times, refused 3 times: dropped and reported
+
+
+def test_refusals_and_outages_of_one_batch_share_one_backoff() -> None:
+    retry = BatchRetry(Backoff(0.05, 5.0, rand=lambda: 1.0), max_refusals=8)
+    assert [retry.unreachable(), retry.refused(), retry.unreachable()] == pytest.approx(
+        [0.05, 0.1, 0.2])

@@ -32,15 +32,27 @@ from cryptography.hazmat.primitives.serialization import (
 
 from pipeline.config import Secret, Settings, load_settings
 from pipeline.eventlog import ControlEntry, FrameEntry, decode_entry
-from pipeline.ingest_user import UserIngest, UserOptions, redact_key, run_user_ingest
+from pipeline.ingest_user import (
+    UserIngest,
+    UserOptions,
+    private_url,
+    redact_key,
+    run_user_ingest,
+)
+from pipeline.listenkey import ListenKeys
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import make_client
-from pipeline.signing import make_signer
+from pipeline.rest import RestClient
+from pipeline.signing import SignedRest, make_signer
 from pipeline.simulator import SimConfig, Simulator
-from pipeline.wsconn import Timing
+from pipeline.wsconn import ConnSpec, Timing, WsConnection
 from projections.core.keys import KEY_CONN_USER, KEY_USER
 from tests.conftest import run_cli
+from tests.recorder import Recorder
 
+# The tests that run the whole ingestor (`running`) use the real clock: its writer thread and
+# its reconciliation talk to Redis from worker threads, which a MockClock would jump under.
+# Short timings keep their reconnects and rotations quick.
 FAST = Timing(connect_timeout=5.0, disconnect_timeout=1.0, backoff_base=0.05, backoff_cap=0.5)
 # a reconnect slow enough that the test can act while the stream is down
 SLOW_RECONNECT = Timing(connect_timeout=5.0, disconnect_timeout=1.0, backoff_base=1.0,
@@ -204,18 +216,93 @@ async def test_snapshot_entries_carry_the_rest_answers_and_the_weight_used(
 
 # --- listenKey lifecycle -----------------------------------------------------------------------
 
-async def test_listen_key_is_kept_alive_past_its_lifetime(redis_server: LocalRedis) -> None:
-    cfg = SimConfig(symbols=("BTCUSDT",), listen_key_ttl=0.6)
-    opts = UserOptions(keepalive_every=0.15)
-    async with running(redis_server, opts=opts, sim_config=cfg) as run:
-        await snapshots_after(run, 1)
-        # 8 keep-alives = 1.2 s = 2 key lifetimes: without them the key would have expired
-        await until(lambda: run.ingest.keys.extended >= 8)
-        assert run.sim.account.state()["listenKeyLive"]
-        assert len(run.sim.account.issued_listen_keys) == 1
-        assert not events(run.r, "listenKeyExpired")
-        place(run.sim, type="LIMIT", price="50000")
-        await until(lambda: events(run.r, "ORDER_TRADE_UPDATE"))
+# On Trio's MockClock: the keep-alive against the simulator's REST API and private stream, with
+# the simulator's clock being the trio clock, so the key's 60-minute life, the 30-minute
+# keep-alive and the 60 s retry all run in virtual time. Only Trio tasks and loopback sockets:
+# nothing for the clock to jump under.
+
+@asynccontextmanager
+async def keyed_simulator() -> AsyncIterator[tuple[Simulator, SignedRest, str]]:
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",)), clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        ws_url, _ = await nursery.start(sim.run)
+        rest = RestClient(sim.rest_url)
+        try:
+            yield sim, SignedRest(rest, Secret(API_KEY), make_signer(Secret(API_SECRET))), ws_url
+        finally:
+            with trio.CancelScope(shield=True):
+                await rest.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def never_replaced() -> None:
+    raise AssertionError("the key was replaced")
+
+
+async def test_listen_key_is_kept_alive_past_its_lifetime_and_expires_without_keep_alives(
+        autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    async with keyed_simulator() as (sim, api, ws_url):
+        keys = ListenKeys(api)  # a PUT every 1800 s; the simulator's keys live 3600 s
+        await keys.create()
+        spec = ConnSpec("usr", "private", lambda: private_url(ws_url, keys.current()),
+                        lambda frame: KEY_USER, streams=1)
+        async with trio.open_nursery() as stream:
+            stream.start_soon(WsConnection(spec, rec, conn_key=KEY_CONN_USER).run)
+            async with trio.open_nursery() as keeper:
+                keeper.start_soon(keys.keep_alive, never_replaced)
+                await trio.sleep(2 * 3600 + 1)  # two lifetimes of the key
+                assert keys.extended == 4
+                assert sim.account.state()["listenKeyLive"]
+                keeper.cancel_scope.cancel()
+            # without keep-alives the key dies one lifetime after the last PUT (at 7200 s)
+            expired = await rec.until(lambda: [f for f in rec.frames()
+                                               if b"listenKeyExpired" in f.frame], within=3600)
+            stream.cancel_scope.cancel()
+    assert expired[0].at == pytest.approx(4 * 1800 + 3600)
+    assert len(sim.account.issued_listen_keys) == 1
+    assert len(rec.controls("opened")) == 1  # one stream, open throughout
+
+
+async def test_a_refused_keep_alive_is_retried_after_60_s(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with keyed_simulator() as (sim, api, _):
+        keys = ListenKeys(api)
+        await keys.create()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keys.keep_alive, never_replaced)
+            api.api_key = Secret("revoked-for-a-while")  # the PUT at 1800 s is refused
+            await trio.sleep(1800 + 30)
+            assert keys.extended == 0
+            api.api_key = Secret(API_KEY)
+            await trio.sleep(31)  # 1861 s: retried at 1860, not at 3600
+            assert keys.extended == 1
+            await trio.sleep(1800)  # and every 1800 s from there
+            assert keys.extended == 2
+            nursery.cancel_scope.cancel()
+        assert sim.account.state()["listenKeyLive"]
+
+
+async def test_listen_key_unknown_on_keep_alive_is_replaced_at_that_keep_alive(
+        autojump_clock: trio.testing.MockClock) -> None:
+    replaced_at: list[float] = []
+
+    async def on_replaced() -> None:
+        replaced_at.append(trio.current_time())
+
+    async with keyed_simulator() as (sim, api, _):
+        keys = ListenKeys(api)
+        old = await keys.create()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keys.keep_alive, on_replaced)
+            await trio.sleep(100)
+            # another process with the same API key closes it: the next PUT answers -1125
+            await api.keyed("DELETE", "/fapi/v1/listenKey", {"listenKey": old.value})
+            await trio.sleep(1800)
+            nursery.cancel_scope.cancel()
+        assert replaced_at == pytest.approx([1800])
+        assert sim.account.issued_listen_keys == [old.value, keys.current().value]
+        assert sim.account.state()["listenKeyLive"]
 
 
 # trio-websocket 0.12 never closes a client's TCP stream when the server closed the websocket
@@ -224,6 +311,8 @@ async def test_listen_key_is_kept_alive_past_its_lifetime(redis_server: LocalRed
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_listen_key_unknown_on_keep_alive_is_replaced_and_stream_reconnects(
         redis_server: LocalRedis) -> None:
+    # Real clock: the whole ingestor, whose writer thread and reconciliation talk to Redis (the
+    # keep-alive's timing alone is checked on the MockClock above).
     opts = UserOptions(keepalive_every=0.2)
     async with running(redis_server, opts=opts) as run:
         await snapshots_after(run, 1)

@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.eventlog import ControlEntry, FrameEntry
+from pipeline.eventlog import ControlEntry, FrameEntry, route_frame, stream_name
+from projections.core import frames
 from projections.core.market import (
     BookTickerProjection,
     KlineProjection,
@@ -246,3 +247,24 @@ def test_coalesce_keeps_the_newest_write_per_view() -> None:
     assert [b.version for b in books] == [110]
     assert orjson.loads(books[0].value)["last_update_id"] == 110
     assert sum(isinstance(o, ListPushIfNewer) for o in merged) == 1
+
+
+# --- the wrapper's bytes: what the ingestor routes by is what the projector coalesces by -----
+
+@pytest.mark.parametrize("data", [mark_price_data(), depth_data(), kline_data(), {}])
+def test_a_well_formed_frame_is_keyed_by_the_stream_name_it_is_routed_by(data: dict) -> None:
+    raw = orjson.dumps({"stream": "btcusdt@depth20@100ms", "data": data})
+    assert frames.wrapped_stream(raw) == stream_name(raw) == b"btcusdt@depth20@100ms"
+    assert route_frame(raw) == "raw:market:depth20"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","a":1',  # truncated
+    b'{"stream":"!markPrice@arr@1s","data":[{"e":"markPriceUpdate"}]}',  # a list payload
+    b'{"stream":"btcusdt@aggTrade","data":null}',
+    b'{"stream":"btcusdt@aggTrade","d":{"e":"aggTrade"}}',
+    b'{"data":{"e":"aggTrade"},"stream":"btcusdt@aggTrade"}',  # not Binance's field order
+    b'{"e":"aggTrade","s":"BTCUSDT"}',  # no wrapper (/ws/<stream>)
+])
+def test_a_frame_that_is_not_a_complete_wrapper_is_never_coalesced_away(raw: bytes) -> None:
+    assert frames.wrapped_stream(raw) is None

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.config import Secret, load_settings, redact_url
 from pipeline.errors import SettingsError
+from pipeline.localredis import free_port
 from pipeline.streams import Path, parse_stream_kind, plan_connections
 from tests.conftest import run_cli
 
@@ -31,6 +32,7 @@ def test_flag_wins_over_environment() -> None:
     [
         ("PIPELINE_MARKET_STREAMS", "markPrice@1s,depth7@100ms"),
         ("PIPELINE_MARKET_STREAMS", "kline_7m"),
+        ("PIPELINE_MARKET_STREAMS", "depth20@250ms"),  # 250 ms is written without a suffix
         ("PIPELINE_SYMBOLS", "BTC-USDT"),
         ("REDIS_URL", "http://localhost:6379"),
         ("BINANCE_WS_URL", "https://fstream.binance.com"),
@@ -59,6 +61,15 @@ def test_streams_are_routed_to_their_path() -> None:
     assert parse_stream_kind("bookTicker").path is Path.PUBLIC
     for spec in ("markPrice@1s", "aggTrade", "kline_1m", "forceOrder", "!markPrice@arr@1s"):
         assert parse_stream_kind(spec).path is Path.MARKET
+
+
+def test_depth_speeds_are_binances_own() -> None:
+    for spec in ("depth", "depth@100ms", "depth@500ms", "depth5", "depth10@100ms",
+                 "depth20@500ms"):
+        assert parse_stream_kind(spec).spec == spec
+    for spec in ("depth@250ms", "depth20@250ms", "depth20@1000ms", "depth20@"):
+        with pytest.raises(SettingsError):
+            parse_stream_kind(spec)
 
 
 def test_more_than_1024_streams_are_spread_over_connections() -> None:
@@ -91,6 +102,16 @@ def test_cli_unknown_stream_kind_exits_2_with_one_line() -> None:
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "PIPELINE_MARKET_STREAMS" in lines[0] and "bogus" in lines[0]
+
+
+def test_cli_undocumented_depth_speed_exits_2_with_one_line_giving_the_speeds() -> None:
+    # a Redis URL nothing listens on: were the setting taken, the command could go no further
+    res = run_cli("ingest", "market", env={"PIPELINE_MARKET_STREAMS": "depth20@250ms",
+                                           "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert res.returncode == 2
+    line, = res.stderr.strip().splitlines()
+    assert "PIPELINE_MARKET_STREAMS" in line and "depth20@250ms" in line
+    assert "@100ms" in line and "@500ms" in line
 
 
 def test_cli_unreachable_redis_exits_2_naming_redis_url() -> None:

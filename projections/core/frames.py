@@ -3,10 +3,10 @@
 Pure: imports neither trio nor redis.
 
 Why no attrs/cattrs models here: this is the hot path of the projector. Every market frame of
-every symbol passes through it, tens of thousands a second per process, and the issue's budget
-for the whole projector is >= 100,000 events/s. So a frame is parsed once with orjson and each
-view picks the handful of fields it stores into a plain tuple; unknown fields are never looked
-at, so new fields Binance adds cost nothing and break nothing
+every symbol passes through it, tens of thousands a second per process, and one projector
+process must fold >= 100,000 events/s, Redis round trips included. So a frame is parsed once
+with orjson and each view picks the handful of fields it stores into a plain tuple; unknown
+fields are never looked at, so new fields Binance adds cost nothing and break nothing
 (`bench/bench_folds.py` measures it). Prices and quantities stay the strings Binance sent.
 
 Payloads (Binance USDⓈ-M futures, 2026), all inside `{"stream": name, "data": payload}`:
@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from pipeline.eventlog import stream_name
 from projections.core.outputs import PoisonEntry
 
 
@@ -56,26 +57,18 @@ def unwrap(frame: bytes) -> tuple[str, Any] | None:
     raise PoisonEntry("frame is neither an object nor a list")
 
 
-_WRAPPER_HEAD = b'{"stream":"'
-_WRAPPER_DATA = b'","data":{'
-
-
 def wrapped_stream(frame: bytes) -> bytes | None:
     """The stream name of a well-formed combined frame `{"stream":"<name>","data":{...}}`,
-    read from its bytes without parsing; None for anything else (no wrapper, a list payload,
-    a frame that does not end like a complete wrapper, e.g. a truncated one).
+    read from its bytes without parsing (`pipeline.eventlog.stream_name`, the name the ingestor
+    routes by); None for anything else: no wrapper, a list payload, a frame that does not end
+    like a complete wrapper (a truncated one).
 
     Used to find the frames of a batch that a later frame of the same stream supersedes
     (`last_value_key` of the stateless folds): only the newest one is parsed. The checks are
     byte checks only, so a frame that passes them may still be poison; it is then parsed and
     dead-lettered only when it is the last of its stream in its batch.
     """
-    if not frame.startswith(_WRAPPER_HEAD) or not frame.endswith(b"}}"):
-        return None
-    end = frame.find(_WRAPPER_DATA, 11, 160)
-    if end < 0:
-        return None
-    return frame[11:end]
+    return stream_name(frame, True)
 
 
 def event_type(payload: Any) -> Any:

@@ -1,10 +1,12 @@
 """User-data events of Binance USD-M futures as attrs values, and the one converter that reads
 them off the wire. Pure: imports neither trio nor redis.
 
-`parse_user_frame(bytes) -> UserEvent` is the whole interface. The converter renames Binance's
-one-letter keys (`E` -> `event_time`, `o` -> `order`, ...), picks the class from the `"e"` tag
-and falls back to `UnknownEvent` for a type this version does not know. Unknown fields are
-ignored; a known event missing a field the folds need raises `BadEvent`.
+`decode_frame(bytes)` gives a frame's JSON object and `parse_user_event(payload) -> UserEvent`
+structures it, so that a fold looks at the `"e"` tag first and structures only the events it
+folds. The converter renames Binance's one-letter keys (`E` -> `event_time`, `o` -> `order`,
+...), picks the class from the `"e"` tag and falls back to `UnknownEvent` for a type this
+version does not know. Unknown fields are ignored; a known event missing a field the folds
+need raises `BadEvent`.
 
 The folds store order and position fields exactly as Binance sent them, so the models that feed
 a view keep the original mapping in `raw` next to the few typed fields the folds decide on.
@@ -225,8 +227,3 @@ def decode_frame(frame: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise BadEvent("frame is not a JSON object")
     return payload
-
-
-def parse_user_frame(frame: bytes) -> UserEvent:
-    """Parse the exact bytes of one user-data frame."""
-    return parse_user_event(decode_frame(frame))
