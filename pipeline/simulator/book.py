@@ -59,6 +59,12 @@ _KNOWN: dict[str, tuple[float, int, int, int, int]] = {
     "SOLUSDT": (200.0, 3, 10, 2, 1),
     "BNBUSDT": (650.0, 3, 10, 2, 1),
     "XRPUSDT": (2.5, 4, 1, 1, 1),
+    # TradFi perpetuals: equities and metals
+    "TSLAUSDT": (430.0, 2, 1, 2, 1),
+    "NVDAUSDT": (180.0, 2, 1, 2, 1),
+    "AAPLUSDT": (270.0, 2, 1, 2, 1),
+    "XAUUSDT": (4_000.0, 2, 1, 3, 1),
+    "XAGUSDT": (50.0, 3, 1, 2, 1),
 }
 
 

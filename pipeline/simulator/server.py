@@ -14,6 +14,19 @@ politely) or on `drop` (the TCP socket is closed without a close frame, as a net
 would). `/private/ws` goes to the account (`pipeline.simulator.account`, written separately; the
 market side runs without it).
 
+Paths, as Binance routes them since 2026-04-23: `/public/...` (depth, bookTicker),
+`/market/...` (everything else), `/private/ws`; the unrouted legacy `/ws/...` and
+`/stream?streams=...` still connect and serve the `/public` streams, while `/market` streams and
+user data named there are accepted and never sent. Any other path is refused with 404.
+
+Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, makes every
+event when it is due (`Market.advance`, see `cadence.py`) and wakes the connections that read
+it; each connection's sender then writes what its outbox holds, in the order it was made.
+Events carry their scheduled time as `E` and leave within about a millisecond of it.
+
+Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
+subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
+
 REST: `http.py` serves HTTP/1.1 with h11; `restapi.py` routes Binance's market endpoints (with
 their weights), the account's endpoints and the control API under `/sim/` to this object.
 """
@@ -24,11 +37,12 @@ import argparse
 import importlib
 import itertools
 import logging
+import math
 import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -38,15 +52,20 @@ import trio_websocket
 
 from pipeline.config import Settings
 from pipeline.errors import SettingsError
+from pipeline.simulator.cadence import Crash
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.http import WeightMeter, serve_http
+from pipeline.simulator.listings import market_symbols
 from pipeline.simulator.market import (
+    LEGACY,
     MARKET,
     PUBLIC,
     Market,
+    Outbox,
     StreamState,
     malformed_frames,
     parse_stream,
+    serves,
     streams_of_query,
 )
 from pipeline.simulator.restapi import RestApi
@@ -57,6 +76,9 @@ log = logging.getLogger("pipeline.simulator")
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 CLOSED_KEPT = 200  # closed connections remembered in stats
+CADENCE_QUANTUM = 0.001  # the market's clock wakes at most once a millisecond
+MAX_WRITE = 4096  # frames per write in cadence mode
+MARKET_PATHS = (PUBLIC, MARKET, LEGACY)
 
 
 class LockedStream(trio.abc.Stream):
@@ -103,6 +125,7 @@ class Connection:
         self.wake = trio.Event()
         self.bad: list[str | bytes] = []
         self.frames = 0
+        self.outbox = Outbox(self.poke)  # cadence mode: what the market made for this one
 
     def summary(self) -> dict[str, object]:
         return {"id": self.id, "path": self.path, "combined": self.combined,
@@ -141,7 +164,9 @@ class Simulator:
         self.config = config or SimConfig()
         self.sent: deque[tuple[str, bytes]] | None = deque(maxlen=record) if record else None
         self.clock = clock
-        self.market = Market(self.config.symbols, self.config.seed)
+        self.market = _market(self.config, int(clock() * 1000))
+        self._t0 = 0.0  # trio time of market time 0 (cadence mode)
+        self._market_changed = trio.Event()
         self.account = _load_account(self.config, clock)
         if hasattr(self.account, "set_mark_source"):
             # fills and positionRisk of the account price off the same book the streams show
@@ -173,6 +198,9 @@ class Simulator:
             rest_port = await nursery.start(serve_http, RestApi(self), cfg.host, cfg.rest_port)
             if cfg.script_account and self.account is not None:
                 nursery.start_soon(self.account.run_script)
+            self._t0 = trio.current_time() - (self.clock() * 1000 - self.market.base_ms) / 1000
+            if self.market.cadence:
+                nursery.start_soon(self._drive_market)
             self.ws_url = f"ws://{cfg.host}:{ws_port}"
             self.rest_url = f"http://{cfg.host}:{rest_port}"
             log.info("simulator listening", extra={"ws": self.ws_url, "rest": self.rest_url})
@@ -206,8 +234,9 @@ class Simulator:
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
             return  # the client left during the handshake
         path, combined, names, query = route
-        conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream,
-                          Pacer(self.market.rng, trio.current_time()), self.clock())
+        pacer = Pacer(self.market.rng, trio.current_time(), self._activity)
+        conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream, pacer,
+                          self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
         self.connections[conn.id] = conn
         self._notify()
@@ -235,7 +264,8 @@ class Simulator:
                     if not await self._subscribe_initial(conn, names):
                         return
                     tasks.start_soon(self._reader, conn, tasks.cancel_scope)
-                    tasks.start_soon(self._sender, conn)
+                    sender = self._cadence_sender if self.market.cadence else self._sender
+                    tasks.start_soon(sender, conn)
         if conn.abrupt or conn.stream.torn:
             await trio.aclose_forcefully(conn.stream.stream)
             return
@@ -267,18 +297,25 @@ class Simulator:
             pass
         return False
 
-    def _apply_streams(self, conn: Connection, added: tuple[str, ...],
-                       removed: tuple[str, ...]) -> None:
+    def _apply_streams(self, conn: Connection, added: Iterable[str],
+                       removed: Iterable[str]) -> None:
+        market = self.market
         for name in removed:
             state = conn.served.pop(name, None)
             if state is not None:
-                self.market.close_stream(state)
+                market.close_stream(state)
+        cadence = market.cadence
+        at = self.market_time() if cadence else 0.0
         for name in added:
-            spec = parse_stream(name, self.config.symbols)
+            spec = parse_stream(name, market.streaming())
             # a stream asked for on the wrong path is accepted and then never sent
-            if spec is not None and spec.path == conn.path:
-                conn.served[name] = self.market.open_stream(spec, conn.combined)
-        conn.pacer.set_streams(list(conn.served.values()), trio.current_time())
+            if spec is not None and serves(conn.path, spec.path) and name not in conn.served:
+                conn.served[name] = market.open_stream(
+                    spec, conn.combined, conn.outbox if cadence else None, at)
+        if cadence:
+            self._market_changed.set()
+        else:
+            conn.pacer.set_streams(list(conn.served.values()), trio.current_time())
         conn.poke()
 
     async def _reader(self, conn: Connection, done: trio.CancelScope) -> None:
@@ -320,17 +357,20 @@ class Simulator:
             if due:
                 now_ms = int(self.clock() * 1000)
                 counts = self.frames_by_stream
-                parts, payloads = [], []
+                parts: list[bytes] = []
+                payloads: list[bytes] = []
                 for state in due:
-                    payload = market.frame(state, now_ms).encode()
-                    parts.append(ws_frame(payload))
-                    payloads.append(payload)
-                    name = state.spec.name
-                    counts[name] = counts.get(name, 0) + 1
-                sent = await self._write(conn, b"".join(parts), len(due))
-                if sent and self.sent is not None:
-                    # recorded only once on the wire: a frame cut by the client's Close is not
-                    self.sent.extend((conn.id, p) for p in payloads)
+                    text = market.frame(state, now_ms)
+                    while text is not None:
+                        payload = text.encode()
+                        parts.append(ws_frame(payload))
+                        payloads.append(payload)
+                        name = state.spec.name
+                        counts[name] = counts.get(name, 0) + 1
+                        # the rest of a multi-message tick (TradFi rows, one session a market)
+                        text = (market.frame(state, now_ms)
+                                if state.spec.multi and state.seq < state.feed.next else None)
+                await self._send_frames(conn, parts, payloads)
                 if pacer.rate == 0:
                     continue
             wake_at = float("inf") if self.silent else pacer.next_time(trio.current_time())
@@ -338,6 +378,67 @@ class Simulator:
                 await conn.wake.wait()
             if conn.wake.is_set():
                 conn.wake = trio.Event()
+
+    async def _send_frames(self, conn: Connection, parts: list[bytes],
+                           payloads: list[bytes]) -> None:
+        if not parts:
+            await trio.lowlevel.checkpoint()
+            return
+        sent = await self._write(conn, b"".join(parts), len(parts))
+        if sent and self.sent is not None:
+            # recorded only once on the wire: a frame cut by the client's Close is not
+            self.sent.extend((conn.id, p) for p in payloads)
+
+    async def _cadence_sender(self, conn: Connection) -> None:
+        """Cadence mode: write what the market's clock made for this connection, in order."""
+        market, pending = self.market, conn.outbox.pending
+        counts = self.frames_by_stream
+        while True:
+            if conn.bad:
+                await self._send_malformed(conn)
+            if pending and self.silent:
+                pending.clear()
+            if pending:
+                parts: list[bytes] = []
+                payloads: list[bytes] = []
+                while pending and len(parts) < MAX_WRITE:
+                    state = pending.popleft()
+                    text = market.take(state) if state.active else None
+                    if text is None:
+                        continue
+                    payload = text.encode()
+                    parts.append(ws_frame(payload))
+                    payloads.append(payload)
+                    name = state.spec.name
+                    counts[name] = counts.get(name, 0) + 1
+                await self._send_frames(conn, parts, payloads)
+                continue
+            await conn.wake.wait()
+            conn.wake = trio.Event()
+
+    def market_time(self) -> float:
+        """Seconds on the market's clock (cadence mode): 0 at the simulator's start."""
+        return trio.current_time() - self._t0
+
+    async def _drive_market(self) -> None:
+        """The exchange's own clock: make every event when it is due."""
+        market = self.market
+        while True:
+            due = market.schedule.next_due()
+            wake_at = self._t0 + math.ceil(due / CADENCE_QUANTUM) * CADENCE_QUANTUM
+            with trio.move_on_at(wake_at if due != math.inf else math.inf):
+                await self._market_changed.wait()
+            if self._market_changed.is_set():
+                self._market_changed = trio.Event()
+            market.advance(self.market_time())
+
+    def advance_market(self) -> None:
+        """Cadence mode: bring the market up to now (REST answers what the streams show)."""
+        if self.market.cadence:
+            self.market.advance(self.market_time())
+
+    def _activity(self, symbol: str | None) -> float:
+        return self.market.activity(symbol, int(self.clock() * 1000))
 
     async def _write(self, conn: Connection, data: bytes, frames: int) -> bool:
         """Send `data` unless the connection is closing; True when it went out."""
@@ -399,7 +500,7 @@ class Simulator:
 
     def send_malformed(self, count: int = 5) -> int:
         """Every market connection gets `count` bad frames (see `market.malformed_frames`)."""
-        conns = [c for c in self.connections.values() if c.path in (PUBLIC, MARKET)]
+        conns = [c for c in self.connections.values() if c.path in MARKET_PATHS]
         frames = malformed_frames(count, int(self.clock() * 1000))
         for conn in conns:
             conn.bad.extend(frames)
@@ -426,6 +527,7 @@ class Simulator:
             conn.poke()
 
     def stats(self) -> dict[str, object]:
+        market = self.market
         return {
             "frames_total": self.frames_total,
             "frames_by_stream": dict(self.frames_by_stream),
@@ -435,7 +537,67 @@ class Simulator:
             "silent": self.silent,
             "rate": self.rate, "burst": self.burst, "burst_every": self.burst_every,
             "weight_used_1m": self.weight.current(self.clock()),
+            "cadence": market.cadence,
+            "crash": market.cadence and market.crash.on(self.market_time()),
+            "symbols_trading": len(market.symbols),
         }
+
+    # --- the market's listings, sessions and crash (also under /sim/market/) ---------------
+
+    def list_symbol(self, symbol: str, contract_type: str | None = None) -> dict[str, object]:
+        """List `symbol` now (TRADING); connections that named its streams start serving."""
+        symbol = symbol.upper()
+        listing = self.market.list_symbol(symbol, contract_type, int(self.clock() * 1000))
+        self._restream(symbol, start=True)
+        return {"symbol": listing.symbol, "contractType": listing.contract_type,
+                "status": listing.status}
+
+    def delist(self, symbol: str) -> dict[str, object]:
+        """Delist `symbol` now (SETTLING): its streams go quiet on every connection."""
+        symbol = symbol.upper()
+        listing = self.market.delist(symbol, int(self.clock() * 1000))
+        self._restream(symbol, start=False)
+        return {"symbol": listing.symbol, "status": listing.status}
+
+    def _restream(self, symbol: str, start: bool) -> None:
+        head = symbol.lower() + "@"
+        for conn in self.connections.values():
+            if conn.path not in MARKET_PATHS:
+                continue
+            names = [n for n in conn.protocol.streams if n.startswith(head)]
+            if names:
+                self._apply_streams(conn, names if start else (), () if start else names)
+
+    def set_session(self, market: str, session_type: str | None) -> dict[str, object]:
+        """Force the session of a TradFi underlying market (EQUITY, COMMODITY, KR_EQUITY, or a
+        TradFi symbol's own) from now until cleared with None."""
+        listing = self.market.listings.get(market.upper())
+        name = listing.tradfi_market if listing is not None else market.upper()
+        if name is None:
+            raise ValueError(f"{market} is not a TradFi symbol")
+        now_ms = int(self.clock() * 1000)
+        self.market.hours.force(name, session_type, now_ms)
+        current = self.market.hours.current(name, now_ms)
+        return {"market": name, "type": current.type, "startTime": current.start}
+
+    def set_crash(self, on: bool | None, multiplier: float | None = None) -> dict[str, object]:
+        """Start or stop the crash phase of cadence mode (None: back to the schedule)."""
+        if not self.market.cadence:
+            raise ValueError("the crash phase needs cadence mode")
+        self.market.set_crash(on, multiplier)
+        return {"crash": self.market.crash.on(self.market_time()),
+                "multiplier": self.market.crash.multiplier}
+
+
+def _market(config: SimConfig, now_ms: int) -> Market:
+    symbols = (market_symbols(config.symbols, config.market_size) if config.market_size
+               else config.symbols)
+    return Market(
+        symbols, config.seed, coinm=config.coinm_symbols if config.coinm_in_arr else (),
+        tradfi=config.tradfi, tradfi_hours=config.tradfi_hours,
+        off_hours=config.tradfi_off_hours, cadence_mode=config.cadence,
+        crash=Crash(config.crash_multiplier, config.crash_after, config.crash_seconds),
+        now_ms=now_ms)
 
 
 def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
@@ -443,9 +605,12 @@ def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
     parts = urlsplit(target)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     segments = [unquote(s) for s in parts.path.split("/") if s]
-    if len(segments) < 2 or segments[0] not in (PUBLIC, MARKET, "private"):
+    if segments and segments[0] in ("ws", "stream"):
+        kind, form, rest = LEGACY, segments[0], segments[1:]
+    elif len(segments) >= 2 and segments[0] in (PUBLIC, MARKET, "private"):
+        kind, form, rest = segments[0], segments[1], segments[2:]
+    else:
         return None
-    kind, form, rest = segments[0], segments[1], segments[2:]
     if kind == "private":
         if form != "ws":
             return None
@@ -483,6 +648,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-secret", default="sim-api-secret")
     parser.add_argument("--ed25519-public-key-file", default=None,
                         help="PEM file: the account also accepts Ed25519-signed requests")
+    _add_market_arguments(parser)
+
+
+def _add_market_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tradfi", default="",
+                        help="TradFi perpetuals to list too, e.g. TSLAUSDT,XAUUSDT")
+    parser.add_argument("--tradfi-hours", default="weekly", choices=("weekly", "open", "closed"),
+                        help="sessions of their underlying markets")
+    parser.add_argument("--tradfi-off-hours", default="thin", choices=("thin", "quiet"),
+                        help="outside a session: thin trading (Binance) or no frames at all")
+    parser.add_argument("--no-coinm", action="store_true",
+                        help="no COIN-M rows in !markPrice@arr (as before 2026-06-30)")
+    parser.add_argument("--cadence", action="store_true",
+                        help="whole-market mode: every stream at its own rate (no --rate)")
+    parser.add_argument("--market-size", type=int, default=0,
+                        help="list generated symbols after --symbols until there are this many")
+    parser.add_argument("--crash-multiplier", type=float, default=5.0)
+    parser.add_argument("--crash-after", type=float, default=None,
+                        help="cadence mode: seconds until a crash phase starts")
+    parser.add_argument("--crash-seconds", type=float, default=60.0)
 
 
 def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
@@ -501,11 +686,20 @@ def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
             burst=args.burst, burst_every=args.burst_every,
             api_key=args.api_key, api_secret=args.api_secret,
             listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
-            script_account=args.script_account, ed25519_public_key_pem=pem)
+            script_account=args.script_account, ed25519_public_key_pem=pem,
+            **_market_settings(args))
     except ValueError as exc:
         # SimConfig's messages start with the field's name, which is the flag's name
         field = str(exc).split(" ", 1)[0]
         raise SettingsError(f"--{field.replace('_', '-')}", str(exc)) from None
+
+
+def _market_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tradfi": args.tradfi, "tradfi_hours": args.tradfi_hours,
+            "tradfi_off_hours": args.tradfi_off_hours, "coinm_in_arr": not args.no_coinm,
+            "cadence": args.cadence, "market_size": args.market_size,
+            "crash_multiplier": args.crash_multiplier, "crash_after": args.crash_after,
+            "crash_seconds": args.crash_seconds}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
