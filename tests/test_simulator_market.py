@@ -12,8 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,53 +22,17 @@ import pytest
 import trio
 import trio_websocket
 
-from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.book import Book, symbol_spec
 from pipeline.simulator.market import Market, malformed_frames, parse_stream
 from pipeline.simulator.session import ControlProtocol, Pacer
 from tests.conftest import run_cli
+from tests.simulator_support import Start, connect, sim_starter, until_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
-Start = Callable[..., Awaitable[tuple[Simulator, str, str]]]
-
-
 @pytest.fixture
 def start_sim(nursery: trio.Nursery) -> Start:
-    async def start(record: int = 0, **kwargs: Any) -> tuple[Simulator, str, str]:
-        sim = Simulator(SimConfig(**kwargs), record=record)
-        ws_url, rest_url = await nursery.start(sim.run)
-        return sim, ws_url, rest_url
-    return start
-
-
-@asynccontextmanager
-async def connect(url: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A trio-websocket client that also closes its socket when the server closed first
-    (trio-websocket's own `open_websocket` leaves it to the garbage collector then)."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    resource = parts.path + (f"?{parts.query}" if parts.query else "")
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, parts.hostname, resource, max_message_size=4 * 1024 * 1024)
-            try:
-                yield ws
-            finally:
-                await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def until_reply(ws: trio_websocket.WebSocketConnection, req_id: int) -> Any:
-    """Read past data frames to the answer of control message `req_id`."""
-    while True:
-        msg = orjson.loads(await ws.get_message())
-        if isinstance(msg, dict) and msg.get("id") == req_id:
-            return msg
+    return sim_starter(nursery)
 
 
 # --- websocket protocol ----------------------------------------------------------------------
