@@ -15,7 +15,9 @@ since the simulator started.
   The symbol's rate falls with its rank in the listing, `TOP_TRADES_PER_S / rank` (Zipf):
   BTCUSDT ~100 a second, the 500th symbol one every five seconds.
 - bookTicker follows the same cluster process at twice the trade rate; the book itself changes
-  `3 x trades + 5` times a second (a Poisson process); forceOrder at most once a second.
+  `3 x trades + 5` times a second (a Poisson process) while a depth or bookTicker stream of the
+  symbol is read, once a second otherwise (its mid price still moves under mark prices, trades
+  and candles, and a whole market of books costs little); forceOrder at most once a second.
 - The crash phase multiplies trades, book changes, book tickers and liquidations by
   `multiplier` (default 5): from `crash_after` seconds for `crash_seconds`, or while switched
   on over HTTP (`/sim/market/crash`).
@@ -41,6 +43,7 @@ CLUSTER_GAP_S = 0.001
 # mean of min(CLUSTER_CAP, floor(Pareto(alpha))) = sum of P(size >= k)
 MEAN_CLUSTER = sum(k ** -CLUSTER_ALPHA for k in range(1, CLUSTER_CAP + 1))
 LIQUIDATIONS_PER_S = 0.02
+IDLE_BOOK_CHANGES_PER_S = 1.0
 OFF_HOURS_ACTIVITY = 0.1  # TradFi outside a session: weekend volume is a tenth or less
 BURSTY = ("aggTrade", "bookTicker")
 
@@ -66,6 +69,11 @@ def trade_rates(symbols: Iterable[str]) -> dict[str, float]:
     """Trades a second of each symbol by its rank: heavy-tailed across the market."""
     return {s: max(MIN_TRADES_PER_S, TOP_TRADES_PER_S / rank)
             for rank, s in enumerate(symbols, start=1)}
+
+
+def book_rate(trades_per_s: float) -> float:
+    """Changes a second of a book someone reads."""
+    return 3 * trades_per_s + 5
 
 
 class BurstClock:

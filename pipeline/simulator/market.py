@@ -58,6 +58,7 @@ LEGACY = "legacy"  # the unrouted /ws and /stream paths
 _SPEEDS = {"100ms": 0.1, "500ms": 0.5}
 FUNDING_MS = 8 * 3_600_000
 MULTI_MESSAGE = ("markPrice_arr", "tradingSession")
+BOOK_KINDS = ("depth", "partial", "bookTicker")
 
 
 def serves(conn_path: str, stream_path: str) -> bool:
@@ -142,6 +143,7 @@ class SymbolMarket:
         self.frozen_index: int | None = None  # an equity's index outside its sessions
         self.delivery = listing is not None and listing.contract_type in listings.QUARTERS
         self.feeds = 0  # live feeds reading this symbol (cadence: its book moves meanwhile)
+        self.book_feeds = 0  # of which depth and bookTicker (cadence: the book moves fast)
         pair = listing.pair if listing is not None else spec.symbol
         self.head = f'"s":"{spec.symbol}","ps":"{pair}"'
         self.tail = f',"st":{symbol_type}}}'
@@ -225,6 +227,7 @@ class Market:
         for s in tradfi:
             self.listings[s] = listings.new_listing(s, listings.TRADIFI, now_ms)
         self._streaming = {s for s, x in self.listings.items() if x.status == listings.TRADING}
+        self._tradfi = any(x.contract_type == listings.TRADIFI for x in self.listings.values())
         self.coinm = tuple(coinm)
         self.hours = TradingHours(tradfi_hours)
         self.off_hours = off_hours
@@ -266,6 +269,7 @@ class Market:
         listing = listings.new_listing(symbol, contract_type, now_ms, onboard_ms=now_ms)
         self.listings[symbol] = listing
         self._streaming.add(symbol)
+        self._tradfi |= listing.contract_type == listings.TRADIFI
         self._rates[symbol] = cadence.trade_rates([*self._rates, symbol])[symbol]
         return listing
 
@@ -316,6 +320,8 @@ class Market:
     # -- TradFi sessions --
 
     def in_session(self, symbol: str, now_ms: int) -> bool:
+        if not self._tradfi:
+            return True
         listing = self.listings.get(symbol)
         market = listing.tradfi_market if listing is not None else None
         return market is None or self.hours.in_session(market, now_ms)
@@ -343,6 +349,7 @@ class Market:
             if spec.symbol is not None:
                 sm = self.symbol(spec.symbol)
                 sm.feeds += 1
+                sm.book_feeds += spec.kind in BOOK_KINDS
                 if spec.kind in ("depth", "partial"):
                     feed.cursor, feed.breaks = sm.book.reader_cursor(), sm.book.breaks
                 if self.cadence and sm.feeds == 1:
@@ -369,7 +376,9 @@ class Market:
             del self._feeds[feed.spec.name]
             feed.closed = True
             if feed.spec.symbol is not None:
-                self.symbol(feed.spec.symbol).feeds -= 1
+                sm = self.symbol(feed.spec.symbol)
+                sm.feeds -= 1
+                sm.book_feeds -= feed.spec.kind in BOOK_KINDS
 
     # -- events on demand (a connection's pacer) --
 
@@ -402,7 +411,9 @@ class Market:
         feed.next += 1
 
     def _trim(self, feed: Feed) -> None:
-        low = min((r.seq for r in feed.readers), default=feed.next)
+        readers = feed.readers
+        low = readers[0].seq if len(readers) == 1 else min((r.seq for r in readers),
+                                                            default=feed.next)
         events = feed.events
         while len(events) > 1 and (feed.first < low or len(events) > FEED_HISTORY):
             events.popleft()
@@ -465,7 +476,7 @@ class Market:
             if payload is not None:
                 self._publish(feed, payload)
         if feed.clock is None:
-            return due + spec.interval
+            return round(due + spec.interval, 6)  # stays on the grid: no drift in a day
         return due + self._gap(feed, due)
 
     def _publish(self, feed: Feed, payload: str) -> None:
@@ -485,17 +496,21 @@ class Market:
         self._trim(feed)
 
     def _start_book(self, sm: SymbolMarket, at: float) -> None:
+        """The symbol's book changes on its own clock while any of its streams is read; at
+        `cadence.book_rate` while someone reads the book itself, slowly otherwise (the mid
+        price still moves under mark prices, trades and candles)."""
         clock = cadence.PoissonClock(random.Random(f"{self.seed}:{sm.spec.symbol}:book"))
-        rate = 3 * self._rates.get(sm.spec.symbol, cadence.MIN_TRADES_PER_S) + 5
+        full = cadence.book_rate(self._rates.get(sm.spec.symbol, cadence.MIN_TRADES_PER_S))
 
         def step(due: float) -> float | None:
             if sm.feeds <= 0:
                 return None
             sm.book.step()
+            rate = full if sm.book_feeds > 0 else cadence.IDLE_BOOK_CHANGES_PER_S
             factor = self.crash.factor(due) * self.activity(sm.spec.symbol, self.ms(due))
             return due + clock.gap(rate * factor)
 
-        self.schedule.add(at + clock.gap(rate), step)
+        self.schedule.add(at + clock.gap(full), step)
 
     def set_crash(self, on: bool | None, multiplier: float | None = None) -> None:
         """Start (True) or stop (False) the crash phase; None returns to the configured

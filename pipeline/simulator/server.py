@@ -425,8 +425,9 @@ class Simulator:
         market = self.market
         while True:
             due = market.schedule.next_due()
-            wake_at = self._t0 + math.ceil(due / CADENCE_QUANTUM) * CADENCE_QUANTUM
-            with trio.move_on_at(wake_at if due != math.inf else math.inf):
+            wake_at = (math.inf if due == math.inf
+                       else self._t0 + math.ceil(due / CADENCE_QUANTUM) * CADENCE_QUANTUM)
+            with trio.move_on_at(wake_at):
                 await self._market_changed.wait()
             if self._market_changed.is_set():
                 self._market_changed = trio.Event()
