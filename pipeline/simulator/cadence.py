@@ -7,9 +7,13 @@ symbol's book, and `Market.advance(t)` pops them in time order, so every piece o
 since the simulator started.
 
 - Fixed cadences, aligned to their period on the market clock: markPrice@1s once a second,
-  markPrice every 3 s, kline every 250 ms, depth@100ms ten times a second, depth (no suffix)
-  every 250 ms, depth@500ms twice a second, !markPrice@arr and tradingSession on their periods.
-- Trades (aggTrade) come in clusters: clusters arrive as a Poisson process and each holds a
+  markPrice every 3 s, kline every 250 ms when its candle changed ("every 250 milliseconds
+  (if existing)", Binance's words: a quiet symbol's candle is sent when it trades and when it
+  closes), depth@100ms ten times a second when the book changed, depth (no suffix) every
+  250 ms, depth@500ms twice a second, !markPrice@arr and tradingSession on their periods.
+- Each symbol trades on its own clock while any of its streams is read (its candles and last
+  price move whoever reads its trades; an aggTrade stream publishes them), in clusters:
+  clusters arrive as a Poisson process and each holds a
   Pareto-distributed number of trades (alpha 1.5: mean ~2.5, unbounded variance, capped at
   300) about a millisecond apart, so a second can hold a handful of trades or hundreds.
   The symbol's rate falls with its rank in the listing, `TOP_TRADES_PER_S / rank` (Zipf):

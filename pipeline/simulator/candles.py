@@ -156,6 +156,7 @@ class CandleSeries:
         self.until: int | None = None  # no candle opens at or after this (a delisted symbol)
         self.current = self._flat(start, price, trade_id)
         self.closed: deque[Kline] = deque(maxlen=KEPT_CLOSED)
+        self.version = 0  # bumped by every change: a kline stream pushes only after one
 
     def _flat(self, start: int, price: int, trade_id: int) -> Kline:
         return Kline(start, candle_next(self.interval, start) - 1, trade_id + 1, price, price,
@@ -166,10 +167,13 @@ class CandleSeries:
         if self.until is not None:
             now_ms = min(now_ms, self.until - 1)
         k = self.current
+        if now_ms <= k.end:
+            return
         while now_ms > k.end:
             self.closed.append(k)
             k = self._flat(k.end + 1, k.close, k.last_trade)
         self.current = k
+        self.version += 1
 
     def trade(self, now_ms: int, price: int, qty: int, taker_buy: bool, trades: int,
               last_trade: int) -> None:
@@ -183,11 +187,13 @@ class CandleSeries:
             k.taker_volume += qty
         k.trades += trades
         k.last_trade = last_trade
+        self.version += 1
 
     def follow(self, price: int) -> None:
         """The open candle follows the book's mid even when nothing trades."""
         k = self.current
         k.high, k.low, k.close = max(k.high, price), min(k.low, price), price
+        self.version += 1
 
     def closed_at(self, start: int) -> Kline | None:
         """The closed candle that opened at `start`, if it is still kept."""

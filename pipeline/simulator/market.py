@@ -40,6 +40,7 @@ the `Outbox` of every connection that reads the stream (`take`).
 from __future__ import annotations
 
 import functools
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Container, Iterable
@@ -142,8 +143,9 @@ class SymbolMarket:
         self.last_trade: tuple[int, int] | None = None  # (price units, time ms)
         self.frozen_index: int | None = None  # an equity's index outside its sessions
         self.delivery = listing is not None and listing.contract_type in listings.QUARTERS
-        self.feeds = 0  # live feeds reading this symbol (cadence: its book moves meanwhile)
+        self.feeds = 0  # live feeds reading this symbol (cadence: it trades meanwhile)
         self.book_feeds = 0  # of which depth and bookTicker (cadence: the book moves fast)
+        self.trade_feed: Feed | None = None  # cadence: where its trades are published
         pair = listing.pair if listing is not None else spec.symbol
         self.head = f'"s":"{spec.symbol}","ps":"{pair}"'
         self.tail = f',"st":{symbol_type}}}'
@@ -179,6 +181,7 @@ class Feed:
     next: int = 0  # sequence number the next new event gets
     readers: list[StreamState] = attrs.field(factory=list)
     kline_open: int = -1
+    kline_version: int = -1  # cadence: the candle's version this stream last pushed
     clock: cadence.BurstClock | cadence.PoissonClock | None = None  # cadence, irregular kinds
     closed: bool = False  # no reader left: its cadence stops
 
@@ -221,6 +224,7 @@ class Market:
         self.seed = seed
         self.rng = random.Random(seed)
         self.base_ms = now_ms - now_ms % 1000  # market time 0 (cadence mode)
+        self.tick = 0.0  # cadence: the market clock's tick (see `stamp`), set by the server
         self.listings: dict[str, listings.Listing] = {}
         for s in symbols:
             self.listings[s] = listings.new_listing(s, None, now_ms)
@@ -354,6 +358,7 @@ class Market:
                     feed.cursor, feed.breaks = sm.book.reader_cursor(), sm.book.breaks
                 if self.cadence and sm.feeds == 1:
                     self._start_book(sm, at)
+                    self._start_trades(sm, at)
             if self.cadence:
                 self._start_feed(feed, at)
         prefix, suffix = (f'{{"stream":"{spec.name}","data":', "}") if combined else ("", "")
@@ -379,6 +384,8 @@ class Market:
                 sm = self.symbol(feed.spec.symbol)
                 sm.feeds -= 1
                 sm.book_feeds -= feed.spec.kind in BOOK_KINDS
+                if sm.trade_feed is feed:
+                    sm.trade_feed = None
 
     # -- events on demand (a connection's pacer) --
 
@@ -444,8 +451,21 @@ class Market:
     def ms(self, t: float) -> int:
         return self.base_ms + round(t * 1000)
 
+    def stamp(self, due: float) -> int:
+        """The event time (E, ms) of an event due at market time `due`: the tick of the
+        market's clock it is made in (`tick` seconds; 0: exactly `due`), so frames leave as
+        soon as they are stamped and fixed cadences stay on whole seconds."""
+        tick = self.tick
+        if tick:
+            due = math.ceil(round(due / tick, 6)) * tick
+        return self.base_ms + round(due * 1000)
+
     def _start_feed(self, feed: Feed, at: float) -> None:
         spec = feed.spec
+        if spec.kind == "aggTrade":
+            # the symbol trades on its own clock (`_start_trades`); this stream publishes it
+            self.symbol(spec.symbol or "").trade_feed = feed
+            return
         rng = random.Random(f"{self.seed}:{spec.name}")
         if spec.kind in cadence.BURSTY:
             feed.clock = cadence.BurstClock(rng)
@@ -463,15 +483,18 @@ class Market:
             rate *= 2
         elif spec.kind == "forceOrder":
             rate = cadence.LIQUIDATIONS_PER_S * rate ** 0.5
-        rate *= self.crash.factor(t) * self.activity(spec.symbol, self.ms(t))
+        rate *= self.crash.factor(t)
+        if self._tradfi:
+            rate *= self.activity(spec.symbol, self.ms(t))
         return feed.clock.gap(rate)
 
     def _fire_feed(self, feed: Feed, due: float) -> float | None:
+        # the hot path of cadence mode (thousands a second): calls inlined where it counts
         if feed.closed:
             return None
         spec = feed.spec
-        now_ms = self.ms(due)
-        if not self._quiet(spec.symbol, now_ms):
+        now_ms = self.stamp(due)
+        if not (self._tradfi and self._quiet(spec.symbol, now_ms)):
             payload = self._makers[spec.kind](feed, now_ms)
             if payload is not None:
                 self._publish(feed, payload)
@@ -480,20 +503,34 @@ class Market:
         return due + self._gap(feed, due)
 
     def _publish(self, feed: Feed, payload: str) -> None:
-        self._append(feed, payload)
+        events = feed.events
+        events.append(payload)
         made = 1
         if self._spill:
-            for extra in self._spill:
-                self._append(feed, extra)
+            events.extend(self._spill)
             made += len(self._spill)
             self._spill.clear()
-        for reader in feed.readers:
+        feed.next += made
+        readers = feed.readers
+        for reader in readers:
             box = reader.outbox
             if box is not None:
-                for _ in range(made):
+                if made == 1:
                     box.pending.append(reader)
+                else:
+                    box.pending.extend([reader] * made)
                 self._woken[id(box)] = box
-        self._trim(feed)
+        if len(readers) == 1:
+            # one reader, the usual case: drop what it has already taken
+            drop = readers[0].seq - feed.first
+            while drop > 0 and len(events) > 1:
+                events.popleft()
+                feed.first += 1
+                drop -= 1
+            if len(events) > FEED_HISTORY:
+                self._trim(feed)
+        else:
+            self._trim(feed)
 
     def _start_book(self, sm: SymbolMarket, at: float) -> None:
         """The symbol's book changes on its own clock while any of its streams is read; at
@@ -511,6 +548,29 @@ class Market:
             return due + clock.gap(rate * factor)
 
         self.schedule.add(at + clock.gap(full), step)
+
+    def _start_trades(self, sm: SymbolMarket, at: float) -> None:
+        """The symbol trades on its own clock while any of its streams is read, whoever reads
+        its trades: candles and the last price move with them; an aggTrade stream, if one is
+        read, publishes each."""
+        symbol = sm.spec.symbol
+        clock = cadence.BurstClock(random.Random(f"{self.seed}:{symbol}:trades"))
+        base = self._rates.get(symbol, cadence.MIN_TRADES_PER_S)
+
+        def trade(due: float) -> float | None:
+            if sm.feeds <= 0:
+                return None
+            now_ms = self.stamp(due)
+            if not (self._tradfi and self._quiet(symbol, now_ms)):
+                payload = self._trade(sm, now_ms)
+                if sm.trade_feed is not None:
+                    self._publish(sm.trade_feed, payload)
+            rate = base * self.crash.factor(due)
+            if self._tradfi:
+                rate *= self.activity(symbol, now_ms)
+            return due + clock.gap(rate)
+
+        self.schedule.add(at + clock.gap(base), trade)
 
     def set_crash(self, on: bool | None, multiplier: float | None = None) -> None:
         """Start (True) or stop (False) the crash phase; None returns to the configured
@@ -602,7 +662,11 @@ class Market:
                 f'"b":{book.bids.levels_json(n)},"a":{book.asks.levels_json(n)}{sm.tail}')
 
     def _agg_trade(self, feed: Feed, now_ms: int) -> str:
-        sm = self.symbol(feed.spec.symbol or "")
+        return self._trade(self.symbol(feed.spec.symbol or ""), now_ms)
+
+    def _trade(self, sm: SymbolMarket, now_ms: int) -> str:
+        """One aggregated trade of `sm` at the best price of a side: ids, candles, last price
+        move; its aggTrade payload."""
         rng, spec = sm.rng, sm.spec
         maker = rng.random() < 0.5
         price = sm.book.bids.best() if maker else sm.book.asks.best()
@@ -635,7 +699,7 @@ class Market:
         series.roll(now_ms)
         return series
 
-    def _kline(self, feed: Feed, now_ms: int) -> str:
+    def _kline(self, feed: Feed, now_ms: int) -> str | None:
         sm = self.symbol(feed.spec.symbol or "")
         interval = feed.spec.kline
         series = self.candles(sm, interval, now_ms)
@@ -645,8 +709,13 @@ class Market:
             done = series.closed_at(sent) if sent >= 0 else None
             if done is not None:
                 # the candle this stream showed last has closed: its final values, once
+                feed.kline_version = series.version
                 return kline_event(sm.spec, done, interval, now_ms, True)
-        series.follow(sm.book.mid_units())
+        elif self.cadence and feed.kline_version == series.version:
+            return None  # "every 250 ms (if existing)": nothing changed, nothing sent
+        if not self.cadence:
+            series.follow(sm.book.mid_units())
+        feed.kline_version = series.version
         return kline_event(sm.spec, k, interval, now_ms, False)
 
     def _book_ticker(self, feed: Feed, now_ms: int) -> str:

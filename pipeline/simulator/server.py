@@ -19,10 +19,11 @@ Paths, as Binance routes them since 2026-04-23: `/public/...` (depth, bookTicker
 `/stream?streams=...` still connect and serve the `/public` streams, while `/market` streams and
 user data named there are accepted and never sent. Any other path is refused with 404.
 
-Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, makes every
-event when it is due (`Market.advance`, see `cadence.py`) and wakes the connections that read
-it; each connection's sender then writes what its outbox holds, in the order it was made.
-Events carry their scheduled time as `E` and leave within about a millisecond of it.
+Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, wakes every
+5 ms (`CADENCE_TICK`), makes every event due by then (`Market.advance`, see `cadence.py`) and
+wakes the connections that read them; each connection's sender then writes what its outbox
+holds, in the order it was made. An event's `E` is the tick it was made in, so a frame leaves
+within a fraction of a millisecond of its `E`.
 
 Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
 subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
@@ -76,7 +77,10 @@ log = logging.getLogger("pipeline.simulator")
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 CLOSED_KEPT = 200  # closed connections remembered in stats
-CADENCE_QUANTUM = 0.001  # the market's clock wakes at most once a millisecond
+# The market's clock wakes on a 5 ms grid and makes everything due by then: every trio wake
+# costs an exception (its deadline cancels a scope), and thousands a second would cost the
+# simulator a tenth of a core.
+CADENCE_TICK = 0.005
 MAX_WRITE = 4096  # frames per write in cadence mode
 MARKET_PATHS = (PUBLIC, MARKET, LEGACY)
 
@@ -200,6 +204,7 @@ class Simulator:
                 nursery.start_soon(self.account.run_script)
             self._t0 = trio.current_time() - (self.clock() * 1000 - self.market.base_ms) / 1000
             if self.market.cadence:
+                self.market.tick = CADENCE_TICK
                 nursery.start_soon(self._drive_market)
             self.ws_url = f"ws://{cfg.host}:{ws_port}"
             self.rest_url = f"http://{cfg.host}:{rest_port}"
@@ -426,17 +431,19 @@ class Simulator:
         while True:
             due = market.schedule.next_due()
             wake_at = (math.inf if due == math.inf
-                       else self._t0 + math.ceil(due / CADENCE_QUANTUM) * CADENCE_QUANTUM)
+                       else self._t0 + math.ceil(round(due / CADENCE_TICK, 6)) * CADENCE_TICK)
             with trio.move_on_at(wake_at):
                 await self._market_changed.wait()
             if self._market_changed.is_set():
                 self._market_changed = trio.Event()
-            market.advance(self.market_time())
+            self.advance_market()
 
     def advance_market(self) -> None:
-        """Cadence mode: bring the market up to now (REST answers what the streams show)."""
+        """Cadence mode: make what is due up to the last tick of the market's clock (REST then
+        answers what the streams show); never later, so no `E` is in the future."""
         if self.market.cadence:
-            self.market.advance(self.market_time())
+            ticks = math.floor(round(self.market_time() / CADENCE_TICK, 6))
+            self.market.advance(ticks * CADENCE_TICK)
 
     def _activity(self, symbol: str | None) -> float:
         return self.market.activity(symbol, int(self.clock() * 1000))
