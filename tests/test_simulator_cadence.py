@@ -9,7 +9,12 @@ over real sockets.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +29,7 @@ from tests.conftest import run_cli
 from tests.simulator_support import Start, connect, sim_starter
 from tests.test_simulator_market import LocalBook
 
+ROOT = Path(__file__).resolve().parent.parent
 SYMBOLS = market_symbols(("BTCUSDT", "ETHUSDT"), 550)
 TAIL = SYMBOLS[499].lower()  # the 500th symbol by trading
 NOW_MS = 1_793_615_400_000
@@ -175,6 +181,29 @@ async def test_cadence_diff_depth_follows_binance_sequencing_against_a_snapshot(
                                 params={"symbol": "BTCUSDT", "limit": 1000})).json()
     # the snapshot is of now; the events the client applied stop at or before it
     assert later["lastUpdateId"] >= book.prev_u
+
+
+def test_the_command_lists_the_whole_market_tradfi_and_runs_the_cadence() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "BINANCE_"))}
+    argv = [sys.executable, "-m", "pipeline", "simulate", "--cadence", "--market-size", "20",
+            "--tradfi", "TSLAUSDT", "--tradfi-hours", "open", "--no-coinm", "--seed", "3"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env=env, cwd=ROOT) as proc:
+        try:
+            assert proc.stdout is not None
+            rest_url = proc.stdout.readline().split()[-1].removeprefix("rest=")
+            info = httpx.get(f"{rest_url}/fapi/v1/exchangeInfo", timeout=10).json()
+            stats = httpx.get(f"{rest_url}/sim/stats", timeout=10).json()
+            rate = httpx.post(f"{rest_url}/sim/rate", json={"rate": 5}, timeout=10)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    kinds = {r["symbol"]: r["contractType"] for r in info["symbols"]}
+    assert len(kinds) == 21 and kinds["TSLAUSDT"] == "TRADIFI_PERPETUAL"
+    assert stats["cadence"] is True and stats["symbols_trading"] == 21
+    assert rate.status_code == 400  # the cadence paces every stream itself
 
 
 def test_cadence_refuses_a_rate_and_the_command_says_which_flag() -> None:

@@ -522,6 +522,8 @@ class Simulator:
     def set_rate(self, rate: float | None, burst: int | None = None,
                  burst_every: float | None = None) -> None:
         """rate None: Binance's speeds; N: frames/s per connection; 0: flat out."""
+        if self.market.cadence:
+            raise ValueError("cadence mode paces every stream itself: no rate to set")
         if rate is not None and rate < 0:
             raise ValueError("rate must be None or >= 0")
         self.rate = rate
