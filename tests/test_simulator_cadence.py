@@ -115,6 +115,18 @@ def test_the_crash_phase_multiplies_trades_and_book_changes() -> None:
     assert book_updates(20, 40) > 3 * book_updates(0, 20)
 
 
+def test_a_symbol_read_again_trades_at_its_rate_not_twice_it() -> None:
+    market = Market(SYMBOLS, 1, cadence_mode=True, now_ms=NOW_MS)
+    box = Outbox(lambda: None)
+    spec = parse_stream("btcusdt@aggTrade", market.streaming())
+    assert spec is not None
+    market.close_stream(market.open_stream(spec, False, box, 0.0))
+    state = market.open_stream(spec, False, box, 0.0)  # before the first clock noticed
+    market.advance(30.0)
+    assert 70 * 30 < len(box.pending) < 130 * 30
+    assert all(p is state for p in box.pending)
+
+
 async def test_cadence_over_sockets_each_stream_at_its_rate_and_the_crash_switch(
         start_sim: Start) -> None:
     _, ws_url, rest_url = await start_sim(cadence=True, market_size=550, seed=2)

@@ -146,6 +146,7 @@ class SymbolMarket:
         self.feeds = 0  # live feeds reading this symbol (cadence: it trades meanwhile)
         self.book_feeds = 0  # of which depth and bookTicker (cadence: the book moves fast)
         self.trade_feed: Feed | None = None  # cadence: where its trades are published
+        self.epoch = 0  # cadence: bumped when its clocks (re)start; older clocks then stop
         pair = listing.pair if listing is not None else spec.symbol
         self.head = f'"s":"{spec.symbol}","ps":"{pair}"'
         self.tail = f',"st":{symbol_type}}}'
@@ -357,6 +358,7 @@ class Market:
                 if spec.kind in ("depth", "partial"):
                     feed.cursor, feed.breaks = sm.book.reader_cursor(), sm.book.breaks
                 if self.cadence and sm.feeds == 1:
+                    sm.epoch += 1
                     self._start_book(sm, at)
                     self._start_trades(sm, at)
             if self.cadence:
@@ -538,9 +540,10 @@ class Market:
         price still moves under mark prices, trades and candles)."""
         clock = cadence.PoissonClock(random.Random(f"{self.seed}:{sm.spec.symbol}:book"))
         full = cadence.book_rate(self._rates.get(sm.spec.symbol, cadence.MIN_TRADES_PER_S))
+        epoch = sm.epoch
 
         def step(due: float) -> float | None:
-            if sm.feeds <= 0:
+            if sm.feeds <= 0 or sm.epoch != epoch:
                 return None
             sm.book.step()
             rate = full if sm.book_feeds > 0 else cadence.IDLE_BOOK_CHANGES_PER_S
@@ -556,9 +559,10 @@ class Market:
         symbol = sm.spec.symbol
         clock = cadence.BurstClock(random.Random(f"{self.seed}:{symbol}:trades"))
         base = self._rates.get(symbol, cadence.MIN_TRADES_PER_S)
+        epoch = sm.epoch
 
         def trade(due: float) -> float | None:
-            if sm.feeds <= 0:
+            if sm.feeds <= 0 or sm.epoch != epoch:
                 return None
             now_ms = self.stamp(due)
             if not (self._tradfi and self._quiet(symbol, now_ms)):
