@@ -23,7 +23,8 @@ Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock
 5 ms (`CADENCE_TICK`), makes every event due by then (`Market.advance`, see `cadence.py`) and
 wakes the connections that read them; each connection's sender then writes what its outbox
 holds, in the order it was made. An event's `E` is the tick it was made in, so a frame leaves
-within a fraction of a millisecond of its `E`.
+as soon as its `E` has come: a client on the same machine reads it about 1 ms after `E` (p99
+5 ms, measured with the machine's two cores busy).
 
 Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
 subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
