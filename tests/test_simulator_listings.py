@@ -134,6 +134,19 @@ async def test_trading_session_stream_sends_one_message_per_market_each_second(
     assert events[3]["E"] - events[0]["E"] >= 900  # the next round, a second later
 
 
+async def test_all_market_mark_price_sends_tradfi_symbols_in_a_message_of_their_own(
+        nursery: trio.Nursery) -> None:
+    _, ws_url, _ = await start_at(nursery, NOV_2, symbols=("BTCUSDT",),
+                                  tradfi=("TSLAUSDT", "XAUUSDT"))
+    async with connect(f"{ws_url}/market/stream?streams=!markPrice@arr@1s") as ws:
+        first = orjson.loads(await ws.get_message())
+        second = orjson.loads(await ws.get_message())
+    assert [r["s"] for r in first["data"]] == ["BTCUSDT", "BTCUSD_PERP", "ETHUSD_PERP",
+                                               "BNBUSD_PERP"]
+    assert [r["s"] for r in second["data"]] == ["TSLAUSDT", "XAUUSDT"]
+    assert first["data"][0]["E"] == second["data"][0]["E"]  # the same tick
+
+
 async def test_trading_schedule_covers_a_week_either_side_without_gaps(
         nursery: trio.Nursery) -> None:
     sim, _, rest_url = await start_at(nursery, NOV_2)
