@@ -12,8 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,53 +22,17 @@ import pytest
 import trio
 import trio_websocket
 
-from pipeline.simulator import SimConfig, Simulator
 from pipeline.simulator.book import Book, symbol_spec
 from pipeline.simulator.market import Market, malformed_frames, parse_stream
 from pipeline.simulator.session import ControlProtocol, Pacer
 from tests.conftest import run_cli
+from tests.simulator_support import Start, connect, sim_starter, until_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
-Start = Callable[..., Awaitable[tuple[Simulator, str, str]]]
-
-
 @pytest.fixture
 def start_sim(nursery: trio.Nursery) -> Start:
-    async def start(record: int = 0, **kwargs: Any) -> tuple[Simulator, str, str]:
-        sim = Simulator(SimConfig(**kwargs), record=record)
-        ws_url, rest_url = await nursery.start(sim.run)
-        return sim, ws_url, rest_url
-    return start
-
-
-@asynccontextmanager
-async def connect(url: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A trio-websocket client that also closes its socket when the server closed first
-    (trio-websocket's own `open_websocket` leaves it to the garbage collector then)."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    resource = parts.path + (f"?{parts.query}" if parts.query else "")
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, parts.hostname, resource, max_message_size=4 * 1024 * 1024)
-            try:
-                yield ws
-            finally:
-                await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def until_reply(ws: trio_websocket.WebSocketConnection, req_id: int) -> Any:
-    """Read past data frames to the answer of control message `req_id`."""
-    while True:
-        msg = orjson.loads(await ws.get_message())
-        if isinstance(msg, dict) and msg.get("id") == req_id:
-            return msg
+    return sim_starter(nursery)
 
 
 # --- websocket protocol ----------------------------------------------------------------------
@@ -88,11 +50,15 @@ async def test_combined_frames_arrive_with_stream_first_and_parse(start_sim: Sta
             assert list(msg) == ["stream", "data"]
             seen[msg["stream"]] = msg["data"]
     mark = seen["btcusdt@markPrice@1s"]
-    assert list(mark) == ["e", "E", "s", "p", "i", "P", "r", "T"]
+    # Binance's 2026 order: `ap` since 2026-03-16, `st` since the COIN-M migration (2026-06-30)
+    assert list(mark) == ["e", "E", "s", "p", "ap", "P", "i", "r", "T", "st"]
     assert mark["e"] == "markPriceUpdate" and isinstance(mark["p"], str) and float(mark["p"]) > 0
-    assert list(seen["ethusdt@aggTrade"]) == ["e", "E", "s", "a", "p", "q", "f", "l", "T", "m"]
+    assert list(seen["ethusdt@aggTrade"]) == [
+        "e", "E", "a", "s", "p", "q", "nq", "f", "l", "T", "m", "st"]
     assert set(seen["solusdt@kline_1m"]["k"]) >= set("tTsifLochlvnxqVQB")
-    assert {m["s"] for m in seen["!markPrice@arr@1s"]} == {"BTCUSDT", "ETHUSDT", "SOLUSDT"}
+    # the USDⓈ-M symbols, then the COIN-M ones the stream has carried since 2026-06-30
+    assert {m["s"] for m in seen["!markPrice@arr@1s"]} == {
+        "BTCUSDT", "ETHUSDT", "SOLUSDT", "BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP"}
 
 
 async def test_raw_form_sends_the_bare_payload(start_sim: Start) -> None:
@@ -100,7 +66,7 @@ async def test_raw_form_sends_the_bare_payload(start_sim: Start) -> None:
     async with connect(f"{ws_url}/public/ws/btcusdt@bookTicker") as ws:
         msg = orjson.loads(await ws.get_message())
     assert msg["e"] == "bookTicker" and msg["s"] == "BTCUSDT"
-    assert list(msg) == ["e", "u", "E", "T", "s", "b", "B", "a", "A"]
+    assert list(msg) == ["e", "u", "s", "ps", "b", "B", "a", "A", "T", "E", "st"]
 
 
 async def test_stream_on_the_wrong_path_stays_silent(start_sim: Start) -> None:
@@ -118,7 +84,7 @@ async def test_stream_on_the_wrong_path_stays_silent(start_sim: Start) -> None:
 async def test_an_unknown_path_is_rejected_with_404(start_sim: Start) -> None:
     _, ws_url, _ = await start_sim()
     with pytest.RaisesGroup(trio_websocket.ConnectionRejected, flatten_subgroups=True) as group:
-        async with connect(f"{ws_url}/ws/btcusdt@aggTrade"):
+        async with connect(f"{ws_url}/spot/ws/btcusdt@aggTrade"):
             pass
     [rejected] = group.value.exceptions
     assert isinstance(rejected, trio_websocket.ConnectionRejected)
@@ -245,6 +211,109 @@ async def test_malformed_switch_sends_the_bad_frames(start_sim: Start) -> None:
     assert sim.sent is not None
     assert [payload for _, payload in sim.sent] == [
         g if isinstance(g, bytes) else g.encode() for g in [first, *got]]
+
+
+# --- Binance's 2026 payloads, paths and stream names -------------------------------------------
+
+async def first_of_each(ws: trio_websocket.WebSocketConnection, names: list[str]
+                        ) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    while len(seen) < len(names):
+        msg = orjson.loads(await ws.get_message())
+        seen.setdefault(msg["stream"], msg["data"])
+    return seen
+
+
+async def test_2026_payloads_carry_the_pair_and_the_symbol_type(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=0)
+    public = ["btcusdt@depth@100ms", "btcusdt@depth5@100ms", "btcusdt@bookTicker"]
+    market = ["btcusdt@markPrice@1s", "btcusdt@aggTrade", "btcusdt@kline_1m"]
+    async with connect(f"{ws_url}/public/stream?streams={'/'.join(public)}") as pub, \
+            connect(f"{ws_url}/market/stream?streams={'/'.join(market)}") as mkt:
+        seen = await first_of_each(pub, public) | await first_of_each(mkt, market)
+    for name in ("btcusdt@depth@100ms", "btcusdt@depth5@100ms"):
+        depth = seen[name]
+        assert list(depth) == ["e", "E", "T", "s", "ps", "U", "u", "pu", "b", "a", "st"]
+        assert (depth["ps"], depth["st"]) == ("BTCUSDT", 1)
+    ticker = seen["btcusdt@bookTicker"]
+    assert (ticker["ps"], ticker["st"]) == ("BTCUSDT", 1)
+    mark = seen["btcusdt@markPrice@1s"]
+    assert mark["ap"] == mark["p"] and mark["st"] == 1  # as every frame Binance has sent
+    trade = seen["btcusdt@aggTrade"]
+    assert trade["st"] == 1 and 0 <= float(trade["nq"]) <= float(trade["q"])
+    assert "st" not in seen["btcusdt@kline_1m"]  # Binance's kline event has none
+
+
+async def test_all_market_mark_price_carries_coinm_rows_unless_switched_off(
+        start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=0, symbols=("BTCUSDT",))
+    _, plain_url, _ = await start_sim(rate=0, symbols=("BTCUSDT",), coinm_in_arr=False)
+    async with connect(f"{ws_url}/market/stream?streams=!markPrice@arr@1s") as ws:
+        rows = orjson.loads(await ws.get_message())["data"]
+    async with connect(f"{plain_url}/market/ws/!markPrice@arr") as ws:
+        plain = orjson.loads(await ws.get_message())
+    assert [(r["s"], r["st"]) for r in rows] == [
+        ("BTCUSDT", 1), ("BTCUSD_PERP", 2), ("ETHUSD_PERP", 2), ("BNBUSD_PERP", 2)]
+    usdm, coinm = float(rows[0]["p"]), float(rows[1]["p"])
+    assert abs(coinm / usdm - 1) < 0.05  # priced like its USDT pair
+    assert [(r["s"], r["st"]) for r in plain] == [("BTCUSDT", 1)]
+
+
+async def test_legacy_unrouted_paths_serve_only_the_public_streams(start_sim: Start) -> None:
+    sim, ws_url, _ = await start_sim(rate=0)
+    async with connect(f"{ws_url}/ws/btcusdt@depth@100ms") as raw:
+        assert orjson.loads(await raw.get_message())["e"] == "depthUpdate"
+    mixed = ["btcusdt@bookTicker", "btcusdt@markPrice@1s", "btcusdt@aggTrade"]
+    async with connect(f"{ws_url}/stream?streams={'/'.join(mixed)}") as ws:
+        got = {orjson.loads(await ws.get_message())["stream"] for _ in range(200)}
+        await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+        listed = await until_reply(ws, 1)
+    assert got == {"btcusdt@bookTicker"}
+    assert listed["result"] == mixed  # the /market ones are accepted, and never sent
+    async with connect(f"{ws_url}/ws/btcusdt@markPrice@1s") as quiet:
+        with trio.move_on_after(0.3) as waited:  # at rate=0 a served frame comes at once
+            await quiet.get_message()
+    assert waited.cancelled_caught
+    assert {c["path"] for c in sim.closed} == {"legacy"}
+
+
+async def test_user_data_does_not_reach_the_legacy_path(start_sim: Start) -> None:
+    sim, ws_url, rest_url = await start_sim(symbols=("BTCUSDT",))
+    async with httpx.AsyncClient(base_url=rest_url) as http:
+        key = (await http.post("/fapi/v1/listenKey",
+                               headers={"X-MBX-APIKEY": "sim-api-key"})).json()["listenKey"]
+        async with connect(f"{ws_url}/private/ws?listenKey={key}") as private, \
+                connect(f"{ws_url}/ws/{key}") as legacy:
+            await sim.account.wait_for_connections(1)
+            await http.post("/sim/account/place", json={
+                "symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "quantity": "0.01",
+                "price": "59000"})
+            assert orjson.loads(await private.get_message())["e"] == "ORDER_TRADE_UPDATE"
+            with trio.move_on_after(0.3) as waited:
+                await legacy.get_message()
+    assert waited.cancelled_caught
+
+
+async def test_depth_at_250ms_is_acknowledged_and_never_sent(start_sim: Start) -> None:
+    _, ws_url, _ = await start_sim(rate=0)
+    url = f"{ws_url}/public/stream?streams=btcusdt@depth@250ms/ethusdt@depth5@500ms"
+    async with connect(url) as ws:
+        await ws.send_message(
+            '{"method":"SUBSCRIBE","params":["btcusdt@depth20@250ms","solusdt@depth20"],"id":4}')
+        reply = await until_reply(ws, 4)
+        names = {orjson.loads(await ws.get_message())["stream"] for _ in range(300)}
+    assert reply == {"result": None, "id": 4}  # Binance acknowledges any name
+    assert names == {"ethusdt@depth5@500ms", "solusdt@depth20"}
+
+
+def test_depth_speeds_are_100ms_500ms_or_none_for_250ms() -> None:
+    speeds = {name: None if spec is None else spec.interval
+              for name in ("btcusdt@depth@100ms", "btcusdt@depth20@500ms", "btcusdt@depth10",
+                           "btcusdt@depth", "btcusdt@depth20@250ms", "btcusdt@depth@1000ms")
+              for spec in [parse_stream(name, ["BTCUSDT"])]}
+    assert speeds == {"btcusdt@depth@100ms": 0.1, "btcusdt@depth20@500ms": 0.5,
+                      "btcusdt@depth10": 0.25, "btcusdt@depth": 0.25,
+                      "btcusdt@depth20@250ms": None, "btcusdt@depth@1000ms": None}
 
 
 # --- the order book --------------------------------------------------------------------------

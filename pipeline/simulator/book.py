@@ -1,8 +1,10 @@
 """One true order book per symbol, moved by a seeded random walk. Pure: no trio, no I/O.
 
 Theory of operation. Prices and quantities are integers in units of the symbol's precision
-(`10**-price_decimals`, `10**-qty_decimals`), so a level's wire text is formatted once, when the
-level changes, and cached as the JSON fragment `["95000.10","1.234"]`. Every `step()` changes a
+(`10**-price_decimals`, `10**-qty_decimals`), so a level's wire text is formatted once, the first
+time it is read after it changed, and cached as the JSON fragment `["95000.10","1.234"]` (a
+whole market of books changes thousands of times a second, and most levels are never read
+between two changes). Every `step()` changes a
 few levels and moves `update_id` forward; it records which prices it touched in a bounded
 history. A diff-depth event for a reader whose last event ended at `cursor` is the union of the
 prices touched since then, each with its quantity now (0: gone): exactly Binance's rule "only
@@ -59,6 +61,12 @@ _KNOWN: dict[str, tuple[float, int, int, int, int]] = {
     "SOLUSDT": (200.0, 3, 10, 2, 1),
     "BNBUSDT": (650.0, 3, 10, 2, 1),
     "XRPUSDT": (2.5, 4, 1, 1, 1),
+    # TradFi perpetuals: equities and metals
+    "TSLAUSDT": (430.0, 2, 1, 2, 1),
+    "NVDAUSDT": (180.0, 2, 1, 2, 1),
+    "AAPLUSDT": (270.0, 2, 1, 2, 1),
+    "XAUUSDT": (4_000.0, 2, 1, 3, 1),
+    "XAGUSDT": (50.0, 3, 1, 2, 1),
 }
 
 
@@ -79,20 +87,31 @@ class BookSide:
         self.spec = spec
         self.descending = descending
         self.qty: dict[int, int] = {}
-        self.frag: dict[int, str] = {}
+        self.frag: dict[int, str] = {}  # the levels read since they last changed
         self.prices: list[int] = []  # ascending
+
+    def fill(self, levels: dict[int, int]) -> None:
+        """Start with `levels` (price -> quantity), all at once."""
+        self.qty = dict(levels)
+        self.frag = {}
+        self.prices = sorted(levels)
 
     def set(self, price: int, qty: int) -> None:
         if qty <= 0:
             if price in self.qty:
                 del self.qty[price]
-                del self.frag[price]
+                self.frag.pop(price, None)
                 del self.prices[bisect.bisect_left(self.prices, price)]
             return
         if price not in self.qty:
             bisect.insort(self.prices, price)
         self.qty[price] = qty
-        self.frag[price] = f'["{self.spec.price_text(price)}","{self.spec.qty_text(qty)}"]'
+        self.frag.pop(price, None)
+
+    def _format(self, price: int) -> str:
+        text = f'["{self.spec.price_text(price)}","{self.spec.qty_text(self.qty[price])}"]'
+        self.frag[price] = text
+        return text
 
     def best(self) -> int:
         return self.prices[-1] if self.descending else self.prices[0]
@@ -111,13 +130,15 @@ class BookSide:
         return self.prices[:n]
 
     def levels_json(self, n: int) -> str:
-        frag = self.frag
-        return "[" + ",".join([frag[p] for p in self.top(n)]) + "]"
+        get = self.frag.get
+        return "[" + ",".join([get(p) or self._format(p) for p in self.top(n)]) + "]"
 
     def level_json(self, price: int) -> str:
         frag = self.frag.get(price)
         if frag is not None:
             return frag
+        if price in self.qty:
+            return self._format(price)
         return f'["{self.spec.price_text(price)}","{self.spec.qty_text(0)}"]'
 
 
@@ -135,9 +156,11 @@ class Book:
             maxlen=HISTORY_STEPS)
         self.breaks = 0  # bumped by a forced sequence break; see market.DepthCursor
         mid = spec.base_price - spec.base_price % spec.tick
-        for i in range(1, TARGET_LEVELS + 1):
-            self.bids.set(mid - i * spec.tick, self._random_qty())
-            self.asks.set(mid + i * spec.tick, self._random_qty())
+        levels = range(1, TARGET_LEVELS + 1)
+        bids = [(mid - i * spec.tick, self._random_qty()) for i in levels]
+        asks = [(mid + i * spec.tick, self._random_qty()) for i in levels]
+        self.bids.fill(dict(bids))
+        self.asks.fill(dict(asks))
         self.step()  # so that the history always holds the step that led to `update_id`
 
     def _random_qty(self) -> int:

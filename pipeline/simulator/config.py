@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -55,6 +55,24 @@ def _rate(_inst: object, _attribute: attrs.Attribute, value: float | None) -> No
         raise ValueError(f"rate must be None or >= 0, got {value!r}")
 
 
+def _one_of(*choices: str) -> Callable[[object, attrs.Attribute, str], None]:
+    def check(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(choices)}, "
+                             f"got {value!r}")
+    return check
+
+
+def _not_negative(_inst: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _cadence_alone(inst: SimConfig, _attribute: attrs.Attribute, value: bool) -> None:
+    if value and (inst.rate is not None or inst.burst):
+        raise ValueError("cadence paces every stream itself: leave rate and burst unset")
+
+
 @attrs.frozen
 class SimConfig:
     """What the simulated exchange serves and how fast.
@@ -69,6 +87,15 @@ class SimConfig:
     `algo_tpsl_fields`: GET /fapi/v1/algoOrder and openAlgoOrders rows keep tpTriggerPrice,
     tpPrice, slTriggerPrice, slPrice and tpOrderType, which Binance stopped sending on
     2026-06-09; False answers the 2026-06-09 shape.
+    The market's 2026 shape (`pipeline.simulator.market`): `coinm_in_arr` adds `coinm_symbols`
+    (COIN-M, `st` = 2) to `!markPrice@arr`, as Binance does since 2026-06-30; `tradfi` lists
+    TradFi perpetuals (contractType TRADIFI_PERPETUAL) whose underlying market keeps
+    `tradfi_hours` ("weekly": the schedule of `tradfi.py`; "open"/"closed": always in / out of
+    session); outside a session they trade thinly, as Binance's do ("thin"), or send nothing
+    ("quiet"). `cadence` is the whole-market mode (`cadence.py`): every stream at its own rate,
+    heavy-tailed trades, a crash phase multiplying trades and book updates by
+    `crash_multiplier`, started `crash_after` seconds in for `crash_seconds` (or over HTTP);
+    `market_size` lists generated symbols after `symbols` until there are that many.
     """
 
     symbols: tuple[str, ...] = attrs.field(default=("BTCUSDT", "ETHUSDT", "SOLUSDT"),
@@ -92,3 +119,17 @@ class SimConfig:
     accounts: tuple[AccountKeys, ...] = attrs.field(default=(), converter=_accounts,
                                                     validator=_distinct_accounts)
     algo_tpsl_fields: bool = True
+
+    # --- the market side's 2026 shape and the whole-market cadence ---
+    coinm_in_arr: bool = True
+    coinm_symbols: tuple[str, ...] = attrs.field(
+        default=("BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP"), converter=_symbols)
+    tradfi: tuple[str, ...] = attrs.field(default=(), converter=_symbols)
+    tradfi_hours: str = attrs.field(default="weekly", validator=_one_of("weekly", "open",
+                                                                        "closed"))
+    tradfi_off_hours: str = attrs.field(default="thin", validator=_one_of("thin", "quiet"))
+    cadence: bool = attrs.field(default=False, validator=_cadence_alone)
+    market_size: int = attrs.field(default=0, validator=_not_negative)
+    crash_multiplier: float = attrs.field(default=5.0, validator=_positive)
+    crash_after: float | None = attrs.field(default=None, validator=_not_negative)
+    crash_seconds: float = attrs.field(default=60.0, validator=_positive)

@@ -10,6 +10,16 @@ clients on it (COIN-M's, since 2026-06-30) used. The `/sim/` control API is not 
 
 A REST fault switched on (`http.RestFault`, `/sim/account/rest_fault`) is applied first, to any
 path outside `/sim/`: it answers instead of the call, delays it, or spoils its body.
+
+Market endpoints: time (1), exchangeInfo (1), premiumIndex (1, 10 without a symbol),
+ticker/price (1), depth (2-20 by limit), klines (1-10 by limit; symbol, interval, startTime,
+endTime, limit 500 by default and at most 1500; the candles the kline stream shows, see
+`candles.py`) and tradingSchedule (5; see `tradfi.py`). A symbol is known from its listing,
+trading or not (a delisted one is SETTLING and still answers).
+
+Market controls (`POST /sim/market/<name>`): `list` {"symbol", "contract_type"?},
+`delist` {"symbol"}, `session` {"market" or "symbol", "type": a session type or null to
+clear}, `crash` {"on": true/false/null, "multiplier"?} (cadence mode).
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
+from pipeline.simulator.candles import INTERVALS, MAX_ROWS, klines_weight
 from pipeline.simulator.http import HttpRequest, HttpResponse
-from pipeline.simulator.market import DEPTH_LIMITS, MARKET, PUBLIC, depth_weight
+from pipeline.simulator.market import DEPTH_LIMITS, LEGACY, MARKET, PUBLIC, depth_weight
 
 if TYPE_CHECKING:
     from pipeline.simulator.server import Simulator
@@ -87,7 +98,9 @@ class RestApi:
         if req.method != "GET":
             return None
         now_ms = int(now * 1000)
-        symbols = self.sim.config.symbols
+        if req.path.startswith("/fapi/"):
+            self.sim.advance_market()  # cadence mode: answer with the market as of now
+        symbols = self.sim.market.listings
         if req.path == "/fapi/v1/time":
             return 200, {"serverTime": now_ms}, 1
         if req.path == "/fapi/v1/exchangeInfo":
@@ -106,6 +119,10 @@ class RestApi:
             return 200, self.sim.market.ticker_price(symbol, now_ms), 1
         if req.path == "/fapi/v1/depth":
             return self._depth(req.query, now_ms)
+        if req.path == "/fapi/v1/klines":
+            return self._klines(req.query, now_ms)
+        if req.path == "/fapi/v1/tradingSchedule":
+            return 200, self.sim.market.hours.schedule(now_ms), 5
         return None
 
     def _depth(self, query: dict[str, str], now_ms: int) -> tuple[int, object, int]:
@@ -113,7 +130,7 @@ class RestApi:
         if not symbol:
             return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was "
                                                "empty/null, or malformed."}, 2
-        if symbol not in self.sim.config.symbols:
+        if not self.sim.market.is_listed(symbol):
             return 400, {"code": -1121, "msg": "Invalid symbol."}, 2
         try:
             limit = int(query.get("limit", "500"))
@@ -122,6 +139,32 @@ class RestApi:
         if limit not in DEPTH_LIMITS:
             return 400, {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, 2
         return 200, self.sim.market.depth_snapshot(symbol, limit, now_ms), depth_weight(limit)
+
+    def _klines(self, query: dict[str, str], now_ms: int) -> tuple[int, object, int]:
+        """`GET /fapi/v1/klines`, checked in Binance's order: parameters, then the symbol."""
+        try:
+            limit = int(query.get("limit", "500"))
+            start = int(query["startTime"]) if "startTime" in query else None
+            end = int(query["endTime"]) if "endTime" in query else None
+        except ValueError:
+            return 400, {"code": -1100, "msg": "Illegal characters found in a parameter."}, 1
+        weight = klines_weight(limit)
+        for name in ("symbol", "interval"):
+            if not query.get(name):
+                return 400, {"code": -1102, "msg": f"Mandatory parameter '{name}' was not "
+                                                   f"sent, was empty/null, or malformed."}, weight
+        if query["interval"] not in INTERVALS:
+            return 400, {"code": -1120, "msg": "Invalid interval."}, weight
+        if not 1 <= limit <= MAX_ROWS:
+            return 400, {"code": -1130, "msg": "Data sent for parameter 'limit' is not "
+                                               "valid."}, weight
+        if start is not None and end is not None and start > end:
+            return 400, {"code": -1023, "msg": "Start time is greater than end time."}, weight
+        symbol = query["symbol"]
+        if not self.sim.market.is_listed(symbol):
+            return 400, {"code": -1121, "msg": "Invalid symbol."}, weight
+        body = self.sim.market.klines(symbol, query["interval"], start, end, limit, now_ms)
+        return 200, body, weight
 
     def _control(self, req: HttpRequest) -> tuple[int, object]:
         try:
@@ -148,14 +191,15 @@ class RestApi:
             return {"silent": self.sim.silent}
         if name == "drop":
             path = body.get("path")
-            if path not in (None, PUBLIC, MARKET, "private"):
-                raise ValueError(f"path must be public, market, private or null, not {path!r}")
+            if path not in (None, PUBLIC, MARKET, LEGACY, "private"):
+                raise ValueError(f"path must be public, market, legacy, private or null, not "
+                                 f"{path!r}")
             return {"dropped": self.sim.drop(path)}
         if name == "malformed":
             return {"connections": self.sim.send_malformed(int(body.get("count", 5)))}
         if name == "sequence_break":
             symbol = str(body["symbol"]).upper()
-            if symbol not in self.sim.config.symbols:
+            if not self.sim.market.is_listed(symbol):
                 raise ValueError(f"unknown symbol {symbol!r}")
             self.sim.sequence_break(symbol)
             return {"symbol": symbol}
@@ -165,4 +209,35 @@ class RestApi:
                           body.get("burst_every"))
             sim = self.sim
             return {"rate": sim.rate, "burst": sim.burst, "burst_every": sim.burst_every}
+        if name.startswith("market/"):
+            return self._market_control(name[len("market/"):], body)
         raise KeyError(name)
+
+    def _market_control(self, name: str, body: dict[str, Any]) -> dict[str, object]:
+        sim = self.sim
+        if name == "list":
+            contract = body.get("contract_type")
+            return sim.list_symbol(_required(body, "symbol"), None if contract is None else
+                                   str(contract))
+        if name == "delist":
+            return sim.delist(_required(body, "symbol"))
+        if name == "session":
+            target = body.get("symbol") or body.get("market")
+            if not target:
+                raise ValueError("name a TradFi symbol or a market (EQUITY, COMMODITY, "
+                                 "KR_EQUITY)")
+            kind = body.get("type")
+            return sim.set_session(str(target), None if kind is None else str(kind))
+        if name == "crash":
+            on = body.get("on", True)
+            multiplier = body.get("multiplier")
+            return sim.set_crash(None if on is None else bool(on),
+                                 None if multiplier is None else float(multiplier))
+        raise KeyError(f"market/{name}")
+
+
+def _required(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not value:
+        raise ValueError(f"{name} is required")
+    return str(value)

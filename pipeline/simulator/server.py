@@ -17,6 +17,21 @@ written separately; the market side runs without it).
 The exchange's clock is an `ExchangeClock` around the `clock` given: `POST
 /sim/account/advance_clock` moves it (and every timestamp, REST and stream) forward.
 
+Paths, as Binance routes them since 2026-04-23: `/public/...` (depth, bookTicker),
+`/market/...` (everything else), `/private/ws`; the unrouted legacy `/ws/...` and
+`/stream?streams=...` still connect and serve the `/public` streams, while `/market` streams and
+user data named there are accepted and never sent. Any other path is refused with 404.
+
+Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, wakes every
+5 ms (`CADENCE_TICK`), makes every event due by then (`Market.advance`, see `cadence.py`) and
+wakes the connections that read them; each connection's sender then writes what its outbox
+holds, in the order it was made. An event's `E` is the tick it was made in, so a frame leaves
+as soon as its `E` has come: a client on the same machine reads it about 1 ms after `E` (p99
+5 ms, measured with the machine's two cores busy).
+
+Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
+subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
+
 REST: `http.py` serves HTTP/1.1 with h11; `restapi.py` routes Binance's market endpoints (with
 their weights), the account's endpoints and the control API under `/sim/` to this object.
 """
@@ -27,11 +42,12 @@ import argparse
 import importlib
 import itertools
 import logging
+import math
 import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -41,15 +57,20 @@ import trio_websocket
 
 from pipeline.config import Settings
 from pipeline.errors import SettingsError
+from pipeline.simulator.cadence import Crash
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.http import RestFaults, WeightMeter, serve_http
+from pipeline.simulator.listings import market_symbols
 from pipeline.simulator.market import (
+    LEGACY,
     MARKET,
     PUBLIC,
     Market,
+    Outbox,
     StreamState,
     malformed_frames,
     parse_stream,
+    serves,
     streams_of_query,
 )
 from pipeline.simulator.restapi import RestApi
@@ -60,6 +81,12 @@ log = logging.getLogger("pipeline.simulator")
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 CLOSED_KEPT = 200  # closed connections remembered in stats
+# The market's clock wakes on a 5 ms grid and makes everything due by then: every trio wake
+# costs an exception (its deadline cancels a scope), and thousands a second would cost the
+# simulator a tenth of a core.
+CADENCE_TICK = 0.005
+MAX_WRITE = 4096  # frames per write in cadence mode
+MARKET_PATHS = (PUBLIC, MARKET, LEGACY)
 
 
 class LockedStream(trio.abc.Stream):
@@ -107,6 +134,7 @@ class Connection:
         self.bad: list[str | bytes] = []
         self.frames = 0
         self.target = ""  # the request target: the private stream reads its repeated params
+        self.outbox = Outbox(self.poke)  # cadence mode: what the market made for this one
 
     def summary(self) -> dict[str, object]:
         return {"id": self.id, "path": self.path, "combined": self.combined,
@@ -155,7 +183,9 @@ class Simulator:
         self.config = config or SimConfig()
         self.sent: deque[tuple[str, bytes]] | None = deque(maxlen=record) if record else None
         self.clock = _exchange_clock(clock)
-        self.market = Market(self.config.symbols, self.config.seed)
+        self.market = _market(self.config, int(self.clock() * 1000))
+        self._t0 = 0.0  # trio time of market time 0 (cadence mode)
+        self._market_changed = trio.Event()
         self.weight = WeightMeter()
         self.rest_faults = RestFaults()
         self.accounts = _load_accounts(self.config, self.clock, self.weight, self.rest_faults)
@@ -190,6 +220,10 @@ class Simulator:
             rest_port = await nursery.start(serve_http, RestApi(self), cfg.host, cfg.rest_port)
             if cfg.script_account and self.account is not None:
                 nursery.start_soon(self.account.run_script)
+            self._t0 = trio.current_time() - (self.clock() * 1000 - self.market.base_ms) / 1000
+            if self.market.cadence:
+                self.market.tick = CADENCE_TICK
+                nursery.start_soon(self._drive_market)
             self.ws_url = f"ws://{cfg.host}:{ws_port}"
             self.rest_url = f"http://{cfg.host}:{rest_port}"
             log.info("simulator listening", extra={"ws": self.ws_url, "rest": self.rest_url})
@@ -223,8 +257,9 @@ class Simulator:
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
             return  # the client left during the handshake
         path, combined, names, query = route
-        conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream,
-                          Pacer(self.market.rng, trio.current_time()), self.clock())
+        pacer = Pacer(self.market.rng, trio.current_time(), self._activity)
+        conn = Connection(f"sim-{next(self._ids)}", path, combined, ws, stream, pacer,
+                          self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
         conn.target = request.path
         self.connections[conn.id] = conn
@@ -253,7 +288,8 @@ class Simulator:
                     if not await self._subscribe_initial(conn, names):
                         return
                     tasks.start_soon(self._reader, conn, tasks.cancel_scope)
-                    tasks.start_soon(self._sender, conn)
+                    sender = self._cadence_sender if self.market.cadence else self._sender
+                    tasks.start_soon(sender, conn)
         if conn.abrupt or conn.stream.torn:
             await trio.aclose_forcefully(conn.stream.stream)
             return
@@ -285,18 +321,25 @@ class Simulator:
             pass
         return False
 
-    def _apply_streams(self, conn: Connection, added: tuple[str, ...],
-                       removed: tuple[str, ...]) -> None:
+    def _apply_streams(self, conn: Connection, added: Iterable[str],
+                       removed: Iterable[str]) -> None:
+        market = self.market
         for name in removed:
             state = conn.served.pop(name, None)
             if state is not None:
-                self.market.close_stream(state)
+                market.close_stream(state)
+        cadence = market.cadence
+        at = self.market_time() if cadence else 0.0
         for name in added:
-            spec = parse_stream(name, self.config.symbols)
+            spec = parse_stream(name, market.streaming())
             # a stream asked for on the wrong path is accepted and then never sent
-            if spec is not None and spec.path == conn.path:
-                conn.served[name] = self.market.open_stream(spec, conn.combined)
-        conn.pacer.set_streams(list(conn.served.values()), trio.current_time())
+            if spec is not None and serves(conn.path, spec.path) and name not in conn.served:
+                conn.served[name] = market.open_stream(
+                    spec, conn.combined, conn.outbox if cadence else None, at)
+        if cadence:
+            self._market_changed.set()
+        else:
+            conn.pacer.set_streams(list(conn.served.values()), trio.current_time())
         conn.poke()
 
     async def _reader(self, conn: Connection, done: trio.CancelScope) -> None:
@@ -338,17 +381,20 @@ class Simulator:
             if due:
                 now_ms = int(self.clock() * 1000)
                 counts = self.frames_by_stream
-                parts, payloads = [], []
+                parts: list[bytes] = []
+                payloads: list[bytes] = []
                 for state in due:
-                    payload = market.frame(state, now_ms).encode()
-                    parts.append(ws_frame(payload))
-                    payloads.append(payload)
-                    name = state.spec.name
-                    counts[name] = counts.get(name, 0) + 1
-                sent = await self._write(conn, b"".join(parts), len(due))
-                if sent and self.sent is not None:
-                    # recorded only once on the wire: a frame cut by the client's Close is not
-                    self.sent.extend((conn.id, p) for p in payloads)
+                    text = market.frame(state, now_ms)
+                    while text is not None:
+                        payload = text.encode()
+                        parts.append(ws_frame(payload))
+                        payloads.append(payload)
+                        name = state.spec.name
+                        counts[name] = counts.get(name, 0) + 1
+                        # the rest of a multi-message tick (TradFi rows, one session a market)
+                        text = (market.frame(state, now_ms)
+                                if state.spec.multi and state.seq < state.feed.next else None)
+                await self._send_frames(conn, parts, payloads)
                 if pacer.rate == 0:
                     continue
             wake_at = float("inf") if self.silent else pacer.next_time(trio.current_time())
@@ -356,6 +402,70 @@ class Simulator:
                 await conn.wake.wait()
             if conn.wake.is_set():
                 conn.wake = trio.Event()
+
+    async def _send_frames(self, conn: Connection, parts: list[bytes],
+                           payloads: list[bytes]) -> None:
+        if not parts:
+            await trio.lowlevel.checkpoint()
+            return
+        sent = await self._write(conn, b"".join(parts), len(parts))
+        if sent and self.sent is not None:
+            # recorded only once on the wire: a frame cut by the client's Close is not
+            self.sent.extend((conn.id, p) for p in payloads)
+
+    async def _cadence_sender(self, conn: Connection) -> None:
+        """Cadence mode: write what the market's clock made for this connection, in order."""
+        market, pending = self.market, conn.outbox.pending
+        counts = self.frames_by_stream
+        while True:
+            if conn.bad:
+                await self._send_malformed(conn)
+            if pending and self.silent:
+                pending.clear()
+            if pending:
+                parts: list[bytes] = []
+                payloads: list[bytes] = []
+                while pending and len(parts) < MAX_WRITE:
+                    state = pending.popleft()
+                    text = market.take(state) if state.active else None
+                    if text is None:
+                        continue
+                    payload = text.encode()
+                    parts.append(ws_frame(payload))
+                    payloads.append(payload)
+                    name = state.spec.name
+                    counts[name] = counts.get(name, 0) + 1
+                await self._send_frames(conn, parts, payloads)
+                continue
+            await conn.wake.wait()
+            conn.wake = trio.Event()
+
+    def market_time(self) -> float:
+        """Seconds on the market's clock (cadence mode): 0 at the simulator's start."""
+        return trio.current_time() - self._t0
+
+    async def _drive_market(self) -> None:
+        """The exchange's own clock: make every event when it is due."""
+        market = self.market
+        while True:
+            due = market.schedule.next_due()
+            wake_at = (math.inf if due == math.inf
+                       else self._t0 + math.ceil(round(due / CADENCE_TICK, 6)) * CADENCE_TICK)
+            with trio.move_on_at(wake_at):
+                await self._market_changed.wait()
+            if self._market_changed.is_set():
+                self._market_changed = trio.Event()
+            self.advance_market()
+
+    def advance_market(self) -> None:
+        """Cadence mode: make what is due up to the last tick of the market's clock (REST then
+        answers what the streams show); never later, so no `E` is in the future."""
+        if self.market.cadence:
+            ticks = math.floor(round(self.market_time() / CADENCE_TICK, 6))
+            self.market.advance(ticks * CADENCE_TICK)
+
+    def _activity(self, symbol: str | None) -> float:
+        return self.market.activity(symbol, int(self.clock() * 1000))
 
     async def _write(self, conn: Connection, data: bytes, frames: int) -> bool:
         """Send `data` unless the connection is closing; True when it went out."""
@@ -417,7 +527,7 @@ class Simulator:
 
     def send_malformed(self, count: int = 5) -> int:
         """Every market connection gets `count` bad frames (see `market.malformed_frames`)."""
-        conns = [c for c in self.connections.values() if c.path in (PUBLIC, MARKET)]
+        conns = [c for c in self.connections.values() if c.path in MARKET_PATHS]
         frames = malformed_frames(count, int(self.clock() * 1000))
         for conn in conns:
             conn.bad.extend(frames)
@@ -431,6 +541,8 @@ class Simulator:
     def set_rate(self, rate: float | None, burst: int | None = None,
                  burst_every: float | None = None) -> None:
         """rate None: Binance's speeds; N: frames/s per connection; 0: flat out."""
+        if self.market.cadence:
+            raise ValueError("cadence mode paces every stream itself: no rate to set")
         if rate is not None and rate < 0:
             raise ValueError("rate must be None or >= 0")
         self.rate = rate
@@ -444,6 +556,7 @@ class Simulator:
             conn.poke()
 
     def stats(self) -> dict[str, object]:
+        market = self.market
         return {
             "frames_total": self.frames_total,
             "frames_by_stream": dict(self.frames_by_stream),
@@ -453,7 +566,67 @@ class Simulator:
             "silent": self.silent,
             "rate": self.rate, "burst": self.burst, "burst_every": self.burst_every,
             "weight_used_1m": self.weight.current(self.clock()),
+            "cadence": market.cadence,
+            "crash": market.cadence and market.crash.on(self.market_time()),
+            "symbols_trading": len(market.symbols),
         }
+
+    # --- the market's listings, sessions and crash (also under /sim/market/) ---------------
+
+    def list_symbol(self, symbol: str, contract_type: str | None = None) -> dict[str, object]:
+        """List `symbol` now (TRADING); connections that named its streams start serving."""
+        symbol = symbol.upper()
+        listing = self.market.list_symbol(symbol, contract_type, int(self.clock() * 1000))
+        self._restream(symbol, start=True)
+        return {"symbol": listing.symbol, "contractType": listing.contract_type,
+                "status": listing.status}
+
+    def delist(self, symbol: str) -> dict[str, object]:
+        """Delist `symbol` now (SETTLING): its streams go quiet on every connection."""
+        symbol = symbol.upper()
+        listing = self.market.delist(symbol, int(self.clock() * 1000))
+        self._restream(symbol, start=False)
+        return {"symbol": listing.symbol, "status": listing.status}
+
+    def _restream(self, symbol: str, start: bool) -> None:
+        head = symbol.lower() + "@"
+        for conn in self.connections.values():
+            if conn.path not in MARKET_PATHS:
+                continue
+            names = [n for n in conn.protocol.streams if n.startswith(head)]
+            if names:
+                self._apply_streams(conn, names if start else (), () if start else names)
+
+    def set_session(self, market: str, session_type: str | None) -> dict[str, object]:
+        """Force the session of a TradFi underlying market (EQUITY, COMMODITY, KR_EQUITY, or a
+        TradFi symbol's own) from now until cleared with None."""
+        listing = self.market.listings.get(market.upper())
+        name = listing.tradfi_market if listing is not None else market.upper()
+        if name is None:
+            raise ValueError(f"{market} is not a TradFi symbol")
+        now_ms = int(self.clock() * 1000)
+        self.market.hours.force(name, session_type, now_ms)
+        current = self.market.hours.current(name, now_ms)
+        return {"market": name, "type": current.type, "startTime": current.start}
+
+    def set_crash(self, on: bool | None, multiplier: float | None = None) -> dict[str, object]:
+        """Start or stop the crash phase of cadence mode (None: back to the schedule)."""
+        if not self.market.cadence:
+            raise ValueError("the crash phase needs cadence mode")
+        self.market.set_crash(on, multiplier)
+        return {"crash": self.market.crash.on(self.market_time()),
+                "multiplier": self.market.crash.multiplier}
+
+
+def _market(config: SimConfig, now_ms: int) -> Market:
+    symbols = (market_symbols(config.symbols, config.market_size) if config.market_size
+               else config.symbols)
+    return Market(
+        symbols, config.seed, coinm=config.coinm_symbols if config.coinm_in_arr else (),
+        tradfi=config.tradfi, tradfi_hours=config.tradfi_hours,
+        off_hours=config.tradfi_off_hours, cadence_mode=config.cadence,
+        crash=Crash(config.crash_multiplier, config.crash_after, config.crash_seconds),
+        now_ms=now_ms)
 
 
 def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
@@ -461,9 +634,12 @@ def _route(target: str) -> tuple[str, bool, list[str], dict[str, str]] | None:
     parts = urlsplit(target)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     segments = [unquote(s) for s in parts.path.split("/") if s]
-    if len(segments) < 2 or segments[0] not in (PUBLIC, MARKET, "private"):
+    if segments and segments[0] in ("ws", "stream"):
+        kind, form, rest = LEGACY, segments[0], segments[1:]
+    elif len(segments) >= 2 and segments[0] in (PUBLIC, MARKET, "private"):
+        kind, form, rest = segments[0], segments[1], segments[2:]
+    else:
         return None
-    kind, form, rest = segments[0], segments[1], segments[2:]
     if kind == "private":
         if form not in ("ws", "stream") or (form == "stream" and rest):
             return None
@@ -507,6 +683,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-algo-tpsl-fields", action="store_true",
                         help="algo order rows without tpTriggerPrice/tpPrice/slTriggerPrice/"
                              "slPrice/tpOrderType (Binance's shape since 2026-06-09)")
+    _add_market_arguments(parser)
+
+
+def _add_market_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tradfi", default="",
+                        help="TradFi perpetuals to list too, e.g. TSLAUSDT,XAUUSDT")
+    parser.add_argument("--tradfi-hours", default="weekly", choices=("weekly", "open", "closed"),
+                        help="sessions of their underlying markets")
+    parser.add_argument("--tradfi-off-hours", default="thin", choices=("thin", "quiet"),
+                        help="outside a session: thin trading (Binance) or no frames at all")
+    parser.add_argument("--no-coinm", action="store_true",
+                        help="no COIN-M rows in !markPrice@arr (as before 2026-06-30)")
+    parser.add_argument("--cadence", action="store_true",
+                        help="whole-market mode: every stream at its own rate (no --rate)")
+    parser.add_argument("--market-size", type=int, default=0,
+                        help="list generated symbols after --symbols until there are this many")
+    parser.add_argument("--crash-multiplier", type=float, default=5.0)
+    parser.add_argument("--crash-after", type=float, default=None,
+                        help="cadence mode: seconds until a crash phase starts")
+    parser.add_argument("--crash-seconds", type=float, default=60.0)
 
 
 def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
@@ -526,11 +722,20 @@ def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
             api_key=args.api_key, api_secret=args.api_secret,
             listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
             script_account=args.script_account, ed25519_public_key_pem=pem,
-            accounts=tuple(args.account), algo_tpsl_fields=not args.drop_algo_tpsl_fields)
+            accounts=tuple(args.account), algo_tpsl_fields=not args.drop_algo_tpsl_fields,
+            **_market_settings(args))
     except ValueError as exc:
         # SimConfig's messages start with the field's name, which is the flag's name
         field = str(exc).split(" ", 1)[0]
         raise SettingsError(f"--{field.replace('_', '-')}", str(exc)) from None
+
+
+def _market_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tradfi": args.tradfi, "tradfi_hours": args.tradfi_hours,
+            "tradfi_off_hours": args.tradfi_off_hours, "coinm_in_arr": not args.no_coinm,
+            "cadence": args.cadence, "market_size": args.market_size,
+            "crash_multiplier": args.crash_multiplier, "crash_after": args.crash_after,
+            "crash_seconds": args.crash_seconds}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import itertools
 import random
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import orjson
@@ -115,11 +115,15 @@ class Pacer:
 
     rate None: each stream at its own Binance speed; rate N: N frames a second round-robin
     over the streams; rate 0: FLAT_OUT_BATCH frames per call, as fast as the caller writes.
-    `burst` extra frames every `burst_every` seconds come on top in every mode.
+    `burst` extra frames every `burst_every` seconds come on top in every mode. At Binance's
+    speeds, `activity(symbol)` (1.0 by default) slows the irregular streams (trades,
+    liquidations) of a symbol that trades thinly, such as a TradFi symbol outside its session.
     """
 
-    def __init__(self, rng: random.Random, now: float) -> None:
+    def __init__(self, rng: random.Random, now: float,
+                 activity: Callable[[str | None], float] | None = None) -> None:
         self.rng = rng
+        self.activity = activity
         self.rate: float | None = None
         self.burst = 0
         self.burst_every = 0.1
@@ -183,7 +187,11 @@ class Pacer:
         while heap and heap[0][0] <= now and len(out) < MAX_BATCH:
             due, _, s = heapq.heappop(heap)
             out.append(s)
-            step = s.spec.interval * (self.rng.uniform(0.3, 1.7) if s.spec.jitter else 1.0)
+            step = s.spec.interval
+            if s.spec.jitter:
+                step *= self.rng.uniform(0.3, 1.7)
+                if self.activity is not None:
+                    step /= self.activity(s.spec.symbol)
             nxt = due + step if due + step > now - 1.0 else now + step
             heapq.heappush(heap, (nxt, next(self._seq), s))
         return out
