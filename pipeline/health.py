@@ -21,6 +21,13 @@ list of problems (empty: healthy). The rules:
   what its retention keeps while more was added; a last id ahead of the server's clock (ids
   written with `*` come from that clock, so only an explicit id can be ahead of it).
 
+- the user stream (`user_stream_problems`, from `raw:conn:user` alone): no working private
+  connection, i.e. none open (whatever closed it, a shutdown included: the order listener
+  relies on it), or one open while the last minute saw `USER_FLAPPING_CLOSES` or more of its
+  connections ended by anything but a shutdown or a rotation (a key closed under it, 4001,
+  gives exactly that loop); and an IP ban (418) still running. A 429 back-off is shown, with
+  its end, not judged: it lasts a minute at most.
+
 Dead letters, pending entries and REST weight are reported, not judged: they need a human look
 but do not mean the views are wrong now.
 """
@@ -34,6 +41,7 @@ import attrs
 
 from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, retention_family
 from pipeline.streams import Path, parse_stream_kind
+from pipeline.weight import utc_text
 from projections.core.keys import family_of_key, is_raw
 
 # Newest value of a view family older than this (seconds) is unhealthy. None: event-driven
@@ -134,6 +142,7 @@ class Report:
     dead_letters: Mapping[str, int]
     weight_used_1m: int | None
     problems: tuple[str, ...] = ()
+    user_stream: UserStream | None = None  # None: no user ingestor has logged anything
 
     @property
     def healthy(self) -> bool:
@@ -237,4 +246,60 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
     problems.extend(f"connection {c.id} ({c.path}) is silent: no frame on its path for "
                     f"its whole silence timeout" for c in conns if c.silent)
     problems.extend(tampering(streams, retention))
+    return problems
+
+
+# --- the user stream ----------------------------------------------------------------------
+
+USER_FLAPPING_WINDOW_S = 60.0
+USER_FLAPPING_CLOSES = 3
+PLANNED_CLOSES = frozenset({"shutdown", "rotated"})
+
+
+@attrs.frozen
+class UserStream:
+    """What `raw:conn:user` says of the private stream and of the user ingestor's REST."""
+
+    connected: bool
+    state_age_s: float | None  # since the open connection opened, or since the last close
+    last_close: str | None  # reason of the newest `closed` entry
+    unplanned_closes: int  # in the last USER_FLAPPING_WINDOW_S, shutdowns and rotations aside
+    backoff: Mapping[str, Any] | None = None  # the newest `rest_backoff` still running
+
+
+def user_stream_state(entries: Sequence[ControlEntry], now: float) -> UserStream | None:
+    """`entries`: the user ingestor's own lifecycle stream, oldest first."""
+    if not entries:
+        return None
+    conns = open_connections([e for e in entries if e.ctl != "rest_backoff"], now)
+    closes = [e for e in entries if e.ctl == "closed"]
+    reasons = [str(e.body.get("reason", "")) if isinstance(e.body, dict) else "" for e in closes]
+    recent = sum(1 for e, r in zip(closes, reasons, strict=True)
+                 if r not in PLANNED_CLOSES and now - e.recv_ts <= USER_FLAPPING_WINDOW_S)
+    if conns:
+        age: float | None = min(c.age_s for c in conns)
+    else:
+        age = max(0.0, now - closes[-1].recv_ts) if closes else None
+    backoffs = [e.body for e in entries if e.ctl == "rest_backoff" and isinstance(e.body, dict)
+                and float(e.body.get("until", 0)) > now]
+    return UserStream(bool(conns), age, reasons[-1] if reasons else None, recent,
+                      backoffs[-1] if backoffs else None)
+
+
+def user_stream_problems(user: UserStream | None) -> list[str]:
+    if user is None:
+        return []
+    problems = []
+    if not user.connected:
+        age = "" if user.state_age_s is None else f" for {user.state_age_s:.0f} s"
+        problems.append(f"user stream: no working connection{age} (last close: "
+                        f"{user.last_close or 'none'})")
+    elif user.unplanned_closes >= USER_FLAPPING_CLOSES:
+        problems.append(f"user stream: {user.unplanned_closes} connections ended in the last "
+                        f"{USER_FLAPPING_WINDOW_S:.0f} s (last: {user.last_close}): "
+                        "reconnecting, not working")
+    ban = user.backoff
+    if ban is not None and ban.get("status") == 418:
+        problems.append(f"REST: IP banned by the exchange until {utc_text(float(ban['until']))} "
+                        f"(418 on {ban.get('method', '')} {ban.get('path', '')})")
     return problems
