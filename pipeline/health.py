@@ -11,7 +11,9 @@ list of problems (empty: healthy). The rules:
 - silent connection: a connection the log says is open (its last entry in `raw:conn:market`
   or `raw:conn:user` is `opened`) for longer than the silence timeout, on a path whose raw
   streams got nothing for that long. Binance accepts a stream on the wrong path and then sends
-  nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page;
+  nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page.
+  Not for the connections of symbols that trade in sessions (`trades_in_sessions`), quiet
+  outside their session;
 - a tampered stream (`tampering`). The ACL gives each role write access to its own streams
   only, but XADD cannot be allowed without its options, so a buggy or compromised role can
   still trim its own streams (`XADD ... MAXLEN 0`) or append an explicit id far in the future
@@ -23,9 +25,10 @@ list of problems (empty: healthy). The rules:
 
 - the user stream (`user_stream_problems`, from `raw:conn:user` alone): no working private
   connection, i.e. none open (whatever closed it, a shutdown included: the order listener
-  relies on it), or one open while the last minute saw `USER_FLAPPING_CLOSES` or more of its
-  connections ended by anything but a shutdown or a rotation (a key closed under it, 4001,
-  gives exactly that loop); and an IP ban (418) still running. A 429 back-off is shown, with
+  relies on it), or one open for less than `USER_SETTLE_S` while the last minute saw
+  `USER_FLAPPING_CLOSES` or more of its connections ended by anything but a shutdown or a
+  rotation (a key closed under it, 4001, gives exactly that loop of short connections); and an
+  IP ban (418) still running. A 429 back-off is shown, with
   its end, not judged: it lasts a minute at most.
 
 Dead letters, pending entries and REST weight are reported, not judged: they need a human look
@@ -190,9 +193,18 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
     out = []
     for c in conns:
         quiet = freshest.get(c.path, float("inf")) > silence_timeout
-        watched = c.path in (Path.PUBLIC.value, Path.MARKET.value)
+        watched = c.path in (Path.PUBLIC.value, Path.MARKET.value) and not trades_in_sessions(c)
         out.append(attrs.evolve(c, silent=watched and c.age_s > silence_timeout and quiet))
     return out
+
+
+# Connections of symbols that trade in sessions (TradFi perpetuals): `ingest market` names them
+# so; outside a session their streams are quiet, so silence says nothing about them.
+SESSION_CONN_NAME = "mkt-sessions"
+
+
+def trades_in_sessions(conn: Connection) -> bool:
+    return conn.name.startswith(f"{SESSION_CONN_NAME}-")
 
 
 def tampering(streams: Sequence[Stream],
@@ -253,6 +265,7 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
 
 USER_FLAPPING_WINDOW_S = 60.0
 USER_FLAPPING_CLOSES = 3
+USER_SETTLE_S = 5.0  # a connection that lasted this long got past the server's 4001
 PLANNED_CLOSES = frozenset({"shutdown", "rotated"})
 
 
@@ -294,7 +307,8 @@ def user_stream_problems(user: UserStream | None) -> list[str]:
         age = "" if user.state_age_s is None else f" for {user.state_age_s:.0f} s"
         problems.append(f"user stream: no working connection{age} (last close: "
                         f"{user.last_close or 'none'})")
-    elif user.unplanned_closes >= USER_FLAPPING_CLOSES:
+    elif (user.unplanned_closes >= USER_FLAPPING_CLOSES
+          and (user.state_age_s or 0.0) < USER_SETTLE_S):
         problems.append(f"user stream: {user.unplanned_closes} connections ended in the last "
                         f"{USER_FLAPPING_WINDOW_S:.0f} s (last: {user.last_close}): "
                         "reconnecting, not working")
