@@ -375,12 +375,20 @@ class _Session:
     async def _url(self) -> str:
         if self.stale is not None:
             # the stream announced expiry before the watcher replaced the key: do it now
-            await self.keys.replace(self.stale)
-            self.stale = None
-            self.renew_key = False
+            await self._replace_stale()
         elif self.renew_key:
             await self._renew()
         return private_url(self.settings.ws_url, self.keys.current())
+
+    async def _replace_stale(self) -> None:
+        try:
+            await self.keys.replace(self.stale)
+        except ExchangeError as exc:
+            # kept stale: the next connect tries again, after the connection's backoff
+            log.warning("cannot replace the expired listenKey", extra={"error": str(exc)})
+            return
+        self.stale = None
+        self.renew_key = False
 
     async def _renew(self) -> None:
         """The account's live key before reconnecting (another process's DELETE or expiry
@@ -441,8 +449,7 @@ class _Session:
             self.expired = trio.Event()
             log.warning("listenKeyExpired on the stream: new key, reconnect, reconcile")
             if self.stale is not None:
-                await self.keys.replace(self.stale)
-                self.stale = None
+                await self._replace_stale()
             self.reconnect("listen_key_expired")
 
     async def key_replaced(self) -> None:
@@ -489,13 +496,7 @@ async def run_user_ingest(
                 if opts.outage_lookback > 0:
                     session.reconciler.note_outage(
                         api.server_clock.now_ms() - int(opts.outage_lookback * 1000))
-                async with trio.open_nursery() as readers:
-                    readers.start_soon(session.connection.run)
-                    readers.start_soon(session.keys.keep_alive, session.key_replaced)
-                    readers.start_soon(session.reconciler.every, opts.reconcile_every)
-                    readers.start_soon(session.watch_expiry)
-                    task_status.started(UserIngest(writer, session.connection, session.keys,
-                                                   session.reconciler, readers.cancel_scope))
+                await _stream(session, opts, task_status)
             finally:
                 if opts.close_listen_key:
                     with trio.CancelScope(shield=True) as scope:
@@ -507,3 +508,15 @@ async def run_user_ingest(
         with trio.CancelScope(shield=True):
             await rest.aclose()
         views.close()
+
+
+async def _stream(session: _Session, opts: UserOptions,
+                  task_status: trio.TaskStatus[UserIngest]) -> None:
+    """The connection and its companions, until `UserIngest.stop()`."""
+    async with trio.open_nursery() as readers:
+        readers.start_soon(session.connection.run)
+        readers.start_soon(session.keys.keep_alive, session.key_replaced)
+        readers.start_soon(session.reconciler.every, opts.reconcile_every)
+        readers.start_soon(session.watch_expiry)
+        task_status.started(UserIngest(session.writer, session.connection, session.keys,
+                                       session.reconciler, readers.cancel_scope))

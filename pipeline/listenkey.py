@@ -29,6 +29,7 @@ import trio
 from pipeline.config import Secret
 from pipeline.errors import ExchangeError
 from pipeline.logs import register_secret
+from pipeline.rest import BadAnswer
 from pipeline.signing import SignedRest
 
 log = logging.getLogger("pipeline.listenkey")
@@ -135,7 +136,7 @@ class ListenKeys:
     def _take(self, body: object, what: str) -> Secret:
         value = body.get("listenKey") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
-            raise ExchangeError(f"POST {PATH}: answer holds no listenKey")
+            raise BadAnswer(f"POST {PATH}: answer holds no listenKey", status=200)
         register_secret(value)
         self.key = Secret(value)
         self.issued += 1

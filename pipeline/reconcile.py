@@ -393,9 +393,11 @@ class Reconciler:
                     self.traded.discard(symbol)
                     return []
                 rows += page
-                if len(page) < PAGE:
+                last = page[-1] if page else None
+                if len(page) < PAGE or not isinstance(last, dict) or \
+                        not isinstance(last.get("orderId"), int):
                     break
-                params = {**params, "orderId": int(page[-1]["orderId"]) + 1}
+                params = {**params, "orderId": last["orderId"] + 1}
         return rows
 
     async def _trades_of(self, symbol: str, query: Mapping[str, Any],
@@ -414,9 +416,10 @@ class Reconciler:
                                          WEIGHTS["/fapi/v1/userTrades"], list)
                 fresh = [t for t in page if isinstance(t, dict) and t.get("id") not in seen]
                 seen.update((t.get("id"), t) for t in fresh)
-                if len(page) < PAGE or span is None or not fresh:
+                last = fresh[-1].get("time") if fresh else None
+                if len(page) < PAGE or span is None or not isinstance(last, int):
                     break
-                params = {**params, "startTime": int(page[-1]["time"])}
+                params = {**params, "startTime": last}
         return list(seen.values())
 
     # --- REST and the log -----------------------------------------------------------------
