@@ -167,3 +167,25 @@ async def test_a_cut_open_orders_answer_is_no_snapshot_and_no_reason_for_lookups
         kinds = [c.body["kind"] for c in controls(run.r, "snapshot")]
         assert kinds[-3:] == ["openAlgoOrders", "positionRisk", "balance"]
         assert all(c.body["response"] is not None for c in controls(run.r, "snapshot"))
+
+
+async def test_a_418_ban_stops_every_call_until_its_end_and_status_names_it(
+        redis_server: LocalRedis) -> None:
+    async with running(redis_server, opts=UserOptions(keepalive_every=0.2)) as run:
+        await snapshots_after(run, 1)
+        fault(run.sim, kind="418", path="/fapi/v1/openOrders", retry_after=2, count=1)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run.ingest.reconciler.run_once, "test")
+                await until(lambda: backoff_entries(run.r))
+                (ban,) = backoff_entries(run.r)
+                assert (ban["status"], ban["wait_s"], ban["scope"]) == (418, 2.0, "every call")
+                report = await trio.to_thread.run_sync(functools.partial(
+                    collect, run.r, prefix=run.settings.view_prefix, max_lag=10_000,
+                    silence_timeout=30.0))
+                assert [p for p in report.problems if p.startswith("REST: IP banned")]
+                extended = run.ingest.keys.extended
+                await trio.sleep(1.0)
+                assert run.ingest.keys.extended <= extended + 1  # the ban holds it back too
+            # the run finished once the ban was over, and the keep-alive goes on
+        await until(lambda: run.ingest.keys.extended >= extended + 3)
