@@ -44,6 +44,7 @@ COMMON_FLAGS: dict[str, str] = {
     "--buffer-frames": "PIPELINE_BUFFER_FRAMES",
     "--metrics-port": "PIPELINE_METRICS_PORT",
     "--log-format": "PIPELINE_LOG_FORMAT",
+    "--rest-weight-limit": "PIPELINE_REST_WEIGHT_LIMIT",
 }
 
 

@@ -67,6 +67,7 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_BUFFER_FRAMES": "200000",
     "PIPELINE_METRICS_PORT": "0",  # 0: no metrics server
     "PIPELINE_LOG_FORMAT": "text",
+    "PIPELINE_REST_WEIGHT_LIMIT": "2400",
 }
 
 
@@ -86,6 +87,7 @@ class Settings:
     log_format: str
     api_key: Secret | None = None
     api_secret: Secret | None = None
+    rest_weight_limit: int = 2400
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -170,4 +172,25 @@ def load_settings(
         log_format=log_format,
         api_key=_secret(merged, "BINANCE_API_KEY"),
         api_secret=_secret(merged, "BINANCE_API_SECRET"),
+        rest_weight_limit=rest_weight_limit(merged["PIPELINE_REST_WEIGHT_LIMIT"]),
     )
+
+
+# --- the REST weight budget -------------------------------------------------------------------
+# Binance allows 2400 a minute per IP, and since 2026-06-30 COIN-M calls from the same IP
+# spend the same budget: a host that also trades COIN-M gives this process less.
+MAX_REST_WEIGHT_LIMIT = 2400
+
+
+def rest_weight_limit(value: str) -> int:
+    """PIPELINE_REST_WEIGHT_LIMIT: the weight a minute this process may plan with, 1..2400."""
+    try:
+        limit = int(value.strip())
+    except ValueError:
+        raise SettingsError("PIPELINE_REST_WEIGHT_LIMIT", f"{value!r} is not a whole number"
+                            ) from None
+    if not 1 <= limit <= MAX_REST_WEIGHT_LIMIT:
+        raise SettingsError("PIPELINE_REST_WEIGHT_LIMIT",
+                            f"{limit} is not between 1 and {MAX_REST_WEIGHT_LIMIT} (Binance's "
+                            "limit per IP)")
+    return limit

@@ -11,7 +11,9 @@ list of problems (empty: healthy). The rules:
 - silent connection: a connection the log says is open (its last entry in `raw:conn:market`
   or `raw:conn:user` is `opened`) for longer than the silence timeout, on a path whose raw
   streams got nothing for that long. Binance accepts a stream on the wrong path and then sends
-  nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page;
+  nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page.
+  Not for the connections of symbols that trade in sessions (`trades_in_sessions`), quiet
+  outside their session;
 - a tampered stream (`tampering`). The ACL gives each role write access to its own streams
   only, but XADD cannot be allowed without its options, so a buggy or compromised role can
   still trim its own streams (`XADD ... MAXLEN 0`) or append an explicit id far in the future
@@ -20,6 +22,14 @@ list of problems (empty: healthy). The rules:
   fewer entries than were ever added to it; a count-retained stream holding less than half of
   what its retention keeps while more was added; a last id ahead of the server's clock (ids
   written with `*` come from that clock, so only an explicit id can be ahead of it).
+
+- the user stream (`user_stream_problems`, from `raw:conn:user` alone): no working private
+  connection, i.e. none open (whatever closed it, a shutdown included: the order listener
+  relies on it), or one open for less than `USER_SETTLE_S` while the last minute saw
+  `USER_FLAPPING_CLOSES` or more of its connections ended by anything but a shutdown or a
+  rotation (a key closed under it, 4001, gives exactly that loop of short connections); and an
+  IP ban (418) still running. A 429 back-off is shown, with
+  its end, not judged: it lasts a minute at most.
 
 Dead letters, pending entries and REST weight are reported, not judged: they need a human look
 but do not mean the views are wrong now.
@@ -34,6 +44,7 @@ import attrs
 
 from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, retention_family
 from pipeline.streams import Path, parse_stream_kind
+from pipeline.weight import utc_text
 from projections.core.keys import family_of_key, is_raw
 
 # Newest value of a view family older than this (seconds) is unhealthy. None: event-driven
@@ -134,6 +145,7 @@ class Report:
     dead_letters: Mapping[str, int]
     weight_used_1m: int | None
     problems: tuple[str, ...] = ()
+    user_stream: UserStream | None = None  # None: no user ingestor has logged anything
 
     @property
     def healthy(self) -> bool:
@@ -181,9 +193,18 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
     out = []
     for c in conns:
         quiet = freshest.get(c.path, float("inf")) > silence_timeout
-        watched = c.path in (Path.PUBLIC.value, Path.MARKET.value)
+        watched = c.path in (Path.PUBLIC.value, Path.MARKET.value) and not trades_in_sessions(c)
         out.append(attrs.evolve(c, silent=watched and c.age_s > silence_timeout and quiet))
     return out
+
+
+# Connections of symbols that trade in sessions (TradFi perpetuals): `ingest market` names them
+# so; outside a session their streams are quiet, so silence says nothing about them.
+SESSION_CONN_NAME = "mkt-sessions"
+
+
+def trades_in_sessions(conn: Connection) -> bool:
+    return conn.name.startswith(f"{SESSION_CONN_NAME}-")
 
 
 def tampering(streams: Sequence[Stream],
@@ -237,4 +258,62 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
     problems.extend(f"connection {c.id} ({c.path}) is silent: no frame on its path for "
                     f"its whole silence timeout" for c in conns if c.silent)
     problems.extend(tampering(streams, retention))
+    return problems
+
+
+# --- the user stream ----------------------------------------------------------------------
+
+USER_FLAPPING_WINDOW_S = 60.0
+USER_FLAPPING_CLOSES = 3
+USER_SETTLE_S = 5.0  # a connection that lasted this long got past the server's 4001
+PLANNED_CLOSES = frozenset({"shutdown", "rotated"})
+
+
+@attrs.frozen
+class UserStream:
+    """What `raw:conn:user` says of the private stream and of the user ingestor's REST."""
+
+    connected: bool
+    state_age_s: float | None  # since the open connection opened, or since the last close
+    last_close: str | None  # reason of the newest `closed` entry
+    unplanned_closes: int  # in the last USER_FLAPPING_WINDOW_S, shutdowns and rotations aside
+    backoff: Mapping[str, Any] | None = None  # the newest `rest_backoff` still running
+
+
+def user_stream_state(entries: Sequence[ControlEntry], now: float) -> UserStream | None:
+    """`entries`: the user ingestor's own lifecycle stream, oldest first."""
+    if not entries:
+        return None
+    conns = open_connections([e for e in entries if e.ctl != "rest_backoff"], now)
+    closes = [e for e in entries if e.ctl == "closed"]
+    reasons = [str(e.body.get("reason", "")) if isinstance(e.body, dict) else "" for e in closes]
+    recent = sum(1 for e, r in zip(closes, reasons, strict=True)
+                 if r not in PLANNED_CLOSES and now - e.recv_ts <= USER_FLAPPING_WINDOW_S)
+    if conns:
+        age: float | None = min(c.age_s for c in conns)
+    else:
+        age = max(0.0, now - closes[-1].recv_ts) if closes else None
+    backoffs = [e.body for e in entries if e.ctl == "rest_backoff" and isinstance(e.body, dict)
+                and float(e.body.get("until", 0)) > now]
+    return UserStream(bool(conns), age, reasons[-1] if reasons else None, recent,
+                      backoffs[-1] if backoffs else None)
+
+
+def user_stream_problems(user: UserStream | None) -> list[str]:
+    if user is None:
+        return []
+    problems = []
+    if not user.connected:
+        age = "" if user.state_age_s is None else f" for {user.state_age_s:.0f} s"
+        problems.append(f"user stream: no working connection{age} (last close: "
+                        f"{user.last_close or 'none'})")
+    elif (user.unplanned_closes >= USER_FLAPPING_CLOSES
+          and (user.state_age_s or 0.0) < USER_SETTLE_S):
+        problems.append(f"user stream: {user.unplanned_closes} connections ended in the last "
+                        f"{USER_FLAPPING_WINDOW_S:.0f} s (last: {user.last_close}): "
+                        "reconnecting, not working")
+    ban = user.backoff
+    if ban is not None and ban.get("status") == 418:
+        problems.append(f"REST: IP banned by the exchange until {utc_text(float(ban['until']))} "
+                        f"(418 on {ban.get('method', '')} {ban.get('path', '')})")
     return problems

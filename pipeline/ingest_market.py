@@ -5,6 +5,13 @@ Start-up, in this order, so that a bad setting stops the command before anything
 2. `PIPELINE_SYMBOLS=ALL` is resolved from `GET /fapi/v1/exchangeInfo` (TRADING symbols);
 3. `plan_connections` splits the streams by path and into connections of at most 1024 streams.
 
+Symbols that trade in sessions (contract type TRADIFI_PERPETUAL, named by exchangeInfo when
+`ALL` is resolved) are quiet outside their session (`tradingSession` stream, GET
+/fapi/v1/tradingSchedule): they get connections of their own, named `mkt-sessions-{n}`,
+without the silence rule, and `pipeline status` does not judge those by silence
+(`pipeline.health.trades_in_sessions`). Every other connection keeps the rule, so a session's
+quiet never hides a wrong path on them.
+
 Then one task per connection (`pipeline.wsconn.WsConnection`), the writer task
 (`pipeline.writer.LogWriter`) and, when PIPELINE_METRICS_PORT > 0, /metrics and /healthz.
 SIGINT/SIGTERM stop the connections (each appends its `closed` entry), the writer then gets up
@@ -27,10 +34,12 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import route_stream, stream_name
+from pipeline.health import SESSION_CONN_NAME
 from pipeline.redisconn import connect_checked
 from pipeline.rest import RestClient
 from pipeline.shutdown import serve_until_signal
-from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Subscription, plan_connections
+from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Path, Subscription, plan_connections
+from pipeline.weight import WeightBudget
 from pipeline.writer import LogWriter
 from pipeline.wsconn import PARAMS_PER_MESSAGE, ConnSpec, Timing, WsConnection
 from projections.core.keys import KEY_CONN_MARKET, KEY_OTHER
@@ -56,7 +65,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     # CPU-second (bench/bench_ingest.py).
     sys.setswitchinterval(0.001)
     client = connect_checked(settings.redis_url, name="ingest-market")
-    symbols = trio.run(resolve_symbols, settings)
+    symbols, sessions = trio.run(resolve_market, settings)
     running: list[MarketIngest] = []
     server = None
     if settings.metrics_port > 0:
@@ -69,7 +78,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                                 ) from None
     try:
         trio.run(serve_until_signal, functools.partial(
-            run_market_ingest, settings, client, symbols, max_per_connection=max_per), running)
+            run_market_ingest, settings, client, symbols, max_per_connection=max_per,
+            session_symbols=sessions), running)
     finally:
         if server is not None:
             server.shutdown()
@@ -78,11 +88,19 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def resolve_symbols(settings: Settings) -> tuple[str, ...]:
+    return (await resolve_market(settings))[0]
+
+
+async def resolve_market(settings: Settings) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(the symbols, those of them that trade in sessions). Only `ALL` reads exchangeInfo;
+    a list given is taken as it is, with no session symbols."""
     if settings.symbols is not None:
-        return settings.symbols
-    rest = RestClient(settings.rest_url)
+        return settings.symbols, frozenset()
+    rest = RestClient(settings.rest_url,
+                      budget=WeightBudget.for_limit(settings.rest_weight_limit))
     try:
-        symbols = await rest.trading_symbols()
+        info = await rest.exchange_info()
+        symbols = [s["symbol"] for s in info["symbols"] if s.get("status") == "TRADING"]
     except (ExchangeError, KeyError, TypeError) as exc:
         raise SettingsError("PIPELINE_SYMBOLS",
                             f"ALL needs GET /fapi/v1/exchangeInfo from BINANCE_REST_URL: {exc}"
@@ -91,28 +109,55 @@ async def resolve_symbols(settings: Settings) -> tuple[str, ...]:
         await rest.aclose()
     if not symbols:
         raise SettingsError("PIPELINE_SYMBOLS", "ALL: exchangeInfo lists no TRADING symbol")
-    log.info("symbols resolved from exchangeInfo", extra={"symbols": len(symbols)})
-    return tuple(symbols)
+    sessions = session_symbols(info) & set(symbols)
+    log.info("symbols resolved from exchangeInfo",
+             extra={"symbols": len(symbols), "in_sessions": len(sessions)})
+    return tuple(symbols), frozenset(sessions)
+
+
+# contract types whose symbols trade in sessions (Binance, 2026: TradFi perpetuals)
+SESSION_CONTRACT_TYPES = frozenset({"TRADIFI_PERPETUAL"})
+
+
+def session_symbols(info: object) -> frozenset[str]:
+    """The symbols of an exchangeInfo answer that trade in sessions."""
+    rows = info.get("symbols") if isinstance(info, dict) else None
+    return frozenset(str(r["symbol"]) for r in rows or () if isinstance(r, dict)
+                     and r.get("contractType") in SESSION_CONTRACT_TYPES and "symbol" in r)
 
 
 def market_specs(settings: Settings, symbols: Sequence[str],
-                 max_per_connection: int = MAX_STREAMS_PER_CONNECTION, *,
+                 max_per_connection: int = MAX_STREAMS_PER_CONNECTION,
+                 session_symbols: frozenset[str] = frozenset(), *,
                  url_streams: int = URL_STREAMS,
                  params_per_message: int = PARAMS_PER_MESSAGE) -> list[ConnSpec]:
     """One ConnSpec per planned connection: the first `url_streams` streams in the URL, the
     rest SUBSCRIBEd, `params_per_message` a message; the silence rule only where a stream ticks
-    at least once a second."""
-    specs = []
-    plan = plan_connections(symbols, settings.market_streams, max_per_connection)
-    for i, (path, subs) in enumerate(plan, start=1):
-        names = [s.name for s in subs]
-        url = f"{settings.ws_url}/{path.value}/stream?streams=" + "/".join(names[:url_streams])
-        specs.append(ConnSpec(
-            name=f"mkt-{i}", path=path.value, url=_constant(url), route=cached_router(),
-            subscribe=tuple(names[url_streams:]), params_per_message=params_per_message,
-            silence_timeout=settings.silence_timeout if _ticks(subs) else None,
-            rotate_after=settings.rotate_after, streams=len(names)))
-    return specs
+    at least once a second, and never on the connections of symbols that trade in sessions
+    (module doc)."""
+    always = [s for s in symbols if s not in session_symbols]
+    sessions = [s for s in symbols if s in session_symbols]
+    plans = [(f"mkt-{i}", path, subs, True) for i, (path, subs)
+             in enumerate(plan_connections(always, settings.market_streams,
+                                           max_per_connection), start=1)]
+    if sessions:
+        plans += [(f"{SESSION_CONN_NAME}-{i}", path, subs, False) for i, (path, subs)
+                  in enumerate(plan_connections(sessions, settings.market_streams,
+                                                max_per_connection), start=1)]
+    return [_spec(settings, name, path, subs, watched=watched, url_streams=url_streams,
+                  params_per_message=params_per_message)
+            for name, path, subs, watched in plans]
+
+
+def _spec(settings: Settings, name: str, path: Path, subs: Sequence[Subscription], *,
+          watched: bool, url_streams: int, params_per_message: int) -> ConnSpec:
+    names = [s.name for s in subs]
+    url = f"{settings.ws_url}/{path.value}/stream?streams=" + "/".join(names[:url_streams])
+    return ConnSpec(
+        name=name, path=path.value, url=_constant(url), route=cached_router(),
+        subscribe=tuple(names[url_streams:]), params_per_message=params_per_message,
+        silence_timeout=settings.silence_timeout if watched and _ticks(subs) else None,
+        rotate_after=settings.rotate_after, streams=len(names))
 
 
 def cached_router(limit: int = 4096) -> Callable[[bytes], str]:
@@ -166,12 +211,13 @@ async def run_market_ingest(
     max_per_connection: int = MAX_STREAMS_PER_CONNECTION,
     timing: Timing | None = None,
     writer: LogWriter | None = None,
+    session_symbols: frozenset[str] = frozenset(),
     task_status: trio.TaskStatus[MarketIngest] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
     writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
     conns = [WsConnection(spec, writer, conn_key=KEY_CONN_MARKET, timing=timing or Timing())
-             for spec in market_specs(settings, symbols, max_per_connection)]
+             for spec in market_specs(settings, symbols, max_per_connection, session_symbols)]
     log.info("ingesting", extra={"connections": len(conns), "symbols": len(symbols)})
     async with trio.open_nursery() as top:
         await top.start(writer.run)

@@ -3,13 +3,20 @@
 Binance: `POST /fapi/v1/listenKey` (header X-MBX-APIKEY) creates a key or returns the live one;
 it lives 60 minutes; `PUT` extends it, and answers -1125 when the key no longer exists (then a
 new one must be created); `DELETE` closes it; the stream itself announces `listenKeyExpired`.
+The key is the account's, not the caller's: POST returns the account's currently active key,
+so every process with the same API key holds the same one, and a DELETE closes it (code 4001)
+for all of them. So nothing here DELETEs a key unless the operator asks (`close`, called at
+shutdown only with `--close-listen-key`).
 
 Here: one `ListenKeys` object holds the current key as a `Secret` (shown only masked) and
 registers every key it receives with `pipeline.logs.register_secret`, so that even a key that
 slipped into a log line is scrubbed. `keep_alive` runs as a task: it extends the key every
 `keepalive_every` seconds (default 30 minutes, half the key's life, so one failed PUT still
 leaves time for the next) and replaces the key on -1125, calling `on_replaced` so the caller
-reconnects with the new key.
+reconnects with the new key. `renew` POSTs for the account's live key (a new one when none
+lives), what a private connection closed by the server needs before it reconnects. POST and
+PUT are `essential` calls (`pipeline.weight`): no back-off meant for the heavy calls holds
+them up.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import trio
 from pipeline.config import Secret
 from pipeline.errors import ExchangeError
 from pipeline.logs import register_secret
+from pipeline.rest import BadAnswer
 from pipeline.signing import SignedRest
 
 log = logging.getLogger("pipeline.listenkey")
@@ -41,6 +49,7 @@ class ListenKeys:
         self.key: Secret | None = None
         self.issued = 0  # keys received so far (a metric of churn, and for tests)
         self.extended = 0  # successful keep-alives
+        self.renewed = 0  # POSTs after a close that gave back the key already held
         self._lock = trio.Lock()
 
     def current(self) -> Secret:
@@ -51,8 +60,21 @@ class ListenKeys:
     async def create(self) -> Secret:
         """POST: a new key (or the live one: Binance returns it again while it lives)."""
         async with self._lock:
-            body = await self.api.keyed("POST", PATH)
+            body = await self.api.keyed("POST", PATH, essential=True)
             return self._take(body, "created")
+
+    async def renew(self) -> Secret:
+        """POST again: the account's live key, which another process may have replaced (or
+        closed: then a new one). Returns the key now held."""
+        async with self._lock:
+            before = self.key
+            body = await self.api.keyed("POST", PATH, essential=True)
+            value = body.get("listenKey") if isinstance(body, dict) else None
+            if before is not None and value == before.value:
+                self.renewed += 1
+                log.info("listenKey confirmed", extra={"listen_key": before.masked()})
+                return before
+            return self._take(body, "renewed")
 
     async def replace(self, stale: Secret | None) -> Secret:
         """A new key unless another task already replaced `stale` (expiry event and -1125 can
@@ -60,14 +82,14 @@ class ListenKeys:
         async with self._lock:
             if self.key is not None and self.key != stale:
                 return self.key
-            body = await self.api.keyed("POST", PATH)
+            body = await self.api.keyed("POST", PATH, essential=True)
             return self._take(body, "replaced")
 
     async def extend(self) -> bool:
         """PUT; True when the key had to be replaced (-1125), False when it was extended."""
         key = self.current()
         try:
-            body = await self.api.keyed("PUT", PATH, {"listenKey": key.value})
+            body = await self.api.keyed("PUT", PATH, {"listenKey": key.value}, essential=True)
         except ExchangeError as exc:
             if exc.code != CODE_NO_SUCH_KEY:
                 raise
@@ -85,7 +107,8 @@ class ListenKeys:
         return False
 
     async def close(self) -> None:
-        """DELETE the key at shutdown; a failure only costs the key's remaining life."""
+        """DELETE the key: every connection on it, this process's or another's, is closed.
+        Only at shutdown and only when the operator asked; a failure costs nothing more."""
         if self.key is None:
             return
         key, self.key = self.key, None
@@ -113,7 +136,7 @@ class ListenKeys:
     def _take(self, body: object, what: str) -> Secret:
         value = body.get("listenKey") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
-            raise ExchangeError(f"POST {PATH}: answer holds no listenKey")
+            raise BadAnswer(f"POST {PATH}: answer holds no listenKey", status=200)
         register_secret(value)
         self.key = Secret(value)
         self.issued += 1

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from pipeline.config import Secret
 from pipeline.errors import ExchangeError, SettingsError
-from pipeline.rest import RestClient
+from pipeline.rest import BadAnswer, RestClient
 
 DEFAULT_RECV_WINDOW_MS = 5000
 MAX_RECV_WINDOW_MS = 60_000
@@ -140,33 +140,39 @@ class SignedRest:
         return {"X-MBX-APIKEY": self.api_key.value}
 
     async def sync_time(self) -> int:
-        """Measure the offset to the exchange's clock; returns it in ms."""
+        """Measure the offset to the exchange's clock; returns it in ms. An answer without an
+        integer `serverTime` is a BadAnswer, like any body that is not the expected JSON."""
         sent = self.rest.clock()
-        body = await self.rest.get("/fapi/v1/time")
-        self.server_clock.observe(int(body["serverTime"]), sent, self.rest.clock())
+        body = await self.rest.get("/fapi/v1/time", expect=dict)
+        server_time = body.get("serverTime")
+        if not isinstance(server_time, int) or isinstance(server_time, bool):
+            raise BadAnswer("GET /fapi/v1/time: answer holds no serverTime", status=200)
+        self.server_clock.observe(server_time, sent, self.rest.clock())
         return self.server_clock.offset_ms
 
     async def keyed(self, method: str, path: str, params: Mapping[str, Any] | None = None,
-                    weight: int | None = None) -> Any:
-        """An API-key request without a signature (listenKey endpoints)."""
+                    weight: int | None = None, *, essential: bool = False) -> Any:
+        """An API-key request without a signature (listenKey endpoints; `essential`: see
+        `pipeline.weight`)."""
         return await self.rest.request(method, path, params=params, headers=self._headers,
-                                       weight=weight)
+                                       weight=weight, essential=essential, expect=dict)
 
     async def signed(self, method: str, path: str, params: Mapping[str, Any] | None = None,
-                     weight: int | None = None) -> Any:
+                     weight: int | None = None, *, expect: type | None = None) -> Any:
         """A SIGNED request; on -1021 the clock is measured again and the request sent once
-        more (a fresh timestamp needs a fresh signature)."""
+        more (a fresh timestamp needs a fresh signature). `expect`: the JSON type of a good
+        answer (anything else is a BadAnswer)."""
         try:
-            return await self._send_signed(method, path, params, weight)
+            return await self._send_signed(method, path, params, weight, expect)
         except ExchangeError as exc:
             if exc.code != CODE_TIMESTAMP_OUTSIDE_WINDOW:
                 raise
         await self.sync_time()
-        return await self._send_signed(method, path, params, weight)
+        return await self._send_signed(method, path, params, weight, expect)
 
     async def _send_signed(self, method: str, path: str, params: Mapping[str, Any] | None,
-                           weight: int | None) -> Any:
+                           weight: int | None, expect: type | None) -> Any:
         query = signed_params(params, timestamp_ms=self.server_clock.now_ms(),
                               signer=self.signer, recv_window_ms=self.recv_window_ms)
         return await self.rest.request(method, path, params=query, headers=self._headers,
-                                       weight=weight)
+                                       weight=weight, expect=expect)

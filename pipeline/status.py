@@ -36,13 +36,24 @@ from pipeline.health import (
     Group,
     Report,
     Stream,
+    UserStream,
     ViewFamily,
     assess,
     mark_silent,
     open_connections,
+    user_stream_problems,
+    user_stream_state,
 )
 from pipeline.redisconn import connect_checked, redis_errors
-from projections.core.keys import CONN_KEYS, DLQ_PATTERN, KEY_USER, RAW_PATTERN, Keys
+from pipeline.weight import utc_text
+from projections.core.keys import (
+    CONN_KEYS,
+    DLQ_PATTERN,
+    KEY_CONN_USER,
+    KEY_USER,
+    RAW_PATTERN,
+    Keys,
+)
 
 SCAN_CAP = 50_000  # keys looked at per SCAN pattern: a bound on the cost of one status call
 CONN_ENTRIES = 2_000  # newest entries of each connection stream folded into the list
@@ -96,8 +107,10 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     views = read_views(client, prefix, sample, now)
     dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, DLQ_PATTERN, "stream"))}
     problems = assess(conns, streams, views, max_lag=max_lag, retention=retention)
+    user = read_user_stream(client, now)
+    problems += user_stream_problems(user)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
-                  tuple(problems))
+                  tuple(problems), user)
 
 
 def _scan(client: redis.Redis, match: str, type_: str) -> Iterator[str]:
@@ -156,6 +169,19 @@ def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
         if isinstance(entry, ControlEntry):
             out.append(entry)
     return out
+
+
+def read_user_stream(client: redis.Redis, now: float) -> UserStream | None:
+    """The user ingestor's lifecycle and REST back-off entries, judged by `health`."""
+    entries = []
+    for entry_id, fields in reversed(_newest(client, KEY_CONN_USER, CONN_ENTRIES)):
+        try:
+            entry = decode_entry(entry_id, fields)
+        except ValueError:
+            continue
+        if isinstance(entry, ControlEntry):
+            entries.append(entry)
+    return user_stream_state(entries, now)
 
 
 def _id_order(entry_id: bytes) -> tuple[int, int]:
@@ -236,12 +262,27 @@ def render(report: Report, console: Console) -> None:
     dead = ", ".join(f"{k} {n}" for k, n in report.dead_letters.items()) or "none"
     weight = "-" if report.weight_used_1m is None else f"{report.weight_used_1m} / 2400"
     console.print(f"dead letters: {dead}    REST weight used (1 min): {weight}")
+    if report.user_stream is not None:
+        console.print(_user_line(report.user_stream))
     if report.healthy:
         console.print("[bold green]healthy[/]")
     else:
         console.print(f"[bold red]UNHEALTHY[/] ({len(report.problems)})")
         for p in report.problems:
             console.print(f"  [red]-[/] {p}")
+
+
+def _user_line(user: UserStream) -> str:
+    state = "connected" if user.connected else "[red]no connection[/]"
+    line = (f"user stream: {state} ({_age(user.state_age_s)}), last close: "
+            f"{user.last_close or '-'}, unplanned closes in the last minute: "
+            f"{user.unplanned_closes}")
+    if user.backoff is not None:
+        b = user.backoff
+        line += (f"\nREST backing off ({b.get('scope')}) until {utc_text(float(b['until']))}: "
+                 f"{b.get('status')} on {b.get('method')} {b.get('path')}, Retry-After "
+                 f"{b.get('retry_after')}")
+    return line
 
 
 def _connections_table(conns: tuple[Connection, ...]) -> Table:

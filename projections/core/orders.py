@@ -27,8 +27,13 @@ against, and what the pure tests run.
 Reconciliation: a `snapshot` entry (openOrders/openAlgoOrders) applies each listed order whose
 REST updateTime is newer than the stored one (source "reconciliation"). An order the views hold
 open that a full snapshot no longer lists is NOT closed here: the ingestor fetches its final
-state and logs a `final_state` entry, which applies like any transition. The fold never
-guesses a final status.
+state and logs a `final_state` entry, which applies like any transition (an order the fold
+never saw, found by the ingestor's search of an outage, starts from "" like any other). The
+fold never guesses a final status: when the exchange itself no longer knows an order (GET
+order -2013 and nothing in allOrders, see pipeline.reconcile), the ingestor logs a
+`final_state` of kind `notFound`, and the order ends in the terminal status NO_LONGER_KNOWN,
+versioned by the time of that lookup, with the fills userTrades still had (`z`, `ap`, `l`,
+`L`) when it had any.
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ from projections.core.userevents import (
     parse_user_event,
 )
 
-_ORDER_TERMINAL = ("FILLED", "CANCELED", "EXPIRED", "EXPIRED_IN_MATCH")
-_ALGO_TERMINAL = ("FINISHED", "CANCELED", "EXPIRED", "REJECTED")
+# NO_LONGER_KNOWN is ours, not Binance's: the exchange has forgotten the order (module doc)
+NO_LONGER_KNOWN = "NO_LONGER_KNOWN"
+_ORDER_TERMINAL = ("FILLED", "CANCELED", "EXPIRED", "EXPIRED_IN_MATCH", NO_LONGER_KNOWN)
+_ALGO_TERMINAL = ("FINISHED", "CANCELED", "EXPIRED", "REJECTED", NO_LONGER_KNOWN)
 
 # from status ("" = not seen yet) -> statuses that may follow
 ORDER_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -247,6 +254,42 @@ def algo_write_from_rest(row: Mapping[str, Any], cfg: OrderSettings) -> AlgoOrde
         symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
 
 
+def not_found_write(body: Mapping[str, Any], cfg: OrderSettings
+                    ) -> OrderWrite | AlgoOrderWrite:
+    """The terminal NO_LONGER_KNOWN transition of a `final_state` entry of kind `notFound`."""
+    try:
+        of, symbol, ident = body["of"], str(body["symbol"]), int(body["id"])
+        at = int(body["fetched_at_ms"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PoisonEntry(f"notFound entry without {exc}") from None
+    if of == "algoOrder":
+        return AlgoOrderWrite(
+            prefix=cfg.prefix, symbol=symbol, algo_id=ident, status=NO_LONGER_KNOWN,
+            version=(at, ALGO_RANK[NO_LONGER_KNOWN], "0"),
+            allowed_from=allowed_from(ALGO_TRANSITIONS, NO_LONGER_KNOWN),
+            fields={"X": NO_LONGER_KNOWN}, rest=None, source="reconciliation",
+            symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
+    fields = {"X": NO_LONGER_KNOWN, **fills_of(body.get("trades"))}
+    return OrderWrite(
+        prefix=cfg.prefix, symbol=symbol, order_id=ident, status=NO_LONGER_KNOWN,
+        version=(at, ORDER_RANK[NO_LONGER_KNOWN], str(fields.get("z", "0"))),
+        allowed_from=allowed_from(ORDER_TRANSITIONS, NO_LONGER_KNOWN), fields=fields,
+        rest=None, source="reconciliation", symbol_maxlen=cfg.symbol_maxlen,
+        orders_max_age_s=cfg.orders_max_age_s)
+
+
+def fills_of(trades: Any) -> dict[str, str]:
+    """`z`, `ap`, `l`, `L` from userTrades rows (in trade id order); {} without any."""
+    rows = sorted((t for t in trades if isinstance(t, dict)) if isinstance(trades, list) else (),
+                  key=lambda t: int(t.get("id", 0)))
+    if not rows:
+        return {}
+    qty = sum((_dec(t.get("qty")) for t in rows), Decimal(0))
+    quote = sum((_dec(t.get("qty")) * _dec(t.get("price")) for t in rows), Decimal(0))
+    return {"z": dec_str(qty), "ap": dec_str(quote / qty) if qty else "0",
+            "l": str(rows[-1].get("qty")), "L": str(rows[-1].get("price"))}
+
+
 # --- the reference of orders.lua --------------------------------------------------------------
 
 def _newer(v: Version | list[Any], old: Version | list[Any]) -> bool:
@@ -368,6 +411,8 @@ class OrdersProjection:
             if not isinstance(response, dict):
                 raise PoisonEntry("final_state entry without an order object")
             rows = [response]
+        elif entry.ctl == "final_state" and kind == "notFound":
+            return [not_found_write(body, self.cfg)]
         else:
             return []
         make = (order_write_from_rest if kind in ("openOrders", "order")

@@ -23,6 +23,7 @@ from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import retention_family
 from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
+from pipeline.weight import WeightBudget
 from projections.core.depthbook import SNAPSHOT_KEY
 from projections.shell.health import ProjectorHealth
 from projections.shell.lease import Lease, run_while_holding
@@ -91,7 +92,8 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
     loops: list[ProjectionLoop] = []
     client = make_client(settings.redis_url, name="project:snapshots")
     own_rest = rest is None
-    rest = rest or RestClient(settings.rest_url)
+    rest = rest or RestClient(settings.rest_url,
+                              budget=WeightBudget.for_limit(settings.rest_weight_limit))
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, GIL_SWITCH_S))
     try:
