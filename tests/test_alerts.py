@@ -255,10 +255,14 @@ def config_for_the_test(ports: dict[str, int], rules: Path) -> dict[str, Any]:
     doc["scrape_configs"] = jobs
     return doc
 
-STALE_FOR = "4s"  # the test copy's `for:` of PipelineViewStale; production's is in alerts.yml
+
+# The test copy's `for:` of PipelineViewStale, so the test takes seconds; the production rule
+# (30 s) is otherwise unchanged here, and its own `for:` is covered by alerts.test.yml.
+STALE_FOR = "4s"
 
 
 def rules_with_a_short_for(path: Path) -> Path:
+    """alerts.yml with PipelineViewStale's `for:` set to STALE_FOR, written to `path`."""
     doc = yaml.safe_load(RULES.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
