@@ -2,6 +2,7 @@
 # Create the secret files compose.yaml reads, in ./secrets (or $1). Existing files are kept.
 #
 # - redis_password_<role>: a random hex password per Redis user (deploy/redis/users.acl.template);
+# - grafana_admin_password: a random hex password for Grafana's `admin` (profile observability);
 # - binance_api_key, binance_api_secret: empty placeholders (fill them in before
 #   `docker compose --profile user up`);
 # - for the TLS profile (deploy/compose.tls.yaml), made with openssl: redis_tls_ca, the
@@ -19,6 +20,9 @@ for role in ingest_market ingest_user projector reader listener status admin; do
   f="$dir/redis_password_$role"
   [ -s "$f" ] || od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$f"
 done
+# the Grafana admin's password (compose profile `observability`)
+[ -s "$dir/grafana_admin_password" ] || od -An -N24 -tx1 /dev/urandom | tr -d ' \n' \
+  > "$dir/grafana_admin_password"
 for f in binance_api_key binance_api_secret; do
   [ -e "$dir/$f" ] || : > "$dir/$f"
 done
@@ -66,5 +70,5 @@ elif command -v openssl >/dev/null 2>&1; then
 else
   echo "make-secrets: openssl not found: no TLS certificates (for deploy/compose.tls.yaml)" >&2
 fi
-echo "secrets in $dir/: redis_password_* (generated), binance_api_key/secret (fill in)," \
-     "redis_tls_* (the TLS profile)"
+echo "secrets in $dir/: redis_password_*, grafana_admin_password (generated)," \
+     "binance_api_key/secret (fill in), redis_tls_* (the TLS profile)"

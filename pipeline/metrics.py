@@ -71,5 +71,20 @@ def serve(port: int, health: Callable[[], bool] = lambda: True,
             pass
 
     server = ThreadingHTTPServer((host, port), Handler)
+    HEALTHY.set_function(lambda: _health_value(health))
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+# --- for alerting rules (deploy/prometheus/alerts.yml) -------------------------------------
+# /healthz as a series, so a rule can page on it without a blackbox prober. It reads the same
+# `health()` callable when scraped, so the two never disagree; a process serves one /metrics,
+# and the last `serve` call sets it.
+HEALTHY = Gauge("pipeline_healthy", "1 while /healthz answers 200, else 0")
+
+
+def _health_value(health: Callable[[], bool]) -> float:
+    try:
+        return 1.0 if health() else 0.0
+    except Exception:  # /healthz would answer 500: unhealthy either way
+        return 0.0

@@ -12,6 +12,29 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+# prometheus and promtool: the alerting rules' unit tests (`promtool test rules`) and the test
+# that runs a real Prometheus against the pipeline (tests/test_alerts.py). The tests start
+# their own prometheus on a free port with a temporary data folder, so the package's service
+# must not start: a policy-rc.d that refuses it (Debian's own switch) is put in place for the
+# install, unless the machine has one already (containers usually do).
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "setup: installing prometheus (and promtool) from the system packages" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  policy=/usr/sbin/policy-rc.d
+  made_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+    made_policy=yes
+  fi
+  $SUDO apt-get update -qq
+  status=0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null || status=$?
+  [ -n "$made_policy" ] && $SUDO rm -f "$policy"
+  [ "$status" -eq 0 ] || exit "$status"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

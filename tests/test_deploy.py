@@ -87,8 +87,8 @@ def test_each_service_connects_as_its_own_acl_user_with_its_own_secret(
     users = acl_users()
     declared = set(compose["secrets"])
     for name, service in compose["services"].items():
-        if name == "redis":
-            continue
+        if name == "redis" or "redis" not in service["networks"]:
+            continue  # only the services on Redis's network can reach it
         env = service["environment"]
         user = env["REDIS_USER"]
         assert user in users, f"{name} uses {user!r}, which the ACL does not define"
@@ -514,3 +514,92 @@ def test_pipeline_entrypoint_builds_a_rediss_url_that_checks_the_ca(tmp_path: Pa
     assert gone.returncode == 2 and "REDIS_CA_FILE" in gone.stderr
     bad = run_sh(DEPLOY / "pipeline-entrypoint.sh", "true", env={**env, "REDIS_SCHEME": "http"})
     assert bad.returncode == 2 and "REDIS_SCHEME" in bad.stderr and "0a1b2c3d" not in bad.stderr
+
+
+# --- observability: Prometheus and Grafana (issue #18) -------------------------------------
+
+OBSERVABILITY = ("prometheus", "grafana")
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Host path -> container path of a service's bind mounts."""
+    return {v.split(":")[0]: v.split(":")[1] for v in service["volumes"] if v.startswith(".")}
+
+
+def test_prometheus_and_grafana_start_only_in_their_profile_from_pinned_images(
+    compose: dict[str, Any],
+) -> None:
+    for name in OBSERVABILITY:
+        service = compose["services"][name]
+        assert service["profiles"] == ["observability"], name
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"], name
+    assert re.fullmatch(r"grafana/grafana-oss:\d+\.\d+\.\d+", compose["services"]["grafana"][
+        "image"])
+    image = compose["services"]["prometheus"]["image"]
+    pinned = re.fullmatch(r"prom/prometheus:v(\d+)\.(\d+)\.\d+", image)
+    assert pinned, image
+    # the Prometheus whose promtool tests the rules (tests/test_alerts.py)
+    local = subprocess.run(["prometheus", "--version"], capture_output=True, text=True,
+                           check=True)
+    tested = re.search(r"version (\d+)\.(\d+)\.", local.stdout + local.stderr)
+    assert tested is not None
+    assert pinned.groups() == tested.groups()
+
+
+def test_prometheus_reads_its_files_from_deploy_and_scrapes_every_pipeline_service(
+    compose: dict[str, Any],
+) -> None:
+    prometheus = compose["services"]["prometheus"]
+    mounts = bind_mounts(prometheus)
+    config_path = mounts["./deploy/prometheus/prometheus.yml"]
+    assert f"--config.file={config_path}" in prometheus["command"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    for rule_file in config["rule_files"]:
+        assert mounts[f"./deploy/prometheus/{rule_file}"] == str(
+            Path(config_path).parent / rule_file)
+    targets = {}
+    for job in config["scrape_configs"]:
+        [discovery] = job["dns_sd_configs"]
+        [name] = discovery["names"]
+        targets[name] = discovery["port"]
+    assert set(targets) == set(PIPELINE_SERVICES)
+    for name, port in targets.items():
+        service = compose["services"][name]
+        assert int(service["environment"]["PIPELINE_METRICS_PORT"]) == port, name
+        assert str(port) in service["expose"], name
+        assert set(service["networks"]) & set(prometheus["networks"]), name
+
+
+def test_observability_reaches_neither_redis_nor_the_exchange_and_listens_on_loopback(
+    compose: dict[str, Any],
+) -> None:
+    for name in OBSERVABILITY:
+        networks = compose["services"][name]["networks"]
+        assert "redis" not in networks and "egress" not in networks, name
+    assert compose["networks"]["metrics"] == {"internal": True}
+    assert compose["services"]["grafana"]["networks"] == ["observability"]
+    for name, port in (("prometheus", 9090), ("grafana", 3000)):
+        [mapping] = compose["services"][name]["ports"]
+        assert env_default(mapping) == f"127.0.0.1:{port}:{port}", name
+
+
+def test_grafana_admin_password_comes_from_a_secret_that_make_secrets_writes(
+    compose: dict[str, Any], tmp_path: Path,
+) -> None:
+    grafana = compose["services"]["grafana"]
+    env = grafana["environment"]
+    path = env["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    secret = Path(path).name
+    assert path == f"/run/secrets/{secret}"
+    assert secret in grafana["secrets"] and secret in compose["secrets"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    secrets = tmp_path / "secrets"
+    assert run_sh(DEPLOY / "make-secrets.sh", str(secrets), env={}).returncode == 0
+    made = secrets / Path(compose["secrets"][secret]["file"]).name
+    assert re.fullmatch(r"[0-9a-f]{48}", made.read_text())
+    for folder in ("grafana", "prometheus"):
+        for file in (DEPLOY / folder).rglob("*"):
+            if file.is_file():
+                assert "password" not in file.read_text().lower(), file

@@ -124,3 +124,37 @@ def test_user_ingestor_serves_its_connection_and_health(running: dict[str, int])
     assert re.search(r"^# TYPE pipeline_frames_logged_total ", body, re.M)
     assert "sim-api-key" not in body and "sim-api-secret" not in body
     assert wait_for(running["user"], "/healthz", r"ok")
+
+
+# --- pipeline_healthy: /healthz as a series, for the alerting rules ------------------------
+
+def test_every_process_serves_its_health_check_as_a_series(running: dict[str, int]) -> None:
+    for role, port in running.items():
+        body = wait_for(port, "/metrics", r"^pipeline_healthy 1\.0$")
+        assert re.search(r"^# TYPE pipeline_healthy gauge$", body, re.M), role
+        assert get(port, "/healthz")[0] == 200, role
+
+
+def test_the_health_series_says_0_whenever_healthz_answers_503() -> None:
+    from pipeline import metrics
+
+    verdict = {"ok": False}
+
+    def health() -> bool:
+        if verdict.get("raise"):
+            raise RuntimeError("the health check itself failed")
+        return verdict["ok"]
+
+    server = metrics.serve(0, health, host="127.0.0.1")
+    port = server.server_port
+    try:
+        assert get(port, "/healthz")[0] == 503
+        assert re.search(r"^pipeline_healthy 0\.0$", get(port, "/metrics")[1], re.M)
+        verdict["ok"] = True
+        assert get(port, "/healthz")[0] == 200
+        assert re.search(r"^pipeline_healthy 1\.0$", get(port, "/metrics")[1], re.M)
+        verdict["raise"] = True
+        assert re.search(r"^pipeline_healthy 0\.0$", get(port, "/metrics")[1], re.M)
+    finally:
+        server.shutdown()
+        server.server_close()
