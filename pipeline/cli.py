@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("ingest", "market"): ("pipeline.ingest_market", "market-data ingestor"),
     ("ingest", "user"): ("pipeline.ingest_user", "user-data ingestor"),
     ("project",): ("projections.shell.project", "run the projector consumer groups"),
+    ("functions", "load"): ("projections.shell.functions", "load the projector's Redis functions"),
     ("replay",): ("projections.shell.replay", "rebuild views from the log, then exit"),
     ("status",): ("pipeline.status", "connections, streams, lag, view ages, dead letters"),
     ("simulate",): ("pipeline.simulator.server", "local Binance-protocol exchange simulator"),

@@ -67,6 +67,10 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_BUFFER_FRAMES": "200000",
     "PIPELINE_METRICS_PORT": "0",  # 0: no metrics server
     "PIPELINE_LOG_FORMAT": "text",
+    # plausibility bounds of the projector (projections.core.plausible, docs/architecture.md)
+    "PIPELINE_MAX_CLOCK_AHEAD_S": "10",  # an event time beyond receipt + this is poison
+    "PIPELINE_MAX_ID_RATE": "10000000",  # ids a second a stream can advance (book u, trade a)
+    "PIPELINE_REPAIR_SLACK_S": "1",  # event-time slack before a held id is judged impossible
 }
 
 
@@ -86,6 +90,9 @@ class Settings:
     log_format: str
     api_key: Secret | None = None
     api_secret: Secret | None = None
+    max_clock_ahead_s: float = 10.0
+    max_id_rate: float = 10_000_000.0
+    repair_slack_s: float = 1.0
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -170,4 +177,8 @@ def load_settings(
         log_format=log_format,
         api_key=_secret(merged, "BINANCE_API_KEY"),
         api_secret=_secret(merged, "BINANCE_API_SECRET"),
+        max_clock_ahead_s=_number("PIPELINE_MAX_CLOCK_AHEAD_S",
+                                  merged["PIPELINE_MAX_CLOCK_AHEAD_S"], minimum=0.001),
+        max_id_rate=_number("PIPELINE_MAX_ID_RATE", merged["PIPELINE_MAX_ID_RATE"], minimum=1),
+        repair_slack_s=_number("PIPELINE_REPAIR_SLACK_S", merged["PIPELINE_REPAIR_SLACK_S"]),
     )

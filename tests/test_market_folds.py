@@ -116,9 +116,9 @@ def test_partial_book_view_is_keyed_by_the_streams_depth_and_versioned_by_u() ->
         "timestamp": E / 1000, "last_update_id": 8_000_000_123, "source": "websocket"}
     assert (w.version, w.version_field) == (8_000_000_123, "last_update_id")
     assert w.expire_at_ms == int(RECV * 1000) + 60_000
-    w5 = only_write(PartialBookProjection("websocket").apply(frame("ethusdt@depth5",
+    w5 = only_write(PartialBookProjection("websocket").apply(frame("btcusdt@depth5",
                                                                    depth_data())))
-    assert w5.key == "websocket:orderbook:btcusdt:5"  # the payload's symbol names the book
+    assert w5.key == "websocket:orderbook:btcusdt:5"  # the stream's depth names the book
 
 
 def test_partial_book_reads_only_configured_depths() -> None:
