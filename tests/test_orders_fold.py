@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from user_frames import (
     RECV,
@@ -81,7 +82,8 @@ def test_canceled_or_expired_order_leaves_open_orders_and_is_reported(status):
 
 def test_amendment_keeps_the_order_new_with_the_new_price():
     store = fold([frame_entry(order_frame(9, "NEW", "NEW", t=T0), RECV + 1.0),
-                  frame_entry(order_frame(9, "NEW", "AMENDMENT", t=T0 + 5, p="49000.00"), RECV + 1.1)])
+                  frame_entry(order_frame(9, "NEW", "AMENDMENT", t=T0 + 5, p="49000.00"),
+                              RECV + 1.1)])
     [row] = store.open_orders()
     assert row["price"] == "49000.00" and row["time"] == T0 and row["updateTime"] == T0 + 5
     assert len(store.emitted) == 2
@@ -244,7 +246,8 @@ def test_other_control_entries_and_account_events_give_no_order_writes():
     assert list(proj.apply(control("opened", {"path": "private"}, RECV + 1.0))) == []
     assert list(proj.apply(control("snapshot", {"kind": "positionRisk", "response": []},
                                    1.0))) == []
-    assert list(proj.apply(frame_entry(b'{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{}}', RECV + 1.0))) == []
+    account = b'{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{}}'
+    assert list(proj.apply(frame_entry(account, RECV + 1.0))) == []
 
 
 def test_trailing_stop_rows_carry_activate_price_and_price_rate_only_for_trailing():
@@ -267,10 +270,62 @@ def test_final_state_of_an_order_never_seen_is_reported_as_it_ended():
                                     "response": rest_order(9100, "FILLED", update_time=T0 + 50,
                                                            time=T0 + 50, executed="0.003",
                                                            cum_quote="143.97", avg="47990",
-                                                           otype="MARKET", side="SELL")}, RECV + 2.0)
+                                                           otype="MARKET", side="SELL")},
+                    RECV + 2.0)
     store = fold([final])
     [event] = store.emitted
     assert (event["order_id"], event["status"], event["source"]) == (
         "9100", "FILLED", "reconciliation")
     assert event["data"]["cum_quote"] == "143.97" and event["data"]["o"]["ap"] == "47990"
     assert store.open_orders() == []
+
+
+# --- events and REST rows that could hold an order for ever (projections.core.plausible) ----
+
+IN_2100 = 4_102_444_800_000
+
+
+@pytest.mark.parametrize(("frame", "reason"), [
+    (orjson.dumps({**(new := orjson.loads(order_frame(7, "NEW", "NEW", t=T0))),
+                   "o": {**new["o"], "T": IN_2100}}), "o.T"),
+    (orjson.dumps({**orjson.loads(order_frame(7, "NEW", "NEW", t=T0)), "E": IN_2100}), "E"),
+    (order_frame(2**53, "NEW", "NEW", t=T0), "o.i"),
+    (order_frame(7, "NEW", "NEW", t=T0, symbol="*"), "o.s"),
+    (order_frame(7, "NEW", "NEW", t=T0, p=None), "p"),
+    (order_frame(7, "NEW", "NEW", t=T0, z=1.5), "z"),
+    (orjson.dumps({**orjson.loads(algo_frame(500, "TRIGGERED", t=T0)), "T": IN_2100}), "T"),
+    (algo_frame(500, "NEW", t=T0, tp={"x": 1}), "tp"),
+])
+def test_an_order_event_that_could_freeze_or_fake_the_order_is_poison(frame: bytes,
+                                                                     reason: str) -> None:
+    with pytest.raises(PoisonEntry, match=f": {reason} "):
+        list(OrdersProjection().apply(frame_entry(frame, RECV + 1.0)))
+
+
+@pytest.mark.parametrize(("ctl", "kind", "row", "reason"), [
+    ("final_state", "order", rest_order(7, "FILLED", update_time=IN_2100, time=T0),
+     "updateTime"),
+    ("snapshot", "openOrders", [rest_order(7, "NEW", update_time=T0, time=T0, p="1e3")],
+     "price"),
+    ("snapshot", "openOrders", [rest_order(7, "NEW", update_time=T0, time=T0,
+                                           symbol="BTC USDT")], "symbol"),
+    ("final_state", "algoOrder", rest_algo(500, "FINISHED", update_time=IN_2100,
+                                           create_time=T0), "updateTime"),
+])
+def test_a_rest_row_that_could_freeze_or_fake_the_order_is_poison(ctl: str, kind: str,
+                                                                  row: object,
+                                                                  reason: str) -> None:
+    entry = control(ctl, {"kind": kind, "symbol": None, "fetched_at_ms": T0 + 1,
+                          "response": row}, RECV + 1.0)
+    with pytest.raises(PoisonEntry, match=f": {reason} "):
+        list(OrdersProjection().apply(entry))
+
+
+def test_the_clock_bound_is_a_setting() -> None:
+    from projections.core.plausible import Bounds
+
+    soon = order_frame(7, "NEW", "NEW", t=T0 + 5_000)  # 4 s after its receipt
+    assert list(OrdersProjection().apply(frame_entry(soon, RECV + 1.0)))
+    with pytest.raises(PoisonEntry):
+        list(OrdersProjection(bounds=Bounds(max_ahead_ms=1_000)).apply(
+            frame_entry(soon, RECV + 1.0)))

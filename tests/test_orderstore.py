@@ -38,7 +38,8 @@ def story() -> list:
     that finds one more order and the final state of another."""
     return [
         frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0),
-        frame_entry(order_frame(8, "NEW", "NEW", t=T0 + 1, symbol="ETHUSDT", p="3000.00"), RECV + 1.0),
+        frame_entry(order_frame(8, "NEW", "NEW", t=T0 + 1, symbol="ETHUSDT", p="3000.00"),
+                    RECV + 1.0),
         frame_entry(algo_frame(500, "NEW", t=T0 + 2), RECV + 1.0),
         frame_entry(order_frame(7, "PARTIALLY_FILLED", "TRADE", t=T0 + 10, z="0.001",
                                 last_qty="0.001", last_price="50000.10", ap="50000.10",
@@ -305,3 +306,33 @@ def test_fill_sums_are_exact_decimals_like_the_reference_for_many_random_fills(r
     assert (stored["cum_quote"], stored["realized_profit"]) == (
         expected["cum_quote"], expected["realized_profit"])
     assert len(ref.emitted) == 149
+
+
+def test_a_stored_state_from_2100_is_repaired_by_the_real_events_as_the_reference_says(r):
+    """Written before the fold checked times (`T` in 2100): the Lua store and the reference
+    both let the real transitions through, the FILLED one closes the order."""
+    import time
+
+    from projections.core.orders import apply_write
+
+    future = 4_102_444_800_000
+    real = [frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0)]
+    poisoned = OrdersProjection(P).apply(
+        frame_entry(order_frame(7, "PARTIALLY_FILLED", "TRADE", t=future, z="0.001",
+                                last_qty="0.001", last_price="50000"), future / 1000))
+    [write] = list(poisoned)
+    pipe = r.pipeline(transaction=False)
+    perform_order_write(pipe, write)  # as the old store took it
+    pipe.execute()
+    filled = [frame_entry(order_frame(7, "FILLED", "TRADE", t=T0 + 30, z="0.003",
+                                      last_qty="0.003", last_price="50000.20"), RECV + 1.3)]
+    perform(r, real + filled)
+    state = hash_json(r, f"{P}:order_state:btcusdt")["7"]
+    assert state["status"] == "FILLED" and r.hlen(f"{P}:open_orders:btcusdt") == 0
+
+    held = {**state, "status": "PARTIALLY_FILLED", "version": [future, 1, "0.001"]}
+    [fill] = list(OrdersProjection(P).apply(filled[0]))
+    now = int(time.time() * 1000)
+    after = apply_write(held, fill, now_ms=now)
+    assert after is not None and after[0]["status"] == "FILLED" and after[1] is None
+    assert apply_write(held, fill) is None  # without the clock: obeyed, as before

@@ -268,7 +268,7 @@ def _kline_refused(out: Kline, k_symbol: Any, symbol: str, span_ms: int,
                    limit_ms: int) -> PoisonEntry:
     e, t, t_close = out[1], out[3], out[4]
     why = _refused("kline", symbol, out[0] if out[0] != symbol else k_symbol, limit_ms,
-                   {"E": e, "t": t, "T": t_close}, {"n": out[11]})
+                   {"E": e, "t": t}, {"T": t_close, "n": out[11]})
     if str(why) != "kline: a field has the wrong type":
         return why
     if t > e:

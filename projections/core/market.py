@@ -244,8 +244,8 @@ class MarkPriceProjection(LastValueFold):
             "next_funding_time": next_funding, "timestamp": ts, "source": SOURCE,
         })
         if _MARK_VALUE.match(value) is None:
-            raise PoisonEntry(bad_field("markPriceUpdate", {"p": mark, "i": index, "r": rate
-                                                            or "0"}))
+            raise PoisonEntry(bad_field("markPriceUpdate", {
+                "p": mark, "i": index, "r": "0" if rate == "" else rate}))
         return ViewWrite(self._key + symbol.lower(), value, ts, "timestamp",
                          _expiry(entry, TTL_MS), ts)
 
