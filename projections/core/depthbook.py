@@ -60,7 +60,7 @@ import orjson
 from pipeline.eventlog import ControlEntry, FrameEntry
 from projections.core import frames
 from projections.core.keys import Keys, market_key
-from projections.core.market import SOURCE, TTL_MS
+from projections.core.market import SOURCE, STREAM_CACHE_MAX, TTL_MS
 from projections.core.outputs import (
     Entry,
     LogGap,
@@ -278,6 +278,8 @@ class DiffBookProjection:
         self.buffer_limit = buffer_limit
         self.bounds = bounds or Bounds()
         self.symbols = frozenset(symbols) if symbols is not None else None
+        # stream name -> (its symbol, "" when not configured; the wrapper's first bytes)
+        self._streams: dict[str, tuple[str, bytes]] = {}
         self._key = Keys(prefix).view_head("orderbook")
         self._suffix = f":{book_depth}"
         self.sequencers: dict[str, Sequencer] = {}
@@ -310,15 +312,20 @@ class DiffBookProjection:
     def _stream_symbol(self, stream: str, frame: bytes) -> str | None:
         """The symbol of a diff-depth stream (`btcusdt@depth@100ms`), None when it is not
         configured; PoisonEntry for a frame of another stream or routed by another name."""
-        parts = stream.split("@")
-        symbol = frames.stream_symbol(stream)
-        if symbol is None or len(parts) < 2 or parts[1] != "depth":
-            raise PoisonEntry(f"depthUpdate: {stream[:60]!r} is not a diff-depth stream")
-        if not frames.routed_as(frame, stream):
+        known = self._streams.get(stream)
+        if known is None:
+            parts = stream.split("@")
+            symbol = frames.stream_symbol(stream)
+            if symbol is None or len(parts) < 2 or parts[1] != "depth":
+                raise PoisonEntry(f"depthUpdate: {stream[:60]!r} is not a diff-depth stream")
+            if len(self._streams) >= STREAM_CACHE_MAX:
+                self._streams.clear()
+            configured = self.symbols is None or symbol in self.symbols
+            known = self._streams[stream] = (symbol if configured else "",
+                                             b'{"stream":"%s"' % stream.encode())
+        if not frame.startswith(known[1]):
             raise PoisonEntry(f"depthUpdate: the frame names a stream before {stream[:60]!r}")
-        if self.symbols is not None and symbol not in self.symbols:
-            return None
-        return symbol
+        return known[0] or None
 
     def _sequencer(self, symbol: str) -> Sequencer:
         seq = self.sequencers.get(symbol)

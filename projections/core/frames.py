@@ -306,10 +306,15 @@ class DiffDepth(NamedTuple):
 def diff_depth(d: Any, symbol: str, limit_ms: int) -> DiffDepth:
     """`symbol`: the stream's; `limit_ms`: the entry's receipt time + the clock bound."""
     try:
-        if d["s"] != symbol:
-            raise TypeError(f"payload symbol {str(d['s'])[:40]!r} is not the stream's {symbol}")
-        return DiffDepth(symbol, _time(d["E"], limit_ms), _id(d["U"]), _id(d["u"]),
-                         _id(d["pu"]), levels(d["b"], True), levels(d["a"], False))
+        e, first, last, prev = d["E"], d["U"], d["u"], d["pu"]
+        if (d["s"] != symbol or type(e) is not int or not 0 < e <= limit_ms
+                or type(first) is not int or type(last) is not int or type(prev) is not int
+                or not 0 <= first < MAX_SAFE_ID or not 0 <= last < MAX_SAFE_ID
+                or not 0 <= prev < MAX_SAFE_ID):
+            raise _refused("depthUpdate", symbol, d["s"], limit_ms, {"E": e},
+                           {"U": first, "u": last, "pu": prev})
+        return DiffDepth(symbol, e, first, last, prev, levels(d["b"], True),
+                         levels(d["a"], False))
     except (KeyError, TypeError, ValueError) as exc:
         raise _poison("depthUpdate", exc) from None
 

@@ -158,7 +158,10 @@ class LastValueFold:
         if got is None or frames.event_type(got[1]) != self.event:
             return []
         assert type(entry) is FrameEntry
-        stream = got[0]
+        return self._checked(got[0], got[1], entry)
+
+    def _checked(self, stream: str, data: Any, entry: FrameEntry) -> list[Output]:
+        """The stream name's checks (module docstring), then `fold`."""
         known = self._streams.get(stream)
         if known is None:
             if stream in self._streams:
@@ -170,8 +173,7 @@ class LastValueFold:
         if not entry.frame.startswith(head):
             raise PoisonEntry(f"{self.event}: the frame names a stream before "
                               f"{stream[:60]!r}; it was routed by that one")
-        return self.fold(symbol, extra, got[1], entry,
-                         int(entry.recv_ts * 1000) + self._ahead_ms)
+        return self.fold(symbol, extra, data, entry, int(entry.recv_ts * 1000) + self._ahead_ms)
 
     def _learn(self, stream: str) -> tuple[str, bytes, Any] | None:
         symbol = frames.stream_symbol(stream)
@@ -214,14 +216,16 @@ class MarkPriceProjection(LastValueFold):
         got = _payload(entry)
         if got is None:
             return []
-        if type(got[1]) is not list:
-            return super().apply(entry)
         assert type(entry) is FrameEntry
-        stream = got[0]
+        stream, data = got
+        if type(data) is not list:
+            if data.get("e") != "markPriceUpdate":
+                return []
+            return self._checked(stream, data, entry)
         if not stream.startswith("!markPrice@arr") or not frames.routed_as(entry.frame, stream):
             raise PoisonEntry(f"markPriceUpdate: a list on stream {stream[:60]!r}")
         limit_ms = int(entry.recv_ts * 1000) + self._ahead_ms
-        return [self._write(frames.mark_price(d, d["s"], limit_ms), entry) for d in got[1]
+        return [self._write(frames.mark_price(d, d["s"], limit_ms), entry) for d in data
                 if self._usd_m_item(d)]
 
     def _usd_m_item(self, d: Any) -> bool:
