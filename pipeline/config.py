@@ -67,8 +67,9 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_BUFFER_FRAMES": "200000",
     "PIPELINE_METRICS_PORT": "0",  # 0: no metrics server
     "PIPELINE_LOG_FORMAT": "text",
-    # plausibility bounds of the projector (projections.core.plausible, docs/architecture.md)
-    "PIPELINE_MAX_CLOCK_AHEAD_S": "10",  # an event time beyond receipt + this is poison
+    # plausibility bounds of the projector (projections.core.plausible.Bounds has the same
+    # defaults; the consumer library imports this module, so not that one):
+    "PIPELINE_MAX_CLOCK_AHEAD_S": "10",  # an event time beyond its receipt + this is poison
     "PIPELINE_MAX_ID_RATE": "10000000",  # ids a second a stream can advance (book u, trade a)
     "PIPELINE_REPAIR_SLACK_S": "1",  # event-time slack before a held id is judged impossible
 }

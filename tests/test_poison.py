@@ -37,7 +37,7 @@ from pipeline.simulator.market import MARKET, PUBLIC
 from projections.client import MarketReader, open_orders
 from projections.core.plausible import Bounds
 from projections.shell import project as runner
-from projections.shell.registry import available, choose
+from projections.shell.registry import available, bounds_from, choose
 from tests.projector_support import drained, groups_of, wait_for
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
@@ -344,6 +344,7 @@ def test_the_bounds_are_settings_and_reach_every_fold() -> None:
     defaults = load_settings(env={})
     assert (defaults.max_clock_ahead_s, defaults.max_id_rate, defaults.repair_slack_s) == (
         10.0, 10_000_000.0, 1.0)
+    assert bounds_from(defaults) == Bounds()  # the folds' own defaults are the same
     settings = load_settings(env={"PIPELINE_MAX_CLOCK_AHEAD_S": "2.5",
                                   "PIPELINE_MAX_ID_RATE": "5000",
                                   "PIPELINE_REPAIR_SLACK_S": "0.2",

@@ -30,8 +30,12 @@
 -- one; cjson is the fallback.
 local function held_number(raw, field)
   if not raw then return nil end
-  local s = string.match(raw, '"' .. field .. '":%s*(%-?[%d%.eE%+%-]+)')
-  if s then return tonumber(s) end
+  local key = '"' .. field .. '":'
+  local at = string.find(raw, key, 1, true)  -- a plain find: memchr, not the pattern engine
+  if at then
+    local s = string.match(raw, '^%s*(%-?[%d%.eE%+%-]+)', at + #key)
+    if s then return tonumber(s) end
+  end
   local ok, doc = pcall(cjson.decode, raw)
   if not ok or type(doc) ~= 'table' then return nil end
   return tonumber(doc[field])
