@@ -71,7 +71,7 @@ def partial_depth_entries(n: int, rng: random.Random) -> Iterator[FrameEntry]:
 def kline_entries(n: int, rng: random.Random) -> Iterator[FrameEntry]:
     for i in range(n):
         s = SYMBOLS[i % len(SYMBOLS)]
-        t = T0 + (i // 2400) * 60_000
+        t = (T0 + i) // 60_000 * 60_000  # the candle open at the event time
         yield _entry(i, f"{s.lower()}@kline_1m", {"e": "kline", "E": T0 + i, "s": s, "k": {
             "t": t, "T": t + 59_999, "s": s, "i": "1m", "f": i, "L": i + 9, "o": _px(rng),
             "c": _px(rng), "h": _px(rng), "l": _px(rng), "v": "123.456", "n": 10,
@@ -118,13 +118,18 @@ def diff_depth_entries(n: int, rng: random.Random) -> Iterator[FrameEntry | Cont
         yield _entry(i, f"{s.lower()}@depth@100ms", ev)
 
 
+# the symbols are configured, as PIPELINE_SYMBOLS would have them (only those get views)
 FOLDS: list[tuple[str, Callable[[], Any], Callable[[int, random.Random], Iterator[Any]]]] = [
-    ("mark_price", lambda: MarkPriceProjection("websocket"), mark_price_entries),
-    ("orderbook (depth20)", lambda: PartialBookProjection("websocket"), partial_depth_entries),
-    ("kline", lambda: KlineProjection("websocket"), kline_entries),
-    ("last_price", lambda: TradeProjection("websocket"), agg_trade_entries),
-    ("book_ticker", lambda: BookTickerProjection("websocket"), book_ticker_entries),
-    ("depth_book (diff, top 20)", lambda: DiffBookProjection("websocket"), diff_depth_entries),
+    ("mark_price", lambda: MarkPriceProjection("websocket", symbols=SYMBOLS),
+     mark_price_entries),
+    ("orderbook (depth20)", lambda: PartialBookProjection("websocket", symbols=SYMBOLS),
+     partial_depth_entries),
+    ("kline", lambda: KlineProjection("websocket", symbols=SYMBOLS), kline_entries),
+    ("last_price", lambda: TradeProjection("websocket", symbols=SYMBOLS), agg_trade_entries),
+    ("book_ticker", lambda: BookTickerProjection("websocket", symbols=SYMBOLS),
+     book_ticker_entries),
+    ("depth_book (diff, top 20)", lambda: DiffBookProjection("websocket", symbols=SYMBOLS),
+     diff_depth_entries),
 ]
 
 

@@ -4,6 +4,8 @@
     .venv/bin/python bench/bench_projector.py --only events --events 300000
     .venv/bin/python bench/bench_projector.py --write-doc     # also bench/results/projector-*.md
                                                               # (figures go to docs/benchmarks.md)
+    .venv/bin/python bench/bench_projector.py --only events --store ab --rounds 3
+                                                              # FCALL vs EVALSHA, alternating
 
 Each part starts its own redis-server (pipeline.localredis) on a free port.
 
@@ -22,6 +24,10 @@ Each part starts its own redis-server (pipeline.localredis) on a free port.
 - replay: `--replay-frames` frames pre-filled, then `projections.shell.replay.replay` of every
   projection (XRANGE chunks, same folds, same forward-only writes; one process per projection,
   `--jobs` at once, as `pipeline replay` does by default), timed end to end.
+- `--store ab` (events only): the view writes as the projector makes them (`FCALL` of the
+  function library) against the same views code sent as a script with `EVALSHA`, the way
+  they went before the library (kept only here, `EvalshaViewStore`), in alternating rounds of
+  one run; prints the medians and the ratio FCALL / EVALSHA.
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ from pipeline.eventlog import frame_entry  # noqa: E402
 from pipeline.localredis import LocalRedis  # noqa: E402
 from projections.core.batch import Folded, RawEntry  # noqa: E402
 from projections.core.keys import market_key  # noqa: E402
+from projections.shell import loop as shell_loop  # noqa: E402
 from projections.shell import project as runner  # noqa: E402
 from projections.shell.registry import choose  # noqa: E402
 from projections.shell.replay import replay  # noqa: E402
+from projections.shell.viewstore import ViewStore  # noqa: E402
 
 STREAMS = "markPrice@1s,depth20@100ms,aggTrade,kline_1m"
 
@@ -102,6 +110,31 @@ def fill(r: redis.Redis, items: list[tuple[str, bytes]]) -> None:
     pipe.execute()
 
 
+class EvalshaViewStore(ViewStore):
+    """The views code of the function library sent as a script (`EVALSHA`, loaded once), as
+    the view writes went before the library: the other side of `--store ab`, nowhere else."""
+
+    SCRIPT = (ROOT / "projections/shell/lua/views.lua").read_text() + \
+        "\nreturn views_write(KEYS, ARGV)\n"
+
+    def _flush(self, pipe: Any, keys: list[str], args: list[Any], plan: list[int]) -> None:
+        if not keys:
+            return
+        if not self._loaded:
+            self._sha = self._client.script_load(self.SCRIPT)
+            self._loaded = True
+        pipe.evalsha(self._sha, len(keys), *keys, *self._head, *args)
+        plan.append(len(keys))
+        keys.clear()
+        args.clear()
+
+
+def bench_settings(url: str, streams: str, n_symbols: int) -> Any:
+    """The bench's symbols are configured: only configured symbols get views."""
+    return load_settings(env={"REDIS_URL": url, "PIPELINE_MARKET_STREAMS": streams,
+                              "PIPELINE_SYMBOLS": ",".join(symbols(n_symbols))})
+
+
 def drained(r: redis.Redis, groups: dict[str, list[str]]) -> bool:
     for group, keys in groups.items():
         for key in keys:
@@ -114,13 +147,14 @@ def drained(r: redis.Redis, groups: dict[str, list[str]]) -> bool:
 # --- events/s ---------------------------------------------------------------------------------
 
 def bench_events(n: int, n_symbols: int, coalescing: bool, batch: int,
-                 streams: str = STREAMS) -> float:
+                 streams: str = STREAMS, store: str = "fcall") -> float:
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
         r = server.client()
         wanted = {k.family for k in load_settings(
             env={"PIPELINE_MARKET_STREAMS": streams}).market_streams}
         fill(r, [f for f in frames(n * 4 // len(wanted), symbols(n_symbols)) if f[0] in wanted])
-        settings = load_settings(env={"REDIS_URL": server.url, "PIPELINE_MARKET_STREAMS": streams})
+        settings = bench_settings(server.url, streams, n_symbols)
+        shell_loop.ViewStore = EvalshaViewStore if store == "evalsha" else ViewStore  # type: ignore[misc]
         specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
         groups = {s.name: list(s.factory().sources) for s in specs}
         opts = runner.RunOptions(consumer="bench", batch=batch, coalescing=coalescing)
@@ -135,7 +169,10 @@ def bench_events(n: int, n_symbols: int, coalescing: bool, batch: int,
                 nursery.cancel_scope.cancel()
             return n / took
 
-        rate = trio.run(main)
+        try:
+            rate = trio.run(main)
+        finally:
+            shell_loop.ViewStore = ViewStore  # type: ignore[misc]
         r.close()
         return rate
 
@@ -250,7 +287,7 @@ def bench_replay(n: int, n_symbols: int, jobs: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
         r = server.client()
         fill(r, frames(n, symbols(n_symbols)))
-        settings = load_settings(env={"REDIS_URL": server.url, "PIPELINE_MARKET_STREAMS": STREAMS})
+        settings = bench_settings(server.url, STREAMS, n_symbols)
         specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
         client = redis.Redis.from_url(server.url)
         t0 = time.perf_counter()
@@ -308,6 +345,26 @@ def latency_lines(rate: int, seconds: float, split: bool) -> list[str]:
     return lines
 
 
+def store_ab(args: argparse.Namespace) -> list[str]:
+    """FCALL and EVALSHA of the same views code, alternating, coalescing on and off."""
+    lines = []
+    for coalescing in (True, False):
+        rates: dict[str, list[float]] = {"fcall": [], "evalsha": []}
+        for _ in range(args.rounds):
+            for store in ("evalsha", "fcall"):
+                rates[store].append(bench_events(args.events, args.symbols, coalescing,
+                                                 args.batch, args.streams, store))
+        fcall, evalsha = (statistics.median(rates[k]) for k in ("fcall", "evalsha"))
+        lines.append(
+            f"events/s, {args.events:,} entries, coalescing {'on' if coalescing else 'off'}, "
+            f"{args.rounds} alternating rounds: FCALL {fcall:,.0f} (each: "
+            f"{', '.join(f'{x:,.0f}' for x in rates['fcall'])}), EVALSHA {evalsha:,.0f} "
+            f"(each: {', '.join(f'{x:,.0f}' for x in rates['evalsha'])}), ratio FCALL/EVALSHA "
+            f"{fcall / evalsha:.3f}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["events", "latency", "replay"], default=None)
@@ -324,12 +381,19 @@ def main() -> int:
     ap.add_argument("--replay-frames", type=int, default=1_000_000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="replay processes (as `pipeline replay --jobs`)")
+    ap.add_argument("--store", choices=["fcall", "evalsha", "ab"], default="fcall",
+                    help="events: view writes by FCALL (as the projector), EVALSHA of the same "
+                         "code, or both in alternating rounds (ab)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each side for --store ab")
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
     lines = [f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"]
-    if args.only in (None, "events"):
+    if args.only in (None, "events") and args.store == "ab":
+        lines += store_ab(args)
+    elif args.only in (None, "events"):
         for coalescing in (True, False):
-            rate = bench_events(args.events, args.symbols, coalescing, args.batch, args.streams)
+            rate = bench_events(args.events, args.symbols, coalescing, args.batch, args.streams,
+                                args.store)
             lines.append(f"events/s, one process, {args.events:,} entries of {args.streams}, "
                          f"{args.symbols} symbols, batch {args.batch}, coalescing "
                          f"{'on' if coalescing else 'off'}: {rate:,.0f}"

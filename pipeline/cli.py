@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("ingest", "market"): ("pipeline.ingest_market", "market-data ingestor"),
     ("ingest", "user"): ("pipeline.ingest_user", "user-data ingestor"),
     ("project",): ("projections.shell.project", "run the projector consumer groups"),
+    ("functions", "load"): ("projections.shell.functions", "load the projector's Redis functions"),
     ("replay",): ("projections.shell.replay", "rebuild views from the log, then exit"),
     ("status",): ("pipeline.status", "connections, streams, lag, view ages, dead letters"),
     ("simulate",): ("pipeline.simulator.server", "local Binance-protocol exchange simulator"),
@@ -45,6 +46,9 @@ COMMON_FLAGS: dict[str, str] = {
     "--metrics-port": "PIPELINE_METRICS_PORT",
     "--log-format": "PIPELINE_LOG_FORMAT",
     "--rest-weight-limit": "PIPELINE_REST_WEIGHT_LIMIT",
+    "--max-clock-ahead": "PIPELINE_MAX_CLOCK_AHEAD_S",
+    "--max-id-rate": "PIPELINE_MAX_ID_RATE",
+    "--repair-slack": "PIPELINE_REPAIR_SLACK_S",
 }
 
 

@@ -68,6 +68,11 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_METRICS_PORT": "0",  # 0: no metrics server
     "PIPELINE_LOG_FORMAT": "text",
     "PIPELINE_REST_WEIGHT_LIMIT": "2400",
+    # plausibility bounds of the projector (projections.core.plausible.Bounds has the same
+    # defaults; the consumer library imports this module, so not that one):
+    "PIPELINE_MAX_CLOCK_AHEAD_S": "10",  # an event time beyond its receipt + this is poison
+    "PIPELINE_MAX_ID_RATE": "10000000",  # ids a second a stream can advance (book u, trade a)
+    "PIPELINE_REPAIR_SLACK_S": "1",  # event-time slack before a held id is judged impossible
 }
 
 
@@ -88,6 +93,9 @@ class Settings:
     api_key: Secret | None = None
     api_secret: Secret | None = None
     rest_weight_limit: int = 2400
+    max_clock_ahead_s: float = 10.0
+    max_id_rate: float = 10_000_000.0
+    repair_slack_s: float = 1.0
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -173,6 +181,10 @@ def load_settings(
         api_key=_secret(merged, "BINANCE_API_KEY"),
         api_secret=_secret(merged, "BINANCE_API_SECRET"),
         rest_weight_limit=rest_weight_limit(merged["PIPELINE_REST_WEIGHT_LIMIT"]),
+        max_clock_ahead_s=_number("PIPELINE_MAX_CLOCK_AHEAD_S",
+                                  merged["PIPELINE_MAX_CLOCK_AHEAD_S"], minimum=0.001),
+        max_id_rate=_number("PIPELINE_MAX_ID_RATE", merged["PIPELINE_MAX_ID_RATE"], minimum=1),
+        repair_slack_s=_number("PIPELINE_REPAIR_SLACK_S", merged["PIPELINE_REPAIR_SLACK_S"]),
     )
 
 

@@ -166,3 +166,36 @@ def test_position_risk_row_maps_to_what_account_update_says_of_the_same_position
     from_rest = orjson.loads(w.value)
     assert {k: v for k, v in from_rest.items() if k not in ("timestamp", "source", "ma")} == \
         event_side
+
+
+# --- entries that could freeze or fake a position or balance (projections.core.plausible) ---
+
+IN_2100 = 4_102_444_800_000
+
+
+@pytest.mark.parametrize(("entry", "reason"), [
+    (frame_entry(account_frame(t=IN_2100, positions=[position()]), RECV), "E"),
+    (frame_entry(account_frame(t=T0, positions=[position(ps="BOTH:x")]), RECV), "side"),
+    (frame_entry(account_frame(t=T0, positions=[position("*")]), RECV), "P.s"),
+    (frame_entry(account_frame(t=T0, positions=[{**position(), "pa": 0.003}]), RECV), "pa"),
+    (frame_entry(account_frame(t=T0, balances=[{"a": "US DT", "wb": "1", "cw": "1",
+                                                "bc": "0"}]), RECV), "B.a"),
+    (frame_entry(account_frame(t=T0, balances=[{"a": "USDT", "wb": None, "cw": "1",
+                                                "bc": "0"}]), RECV), "wb"),
+    (control("snapshot", {"kind": "positionRisk", "fetched_at_ms": IN_2100,
+                          "response": [risk_row()]}, RECV), "fetched_at_ms"),
+    (control("snapshot", {"kind": "positionRisk", "fetched_at_ms": T0,
+                          "response": [risk_row(side="HEDGE")]}, RECV), "side"),
+    (control("snapshot", {"kind": "balance", "fetched_at_ms": T0, "response": [
+        {"asset": "USDT", "balance": {"v": 1}, "crossWalletBalance": "1"}]}, RECV), "balance"),
+])
+def test_an_account_entry_that_could_freeze_or_fake_a_view_is_poison(entry, reason):
+    with pytest.raises(PoisonEntry, match=reason):
+        run([entry])
+
+
+def test_the_version_is_the_first_field_of_a_position_whatever_binance_adds():
+    """The store reads `timestamp` with a pattern: a nested one must never come first."""
+    nested = {**position(), "zz": {"timestamp": 4_102_444_800}}
+    [w] = run([frame_entry(account_frame(t=T0, positions=[nested]), RECV)])
+    assert w.value.startswith(b'{"timestamp":%s,' % str((T0 + 2) / 1000).encode())

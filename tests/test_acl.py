@@ -24,6 +24,7 @@ from pipeline.eventlog import control_entry, frame_entry
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import connect_checked, make_client
 from projections.core.outputs import ViewWrite
+from projections.shell import functions
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,7 @@ def as_role(acl_server: LocalRedis) -> Iterator[Callable[[str], redis.Redis]]:
 @pytest.fixture(scope="module")
 def admin(as_role: Callable[[str], redis.Redis]) -> redis.Redis:
     client = as_role("admin")
+    functions.load(client)  # as `pipeline functions load` does at deployment
     client.xadd("raw:market:markPrice", frame_entry(MARK, 1.0, "c1", 1))
     client.set("websocket:mark_price:btcusdt", b'{"timestamp": 1}')
     client.hset("websocket:open_orders:btcusdt", "42", b'{"orderId": 42}')
@@ -137,7 +139,7 @@ def test_user_ingestor_appends_user_frames_and_reads_only_open_orders(
     assert refused(lambda: ing.get("websocket:mark_price:btcusdt"))
 
 
-def test_projector_consumes_raw_streams_and_writes_views_through_lua(
+def test_projector_consumes_raw_streams_and_writes_views_through_the_functions(
     as_role: Callable[[str], redis.Redis], admin: redis.Redis,
 ) -> None:
     from projections.shell.viewstore import ViewStore
@@ -177,6 +179,27 @@ def test_projector_cannot_rewrite_the_log_or_the_server(
     assert refused(lambda: proj.eval("return redis.call('DEL', KEYS[1])", 1, "raw:user"))
     assert refused(lambda: proj.flushall())
     assert refused(lambda: proj.config_get("*"))
+
+
+def test_projector_runs_the_library_functions_and_no_lua_of_its_own(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    proj = as_role("projector")
+    spin = "while true do end"
+    assert refused(lambda: proj.eval(spin, 0))
+    assert refused(lambda: proj.evalsha("0" * 40, 0))
+    assert refused(lambda: proj.eval_ro(spin, 0))
+    assert refused(lambda: proj.script_load(spin))
+    assert refused(lambda: proj.script_exists("0" * 40))
+    assert refused(lambda: proj.script_flush())
+    assert refused(lambda: proj.function_load(
+        f"#!lua name=spin\nredis.register_function('spin', function() {spin} end)"))
+    assert refused(lambda: proj.function_load(functions.CODE, replace=True))
+    assert refused(lambda: proj.function_delete(functions.LIBRARY))
+    assert refused(lambda: proj.function_flush())
+    # what it may: call this version's functions (loaded by the admin)
+    assert proj.fcall_ro(functions.VERSION_FN, 0) == functions.VERSION.encode()
+    assert proj.fcall(functions.LEASE_ACQUIRE_FN, 1, "lease:acl-test", "p1", 1000) == 1
 
 
 def test_reader_reads_views(as_role: Callable[[str], redis.Redis], admin: redis.Redis) -> None:
@@ -361,7 +384,9 @@ def _wait(condition: Callable[[], object], timeout: float = 25.0) -> None:
 def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
     """Ingestors, projector (with the diff-depth book's snapshot entries), status, replay
     --reset, the listener's and the reader's library run against the simulator with the ACL
-    on, and no log line says NOPERM."""
+    on, and no log line says NOPERM. The projector starts before the admin loaded the function
+    library: it says what to run in one line, waits, and works with its own rights once it is
+    loaded."""
     from projections.client import MarketReader, OrdersConsumer, open_orders
 
     server = LocalRedis(tmp_path / "redis", args=["--aclfile", str(render_acl(tmp_path))]).start()
@@ -394,6 +419,14 @@ def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
             **env, "REDIS_URL": url("ingest-user"), "BINANCE_API_KEY": "sim-api-key",
             "BINANCE_API_SECRET": "sim-api-secret"})
         start("project", ["project", "--block-ms", "200"], {**env, "REDIS_URL": url("projector")})
+        # no library yet: the projector says what to run, in one line, and writes nothing
+        _wait(lambda: functions.MISSING_LINE in (tmp_path / "project.log").read_text())
+        assert admin.exists("websocket:mark_price:btcusdt") == 0
+        as_projector = run_cli("functions", "load", env={**env, "REDIS_URL": url("projector")})
+        assert as_projector.returncode == 1 and "admin" in as_projector.stderr
+        loaded = run_cli("functions", "load", env={**env, "REDIS_URL": url("admin")})
+        assert loaded.returncode == 0, loaded.stderr
+        assert functions.LIBRARY in loaded.stdout
 
         _wait(lambda: admin.exists("websocket:mark_price:btcusdt",
                                    "websocket:orderbook:btcusdt:20",
@@ -432,3 +465,4 @@ def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
     logs = {f.name: f.read_text() for f in tmp_path.glob("*.log")}
     assert not [name for name, text in logs.items() if "NOPERM" in text or "no permissions"
                 in text], logs
+    assert logs["project.log"].count(functions.MISSING_LINE) == 1

@@ -23,7 +23,8 @@ def test_command_help_lists_its_own_flags_and_the_common_ones(words: tuple[str, 
     done = run_cli(*words, "--help", timeout=30)
     assert done.returncode == 0, done.stderr
     flags = own_flags(COMMANDS[words][0])
-    assert flags, f"{' '.join(words)} has flags of its own to show"
+    # every command but the one-shot `functions load` (REDIS_URL only) has flags of its own
+    assert flags or words == ("functions", "load"), f"{' '.join(words)} shows no flag of its own"
     for flag in [*flags, *COMMON_FLAGS]:
         assert flag in done.stdout, f"`pipeline {' '.join(words)} --help` does not list {flag}"
 

@@ -134,8 +134,10 @@ async def test_stale_view_falls_back_to_the_exchange_and_respects_weight(r: redi
 
 def test_order_events_carry_fill_quantities_prices_and_the_triggered_order(
         r: redis.Redis) -> None:
+    from projections.shell import functions
     from tests.test_orderstore import perform, story
 
+    functions.DEFAULT.ensure(r)  # the library the order writes call (the projector loads it)
     got: list[OrderEvent] = []
     consumer = OrdersConsumer(r, group="g", consumer="c", handler=got.append, block_ms=10,
                               start_id="0")

@@ -303,3 +303,51 @@ def test_a_replay_of_the_same_log_publishes_the_same_books() -> None:
     outputs = [o for e in log for o in live.apply(e)]
     assert sum(isinstance(o, ViewWrite) for o in outputs) == 31
     assert outputs == [o for e in log for o in again.apply(e)]
+
+
+# --- events no stream can send (projections.core.plausible) -----------------------------------
+
+def crafted(first: int, last: int, prev: int, *, e_ms: int = 1_764_000_000_400,
+            stream: str = "btcusdt@depth@100ms", **data: Any) -> FrameEntry:
+    body = {"e": "depthUpdate", "E": e_ms, "T": e_ms, "s": SYM, "U": first, "u": last,
+            "pu": prev, "b": [["100.1", "1"]], "a": [], **data}
+    return FrameEntry(b"1-0", orjson.dumps({"stream": stream, "data": body}), RECV, "c", 1)
+
+
+def test_a_u_jump_no_stream_can_make_is_poison_and_the_book_goes_on_unbroken() -> None:
+    fold = DiffBookProjection("websocket")
+    fold.apply(event(95, 98, 94))
+    fold.apply(snapshot(100, SNAP_BIDS, SNAP_ASKS))
+    assert kinds(fold.apply(event(99, 101, 98))) == ["ViewWrite"]  # aligned at u 101
+    for u in (101 + 10**12, 2**53 - 1):
+        with pytest.raises(PoisonEntry, match="PIPELINE_MAX_ID_RATE"):
+            fold.apply(crafted(102, u, 101))
+    with pytest.raises(PoisonEntry, match=r"outside \[0, 2\^53\)"):
+        fold.apply(crafted(102, 2**63 - 1, 101))
+    assert book_of(fold.apply(event(102, 105, 101, bids=[("99.9", "4")])))["last_update_id"] \
+        == 105  # no gap, no new snapshot: the sequencer never moved on the poison
+    assert state_of(fold, SYM) is State.LIVE
+
+
+@pytest.mark.parametrize(("entry", "reason"), [
+    (crafted(99, 101, 98, e_ms=1_764_000_011_000), "PIPELINE_MAX_CLOCK_AHEAD_S"),
+    (crafted(99, 101, 98, s="ETHUSDT"), "is not the stream's BTCUSDT"),
+    (crafted(99, 101, 98, stream="btcusdt@depth20@100ms"), "not a diff-depth stream"),
+    (crafted(99, 101, 98, b=[["100.1", 1]]), "decimal strings"),
+    (crafted(99, 101, 98, b=[["1e2", "1"]]), "decimal strings"),
+])
+def test_an_implausible_diff_event_is_poison(entry: FrameEntry, reason: str) -> None:
+    with pytest.raises(PoisonEntry, match=reason):
+        DiffBookProjection("websocket").apply(entry)
+
+
+def test_a_symbol_not_configured_gets_no_book() -> None:
+    [out] = DiffBookProjection("websocket", symbols=["ETHUSDT"]).apply(event(95, 98, 94))
+    assert "PIPELINE_SYMBOLS" in getattr(out, "event_type", "")
+
+
+def test_a_snapshot_from_beyond_the_clock_bound_is_poison() -> None:
+    snap = snapshot(100, SNAP_BIDS, SNAP_ASKS)
+    snap.body["response"]["E"] = 1_764_000_020_000
+    with pytest.raises(PoisonEntry, match="PIPELINE_MAX_CLOCK_AHEAD_S"):
+        DiffBookProjection("websocket").apply(snap)

@@ -21,7 +21,7 @@ from projections.core.market import (
     PartialBookProjection,
     TradeProjection,
 )
-from projections.core.outputs import ListPushIfNewer, PoisonEntry, ViewWrite, coalesce
+from projections.core.outputs import ListPushIfNewer, PoisonEntry, Unrecognized, ViewWrite, coalesce
 
 RECV = 1_764_000_000.123456  # receipt time of every frame below, unix seconds
 E = 1_764_000_000_050  # event time, ms
@@ -117,9 +117,9 @@ def test_partial_book_view_is_keyed_by_the_streams_depth_and_versioned_by_u() ->
         "timestamp": E / 1000, "last_update_id": 8_000_000_123, "source": "websocket"}
     assert (w.version, w.version_field) == (8_000_000_123, "last_update_id")
     assert w.expire_at_ms == int(RECV * 1000) + 60_000
-    w5 = only_write(PartialBookProjection("websocket").apply(frame("ethusdt@depth5",
+    w5 = only_write(PartialBookProjection("websocket").apply(frame("btcusdt@depth5",
                                                                    depth_data())))
-    assert w5.key == "websocket:orderbook:btcusdt:5"  # the payload's symbol names the book
+    assert w5.key == "websocket:orderbook:btcusdt:5"  # the stream's depth names the book
 
 
 def test_partial_book_reads_only_configured_depths() -> None:
@@ -268,3 +268,152 @@ def test_a_well_formed_frame_is_keyed_by_the_stream_name_it_is_routed_by(data: d
 ])
 def test_a_frame_that_is_not_a_complete_wrapper_is_never_coalesced_away(raw: bytes) -> None:
     assert frames.wrapped_stream(raw) is None
+# --- poison: a frame that could freeze, fake or stale a view (projections.core.plausible) ---
+
+AHEAD_MS = 10_000  # the default PIPELINE_MAX_CLOCK_AHEAD_S
+LIMIT = int(RECV * 1000) + AHEAD_MS
+
+
+def poison_reason(cls: type, stream: str, data: object, **options: object) -> str:
+    with pytest.raises(PoisonEntry) as err:
+        cls("w", **options).apply(frame(stream, data))
+    return str(err.value)
+
+
+@pytest.mark.parametrize(("cls", "stream", "data"), CASES)
+def test_an_event_time_beyond_the_receipt_time_and_the_bound_is_poison(
+        cls: type, stream: str, data: dict) -> None:
+    at_limit = {**data, "E": LIMIT}
+    if cls is KlineProjection:
+        at_limit = {**at_limit, "k": {**data["k"], "t": LIMIT - 50_000,
+                                      "T": LIMIT + 9_999}}
+    assert cls("w").apply(frame(stream, at_limit))  # receipt + 10 s: still plausible
+    assert "PIPELINE_MAX_CLOCK_AHEAD_S" in poison_reason(cls, stream, {**data, "E": LIMIT + 1})
+    assert "not after 1970" in poison_reason(cls, stream, {**data, "E": -5000})
+
+
+@pytest.mark.parametrize(("cls", "stream", "data"), CASES)
+def test_a_payload_symbol_other_than_the_streams_is_poison(cls: type, stream: str,
+                                                          data: dict) -> None:
+    for symbol in ("ETHUSDT", "*", "A" * 100_000, None):
+        assert "is not the stream's BTCUSDT" in poison_reason(cls, stream, {**data, "s": symbol})
+
+
+@pytest.mark.parametrize(("cls", "stream", "data"), CASES)
+def test_a_stream_name_that_names_no_symbol_is_poison(cls: type, stream: str,
+                                                      data: dict) -> None:
+    for bad in ("*@" + stream.split("@", 1)[1], "@" + stream, stream.split("@", 1)[1],
+                "b" * 40 + "@" + stream.split("@", 1)[1]):
+        poison_reason(cls, bad, data)
+
+
+@pytest.mark.parametrize(("cls", "stream", "data"), CASES)
+def test_a_frame_routed_by_another_stream_name_is_poison(cls: type, stream: str,
+                                                         data: dict) -> None:
+    """`"stream"` twice: the ingestor routes by the first, the parser keeps the last."""
+    other = "ethusdt@" + stream.split("@", 1)[1]
+    payload = {**data, "s": "ETHUSDT"}
+    raw = (f'{{"stream":"{stream}","stream":"{other}","data":'.encode()
+           + orjson.dumps(payload) + b"}")
+    with pytest.raises(PoisonEntry, match="routed by"):
+        cls("w").apply(FrameEntry(b"1-0", raw, RECV, "c", 1))
+
+
+@pytest.mark.parametrize(("cls", "stream", "data"), CASES)
+def test_a_symbol_that_is_not_configured_writes_nothing_and_is_counted(
+        cls: type, stream: str, data: dict) -> None:
+    fold = cls("w", symbols=["ETHUSDT"])
+    [out] = fold.apply(frame(stream, data))
+    assert isinstance(out, Unrecognized) and "PIPELINE_SYMBOLS" in out.event_type
+    assert cls("w", symbols=["BTCUSDT"]).apply(frame(stream, data))  # the configured one
+
+
+@pytest.mark.parametrize(("cls", "stream", "data", "field"), [
+    (MarkPriceProjection, "btcusdt@markPrice@1s", mark_price_data(), "p"),
+    (MarkPriceProjection, "btcusdt@markPrice@1s", mark_price_data(), "i"),
+    (MarkPriceProjection, "btcusdt@markPrice@1s", mark_price_data(), "r"),
+    (TradeProjection, "btcusdt@aggTrade", agg_trade_data(), "p"),
+    (TradeProjection, "btcusdt@aggTrade", agg_trade_data(), "q"),
+    (BookTickerProjection, "btcusdt@bookTicker", book_ticker_data(), "b"),
+    (BookTickerProjection, "btcusdt@bookTicker", book_ticker_data(), "A"),
+])
+def test_a_price_or_quantity_that_is_not_a_decimal_string_is_poison(
+        cls: type, stream: str, data: dict, field: str) -> None:
+    for bad in (None, 95100.1, 7, {"p": "1"}, ["1"], "1e5", "NaN", " 1", "1.", ".5", "--1",
+                "1" * 33, "1,5"):
+        assert "not a decimal string" in poison_reason(cls, stream, {**data, field: bad}), bad
+
+
+def test_a_delivery_contract_mark_price_without_funding_is_written() -> None:
+    w = only_write(MarkPriceProjection("w").apply(frame(
+        "btcusdt_261225@markPrice@1s", {**mark_price_data("BTCUSDT_261225"), "r": "", "T": 0})))
+    assert orjson.loads(w.value)["funding_rate"] == ""
+
+
+@pytest.mark.parametrize("levels", [
+    [[95100.1, "1.0"]], [["95100.1", None]], [["95100.1"]], [["95100.1", "1.0", "2.0"]],
+    [{"p": "95100.1", "q": "1.0"}], ["95100.1"], [["95100.1", "1e3"]],
+    [["95100.1", "1.0"]] * 5001])
+def test_book_levels_that_are_not_pairs_of_decimal_strings_are_poison(levels: list) -> None:
+    with pytest.raises(PoisonEntry, match="decimal strings"):
+        PartialBookProjection("w").apply(frame("btcusdt@depth20@100ms",
+                                               {**depth_data(), "b": levels}))
+
+
+@pytest.mark.parametrize(("cls", "stream", "data", "field"), [
+    (PartialBookProjection, "btcusdt@depth20@100ms", depth_data(), "u"),
+    (TradeProjection, "btcusdt@aggTrade", agg_trade_data(), "a"),
+    (BookTickerProjection, "btcusdt@bookTicker", book_ticker_data(), "u"),
+])
+def test_an_id_outside_what_lua_compares_exactly_is_poison(cls: type, stream: str, data: dict,
+                                                           field: str) -> None:
+    assert cls("w").apply(frame(stream, {**data, field: 2**53 - 1}))
+    for bad in (2**53, 2**63 - 1, -1):
+        assert "outside [0, 2^53)" in poison_reason(cls, stream, {**data, field: bad})
+
+
+def test_id_views_carry_the_event_time_and_say_their_version_is_an_id() -> None:
+    book = only_write(PartialBookProjection("w").apply(frame("btcusdt@depth20@100ms",
+                                                             depth_data())))
+    assert (book.event_s, book.ids) == (E / 1000, True)
+    mark = only_write(MarkPriceProjection("w").apply(frame("btcusdt@markPrice@1s",
+                                                           mark_price_data())))
+    assert (mark.event_s, mark.ids) == (E / 1000, False)
+
+
+def test_a_candle_must_be_of_its_stream_open_by_its_event_time_and_one_interval_long() -> None:
+    def reason(**k: object) -> str:
+        data = kline_data(True)
+        return poison_reason(KlineProjection, "btcusdt@kline_1m", {**data, "k": {**data["k"],
+                                                                                **k}})
+    assert "PIPELINE_MAX_CLOCK_AHEAD_S" in reason(t=4_102_444_800_000, T=4_102_444_859_999)
+    assert "opens at" in reason(t=E + 1_000, T=E + 60_999)  # after its own event time
+    assert "longer than its interval" in reason(T=1_764_000_000_000 + 60_000)
+    assert "interval must be the stream's 1m" in reason(i="1h")
+    assert "is not the stream's BTCUSDT" in reason(s="ETHUSDT")
+    with pytest.raises(PoisonEntry, match="unknown interval"):
+        KlineProjection("w").apply(frame("btcusdt@kline_7m", kline_data()))
+
+
+def test_all_market_mark_prices_give_views_only_to_configured_usd_m_symbols() -> None:
+    arr = [mark_price_data("BTCUSDT"), mark_price_data("XRPUSDT"),
+           {**mark_price_data("BTCUSD_PERP"), "st": 2},
+           {**mark_price_data("ETHUSDT"), "st": 2},  # a COIN-M item is never a USD-M view
+           mark_price_data("*"), {**mark_price_data("A" * 100), "st": 1}]
+    fold = MarkPriceProjection("w", symbols=["BTCUSDT", "ETHUSDT"])
+    assert [w.key for w in fold.apply(frame("!markPrice@arr@1s", arr))] == [  # type: ignore[union-attr]
+        "w:mark_price:btcusdt"]
+    every = MarkPriceProjection("w")  # PIPELINE_SYMBOLS=ALL: any well-formed symbol
+    assert [w.key for w in every.apply(frame("!markPrice@arr@1s", arr))] == [  # type: ignore[union-attr]
+        "w:mark_price:btcusdt", "w:mark_price:xrpusdt"]
+
+
+def test_an_all_market_item_with_a_bad_price_poisons_its_frame() -> None:
+    arr = [mark_price_data("BTCUSDT"), mark_price_data("ETHUSDT", p=None)]  # type: ignore[arg-type]
+    with pytest.raises(PoisonEntry, match="not a decimal string"):
+        MarkPriceProjection("w").apply(frame("!markPrice@arr@1s", arr))
+
+
+def test_a_list_payload_on_a_per_symbol_stream_is_poison() -> None:
+    with pytest.raises(PoisonEntry, match="a list on stream"):
+        MarkPriceProjection("w").apply(frame("btcusdt@markPrice@1s", [mark_price_data()]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from user_frames import (
+    RECV,
     T0,
     algo_frame,
     control,
@@ -36,13 +38,13 @@ def fold(entries: list, store: InMemoryOrders | None = None) -> InMemoryOrders:
 
 def lifecycle() -> list:
     return [
-        frame_entry(order_frame(7, "NEW", "NEW", t=T0), 1.0),
+        frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0),
         frame_entry(order_frame(7, "PARTIALLY_FILLED", "TRADE", t=T0 + 10, z="0.001",
                                 last_qty="0.001", last_price="50000.10", rp="0", ap="50000.10",
-                                trade_id=1), 1.1),
+                                trade_id=1), RECV + 1.1),
         frame_entry(order_frame(7, "FILLED", "TRADE", t=T0 + 20, z="0.003", last_qty="0.002",
                                 last_price="50000.20", rp="-0.5", ap="50000.16667",
-                                trade_id=2), 1.2),
+                                trade_id=2), RECV + 1.2),
     ]
 
 
@@ -71,16 +73,17 @@ def test_open_order_is_listed_while_partially_filled_and_removed_when_filled():
 
 @pytest.mark.parametrize("status", ["CANCELED", "EXPIRED", "EXPIRED_IN_MATCH"])
 def test_canceled_or_expired_order_leaves_open_orders_and_is_reported(status):
-    store = fold([frame_entry(order_frame(8, "NEW", "NEW", t=T0), 1.0),
+    store = fold([frame_entry(order_frame(8, "NEW", "NEW", t=T0), RECV + 1.0),
                   frame_entry(order_frame(8, status, status if status != "EXPIRED_IN_MATCH"
-                                          else "EXPIRED", t=T0 + 5), 1.1)])
+                                          else "EXPIRED", t=T0 + 5), RECV + 1.1)])
     assert [e["status"] for e in store.emitted] == ["NEW", status]
     assert store.open_orders() == []
 
 
 def test_amendment_keeps_the_order_new_with_the_new_price():
-    store = fold([frame_entry(order_frame(9, "NEW", "NEW", t=T0), 1.0),
-                  frame_entry(order_frame(9, "NEW", "AMENDMENT", t=T0 + 5, p="49000.00"), 1.1)])
+    store = fold([frame_entry(order_frame(9, "NEW", "NEW", t=T0), RECV + 1.0),
+                  frame_entry(order_frame(9, "NEW", "AMENDMENT", t=T0 + 5, p="49000.00"),
+                              RECV + 1.1)])
     [row] = store.open_orders()
     assert row["price"] == "49000.00" and row["time"] == T0 and row["updateTime"] == T0 + 5
     assert len(store.emitted) == 2
@@ -101,7 +104,7 @@ def test_out_of_order_events_never_move_an_order_backwards():
 
 
 def test_a_terminal_order_never_reopens_even_with_a_later_time():
-    late_new = frame_entry(order_frame(7, "NEW", "NEW", t=T0 + 99), 2.0)
+    late_new = frame_entry(order_frame(7, "NEW", "NEW", t=T0 + 99), RECV + 2.0)
     store = fold([*lifecycle(), late_new])
     assert store.states[("order", "BTCUSDT", 7)]["status"] == "FILLED"
     assert len(store.emitted) == 3
@@ -115,15 +118,15 @@ def test_transition_table_has_no_way_out_of_terminal_statuses():
 
 def test_stop_market_algo_order_triggers_and_its_market_order_fills():
     entries = [
-        frame_entry(algo_frame(500, "NEW", t=T0), 1.0),
-        frame_entry(algo_frame(500, "TRIGGERING", t=T0 + 100), 1.1),
-        frame_entry(algo_frame(500, "TRIGGERED", t=T0 + 101, ai="9001", tt=T0 + 100), 1.2),
+        frame_entry(algo_frame(500, "NEW", t=T0), RECV + 1.0),
+        frame_entry(algo_frame(500, "TRIGGERING", t=T0 + 100), RECV + 1.1),
+        frame_entry(algo_frame(500, "TRIGGERED", t=T0 + 101, ai="9001", tt=T0 + 100), RECV + 1.2),
         frame_entry(order_frame(9001, "NEW", "NEW", t=T0 + 102, otype="MARKET", side="SELL",
-                                p="0"), 1.3),
+                                p="0"), RECV + 1.3),
         frame_entry(order_frame(9001, "FILLED", "TRADE", t=T0 + 103, otype="MARKET",
                                 side="SELL", p="0", z="0.003", last_qty="0.003",
-                                last_price="47990.00", ap="47990.00", rp="-30.3"), 1.4),
-        frame_entry(algo_frame(500, "FINISHED", t=T0 + 104, ai="9001", tt=T0 + 100), 1.5),
+                                last_price="47990.00", ap="47990.00", rp="-30.3"), RECV + 1.4),
+        frame_entry(algo_frame(500, "FINISHED", t=T0 + 104, ai="9001", tt=T0 + 100), RECV + 1.5),
     ]
     store = fold(entries[:1])
     [algo_row] = store.open_orders("algo")
@@ -141,11 +144,11 @@ def test_stop_market_algo_order_triggers_and_its_market_order_fills():
 
 def test_unknown_event_types_are_ignored_and_reported_for_counting():
     proj = OrdersProjection()
-    assert list(proj.apply(frame_entry(b'{"e":"SOMETHING_NEW","E":1,"x":[1]}', 1.0))) == [
+    assert list(proj.apply(frame_entry(b'{"e":"SOMETHING_NEW","E":1,"x":[1]}', RECV + 1.0))) == [
         Unrecognized("SOMETHING_NEW")]
     assert list(proj.apply(frame_entry(b'{"e":"TRADE_LITE","E":1,"T":1,"s":"BTCUSDT"}',
                                        1.0))) == []
-    assert list(proj.apply(frame_entry(b'{"result":null,"id":1}', 1.0))) == [
+    assert list(proj.apply(frame_entry(b'{"result":null,"id":1}', RECV + 1.0))) == [
         Unrecognized("(no e field)")]
 
 
@@ -159,7 +162,7 @@ def test_the_batch_fold_collects_unknown_event_types_for_the_metric():
 
 def test_unknown_fields_are_ignored_and_kept_in_the_state():
     frame = order_frame(11, "NEW", "NEW", t=T0, newField={"nested": True})
-    store = fold([frame_entry(frame, 1.0)])
+    store = fold([frame_entry(frame, RECV + 1.0)])
     assert store.states[("order", "BTCUSDT", 11)]["o"]["newField"] == {"nested": True}
 
 
@@ -167,24 +170,24 @@ def test_unknown_fields_are_ignored_and_kept_in_the_state():
                                    b'{"e":"ALGO_UPDATE","E":1,"T":1,"o":{"s":"BTCUSDT"}}'])
 def test_bytes_that_are_not_json_or_miss_required_fields_are_poison(frame):
     with pytest.raises(PoisonEntry):
-        list(OrdersProjection().apply(frame_entry(frame, 1.0)))
+        list(OrdersProjection().apply(frame_entry(frame, RECV + 1.0)))
 
 
 def test_open_orders_row_has_the_rest_shape_of_the_same_order():
-    store = fold([frame_entry(order_frame(12, "NEW", "NEW", t=T0), 1.0)])
+    store = fold([frame_entry(order_frame(12, "NEW", "NEW", t=T0), RECV + 1.0)])
     [row] = store.open_orders()
     assert row == rest_order(12, "NEW", update_time=T0, time=T0)
 
 
 def test_snapshot_updates_orders_whose_rest_update_time_is_newer():
-    store = fold([frame_entry(order_frame(13, "NEW", "NEW", t=T0), 1.0)])
+    store = fold([frame_entry(order_frame(13, "NEW", "NEW", t=T0), RECV + 1.0)])
     snap = control("snapshot", {"kind": "openOrders", "symbol": None, "fetched_at_ms": T0 + 60,
                                 "response": [
                                     rest_order(13, "PARTIALLY_FILLED", update_time=T0 + 50,
                                                time=T0, executed="0.001",
                                                cum_quote="50.0001", avg="50000.10"),
                                     rest_order(14, "NEW", update_time=T0 + 40, time=T0 + 40)]},
-                   2.0)
+                   RECV + 2.0)
     store = fold([snap, snap], store)
     assert [(e["order_id"], e["status"], e["source"]) for e in store.emitted[1:]] == [
         ("13", "PARTIALLY_FILLED", "reconciliation"), ("14", "NEW", "reconciliation")]
@@ -197,7 +200,7 @@ def test_snapshot_older_than_the_stream_changes_nothing():
     snap = control("snapshot", {"kind": "openOrders", "symbol": "BTCUSDT",
                                 "fetched_at_ms": T0 + 5,
                                 "response": [rest_order(7, "NEW", update_time=T0, time=T0)]},
-                   2.0)
+                   RECV + 2.0)
     store = fold([snap], store)
     assert len(store.emitted) == 2
     assert store.open_orders()[0]["status"] == "PARTIALLY_FILLED"
@@ -206,7 +209,7 @@ def test_snapshot_older_than_the_stream_changes_nothing():
 def test_order_missing_from_a_full_snapshot_stays_open_until_its_final_state_arrives():
     store = fold(lifecycle()[:2])
     snap = control("snapshot", {"kind": "openOrders", "symbol": None, "fetched_at_ms": T0 + 90,
-                                "response": []}, 2.0)
+                                "response": []}, RECV + 2.0)
     store = fold([snap], store)
     assert len(store.open_orders()) == 1  # not guessed closed
     final = control("final_state", {"kind": "order", "symbol": "BTCUSDT",
@@ -214,7 +217,7 @@ def test_order_missing_from_a_full_snapshot_stays_open_until_its_final_state_arr
                                     "response": rest_order(7, "FILLED", update_time=T0 + 30,
                                                            time=T0, executed="0.003",
                                                            cum_quote="150.0005",
-                                                           avg="50000.16667")}, 2.1)
+                                                           avg="50000.16667")}, RECV + 2.1)
     store = fold([final, final], store)
     assert store.open_orders() == []
     last = store.emitted[-1]
@@ -226,13 +229,13 @@ def test_algo_snapshot_and_final_state_reconcile_algo_orders():
     snap = control("snapshot", {"kind": "openAlgoOrders", "symbol": None,
                                 "fetched_at_ms": T0 + 10,
                                 "response": [rest_algo(600, "NEW", update_time=T0,
-                                                       create_time=T0)]}, 1.0)
+                                                       create_time=T0)]}, RECV + 1.0)
     store = fold([snap])
     assert store.open_orders("algo") == [rest_algo(600, "NEW", update_time=T0, create_time=T0)]
     final = control("final_state", {"kind": "algoOrder", "symbol": "BTCUSDT",
                                     "fetched_at_ms": T0 + 99,
                                     "response": rest_algo(600, "FINISHED", update_time=T0 + 50,
-                                                          create_time=T0, ai="777")}, 2.0)
+                                                          create_time=T0, ai="777")}, RECV + 2.0)
     store = fold([final], store)
     assert store.open_orders("algo") == []
     assert store.states[("algo", "BTCUSDT", 600)]["actual_order_id"] == "777"
@@ -240,10 +243,11 @@ def test_algo_snapshot_and_final_state_reconcile_algo_orders():
 
 def test_other_control_entries_and_account_events_give_no_order_writes():
     proj = OrdersProjection()
-    assert list(proj.apply(control("opened", {"path": "private"}, 1.0))) == []
+    assert list(proj.apply(control("opened", {"path": "private"}, RECV + 1.0))) == []
     assert list(proj.apply(control("snapshot", {"kind": "positionRisk", "response": []},
                                    1.0))) == []
-    assert list(proj.apply(frame_entry(b'{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{}}', 1.0))) == []
+    account = b'{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{}}'
+    assert list(proj.apply(frame_entry(account, RECV + 1.0))) == []
 
 
 def test_trailing_stop_rows_carry_activate_price_and_price_rate_only_for_trailing():
@@ -266,10 +270,62 @@ def test_final_state_of_an_order_never_seen_is_reported_as_it_ended():
                                     "response": rest_order(9100, "FILLED", update_time=T0 + 50,
                                                            time=T0 + 50, executed="0.003",
                                                            cum_quote="143.97", avg="47990",
-                                                           otype="MARKET", side="SELL")}, 2.0)
+                                                           otype="MARKET", side="SELL")},
+                    RECV + 2.0)
     store = fold([final])
     [event] = store.emitted
     assert (event["order_id"], event["status"], event["source"]) == (
         "9100", "FILLED", "reconciliation")
     assert event["data"]["cum_quote"] == "143.97" and event["data"]["o"]["ap"] == "47990"
     assert store.open_orders() == []
+
+
+# --- events and REST rows that could hold an order for ever (projections.core.plausible) ----
+
+IN_2100 = 4_102_444_800_000
+
+
+@pytest.mark.parametrize(("frame", "reason"), [
+    (orjson.dumps({**(new := orjson.loads(order_frame(7, "NEW", "NEW", t=T0))),
+                   "o": {**new["o"], "T": IN_2100}}), "o.T"),
+    (orjson.dumps({**orjson.loads(order_frame(7, "NEW", "NEW", t=T0)), "E": IN_2100}), "E"),
+    (order_frame(2**53, "NEW", "NEW", t=T0), "o.i"),
+    (order_frame(7, "NEW", "NEW", t=T0, symbol="*"), "o.s"),
+    (order_frame(7, "NEW", "NEW", t=T0, p=None), "p"),
+    (order_frame(7, "NEW", "NEW", t=T0, z=1.5), "z"),
+    (orjson.dumps({**orjson.loads(algo_frame(500, "TRIGGERED", t=T0)), "T": IN_2100}), "T"),
+    (algo_frame(500, "NEW", t=T0, tp={"x": 1}), "tp"),
+])
+def test_an_order_event_that_could_freeze_or_fake_the_order_is_poison(frame: bytes,
+                                                                     reason: str) -> None:
+    with pytest.raises(PoisonEntry, match=f": {reason} "):
+        list(OrdersProjection().apply(frame_entry(frame, RECV + 1.0)))
+
+
+@pytest.mark.parametrize(("ctl", "kind", "row", "reason"), [
+    ("final_state", "order", rest_order(7, "FILLED", update_time=IN_2100, time=T0),
+     "updateTime"),
+    ("snapshot", "openOrders", [rest_order(7, "NEW", update_time=T0, time=T0, p="1e3")],
+     "price"),
+    ("snapshot", "openOrders", [rest_order(7, "NEW", update_time=T0, time=T0,
+                                           symbol="BTC USDT")], "symbol"),
+    ("final_state", "algoOrder", rest_algo(500, "FINISHED", update_time=IN_2100,
+                                           create_time=T0), "updateTime"),
+])
+def test_a_rest_row_that_could_freeze_or_fake_the_order_is_poison(ctl: str, kind: str,
+                                                                  row: object,
+                                                                  reason: str) -> None:
+    entry = control(ctl, {"kind": kind, "symbol": None, "fetched_at_ms": T0 + 1,
+                          "response": row}, RECV + 1.0)
+    with pytest.raises(PoisonEntry, match=f": {reason} "):
+        list(OrdersProjection().apply(entry))
+
+
+def test_the_clock_bound_is_a_setting() -> None:
+    from projections.core.plausible import Bounds
+
+    soon = order_frame(7, "NEW", "NEW", t=T0 + 5_000)  # 4 s after its receipt
+    assert list(OrdersProjection().apply(frame_entry(soon, RECV + 1.0)))
+    with pytest.raises(PoisonEntry):
+        list(OrdersProjection(bounds=Bounds(max_ahead_ms=1_000)).apply(
+            frame_entry(soon, RECV + 1.0)))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 
 import orjson
+import pytest
 import redis
 from user_frames import (
+    RECV,
     T0,
     algo_frame,
     control,
@@ -18,9 +20,16 @@ from user_frames import (
 
 from projections.core.orders import InMemoryOrders, OrdersProjection
 from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
+from projections.shell import functions
 from projections.shell.orderstore import perform_order_write
 
 P = "websocket"
+
+
+@pytest.fixture(autouse=True)
+def library(r: redis.Redis) -> None:
+    """The function library the order writes call (the projector loads it at start)."""
+    functions.DEFAULT.ensure(r)
 
 
 def story() -> list:
@@ -28,33 +37,34 @@ def story() -> list:
     stop-market algo order that triggers and whose market order fills, then a reconciliation
     that finds one more order and the final state of another."""
     return [
-        frame_entry(order_frame(7, "NEW", "NEW", t=T0), 1.0),
-        frame_entry(order_frame(8, "NEW", "NEW", t=T0 + 1, symbol="ETHUSDT", p="3000.00"), 1.0),
-        frame_entry(algo_frame(500, "NEW", t=T0 + 2), 1.0),
+        frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0),
+        frame_entry(order_frame(8, "NEW", "NEW", t=T0 + 1, symbol="ETHUSDT", p="3000.00"),
+                    RECV + 1.0),
+        frame_entry(algo_frame(500, "NEW", t=T0 + 2), RECV + 1.0),
         frame_entry(order_frame(7, "PARTIALLY_FILLED", "TRADE", t=T0 + 10, z="0.001",
                                 last_qty="0.001", last_price="50000.10", ap="50000.10",
-                                rp="0.01"), 1.1),
+                                rp="0.01"), RECV + 1.1),
         frame_entry(order_frame(8, "CANCELED", "CANCELED", t=T0 + 11, symbol="ETHUSDT",
-                                p="3000.00"), 1.1),
-        frame_entry(algo_frame(500, "TRIGGERING", t=T0 + 20), 1.2),
-        frame_entry(algo_frame(500, "TRIGGERED", t=T0 + 21, ai="9001"), 1.2),
+                                p="3000.00"), RECV + 1.1),
+        frame_entry(algo_frame(500, "TRIGGERING", t=T0 + 20), RECV + 1.2),
+        frame_entry(algo_frame(500, "TRIGGERED", t=T0 + 21, ai="9001"), RECV + 1.2),
         frame_entry(order_frame(9001, "NEW", "NEW", t=T0 + 22, otype="MARKET", side="SELL",
-                                p="0"), 1.2),
+                                p="0"), RECV + 1.2),
         frame_entry(order_frame(9001, "FILLED", "TRADE", t=T0 + 23, otype="MARKET",
                                 side="SELL", p="0", z="0.003", last_qty="0.003",
-                                last_price="47990.00", ap="47990.00", rp="-30.3"), 1.2),
-        frame_entry(algo_frame(500, "FINISHED", t=T0 + 24, ai="9001"), 1.2),
+                                last_price="47990.00", ap="47990.00", rp="-30.3"), RECV + 1.2),
+        frame_entry(algo_frame(500, "FINISHED", t=T0 + 24, ai="9001"), RECV + 1.2),
         frame_entry(order_frame(7, "FILLED", "TRADE", t=T0 + 30, z="0.003", last_qty="0.002",
-                                last_price="50000.20", ap="50000.16667", rp="-0.5"), 1.3),
+                                last_price="50000.20", ap="50000.16667", rp="-0.5"), RECV + 1.3),
         control("snapshot", {"kind": "openOrders", "symbol": None, "fetched_at_ms": T0 + 40,
                              "response": [rest_order(10, "NEW", update_time=T0 + 35,
-                                                     time=T0 + 35)]}, 2.0),
+                                                     time=T0 + 35)]}, RECV + 2.0),
         control("snapshot", {"kind": "openAlgoOrders", "symbol": None, "fetched_at_ms": T0 + 40,
                              "response": [rest_algo(501, "NEW", update_time=T0 + 36,
-                                                    create_time=T0 + 36)]}, 2.0),
+                                                    create_time=T0 + 36)]}, RECV + 2.0),
         control("final_state", {"kind": "order", "symbol": "BTCUSDT", "fetched_at_ms": T0 + 41,
                                 "response": rest_order(10, "CANCELED", update_time=T0 + 38,
-                                                       time=T0 + 35)}, 2.1),
+                                                       time=T0 + 35)}, RECV + 2.1),
     ]
 
 
@@ -287,7 +297,7 @@ def test_fill_sums_are_exact_decimals_like_the_reference_for_many_random_fills(r
         rp = f"{rng.choice(['-', ''])}{rng.randint(0, 10**9) / 10**rng.randint(0, 8)}"
         entries.append(frame_entry(order_frame(
             77, "PARTIALLY_FILLED", "TRADE", t=T0 + n, z=f"{z_new / 1000:.3f}", last_qty=qty,
-            last_price=px, rp=rp), 1.0))
+            last_price=px, rp=rp), RECV + 1.0))
         z = z_new
     perform(r, entries)
     ref = reference(entries)
@@ -296,3 +306,33 @@ def test_fill_sums_are_exact_decimals_like_the_reference_for_many_random_fills(r
     assert (stored["cum_quote"], stored["realized_profit"]) == (
         expected["cum_quote"], expected["realized_profit"])
     assert len(ref.emitted) == 149
+
+
+def test_a_stored_state_from_2100_is_repaired_by_the_real_events_as_the_reference_says(r):
+    """Written before the fold checked times (`T` in 2100): the Lua store and the reference
+    both let the real transitions through, the FILLED one closes the order."""
+    import time
+
+    from projections.core.orders import apply_write
+
+    future = 4_102_444_800_000
+    real = [frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0)]
+    poisoned = OrdersProjection(P).apply(
+        frame_entry(order_frame(7, "PARTIALLY_FILLED", "TRADE", t=future, z="0.001",
+                                last_qty="0.001", last_price="50000"), future / 1000))
+    [write] = list(poisoned)
+    pipe = r.pipeline(transaction=False)
+    perform_order_write(pipe, write)  # as the old store took it
+    pipe.execute()
+    filled = [frame_entry(order_frame(7, "FILLED", "TRADE", t=T0 + 30, z="0.003",
+                                      last_qty="0.003", last_price="50000.20"), RECV + 1.3)]
+    perform(r, real + filled)
+    state = hash_json(r, f"{P}:order_state:btcusdt")["7"]
+    assert state["status"] == "FILLED" and r.hlen(f"{P}:open_orders:btcusdt") == 0
+
+    held = {**state, "status": "PARTIALLY_FILLED", "version": [future, 1, "0.001"]}
+    [fill] = list(OrdersProjection(P).apply(filled[0]))
+    now = int(time.time() * 1000)
+    after = apply_write(held, fill, now_ms=now)
+    assert after is not None and after[0]["status"] == "FILLED" and after[1] is None
+    assert apply_write(held, fill) is None  # without the clock: obeyed, as before

@@ -417,3 +417,32 @@ def test_projector_health_fails_only_after_a_lasting_outage() -> None:
     assert not health.healthy()  # /healthz answers 503 from here on
     health.recovered("mark_price")
     assert health.healthy()
+
+
+async def test_only_the_entry_whose_write_the_store_refused_is_dead_lettered(
+        redis_server: LocalRedis, r: redis.Redis) -> None:
+    """An id no stream can reach passes the fold (it is in range) and is refused by the store.
+    With pre-coalescing its write stands for the frames it superseded in its batch; those
+    are acknowledged, and only the frame that produced the refused write goes to the dead
+    letters, at once (it was acknowledged with its write; a redelivery would meet the same
+    refusal)."""
+    from tests.projector_support import depth20_frame
+
+    now = int(time.time() * 1000)
+    settings = settings_for(redis_server.url)
+    seed(r, [("depth20", depth20_frame("BTCUSDT", now - 3000, 1_000, 64000.0))])
+    await project_until_drained(settings, r, only="orderbook")
+    before = metrics.DEAD_LETTERS.labels("orderbook")._value.get()
+    superseded = depth20_frame("BTCUSDT", now - 2000, 1_010, 64000.5)
+    jump = depth20_frame("BTCUSDT", now - 1900, 1_020 + 2**52, 64001.0)
+    seed(r, [("depth20", superseded), ("depth20", jump)])
+    await project_until_drained(settings, r, only="orderbook")
+
+    [(_, dead)] = xrange(r, "dlq:orderbook")
+    assert dead[b"frame"] == jump and b"PIPELINE_MAX_ID_RATE" in dead[b"error"]
+    assert metrics.DEAD_LETTERS.labels("orderbook")._value.get() == before + 1
+    book = "websocket:orderbook:btcusdt:20"
+    assert json.loads(r.get(book))["last_update_id"] == 1_000  # type: ignore[arg-type]
+    seed(r, [("depth20", depth20_frame("BTCUSDT", now - 1000, 1_030, 64002.0))])
+    await project_until_drained(settings, r, only="orderbook")
+    assert json.loads(r.get(book))["last_update_id"] == 1_030  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from user_frames import T0, algo_frame, control, frame_entry, order_frame, rest_order
+from user_frames import RECV, T0, algo_frame, control, frame_entry, order_frame, rest_order
 
 from pipeline.reconcile import (
     WINDOW_MS,
@@ -28,6 +28,7 @@ from projections.core.orders import (
     OrdersProjection,
 )
 from projections.core.outputs import PoisonEntry
+from projections.shell import functions
 from projections.shell.orderstore import perform_order_write
 
 P = "websocket"
@@ -37,7 +38,8 @@ def not_found(ident: int, of: str = "order", at: int = T0 + 5 * 86_400_000,
               trades: list[dict[str, Any]] | None = None) -> Any:
     return control("final_state", {"kind": "notFound", "of": of, "symbol": "BTCUSDT",
                                    "id": str(ident), "fetched_at_ms": at, "weight_used_1m": 3,
-                                   "response": {"code": -2013}, "trades": trades or []}, 9.0)
+                                   "response": {"code": -2013}, "trades": trades or []},
+                   at / 1000 + 1.0)  # logged a second after the lookup
 
 
 def trade(trade_id: int, qty: str, price: str) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def test_no_longer_known_is_terminal_for_orders_and_algo_orders() -> None:
 
 
 def test_an_open_order_the_exchange_forgot_ends_no_longer_known_and_leaves_the_views() -> None:
-    store = fold([frame_entry(order_frame(7, "NEW", "NEW", t=T0), 1.0), not_found(7)])
+    store = fold([frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0), not_found(7)])
     assert store.open_orders() == []
     last = store.emitted[-1]
     assert (last["order_id"], last["status"], last["source"]) == ("7", NO_LONGER_KNOWN,
@@ -74,7 +76,7 @@ def test_an_open_order_the_exchange_forgot_ends_no_longer_known_and_leaves_the_v
 
 
 def test_fills_still_listed_by_user_trades_are_in_the_terminal_entry() -> None:
-    store = fold([frame_entry(order_frame(7, "NEW", "NEW", t=T0, q="0.030"), 1.0),
+    store = fold([frame_entry(order_frame(7, "NEW", "NEW", t=T0, q="0.030"), RECV + 1.0),
                   not_found(7, trades=[trade(2, "0.020", "49990"), trade(1, "0.010", "50020")])])
     state = store.emitted[-1]["data"]
     assert (state["cum_filled"], state["avg_price"]) == ("0.03", "50000")
@@ -83,13 +85,14 @@ def test_fills_still_listed_by_user_trades_are_in_the_terminal_entry() -> None:
 
 def test_a_terminal_order_is_not_turned_no_longer_known() -> None:
     filled = frame_entry(order_frame(7, "FILLED", "TRADE", t=T0, z="0.003", last_qty="0.003",
-                                     last_price="50000", ap="50000"), 1.0)
+                                     last_price="50000", ap="50000"), RECV + 1.0)
     store = fold([filled, not_found(7)])
     assert [e["status"] for e in store.emitted] == ["FILLED"]
 
 
 def test_an_algo_order_the_exchange_forgot_ends_no_longer_known() -> None:
-    store = fold([frame_entry(algo_frame(500, "NEW", t=T0), 1.0), not_found(500, "algoOrder")])
+    store = fold([frame_entry(algo_frame(500, "NEW", t=T0), RECV + 1.0),
+                  not_found(500, "algoOrder")])
     assert store.open_orders("algo") == []
     assert (store.emitted[-1]["kind"], store.emitted[-1]["status"]) == ("algo", NO_LONGER_KNOWN)
 
@@ -99,7 +102,7 @@ def test_an_order_found_only_by_the_outage_search_is_taken_from_nothing() -> Non
                      cum_quote="150", avg="50000")
     entry = control("final_state", {"kind": "order", "symbol": "BTCUSDT", "via": "allOrders",
                                     "fetched_at_ms": T0 + 99, "response": row,
-                                    "trades": [trade(1, "0.003", "50000")]}, 9.0)
+                                    "trades": [trade(1, "0.003", "50000")]}, RECV + 9.0)
     store = fold([entry])
     assert [(e["order_id"], e["status"], e["source"]) for e in store.emitted] == [
         ("42", "FILLED", "reconciliation")]
@@ -111,14 +114,15 @@ def test_an_order_found_only_by_the_outage_search_is_taken_from_nothing() -> Non
                                    "id": "x", "fetched_at_ms": 1}])
 def test_a_notfound_entry_without_its_id_or_time_is_poison(body: dict[str, Any]) -> None:
     with pytest.raises(PoisonEntry):
-        list(OrdersProjection(P).apply(control("final_state", body, 1.0)))
+        list(OrdersProjection(P).apply(control("final_state", body, RECV + 1.0)))
 
 
 def test_orders_lua_ends_no_longer_known_where_the_reference_does(r: redis.Redis) -> None:
-    entries = [frame_entry(order_frame(7, "NEW", "NEW", t=T0), 1.0),
-               frame_entry(algo_frame(500, "NEW", t=T0), 1.0),
+    entries = [frame_entry(order_frame(7, "NEW", "NEW", t=T0), RECV + 1.0),
+               frame_entry(algo_frame(500, "NEW", t=T0), RECV + 1.0),
                not_found(7, trades=[trade(1, "0.001", "50000")]), not_found(500, "algoOrder")]
     proj, ref = OrdersProjection(P), InMemoryOrders()
+    functions.DEFAULT.ensure(r)  # the library the order writes call (loaded by the projector)
     pipe = r.pipeline(transaction=False)
     for entry in entries + entries:  # twice: the second time is refused by the script too
         for out in proj.apply(entry):

@@ -157,6 +157,12 @@ def test_the_pipeline_runs_end_to_end_over_rediss_each_command_as_its_own_user(
         start("ingest-user", ["ingest", "user"], {
             **as_role("ingest-user", env), "BINANCE_API_KEY": "sim-api-key",
             "BINANCE_API_SECRET": "sim-api-secret"})
+        # the deployment step: the admin loads the function library the projector calls
+        loaded = subprocess.run(
+            ["sh", str(DEPLOY / "pipeline-entrypoint.sh"), sys.executable, "-m", "pipeline",
+             "functions", "load"], cwd=ROOT, env=as_role("admin", env), capture_output=True,
+            text=True, timeout=60)
+        assert loaded.returncode == 0, loaded.stderr
         start("project", ["project", "--block-ms", "200"], as_role("projector", env))
 
         wait(lambda: admin.exists("websocket:mark_price:btcusdt",

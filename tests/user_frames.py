@@ -13,6 +13,7 @@ import orjson
 from pipeline.eventlog import ControlEntry, FrameEntry
 
 T0 = 1_795_000_000_000  # ms
+RECV = T0 / 1000  # receipt times are RECV + a few seconds: the events' times are plausible
 _seq = itertools.count(1)
 
 

@@ -22,6 +22,13 @@ isolatedWallet is not zero, else "cross"; `cr` (accumulated realized) is not in 
 answer: the last value an ACCOUNT_UPDATE gave for that position, or null if none was seen.
 balance v2 -> B[]: asset->a, balance->wb, crossWalletBalance->cw, and bc (a change, which a
 snapshot does not have) "0".
+
+Poison (`projections.core.plausible`), so that no single entry can freeze or fake a view: an
+event time E/T or a snapshot's `fetched_at_ms` later than the entry's receipt time plus
+PIPELINE_MAX_CLOCK_AHEAD_S; a symbol or asset that is not well-formed (it names the key); a
+position side other than BOTH, LONG, SHORT; amounts and prices that are not decimal strings.
+`timestamp` is the first field of every view: the store reads the version with a pattern, and
+the first `"timestamp":` of the JSON is then the view's own whatever fields Binance adds.
 """
 
 from __future__ import annotations
@@ -35,16 +42,56 @@ import orjson
 from pipeline.eventlog import ControlEntry, FrameEntry
 from projections.core.keys import KEY_USER, Keys
 from projections.core.outputs import Entry, Output, PoisonEntry, ViewWrite
+from projections.core.plausible import Bounds, check_fields, present
 from projections.core.userevents import AccountUpdate, BadEvent, decode_frame, parse_user_event
 
 DEFAULT_TTL_S = 300.0
 _SIDE_SUFFIX = {"BOTH": (), "LONG": ("long",), "SHORT": ("short",)}
+_POSITION_DECIMALS = ("pa", "ep", "bep", "cr", "up", "iw")
+_BALANCE_DECIMALS = ("wb", "cw", "bc")
+_RISK_DECIMALS = ("positionAmt", "entryPrice", "breakEvenPrice", "unRealizedProfit",
+                  "isolatedWallet")
+_REST_BALANCE_DECIMALS = ("balance", "crossWalletBalance")
 
 
 def position_key(keys: Keys, symbol: str, position_side: str) -> str:
     """`BOTH` (one-way mode) -> `P:position:{symbol}`; LONG/SHORT -> `...:long`/`...:short`."""
-    suffix = _SIDE_SUFFIX.get(position_side.upper(), (position_side.lower(),))
-    return keys.position(symbol, *suffix)
+    return keys.position(symbol, *_SIDE_SUFFIX[position_side])
+
+
+def implausible_update(event: AccountUpdate, limit_ms: int) -> str | None:
+    """Why an ACCOUNT_UPDATE must not be applied, or None (module docstring)."""
+    why = check_fields("ACCOUNT_UPDATE", limit_ms,
+                       times=[("E", event.event_time), ("T", event.transaction_time)])
+    for pos in event.account.positions:
+        why = why or _side(pos.position_side) or check_fields(
+            "ACCOUNT_UPDATE", limit_ms, symbols=[("P.s", pos.symbol)],
+            decimals=present(pos.raw, _POSITION_DECIMALS))
+    for bal in event.account.balances:
+        why = why or check_fields("ACCOUNT_UPDATE", limit_ms, assets=[("B.a", bal.asset)],
+                                  decimals=present(bal.raw, _BALANCE_DECIMALS))
+    return why
+
+
+def implausible_rows(kind: str, rows: list[Any], limit_ms: int) -> str | None:
+    """Why a positionRisk or balance snapshot's rows must not be applied, or None."""
+    for r in rows:
+        if not isinstance(r, dict):
+            return f"{kind} row is not an object"
+        why = (check_fields(kind, limit_ms, assets=[("asset", r.get("asset"))],
+                            decimals=present(r, _REST_BALANCE_DECIMALS)) if kind == "balance"
+               else _side(r.get("positionSide", "BOTH")) or check_fields(
+                   kind, limit_ms, symbols=[("symbol", r.get("symbol"))],
+                   decimals=present(r, _RISK_DECIMALS)))
+        if why:
+            return why
+    return None
+
+
+def _side(position_side: Any) -> str | None:
+    if position_side not in _SIDE_SUFFIX:
+        return f"position side {str(position_side)[:20]!r} is not BOTH, LONG or SHORT"
+    return None
 
 
 def _is_zero(value: Any) -> bool:
@@ -79,8 +126,10 @@ class AccountProjection:
     sources = (KEY_USER,)
     exclusive = True
 
-    def __init__(self, prefix: str = "websocket", *, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(self, prefix: str = "websocket", *, ttl_s: float = DEFAULT_TTL_S,
+                 bounds: Bounds | None = None, **_unused: object) -> None:
         self.keys = Keys(prefix)
+        self.bounds = bounds or Bounds()
         self.ttl_ms = int(ttl_s * 1000)
         self._cr: dict[str, Any] = {}  # position key -> last accumulated realized seen
 
@@ -93,10 +142,11 @@ class AccountProjection:
 
     def _write(self, key: str, value: dict[str, Any], ts: float, source: str,
                recv_ts: float) -> ViewWrite:
-        body = {**value, "timestamp": ts, "source": source}
+        body = {"timestamp": ts, "source": source,
+                **{k: v for k, v in value.items() if k not in ("timestamp", "source")}}
         return ViewWrite(key=key, value=orjson.dumps(body), version=ts,
                          version_field="timestamp",
-                         expire_at_ms=int(recv_ts * 1000) + self.ttl_ms)
+                         expire_at_ms=int(recv_ts * 1000) + self.ttl_ms, event_s=ts)
 
     def _frame(self, entry: FrameEntry) -> list[Output]:
         try:
@@ -107,6 +157,9 @@ class AccountProjection:
         except BadEvent as exc:
             raise PoisonEntry(str(exc)) from None
         assert isinstance(event, AccountUpdate)
+        why = implausible_update(event, self.bounds.time_limit_ms(entry.recv_ts))
+        if why is not None:
+            raise PoisonEntry(why)
         ts = event.event_time / 1000
         out: list[Output] = []
         for pos in event.account.positions:
@@ -126,6 +179,11 @@ class AccountProjection:
         rows, fetched = body.get("response"), body.get("fetched_at_ms")
         if not isinstance(rows, list) or not isinstance(fetched, int | float):
             raise PoisonEntry(f"{body.get('kind')} snapshot without response list/fetched_at_ms")
+        limit_ms = self.bounds.time_limit_ms(entry.recv_ts)
+        why = check_fields(body["kind"], limit_ms, times=[("fetched_at_ms", fetched)]) \
+            or implausible_rows(body["kind"], rows, limit_ms)
+        if why is not None:
+            raise PoisonEntry(why)
         ts = fetched / 1000
         try:
             if body["kind"] == "balance":

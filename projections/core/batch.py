@@ -4,6 +4,11 @@
 effects the shell acts on (a REST snapshot, a gap entry), the acknowledgements, and the entries
 whose fold raised (not acknowledged; the shell retries and dead-letters them). The shell
 (`projections.shell.loop`) reads the batch, calls this, and writes + acks what it returns.
+
+Each write keeps the entry that produced it (`Folded.origins`): when the store refuses a write
+as implausible (an id no stream can reach), that entry, and only it, is dead-lettered. After
+coalescing, a write stands for the superseded entries of its stream too; those are not the
+ones at fault and stay acknowledged.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from projections.core.outputs import (
     Projection,
     Unrecognized,
     check_output,
-    coalesce,
+    newest_per_view,
 )
 
 # (source key, entry id, fields); fields are empty for an entry trimmed while it was pending
@@ -34,9 +39,14 @@ class Folded:
     """What one batch comes to: the writes, the effects, the acks and the failures."""
 
     writes: list[Output] = attrs.Factory(list)
+    origins: list[RawEntry] = attrs.Factory(list)  # the entry that produced each write
     effects: list[NeedSnapshot | LogGap] = attrs.Factory(list)
     acks: dict[str, list[bytes]] = attrs.Factory(dict)
     failures: list[tuple[RawEntry, str]] = attrs.Factory(list)
+    # entries acknowledged with their write, which the store refused as implausible: the
+    # shell dead-letters them at once (a redelivery would meet the same refusal)
+    refused: list[tuple[RawEntry, str]] = attrs.Factory(list)
+    repaired: list[str] = attrs.Factory(list)  # views written over a held value not obeyed
     unrecognized: list[str] = attrs.Factory(list)  # event types this version does not know
     applied: int = 0
     newest_recv_ts: float = 0.0
@@ -57,6 +67,7 @@ def fold_batch(projection: Projection, entries: Sequence[RawEntry],
     """
     folded = Folded()
     outputs: list[Output] = []
+    origins: list[RawEntry] = []
     acks = folded.acks
     apply = projection.apply
     keyer = getattr(projection, "last_value_key", None) if coalescing else None
@@ -78,6 +89,7 @@ def fold_batch(projection: Projection, entries: Sequence[RawEntry],
                 folded.failures.append((raw, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]))
                 continue
             outputs += outs
+            origins += [raw] * len(outs)
             folded.applied += 1
             if entry.recv_ts > newest:
                 newest = entry.recv_ts
@@ -87,13 +99,15 @@ def fold_batch(projection: Projection, entries: Sequence[RawEntry],
         else:
             ids.append(eid)
     folded.newest_recv_ts = newest
-    for out in coalesce(outputs) if coalescing else outputs:
+    for i in newest_per_view(outputs) if coalescing else range(len(outputs)):
+        out = outputs[i]
         if type(out) is NeedSnapshot or type(out) is LogGap:
             folded.effects.append(out)
         elif type(out) is Unrecognized:
             folded.unrecognized.append(out.event_type)
         else:
             folded.writes.append(out)
+            folded.origins.append(origins[i])
     return folded
 
 

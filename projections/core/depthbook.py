@@ -43,6 +43,13 @@ snapshot that come after it.
 The buffer is bounded (`buffer_limit`): past it the oldest events are dropped and counted; if
 a whole buffer's worth of events passes without a snapshot, the snapshot is asked for again.
 
+An event no stream can send is poison before it reaches the sequencer, which then never moves
+on its account (`projections.core.plausible`): a payload symbol other than the stream's, an
+event time later than the entry's receipt + PIPELINE_MAX_CLOCK_AHEAD_S, ids outside [0, 2^53),
+levels that are not decimal strings, and, once LIVE and aligned, a `u` further past the last
+applied one than PIPELINE_MAX_ID_RATE ids a second could carry it (`u` = 2^53 - 1 would
+otherwise become the book's last id, and every real event would look like a gap).
+
 Every transition is in `Sequencer`: `_TRANSITIONS` names which state may follow which, and
 `_HANDLERS` maps (state, input) to the one method that handles it.
 """
@@ -61,8 +68,17 @@ import orjson
 from pipeline.eventlog import ControlEntry, FrameEntry
 from projections.core import frames
 from projections.core.keys import KEY_DEPTH_SNAPSHOTS, Keys, market_key
-from projections.core.market import SOURCE, TTL_MS
-from projections.core.outputs import Entry, LogGap, NeedSnapshot, Output, ViewWrite
+from projections.core.market import SOURCE, STREAM_CACHE_MAX, TTL_MS
+from projections.core.outputs import (
+    Entry,
+    LogGap,
+    NeedSnapshot,
+    Output,
+    PoisonEntry,
+    Unrecognized,
+    ViewWrite,
+)
+from projections.core.plausible import Bounds
 
 RAW_KEY = market_key("depth")  # diff-depth frames, appended by the market ingestor
 SNAPSHOT_KEY = KEY_DEPTH_SNAPSHOTS  # snapshot and gap entries, appended by the projector
@@ -108,6 +124,7 @@ class Sequencer:
         self.buffer_limit = buffer_limit
         self.dropped = 0  # events dropped from a full buffer, ever (for the operator)
         self.last_u = 0  # last applied u, or the snapshot's lastUpdateId before alignment
+        self.last_ms = 0  # event time of last_u (0: unknown, a snapshot without E)
         self.aligned = False  # the first event after the snapshot has been applied
         self._asked = False  # a snapshot was asked for in this waiting period
         self._dropped_since_ask = 0
@@ -142,6 +159,7 @@ class Sequencer:
         then put the buffered events through the LIVE rules."""
         self._goto(State.LIVE)
         self.last_u = snap.last_update_id
+        self.last_ms = snap.event_time or 0
         self.aligned = False
         self._asked = False
         self._dropped_since_ask = 0
@@ -168,7 +186,7 @@ class Sequencer:
             if ev.final_id <= self.last_u:
                 return Step()  # duplicate
             if ev.prev_final_id == self.last_u:
-                self.last_u = ev.final_id
+                self.last_u, self.last_ms = ev.final_id, ev.event_time
                 return Step(apply=[ev])
             gap = {"symbol": self.symbol, "reason": "pu break", "expected_pu": self.last_u,
                    "pu": ev.prev_final_id, "U": ev.first_id, "u": ev.final_id}
@@ -179,7 +197,7 @@ class Sequencer:
         # lastUpdateId follows the snapshot directly, so it is as good (futures ids skip).
         if ev.first_id <= self.last_u or ev.prev_final_id == self.last_u:
             self.aligned = True
-            self.last_u = ev.final_id
+            self.last_u, self.last_ms = ev.final_id, ev.event_time
             return Step(apply=[ev])
         return self._resync(ev, "snapshot older than the stream", None)
 
@@ -254,35 +272,69 @@ class DiffBookProjection:
     """`P:orderbook:{symbol}:{book_depth}` from the diff-depth stream, with a full local book
     per symbol kept in memory (hence exclusive: one process at a time holds the lease).
 
-    Options: `book_depth` (levels published per side, default 20), `buffer_limit`.
+    Options: `book_depth` (levels published per side, default 20), `buffer_limit`, `symbols`
+    (the configured ones; None: any well-formed symbol), `bounds` (`plausible.Bounds`).
     """
 
     name = "depth_book"
     exclusive = True
 
     def __init__(self, prefix: str, *, book_depth: int = 20,
-                 buffer_limit: int = DEFAULT_BUFFER_LIMIT, **_unused: object) -> None:
+                 buffer_limit: int = DEFAULT_BUFFER_LIMIT, symbols: Iterable[str] | None = None,
+                 bounds: Bounds | None = None, **_unused: object) -> None:
         self.sources = [RAW_KEY, SNAPSHOT_KEY]
         self.book_depth = book_depth
         self.buffer_limit = buffer_limit
+        self.bounds = bounds or Bounds()
+        self.symbols = frozenset(symbols) if symbols is not None else None
+        # stream name -> (its symbol, "" when not configured; the wrapper's first bytes)
+        self._streams: dict[str, tuple[str, bytes]] = {}
         self._key = Keys(prefix).view_head("orderbook")
         self._suffix = f":{book_depth}"
         self.sequencers: dict[str, Sequencer] = {}
         self.books: dict[str, Book] = {}
 
     def apply(self, entry: Entry) -> list[Output]:
+        limit_ms = self.bounds.time_limit_ms(entry.recv_ts)
         if type(entry) is ControlEntry:
             if entry.ctl != "snapshot":
                 return []  # opened/closed/gap (our own LogGap read back) ...
-            snap = frames.depth_snapshot(entry.body)
+            snap = frames.depth_snapshot(entry.body, limit_ms)
             return self._perform(snap.symbol, self._sequencer(snap.symbol).on_snapshot(snap),
                                  entry.recv_ts)
         assert type(entry) is FrameEntry
         got = frames.unwrap(entry.frame)
         if got is None or frames.event_type(got[1]) != "depthUpdate":
             return []
-        ev = frames.diff_depth(got[1])  # parsed in full before any state changes
-        return self._perform(ev.symbol, self._sequencer(ev.symbol).on_event(ev), entry.recv_ts)
+        symbol = self._stream_symbol(got[0], entry.frame)
+        if symbol is None:
+            return [Unrecognized("depthUpdate: symbol not in PIPELINE_SYMBOLS")]
+        ev = frames.diff_depth(got[1], symbol, limit_ms)  # parsed in full before any state changes
+        seq = self._sequencer(symbol)
+        if (seq.state is State.LIVE and seq.aligned and seq.last_ms
+                and not self.bounds.id_jump_ok(seq.last_u, seq.last_ms, ev.final_id,
+                                               ev.event_time)):
+            raise PoisonEntry(f"depthUpdate: u jumps from {seq.last_u} to {ev.final_id} in "
+                              f"{ev.event_time - seq.last_ms} ms, past PIPELINE_MAX_ID_RATE")
+        return self._perform(symbol, seq.on_event(ev), entry.recv_ts)
+
+    def _stream_symbol(self, stream: str, frame: bytes) -> str | None:
+        """The symbol of a diff-depth stream (`btcusdt@depth@100ms`), None when it is not
+        configured; PoisonEntry for a frame of another stream or routed by another name."""
+        known = self._streams.get(stream)
+        if known is None:
+            parts = stream.split("@")
+            symbol = frames.stream_symbol(stream)
+            if symbol is None or len(parts) < 2 or parts[1] != "depth":
+                raise PoisonEntry(f"depthUpdate: {stream[:60]!r} is not a diff-depth stream")
+            if len(self._streams) >= STREAM_CACHE_MAX:
+                self._streams.clear()
+            configured = self.symbols is None or symbol in self.symbols
+            known = self._streams[stream] = (symbol if configured else "",
+                                             b'{"stream":"%s"' % stream.encode())
+        if not frame.startswith(known[1]):
+            raise PoisonEntry(f"depthUpdate: the frame names a stream before {stream[:60]!r}")
+        return known[0] or None
 
     def _sequencer(self, symbol: str) -> Sequencer:
         seq = self.sequencers.get(symbol)
@@ -323,7 +375,7 @@ class DiffBookProjection:
             "timestamp": ts, "last_update_id": version, "source": SOURCE,
         })
         return ViewWrite(self._key + symbol.lower() + self._suffix, value, version,
-                         "last_update_id", int(recv_ts * 1000) + TTL_MS)
+                         "last_update_id", int(recv_ts * 1000) + TTL_MS, ts, True)
 
 
 def state_of(projection: DiffBookProjection, symbol: str) -> State | None:

@@ -34,6 +34,14 @@ order -2013 and nothing in allOrders, see pipeline.reconcile), the ingestor logs
 `final_state` of kind `notFound`, and the order ends in the terminal status NO_LONGER_KNOWN,
 versioned by the time of that lookup, with the fills userTrades still had (`z`, `ap`, `l`,
 `L`) when it had any.
+
+No single event may hold an order for ever (`projections.core.plausible`): an event or REST row
+whose times (E, T, the order's T, updateTime) are later than its entry's receipt time plus
+PIPELINE_MAX_CLOCK_AHEAD_S, whose ids are not integers in [0, 2^53), whose symbol is not
+well-formed or whose prices and quantities are not decimal strings is poison (dead-lettered).
+A stored state whose update time is ahead of the server's clock by more than the same bound
+(written before these checks) is repaired: neither its version nor its status binds the next
+transition (`apply_write(..., now_ms=...)`, orders.lua).
 """
 
 from __future__ import annotations
@@ -55,10 +63,13 @@ from projections.core.orderwrites import (
     script_payload,
 )
 from projections.core.outputs import Entry, Output, PoisonEntry, Unrecognized
+from projections.core.plausible import Bounds, check_fields, present
 from projections.core.userevents import (
     KNOWN_TYPES,
+    AlgoFields,
     AlgoUpdate,
     BadEvent,
+    OrderFields,
     OrderTradeUpdate,
     UnknownEvent,
     decode_frame,
@@ -290,6 +301,46 @@ def fills_of(trades: Any) -> dict[str, str]:
             "l": str(rows[-1].get("qty")), "L": str(rows[-1].get("price"))}
 
 
+# --- plausibility: what an event or a REST row must be to be applied -------------------------
+
+# fields the state or the open-orders row keeps, when the event has them
+_ORDER_DECIMALS = ("q", "p", "ap", "sp", "l", "z", "L", "rp")
+_ALGO_DECIMALS = ("q", "p", "tp", "ap")
+_ORDER_ROW_DECIMALS = ("origQty", "price", "avgPrice", "stopPrice", "executedQty", "cumQuote")
+_ALGO_ROW_DECIMALS = ("quantity", "price", "triggerPrice", "actualPrice")
+
+
+def implausible_event(ev: OrderTradeUpdate | AlgoUpdate, limit_ms: int) -> str | None:
+    """Why an ORDER_TRADE_UPDATE or ALGO_UPDATE must not be applied, or None;
+    `limit_ms` is its entry's receipt time + PIPELINE_MAX_CLOCK_AHEAD_S."""
+    times = [("E", ev.event_time), ("T", ev.transaction_time)]
+    o, raw = ev.order, ev.order.raw
+    if isinstance(ev, OrderTradeUpdate):
+        assert isinstance(o, OrderFields)
+        return check_fields("ORDER_TRADE_UPDATE", limit_ms, symbols=[("o.s", o.symbol)],
+                            ids=[("o.i", o.order_id)], times=[*times, ("o.T", o.update_time)],
+                            decimals=present(raw, _ORDER_DECIMALS))
+    assert isinstance(o, AlgoFields)
+    return check_fields("ALGO_UPDATE", limit_ms, symbols=[("o.s", o.symbol)],
+                        ids=[("o.aid", o.algo_id)], times=times,
+                        counts=present(raw, ("tt",)), decimals=present(raw, _ALGO_DECIMALS))
+
+
+def implausible_row(row: Mapping[str, Any], orders: bool, limit_ms: int) -> str | None:
+    """Why a REST order (`orders`) or algo-order row must not be applied, or None."""
+    if orders:
+        return check_fields("REST order", limit_ms, symbols=[("symbol", row.get("symbol"))],
+                            ids=[("orderId", row.get("orderId"))],
+                            times=[("updateTime", row.get("updateTime"))],
+                            counts=present(row, ("time",)),
+                            decimals=present(row, _ORDER_ROW_DECIMALS))
+    return check_fields("REST algo order", limit_ms, symbols=[("symbol", row.get("symbol"))],
+                        ids=[("algoId", row.get("algoId"))],
+                        times=[("updateTime", row.get("updateTime"))],
+                        counts=present(row, ("createTime", "triggerTime")),
+                        decimals=present(row, _ALGO_ROW_DECIMALS))
+
+
 # --- the reference of orders.lua --------------------------------------------------------------
 
 def _newer(v: Version | list[Any], old: Version | list[Any]) -> bool:
@@ -301,16 +352,21 @@ def _newer(v: Version | list[Any], old: Version | list[Any]) -> bool:
 
 
 def apply_write(stored: Mapping[str, Any] | None, write: OrderWrite | AlgoOrderWrite,
-                stored_row: Mapping[str, Any] | None = None,
+                stored_row: Mapping[str, Any] | None = None, *, now_ms: int | None = None,
+                max_ahead_ms: int = Bounds().max_ahead_ms,
                 ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
     """What orders.lua does, in Python: (new state, open-orders row or None for closed), or
     None when the transition is refused. States are the JSON objects the store keeps;
     `stored_row` is the open-orders row held for the order (its fields outlive a write that
-    does not name them)."""
+    does not name them). `now_ms` (the server's clock; None: never) with `max_ahead_ms`: a
+    stored state whose update time is further ahead is repaired, not obeyed."""
     w = script_payload(write)
+    if stored is not None and now_ms is not None and \
+            stored["version"][0] > now_ms + max_ahead_ms:
+        stored = {**stored, "status": ""}  # its status and version bind nothing
     if (stored["status"] if stored else "") not in w["allowed_from"]:
         return None
-    if stored is not None and not _newer(w["version"], stored["version"]):
+    if stored is not None and stored["status"] and not _newer(w["version"], stored["version"]):
         return None
     fields = {**(stored["o"] if stored else {}), **w["fields"]}
     created = w["created_ms"] or (stored or {}).get("created_time") or w["version"][0]
@@ -364,8 +420,10 @@ class OrdersProjection:
 
     def __init__(self, prefix: str = "websocket", *,
                  symbol_maxlen: int = DEFAULT_SYMBOL_MAXLEN,
-                 orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S) -> None:
+                 orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S,
+                 bounds: Bounds | None = None, **_unused: object) -> None:
         self.cfg = OrderSettings(prefix, symbol_maxlen, orders_max_age_s)
+        self.bounds = bounds or Bounds()
 
     def apply(self, entry: Entry) -> Iterable[Output]:
         if isinstance(entry, FrameEntry):
@@ -383,6 +441,10 @@ class OrdersProjection:
             event = parse_user_event(payload)
         except BadEvent as exc:
             raise PoisonEntry(str(exc)) from None
+        if isinstance(event, OrderTradeUpdate | AlgoUpdate):
+            why = implausible_event(event, self.bounds.time_limit_ms(entry.recv_ts))
+            if why is not None:
+                raise PoisonEntry(why)
         write: OrderWrite | AlgoOrderWrite | None
         if isinstance(event, OrderTradeUpdate):
             write = order_write_from_event(event, self.cfg)
@@ -415,8 +477,13 @@ class OrdersProjection:
             return [not_found_write(body, self.cfg)]
         else:
             return []
-        make = (order_write_from_rest if kind in ("openOrders", "order")
-                else algo_write_from_rest)
+        orders = kind in ("openOrders", "order")
+        limit_ms = self.bounds.time_limit_ms(entry.recv_ts)
+        for row in rows:
+            why = implausible_row(row, orders, limit_ms)
+            if why is not None:
+                raise PoisonEntry(why)
+        make = order_write_from_rest if orders else algo_write_from_rest
         writes = [make(row, self.cfg) for row in rows]
         return [w for w in writes if w is not None]
 

@@ -30,25 +30,34 @@ class ViewWrite:
     """SET `key` to the JSON `value` if `version` > the number in the stored JSON's
     `version_field` (or the key is missing), with PEXPIREAT `expire_at_ms` (0: no expiry).
     Nothing is written when `expire_at_ms` is already past: replaying old frames brings back
-    no stale key."""
+    no stale key.
+
+    `event_s`: the event time of the value (seconds; every view stores it as `timestamp`), 0
+    when it has none. `ids`: the version is an id (a book's `u`, a trade id), not a time. The
+    store uses both to refuse an id no stream can reach and to overwrite a held view whose
+    version is implausible (`projections.core.plausible`)."""
 
     key: str
     value: bytes
     version: float
     version_field: str
     expire_at_ms: int = 0
+    event_s: float = 0.0
+    ids: bool = False
 
 
 @attrs.frozen
 class ListPushIfNewer:
     """LPUSH the JSON `value` onto the capped list `key` (LTRIM to `cap`) if `version` > the
-    number in the head element's `version_field`. Used for closed klines."""
+    number in the head element's `version_field`. Used for closed klines. `event_s` as for
+    ViewWrite."""
 
     key: str
     value: bytes
     version: float
     version_field: str
     cap: int
+    event_s: float = 0.0
 
 
 @attrs.frozen
@@ -109,17 +118,24 @@ def coalesce(outputs: Iterable[Output]) -> list[Output]:
 
     Within a batch the newest event of a view wins anyway; writing only it saves Redis work.
     """
-    newest: dict[str, ViewWrite] = {}
-    rest: list[Output] = []
+    outs = list(outputs)
+    return [outs[i] for i in newest_per_view(outs)]
+
+
+def newest_per_view(outputs: Sequence[Output]) -> list[int]:
+    """`coalesce` as indexes into `outputs`, so a caller can keep what goes with each output:
+    the newest ViewWrite per key (in first-seen key order), then every other output."""
+    newest: dict[str, tuple[int, ViewWrite]] = {}
+    rest: list[int] = []
     order: list[str] = []
-    for out in outputs:
+    for i, out in enumerate(outputs):
         if isinstance(out, ViewWrite):
             held = newest.get(out.key)
             if held is None:
                 order.append(out.key)
-                newest[out.key] = out
-            elif out.version > held.version:
-                newest[out.key] = out
+                newest[out.key] = (i, out)
+            elif out.version > held[1].version:
+                newest[out.key] = (i, out)
         else:
-            rest.append(out)
-    return [newest[k] for k in order] + rest
+            rest.append(i)
+    return [newest[k][0] for k in order] + rest

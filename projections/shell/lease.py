@@ -3,7 +3,8 @@
 An exclusive projection keeps state in memory (the diff-depth book, the order state machine),
 so two processes folding the same entries side by side would each hold half a book. The lease
 `lease:{name}` is a string whose value is the holder (the consumer name), taken by a small Lua
-script (GET, then SET PX when the lease is free or already ours) with a TTL (default 10 s),
+function (lua/lease.lua: GET, then SET PX when the lease is free or already ours; a function of
+the library in projections.shell.functions) with a TTL (default 10 s),
 renewed at a third of its TTL, deleted on a clean shutdown. Other processes wait as hot
 standbys and take over when it expires. A holder whose last good renewal was sent 80 % of the
 TTL ago stops its projection, whether Redis refused, failed or still has not answered (a hung
@@ -26,28 +27,9 @@ import trio
 from pipeline.errors import RedisUnavailable
 from pipeline.redisconn import redis_errors
 from projections.core.keys import lease_key
+from projections.shell import functions
 
 log = logging.getLogger("pipeline.project.lease")
-
-
-# Take the lease if free or already ours; returns 1 when held by us afterwards.
-_ACQUIRE = """
-local held = redis.call('GET', KEYS[1])
-if held == false or held == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-# Extend (or delete, with ttl 0) only when still ours.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) else
-    redis.call('DEL', KEYS[1]) end
-  return 1
-end
-return 0
-"""
 
 
 # How the async methods make their blocking Redis calls: in a worker thread, abandoned when
@@ -62,26 +44,37 @@ class Lease:
 
     def __init__(self, client: redis.Redis, name: str, holder: str, ttl_ms: int = 10_000,
                  clock: Callable[[], float] = trio.current_time,
-                 run_sync: RunSync = IN_THREAD) -> None:
+                 run_sync: RunSync = IN_THREAD,
+                 library: functions.FunctionLibrary | None = None) -> None:
         self.key = lease_key(name)
         self.holder = holder
         self.ttl_ms = ttl_ms
         self.clock = clock
         self.run_sync = run_sync
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
+        self._client = client
+        self._library = library or functions.DEFAULT
+
+    def _call(self, fn: str, ttl_ms: int) -> bool:
+        """FCALL of a lease function; when the library is missing (a Redis restart), make sure
+        it is there (`FunctionLibrary.ensure`) and call once more."""
+        with redis_errors():
+            try:
+                return bool(self._client.fcall(fn, 1, self.key, self.holder, ttl_ms))
+            except redis.ResponseError as exc:
+                if not functions.function_missing(exc):
+                    raise
+        self._library.ensure(self._client)
+        with redis_errors():
+            return bool(self._client.fcall(fn, 1, self.key, self.holder, ttl_ms))
 
     def try_acquire(self) -> bool:
-        with redis_errors():
-            return bool(self._acquire(keys=[self.key], args=[self.holder, self.ttl_ms]))
+        return self._call(functions.LEASE_ACQUIRE_FN, self.ttl_ms)
 
     def renew(self) -> bool:
-        with redis_errors():
-            return bool(self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]))
+        return self._call(functions.LEASE_RENEW_FN, self.ttl_ms)
 
     def release(self) -> None:
-        with redis_errors():
-            self._renew(keys=[self.key], args=[self.holder, 0])
+        self._call(functions.LEASE_RENEW_FN, 0)
 
     async def acquire(self) -> float:
         """Wait until this process holds the lease (polling at a third of the TTL). Returns

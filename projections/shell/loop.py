@@ -15,8 +15,10 @@ named after it, on each raw key it reads. Its loop, in one Trio task:
    entries (non-blocking) in that pipeline;
 5. `_after`, on the Trio side: a fold that raised leaves its entry unacknowledged; it is read
    again from the pending list and, once it has failed on its `--max-attempts`-th delivery
-   (XPENDING's delivery count), moved to `dlq:{name}`, acknowledged and counted; a
-   `NeedSnapshot` asks the snapshot fetcher;
+   (XPENDING's delivery count), moved to `dlq:{name}`, acknowledged and counted; an entry
+   whose write the store refused as implausible (an id no stream can reach: it was
+   acknowledged with that write) is moved to `dlq:{name}` at once, since a redelivery would
+   meet the same refusal; a `NeedSnapshot` asks the snapshot fetcher;
 6. every `--claim-idle-ms / 2`, entries another consumer left pending longer than
    `--claim-idle-ms` are claimed (`XAUTOCLAIM`) and folded like any batch.
 
@@ -47,10 +49,12 @@ from pipeline.eventlog import control_entry
 from pipeline.redisconn import MAX_BLOCK_MS, error_code, redis_errors, refused_for_now
 from projections.core.batch import Folded, RawEntry, fold_batch
 from projections.core.outputs import LogGap, NeedSnapshot, Projection
+from projections.core.plausible import Bounds
+from projections.shell import functions
 from projections.shell.groups import GroupIO
 from projections.shell.health import ProjectorHealth
 from projections.shell.snapshots import Snapshotter
-from projections.shell.viewstore import ViewStore
+from projections.shell.viewstore import REFUSED, ViewStore, write_results
 
 log = logging.getLogger("pipeline.project")
 T = TypeVar("T")
@@ -61,6 +65,7 @@ OnWritten = Callable[[list[RawEntry], Folded], None]
 Done = tuple[list[RawEntry], Folded, list[Exception]]
 # longest one worker-thread call keeps going before the Trio side gets a look
 CYCLE_BUDGET_S = 0.05
+REPAIRS_LOGGED_MAX = 1000  # view keys whose repair is logged (once each) per process
 
 
 def default_consumer() -> str:
@@ -89,14 +94,15 @@ class ProjectionLoop:
 
     def __init__(self, projection: Projection, client: redis.Redis, opts: RunOptions,
                  health: ProjectorHealth, snapshots: Snapshotter | None = None,
-                 on_written: OnWritten | None = None) -> None:
+                 on_written: OnWritten | None = None, bounds: Bounds | None = None,
+                 library: functions.FunctionLibrary | None = None) -> None:
         self.projection = projection
         self.name = projection.name
         self.client = client
         self.opts = opts
         self.health = health
         self.io = GroupIO(client, self.name, projection.sources, opts.consumer)
-        self.store = ViewStore(client)
+        self.store = ViewStore(client, bounds=bounds, library=library)
         self.snapshots = snapshots
         self.on_written = on_written
         self.newest_recv_ts = 0.0
@@ -110,6 +116,7 @@ class ProjectionLoop:
         self._next_claim = 0.0
         self._stopping = False
         self._unknown_seen: set[str] = set()
+        self._repairs_logged: set[str] = set()
 
     async def run(self) -> None:
         await self._retrying(self.io.ensure_groups)
@@ -156,7 +163,7 @@ class ProjectionLoop:
             if self.on_written is not None:
                 self.on_written(entries, folded)
             done.append((entries, folded, errors))
-            if (not more or folded.effects or folded.failures or errors
+            if (not more or folded.effects or folded.failures or folded.refused or errors
                     or time.monotonic() > deadline):
                 break
         return done
@@ -203,7 +210,7 @@ class ProjectionLoop:
                  and not folded.effects and not folded.failures
                  and time.monotonic() < self._next_claim)
         pipe = self.client.pipeline(transaction=False)
-        self.store.queue_all(pipe, folded.writes)
+        plan = self.store.queue_all(pipe, folded.writes)
         for gap in folded.effects:
             if isinstance(gap, LogGap):
                 entry: Any = control_entry("gap", gap.body, recv_ts=time.time())
@@ -224,16 +231,30 @@ class ProjectionLoop:
             # an error reply (NOGROUP): the next plain read meets it again and handles it
             self._prefetched = got if isinstance(got, list) and got else None
         errors = [r for r in results if isinstance(r, Exception)]
-        if any(error_code(e) == "NOSCRIPT" for e in errors):
-            self.store.forget_loaded()  # Redis restarted: load the script, write again
-            raise RedisUnavailable("view script missing after a redis restart")
+        if any(functions.function_missing(e) for e in errors):
+            self.store.forget_loaded()  # Redis restarted: load the library, write again
+            raise RedisUnavailable("redis function library missing after a redis restart")
         refused = [e for e in errors if refused_for_now(e)]
         if refused:
             # Redis is up but will not write now (out of memory, a replica, loading, an ACL
             # being fixed): write the same batch again later instead of losing its views.
             raise RedisUnavailable(f"redis refused view writes: {str(refused[0])[:80]}")
         folded.written_at = time.time()
+        self._judged(folded, write_results(plan, results[:len(plan)]))
         return errors
+
+    @staticmethod
+    def _judged(folded: Folded, codes: list[Any]) -> None:
+        """Note the writes the store refused as implausible (their entries go to the dead
+        letters) and the views it wrote over a held value that it did not obey."""
+        for write, origin, code in zip(folded.writes, folded.origins, codes, strict=False):
+            if code == REFUSED:
+                w: Any = write
+                folded.refused.append((origin, (
+                    f"ImplausibleVersion: {w.key} version {w.version} jumps further past the "
+                    "held view than PIPELINE_MAX_ID_RATE allows")[:500]))
+            elif code == 2:
+                folded.repaired.append(getattr(write, "key", ""))
 
     def _claim_some(self, min_idle_ms: int) -> list[RawEntry]:
         out: list[RawEntry] = []
@@ -265,9 +286,16 @@ class ProjectionLoop:
         failed entries."""
         for err in errors:
             log.error("view write refused", extra={"group": self.name, "error": str(err)})
+        for key in folded.repaired:
+            if key not in self._repairs_logged and len(self._repairs_logged) < REPAIRS_LOGGED_MAX:
+                self._repairs_logged.add(key)
+                log.warning("view repaired: its held version was implausible and is replaced",
+                            extra={"group": self.name, "key": key[:200]})
         for eff in folded.effects:
             if isinstance(eff, NeedSnapshot) and self.snapshots is not None:
                 self.snapshots.request(eff.symbol)
+        for raw, error in folded.refused:
+            await self._dead_letter(raw, error)
         if folded.failures:
             await self._failures(folded.failures)
 
@@ -277,12 +305,15 @@ class ProjectionLoop:
             log.warning("entry failed", extra={"group": self.name, "entry": raw[1].decode(),
                                                "attempt": attempts, "error": error})
             if attempts >= self.opts.max_attempts:
-                await self._retrying(functools.partial(self.io.dead_letter, raw, error))
-                metrics.DEAD_LETTERS.labels(self.name).inc()
-                log.error("entry dead-lettered", extra={"group": self.name,
-                                                        "entry": raw[1].decode()})
+                await self._dead_letter(raw, error)
         # the failed entries are still pending: read them again before new ones
         self._reread_pending = True
+
+    async def _dead_letter(self, raw: RawEntry, error: str) -> None:
+        await self._retrying(functools.partial(self.io.dead_letter, raw, error))
+        metrics.DEAD_LETTERS.labels(self.name).inc()
+        log.error("entry dead-lettered", extra={"group": self.name, "entry": raw[1].decode(),
+                                                "error": error})
 
     async def _retrying(self, fn: Callable[[], T], abandon: bool = False) -> T:
         """Call `fn` in a worker thread until it returns, waiting out Redis outages."""
@@ -308,7 +339,8 @@ class ProjectionLoop:
 
     async def _wait_after(self, exc: Exception) -> None:
         if not self.backoff.failing:
-            log.warning("failed, retrying", extra={"task": self.name, "error": str(exc)})
+            if not isinstance(exc, functions.LibraryMissing):  # the library said so once
+                log.warning("failed, retrying", extra={"task": self.name, "error": str(exc)})
             self.health.failed(self.name)
         await trio.sleep(self.backoff.next_delay())
 

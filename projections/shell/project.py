@@ -5,6 +5,11 @@ own Redis connection, run directly or, for an exclusive projection, only while t
 holds its lease (`projections.shell.lease`); one depth snapshot fetcher
 (`projections.shell.snapshots`) shared by the loops; a lag reporter; `/metrics` and `/healthz`
 (`projections.shell.health`). SIGTERM and SIGINT cancel the nursery: leases are released.
+
+Every write goes through the Redis function library (`projections.shell.functions`): at start
+a task makes sure it is loaded (loading it when this user may; else one log line saying what
+to run, and the health failing, until an admin has loaded it). The loops do not wait for it:
+each store checks the library before its first write and after Redis lost it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import redis
 import trio
 
 from pipeline import metrics
+from pipeline.backoff import Backoff
 from pipeline.config import Settings
 from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import retention_family
@@ -25,6 +32,7 @@ from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
 from pipeline.weight import WeightBudget
 from projections.core.depthbook import SNAPSHOT_KEY
+from projections.shell.functions import FunctionLibrary
 from projections.shell.health import ProjectorHealth
 from projections.shell.lease import Lease, run_while_holding
 from projections.shell.loop import (
@@ -34,7 +42,7 @@ from projections.shell.loop import (
     default_consumer,
     in_thread,
 )
-from projections.shell.registry import ProjectionSpec, choose
+from projections.shell.registry import ProjectionSpec, bounds_from, choose
 from projections.shell.snapshots import Snapshotter
 
 log = logging.getLogger("pipeline.project")
@@ -52,12 +60,14 @@ __all__ = ["RunOptions", "add_arguments", "main", "run"]
 
 async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
                    health: ProjectorHealth, snapshots: Snapshotter | None,
-                   loops: list[ProjectionLoop], on_written: OnWritten | None = None) -> None:
+                   loops: list[ProjectionLoop], on_written: OnWritten | None = None,
+                   library: FunctionLibrary | None = None) -> None:
     """Run one projection: directly, or while holding its lease when it is exclusive."""
     client = make_client(settings.redis_url, name=f"project:{spec.name}")
 
     async def work() -> None:
-        loop = ProjectionLoop(spec.factory(), client, opts, health, snapshots, on_written)
+        loop = ProjectionLoop(spec.factory(), client, opts, health, snapshots, on_written,
+                              bounds=bounds_from(settings), library=library)
         loops.append(loop)
         try:
             await loop.run()
@@ -66,12 +76,24 @@ async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
 
     try:
         if spec.exclusive:
-            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms)
+            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms, library=library)
             await run_while_holding(lease, work)
         else:
             await work()
     finally:
         client.close()
+
+
+async def ensure_library(client: redis.Redis, library: FunctionLibrary) -> None:
+    """Until the function library is on the server: check it, load it if allowed, else wait
+    (the library logs the one line and fails the health) and try again with backoff."""
+    backoff = Backoff(base=0.5, cap=30.0)
+    while True:
+        try:
+            await in_thread(library.ensure, client)
+            return
+        except RedisUnavailable:
+            await trio.sleep(backoff.next_delay())
 
 
 async def report_metrics(loops: list[ProjectionLoop], every: float = 5.0) -> None:
@@ -89,6 +111,7 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
               health: ProjectorHealth | None = None) -> None:
     """Every projection of `specs` until cancelled."""
     health = health or ProjectorHealth()
+    library = FunctionLibrary(health)
     loops: list[ProjectionLoop] = []
     client = make_client(settings.redis_url, name="project:snapshots")
     own_rest = rest is None
@@ -102,9 +125,10 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
             snapshots = Snapshotter(client, nursery, rest, raw_key=SNAPSHOT_KEY,
                                     maxlen=ret.maxlen if ret is not None else None,
                                     health=health)
+            nursery.start_soon(ensure_library, client, library)
             for spec in specs:
                 nursery.start_soon(run_spec, spec, settings, opts, health, snapshots, loops,
-                                   on_written)
+                                   on_written, library)
             nursery.start_soon(report_metrics, loops)
     finally:
         sys.setswitchinterval(switch)

@@ -5,6 +5,11 @@ A market projection exists when at least one of the families it folds is configu
 they read the one key `raw:user` (idle when no user ingestor runs). `--only a,b` picks some;
 an unknown name is a bad setting (exit 2).
 
+Every fold gets the plausibility bounds of the settings (`bounds_from`); the market folds also
+get the configured symbols (`PIPELINE_SYMBOLS`; `ALL`: any well-formed symbol), the only ones
+that get views. With several market ingestors on symbol shards, the projector's
+PIPELINE_SYMBOLS must name every shard's symbols (or be ALL).
+
 The key patterns say which view keys a projection owns, for `pipeline replay --reset`. The
 diff-depth book publishes under the same key shape as the partial books
 (`P:orderbook:{symbol}:{depth}`), so when both are configured at depth 20 they share keys; both
@@ -31,6 +36,7 @@ from projections.core.market import (
 )
 from projections.core.orders import OrdersProjection
 from projections.core.outputs import Projection
+from projections.core.plausible import Bounds
 
 BOOK_DEPTH = 20  # levels of the diff-depth book published to P:orderbook:{symbol}:20
 
@@ -41,6 +47,14 @@ class ProjectionSpec:
     factory: Callable[[], Projection]
     exclusive: bool
     key_patterns: tuple[str, ...]
+    bounds: Bounds = attrs.Factory(Bounds)
+
+
+def bounds_from(settings: Settings) -> Bounds:
+    """The plausibility bounds of these settings (projections.core.plausible)."""
+    return Bounds(max_ahead_ms=int(settings.max_clock_ahead_s * 1000),
+                  max_id_rate=settings.max_id_rate,
+                  repair_slack_ms=int(settings.repair_slack_s * 1000))
 
 
 # name -> (fold class, the view families it owns: (family, *parts) of a SCAN pattern)
@@ -66,11 +80,13 @@ def available(settings: Settings) -> dict[str, ProjectionSpec]:
     families = [k.family for k in settings.market_streams]
     prefix = settings.view_prefix
     keys = Keys(prefix)
+    bounds = bounds_from(settings)
     out: dict[str, ProjectionSpec] = {}
     for name, (cls, owned) in {**_MARKET, **_USER}.items():
-        # market folds take the configured families; the user folds only the prefix
+        # market folds take the configured families and symbols; every fold the bounds
         options: dict[str, object] = (
-            {"families": families, "book_depth": BOOK_DEPTH} if name in _MARKET else {})
+            {"families": families, "book_depth": BOOK_DEPTH, "symbols": settings.symbols,
+             "bounds": bounds} if name in _MARKET else {"bounds": bounds})
 
         def factory(cls: type = cls, options: dict[str, object] = options) -> Projection:
             return cls(prefix, **options)
@@ -82,7 +98,7 @@ def available(settings: Settings) -> dict[str, ProjectionSpec]:
             owned = tuple(("orderbook", "*", f[len("depth"):]) for f in families
                           if f in ("depth5", "depth10", "depth20"))
         out[name] = ProjectionSpec(name, factory, bool(probe.exclusive),
-                                   tuple(keys.pattern(*parts) for parts in owned))
+                                   tuple(keys.pattern(*parts) for parts in owned), bounds)
     return out
 
 

@@ -38,6 +38,7 @@ from pipeline.config import Settings
 from pipeline.errors import RedisUnavailable, SettingsError
 from pipeline.redisconn import connect_checked, make_client, redis_errors
 from projections.core.batch import RawEntry, fold_batch
+from projections.shell.functions import function_missing
 from projections.shell.registry import ProjectionSpec, choose
 from projections.shell.viewstore import ViewStore
 
@@ -201,7 +202,7 @@ def replay_one(client: redis.Redis, spec: ProjectionSpec, start: str,
     """Fold every entry of the projection's keys into its views. In a worker process
     `counts` (a shared array: entries, failed, writes) tells the parent how far it got."""
     projection = spec.factory()
-    store = ViewStore(client)
+    store = ViewStore(client, bounds=spec.bounds)
     ends = {k: e for k in projection.sources if (e := log_end(client, k)) is not None}
     for entries in merged_entries(client, ends, start):
         folded = fold_batch(projection, entries)
@@ -222,8 +223,8 @@ def _write(client: redis.Redis, store: ViewStore, writes: list[Any]) -> None:
         try:
             pipe.execute()
             return
-        except redis.exceptions.NoScriptError:
-            if attempt == 2:
+        except redis.ResponseError as exc:
+            if attempt == 2 or not function_missing(exc):
                 raise
             store.forget_loaded()  # Redis restarted under us; forward-only writes repeat safely
 

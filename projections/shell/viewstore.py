@@ -2,26 +2,30 @@
 
 The loop (`projections.shell.loop`) and replay (`projections.shell.replay`) queue a batch's
 writes on one redis-py pipeline with `ViewStore.queue_all`, add its XACKs, and send it all in
-one round trip. Every
-market write is one call of `lua/views.lua`, which compares versions inside Redis:
-
-Results: one list per script call, one number per write (1 written, 0 not newer, -1 expired).
+one round trip. Every market write is one call of the library's views function
+(`lua/views.lua`, loaded as a Redis function: `projections.shell.functions`), which compares
+versions inside Redis:
 
 - `ViewWrite`: skipped when `expire_at_ms` is not in the future by the server's clock (a
   replay of old frames brings back no stale key); else SET + PXAT only when the stored JSON's
   `version_field` is lower or the key is missing.
 - `ListPushIfNewer`: LPUSH + LTRIM only when newer than the list's head.
+- both: a held value whose version cannot be right is overwritten instead of obeyed, and an id
+  that jumps further than any stream can is refused (views.lua, `projections.core.plausible`).
 
-User-data writes (projections.shell.orderstore) have their own script; `PERFORMERS` maps each write
-type to the function that queues it. An output of any other type is a programming error and
-raises TypeError (`projections.core.outputs.check_output` already failed the entry that
+Results, per write (`write_results`): 1 written, 2 written over a held value that was not
+obeyed, 0 not newer, -1 expired, -2 refused as implausible (the loop dead-letters the entry
+that produced it), or the error Redis answered for the command that carried it.
+
+User-data writes (projections.shell.orderstore) have their own function; `PERFORMERS` maps each
+write type to the function that queues it. An output of any other type is a programming error
+and raises TypeError (`projections.core.outputs.check_output` already failed the entry that
 produced it, and the loop dead-letters it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from importlib import resources
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -29,9 +33,11 @@ import redis.client
 
 from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
 from projections.core.outputs import ListPushIfNewer, Output, ViewWrite
+from projections.core.plausible import Bounds
+from projections.shell import functions
 from projections.shell.orderstore import perform_order_write
 
-Performer = Callable[[redis.client.Pipeline, Any], None]
+Performer = Callable[[redis.client.Pipeline, Any, Bounds], None]
 
 # write type -> function queuing it on a pipeline (the shell knows its performers; the pure
 # folds that produce these values never import Redis)
@@ -40,7 +46,7 @@ PERFORMERS: dict[type, Performer] = {
     AlgoOrderWrite: perform_order_write,
 }
 
-VIEWS_LUA = resources.files("projections.shell").joinpath("lua/views.lua").read_text()
+REFUSED = -2  # the views function's answer to an implausible id
 
 
 def _num(v: float) -> str:
@@ -49,60 +55,89 @@ def _num(v: float) -> str:
 
 
 class ViewStore:
-    """Queues writes on a pipeline. One per Redis client (the script is registered on it).
+    """Queues writes on a pipeline. One per Redis client.
 
-    Consecutive market writes go into ONE call of the script (up to `per_call` of them): redis-py
-    spends far more packing a command than an argument, so a batch of 50 book writes costs one
-    command instead of 50. The script returns one result per write, in order.
+    Consecutive market writes go into ONE call of the views function (up to `per_call` of
+    them): redis-py spends far more packing a command than an argument, so a batch of 50 book
+    writes costs one command instead of 50. The function returns one result per write, in
+    order. `bounds`: the settings' plausibility bounds, sent with every call; `library`: who
+    makes sure the function library is on the server (one per process).
     """
 
-    def __init__(self, client: redis.Redis, per_call: int = 500) -> None:
+    def __init__(self, client: redis.Redis, per_call: int = 500, bounds: Bounds | None = None,
+                 library: functions.FunctionLibrary | None = None) -> None:
         self._client = client
-        self.sha = client.register_script(VIEWS_LUA).sha
         self.per_call = per_call
+        self.bounds = bounds or Bounds()
+        self._head = (self.bounds.max_ahead_ms, self.bounds.repair_slack_ms,
+                      _num(self.bounds.max_id_rate))
+        self.library = library or functions.DEFAULT
         self._loaded = False
 
     def forget_loaded(self) -> None:
-        """After a NoScriptError (Redis restarted): load the script again before the next use."""
+        """After a call found the library missing (Redis restarted): check (and load) it again
+        before the next use."""
         self._loaded = False
 
-    def queue(self, pipe: redis.client.Pipeline, out: Output) -> None:
-        self.queue_all(pipe, (out,))
+    def queue(self, pipe: redis.client.Pipeline, out: Output) -> list[int]:
+        return self.queue_all(pipe, (out,))
 
-    def queue_all(self, pipe: redis.client.Pipeline, outputs: Iterable[Output]) -> int:
-        """Queue every write in order; returns how many commands were queued."""
+    def queue_all(self, pipe: redis.client.Pipeline, outputs: Iterable[Output]) -> list[int]:
+        """Queue every write in order; returns, per queued command, how many writes it carries
+        (the plan `write_results` reads the replies by)."""
         keys: list[str] = []
         args: list[Any] = []
-        commands = 0
+        plan: list[int] = []
         for out in outputs:
             kind = type(out)
-            if kind is ViewWrite or kind is ListPushIfNewer:
+            if kind is ViewWrite:
                 w: Any = out
                 keys.append(w.key)
-                args += ("set", w.value, _num(w.version), w.version_field, w.expire_at_ms) \
-                    if kind is ViewWrite else \
-                    ("lpush", w.value, _num(w.version), w.version_field, w.cap)
-                if len(keys) >= self.per_call:
-                    commands += self._flush(pipe, keys, args)
+                args += ("seti" if w.ids else "set", w.value, _num(w.version), w.version_field,
+                         w.expire_at_ms, _num(w.event_s))
+            elif kind is ListPushIfNewer:
+                w = out
+                keys.append(w.key)
+                args += ("lpush", w.value, _num(w.version), w.version_field, w.cap,
+                         _num(w.event_s))
+            else:
+                performer = PERFORMERS.get(kind)
+                if performer is None:
+                    raise TypeError(f"no performer for output type {kind.__name__}")
+                self._flush(pipe, keys, args, plan)
+                self._ensure()
+                performer(pipe, out, self.bounds)
+                plan.append(1)
                 continue
-            performer = PERFORMERS.get(kind)
-            if performer is None:
-                raise TypeError(f"no performer for output type {kind.__name__}")
-            commands += self._flush(pipe, keys, args)
-            performer(pipe, out)
-            commands += 1
-        return commands + self._flush(pipe, keys, args)
+            if len(keys) >= self.per_call:
+                self._flush(pipe, keys, args, plan)
+        self._flush(pipe, keys, args, plan)
+        return plan
 
-    def _flush(self, pipe: redis.client.Pipeline, keys: list[str], args: list[Any]) -> int:
-        if not keys:
-            return 0
-        # EVALSHA queued directly: a pipeline holding a redis-py Script object first sends
-        # SCRIPT EXISTS, one more round trip per batch on the latency path. We load the script
-        # once per client instead (again after a NoScriptError, see `forget_loaded`).
+    def _ensure(self) -> None:
         if not self._loaded:
-            self._client.script_load(VIEWS_LUA)
+            self.library.ensure(self._client)
             self._loaded = True
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    def _flush(self, pipe: redis.client.Pipeline, keys: list[str], args: list[Any],
+               plan: list[int]) -> None:
+        if not keys:
+            return
+        self._ensure()
+        pipe.fcall(functions.VIEWS_FN, len(keys), *keys, *self._head, *args)
+        plan.append(len(keys))
         keys.clear()
         args.clear()
-        return 1
+
+
+def write_results(plan: Sequence[int], replies: Sequence[Any]) -> list[Any]:
+    """One result per write, in the order queued: the replies of the commands `plan`
+    describes (a list for a views call, one number for an order write); an error reply
+    stands for every write its command carried."""
+    out: list[Any] = []
+    for n, reply in zip(plan, replies, strict=False):
+        if isinstance(reply, list):
+            out += reply
+        else:
+            out += [reply] * n
+    return out

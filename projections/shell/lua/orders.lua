@@ -1,18 +1,17 @@
 -- One order transition, atomically: check, state write, open-orders row, both XADDs.
--- Written by projections/orderstore.py; the pure reference is projections.orders.apply_write
--- (tests run both on the same events and compare).
+-- Written by projections/shell/orderstore.py; the pure reference is
+-- projections.core.orders.apply_write (tests run both on the same events and compare).
+-- A part of the function library (projections/shell/functions.py): `order_write(keys, args)`.
 --
--- KEYS[1] state hash (P:order_state:{sym} or P:algo_order_state:{sym}), field = order/algo id
--- KEYS[2] open hash  (P:open_orders:{sym} or P:open_algo_orders:{sym})
--- KEYS[3] stream P:orders:{sym}   (MAXLEN ~ ARGV[2])
--- KEYS[4] stream P:orders         (MINID ~ now - ARGV[3] ms)
--- ARGV[1] JSON: kind, id, status, version [T, rank, qty], allowed_from, fields, rest (or null),
+-- keys[1] state hash (P:order_state:{sym} or P:algo_order_state:{sym}), field = order/algo id
+-- keys[2] open hash  (P:open_orders:{sym} or P:open_algo_orders:{sym})
+-- keys[3] stream P:orders:{sym}   (MAXLEN ~ args[2])
+-- keys[4] stream P:orders         (MINID ~ now - args[3] ms)
+-- args[1] JSON: kind, id, status, version [T, rank, qty], allowed_from, fields, rest (or null),
 --         source, symbol, created_ms, and for orders quote_add, quote_set, profit_add
+-- args[4] max_ahead_ms: a stored state whose update time is further ahead of the server's
+--         clock is repaired, not obeyed (neither its status nor its version binds the write)
 -- Returns 1 when applied, 0 when refused (duplicate, older, or not allowed from the stored status).
-
-local w = cjson.decode(ARGV[1])
-local id = tostring(w.id)
-if type(w.id) == 'number' then id = string.format('%d', w.id) end
 
 -- exact decimal arithmetic on strings ("-12.50" + "0.125" = "-12.375"): Lua numbers are doubles
 local function dec_parts(s)
@@ -77,81 +76,91 @@ local function newer(v, old)  -- [T, rank, qty] lexicographic
   return qty(v[3]) > qty(old[3])
 end
 
-local stored = nil
-local raw = redis.call('HGET', KEYS[1], id)
-if raw then stored = cjson.decode(raw) end
+local function order_write(keys, args)
+  local w = cjson.decode(args[1])
+  local id = tostring(w.id)
+  if type(w.id) == 'number' then id = string.format('%d', w.id) end
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local stored = nil
+  local raw = redis.call('HGET', keys[1], id)
+  if raw then stored = cjson.decode(raw) end
 
-local from = ''
-if stored then from = stored.status end
-local allowed = false
-for _, s in ipairs(w.allowed_from) do
-  if s == from then allowed = true end
-end
-if not allowed then return 0 end
-if stored and not newer(w.version, stored.version) then return 0 end
-
-local fields = {}
-if stored then for k, v in pairs(stored.o) do fields[k] = v end end
-for k, v in pairs(w.fields) do fields[k] = v end
-
-local created = w.created_ms
-if created == nil or created <= 0 then
-  if stored and stored.created_time and stored.created_time > 0 then
-    created = stored.created_time
-  else
-    created = w.version[1]
+  local from = ''
+  local obeyed = stored ~= nil
+  if stored and stored.version[1] > now_ms + tonumber(args[4]) then
+    obeyed = false  -- written from a clock far ahead: neither its status nor version binds
   end
-end
+  if obeyed then from = stored.status end
+  local allowed = false
+  for _, s in ipairs(w.allowed_from) do
+    if s == from then allowed = true end
+  end
+  if not allowed then return 0 end
+  if obeyed and not newer(w.version, stored.version) then return 0 end
 
-local state = {symbol = w.symbol, status = w.status, o = fields, update_time = w.version[1],
-               created_time = created, version = w.version, source = w.source}
-local row = w.rest
-if row ~= cjson.null then  -- fields of the held row that this write does not name live on
-  local held = redis.call('HGET', KEYS[2], id)
-  if held then
-    for k, v in pairs(cjson.decode(held)) do
-      if row[k] == nil then row[k] = v end
+  local fields = {}
+  if stored then for k, v in pairs(stored.o) do fields[k] = v end end
+  for k, v in pairs(w.fields) do fields[k] = v end
+
+  local created = w.created_ms
+  if created == nil or created <= 0 then
+    if stored and stored.created_time and stored.created_time > 0 then
+      created = stored.created_time
+    else
+      created = w.version[1]
     end
   end
-end
-if w.kind == 'order' then
-  state.order_id = w.id
-  local quote = '0'
-  if stored and stored.cum_quote then quote = stored.cum_quote end
-  if w.quote_set ~= nil and w.quote_set ~= cjson.null then
-    quote = w.quote_set
+
+  local state = {symbol = w.symbol, status = w.status, o = fields, update_time = w.version[1],
+                 created_time = created, version = w.version, source = w.source}
+  local row = w.rest
+  if row ~= cjson.null then  -- fields of the held row that this write does not name live on
+    local held = redis.call('HGET', keys[2], id)
+    if held then
+      for k, v in pairs(cjson.decode(held)) do
+        if row[k] == nil then row[k] = v end
+      end
+    end
+  end
+  if w.kind == 'order' then
+    state.order_id = w.id
+    local quote = '0'
+    if stored and stored.cum_quote then quote = stored.cum_quote end
+    if w.quote_set ~= nil and w.quote_set ~= cjson.null then
+      quote = w.quote_set
+    else
+      quote = dec_add(quote, w.quote_add)
+    end
+    local profit = '0'
+    if stored and stored.realized_profit then profit = stored.realized_profit end
+    state.cum_quote = quote
+    state.realized_profit = dec_add(profit, w.profit_add)
+    state.cum_filled = fields.z or '0'
+    state.avg_price = fields.ap or '0'
+    if row ~= cjson.null then
+      row.cumQuote = quote
+      row.time = created
+    end
   else
-    quote = dec_add(quote, w.quote_add)
+    state.algo_id = w.id
+    state.actual_order_id = fields.ai or ''
+    if row ~= cjson.null then row.createTime = created end
   end
-  local profit = '0'
-  if stored and stored.realized_profit then profit = stored.realized_profit end
-  state.cum_quote = quote
-  state.realized_profit = dec_add(profit, w.profit_add)
-  state.cum_filled = fields.z or '0'
-  state.avg_price = fields.ap or '0'
-  if row ~= cjson.null then
-    row.cumQuote = quote
-    row.time = created
+
+  local data = cjson.encode(state)
+  redis.call('HSET', keys[1], id, data)
+  if row == cjson.null then
+    redis.call('HDEL', keys[2], id)
+  else
+    redis.call('HSET', keys[2], id, cjson.encode(row))
   end
-else
-  state.algo_id = w.id
-  state.actual_order_id = fields.ai or ''
-  if row ~= cjson.null then row.createTime = created end
-end
 
-local data = cjson.encode(state)
-redis.call('HSET', KEYS[1], id, data)
-if row == cjson.null then
-  redis.call('HDEL', KEYS[2], id)
-else
-  redis.call('HSET', KEYS[2], id, cjson.encode(row))
+  local entry = {'order_id', id, 'status', w.status, 'data', data, 'kind', w.kind,
+                 'source', w.source, 'symbol', w.symbol}
+  redis.call('XADD', keys[3], 'MAXLEN', '~', args[2], '*', unpack(entry))
+  local minid = now_ms - tonumber(args[3])
+  if minid < 0 then minid = 0 end
+  redis.call('XADD', keys[4], 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
+  return 1
 end
-
-local entry = {'order_id', id, 'status', w.status, 'data', data, 'kind', w.kind,
-               'source', w.source, 'symbol', w.symbol}
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))
-local now = redis.call('TIME')
-local minid = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
-if minid < 0 then minid = 0 end
-redis.call('XADD', KEYS[4], 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
-return 1
