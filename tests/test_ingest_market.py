@@ -330,7 +330,10 @@ async def test_reconnects_back_off_doubling_to_30_s_and_start_over_once_data_cam
             await rec.until(lambda: len(rec.controls("opened")) == 2, within=60)
     waits = [b - a for a, b in itertools.pairwise(attempts[:10])]
     assert waits == pytest.approx([0.5, 1, 2, 4, 8, 16, 30, 30, 30])
-    closed = rec.controls("closed")[0]
+    failed = rec.controls("closed")[:9]  # each refused attempt is recorded
+    assert {c.body["reason"] for c in failed} == {"connect_failed: ConnectionRefusedError"}
+    opened = rec.controls("opened")[0]
+    closed = next(c for c in rec.controls("closed") if c.conn == opened.conn)
     assert attempts[10] - closed.at == pytest.approx(0.5)  # it had delivered: the first step
 
 
