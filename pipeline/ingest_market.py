@@ -27,12 +27,13 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import route_stream, stream_name
+from pipeline.pacing import connect_pacer
 from pipeline.redisconn import connect_checked
 from pipeline.rest import RestClient
 from pipeline.shutdown import serve_until_signal
 from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Subscription, plan_connections
 from pipeline.writer import LogWriter
-from pipeline.wsconn import PARAMS_PER_MESSAGE, ConnSpec, Timing, WsConnection
+from pipeline.wsconn import PARAMS_PER_MESSAGE, ConnSpec, FrameSink, Timing, WsConnection
 from projections.core.keys import KEY_CONN_MARKET, KEY_OTHER
 
 log = logging.getLogger("pipeline.ingest_market")
@@ -115,6 +116,18 @@ def market_specs(settings: Settings, symbols: Sequence[str],
     return specs
 
 
+def market_connections(settings: Settings, symbols: Sequence[str], sink: FrameSink, *,
+                       timing: Timing | None = None,
+                       max_per_connection: int = MAX_STREAMS_PER_CONNECTION,
+                       ) -> list[WsConnection]:
+    """One `WsConnection` per planned connection, all taking their connection attempts from
+    one bucket: Binance counts attempts per IP, whatever connection makes them."""
+    pacer = connect_pacer(trio.current_time)
+    return [WsConnection(spec, sink, conn_key=KEY_CONN_MARKET, timing=timing or Timing(),
+                         pacer=pacer)
+            for spec in market_specs(settings, symbols, max_per_connection)]
+
+
 def cached_router(limit: int = 4096) -> Callable[[bytes], str]:
     """`route_frame` with a cache keyed on the stream name: the key depends on nothing else, and
     a dict lookup costs less than decoding the name and matching its family again."""
@@ -170,8 +183,8 @@ async def run_market_ingest(
 ) -> None:
     """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
     writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
-    conns = [WsConnection(spec, writer, conn_key=KEY_CONN_MARKET, timing=timing or Timing())
-             for spec in market_specs(settings, symbols, max_per_connection)]
+    conns = market_connections(settings, symbols, writer, timing=timing,
+                               max_per_connection=max_per_connection)
     log.info("ingesting", extra={"connections": len(conns), "symbols": len(symbols)})
     async with trio.open_nursery() as top:
         await top.start(writer.run)

@@ -46,6 +46,7 @@ class Peer:
 
     number: int
     stream: trio.SocketStream
+    accepted_at: float = attrs.field(factory=trio.current_time)  # TCP accepted (trio time)
     request: bytes = b""
     received: bytearray = attrs.field(factory=bytearray)
     client_closed_at: float | None = None

@@ -19,7 +19,9 @@ import trio
 import trio.testing
 
 from pipeline import metrics
+from pipeline.config import load_settings
 from pipeline.eventlog import route_frame
+from pipeline.ingest_market import market_connections
 from pipeline.localredis import free_port
 from pipeline.wsconn import ConnSpec, WsConnection
 from projections.core.keys import KEY_CONN_MARKET
@@ -172,3 +174,28 @@ async def test_a_failed_connect_is_recorded_in_the_connection_stream(
     gaps = [b.at - a.at for a, b in itertools.pairwise(closes)]
     assert gaps == pytest.approx([0.5 + tries_for, 1.0 + tries_for], abs=0.01)
     assert reconnects("connect_failed") >= counted + 3
+
+
+async def test_a_storm_of_accept_and_close_stays_under_binances_connection_limit(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def accept_and_close(peer: Peer) -> None:
+        await peer.accept()  # and the server closes the TCP connection at once
+
+    symbols = tuple(f"S{i:02d}USDT" for i in range(12))
+    server = HostileServer(lambda n: accept_and_close)
+    rec = Recorder()
+    async with hostile(server) as url, trio.open_nursery() as nursery:
+        settings = load_settings(env={"BINANCE_WS_URL": url, "PIPELINE_SYMBOLS": ",".join(symbols),
+                                      "PIPELINE_MARKET_STREAMS": "aggTrade"})
+        conns = market_connections(settings, symbols, rec, max_per_connection=1)
+        assert len(conns) == 12
+        for conn in conns:
+            nursery.start_soon(conn.run)
+        await trio.sleep(900)
+        nursery.cancel_scope.cancel()
+    attempts = sorted(p.accepted_at for p in server.peers)
+    # Binance: 300 attempts per IP in any 5 minutes; one process takes at most 70 of them
+    for i, start in enumerate(attempts):
+        assert sum(1 for t in attempts[i:] if t < start + 300) <= 70
+    assert sum(1 for t in attempts if t < 0.01) == 10  # the burst: every connection at start
+    assert len(attempts) >= 170  # and then one every 5 s: the connections keep trying
