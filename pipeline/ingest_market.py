@@ -56,25 +56,21 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     # most this interval (default 5 ms). At 1 ms the ingestor logs ~10 % more frames per
     # CPU-second (bench/bench_ingest.py).
     sys.setswitchinterval(0.001)
-    client = connect_checked(settings.redis_url, name="ingest-market")
-    symbols = trio.run(resolve_symbols, settings)
     running: list[MarketIngest] = []
-    server = None
-    if settings.metrics_port > 0:
-        try:
-            server = metrics.serve(settings.metrics_port,
-                                   lambda: bool(running) and running[0].healthy())
-        except OSError as exc:
-            raise SettingsError("PIPELINE_METRICS_PORT",
-                                f"cannot listen on {settings.metrics_port}: {exc.strerror}"
-                                ) from None
+    # first: a port already taken is a bad setting, found before anything connects
+    server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
+                           ) if settings.metrics_port > 0 else None
+    client = None
     try:
+        client = connect_checked(settings.redis_url, name="ingest-market")
+        symbols = trio.run(resolve_symbols, settings)
         trio.run(serve_until_signal, functools.partial(
             run_market_ingest, settings, client, symbols, max_per_connection=max_per), running)
     finally:
         if server is not None:
             server.shutdown()
-        client.close()
+        if client is not None:
+            client.close()
     return 0
 
 
@@ -168,7 +164,10 @@ class MarketIngest:
         self._readers.cancel()
 
     def healthy(self) -> bool:
-        return self.writer.healthy and all(c.current is not None for c in self.connections)
+        """What /healthz answers: Redis has not been away for long (the writer) and every
+        connection works (`WsConnection.healthy`: data within the silence timeout where a
+        stream ticks every second, a link up otherwise)."""
+        return self.writer.healthy and all(c.healthy for c in self.connections)
 
 
 async def run_market_ingest(

@@ -199,3 +199,64 @@ async def test_a_storm_of_accept_and_close_stays_under_binances_connection_limit
         assert sum(1 for t in attempts[i:] if t < start + 300) <= 70
     assert sum(1 for t in attempts if t < 0.01) == 10  # the burst: every connection at start
     assert len(attempts) >= 170  # and then one every 5 s: the connections keep trying
+
+
+async def test_a_connection_that_should_deliver_is_unhealthy_after_its_silence_time_until_it_does(
+        autojump_clock: trio.testing.MockClock) -> None:
+    flowing = [True]
+
+    async def frames_while_flowing(peer: Peer) -> None:
+        await peer.accept()
+        for i in range(1, 10_000):
+            if flowing[0]:
+                await peer.text(mark(i))
+            await trio.sleep(1)
+
+    server = HostileServer(lambda n: frames_while_flowing)
+    rec = Recorder()
+    async with hostile(server) as url, connected(spec(url, silence_timeout=30.0), rec) as conn:
+        await trio.sleep(10)
+        assert conn.healthy
+        flowing[0] = False  # the server keeps the connections and stops sending
+        await trio.sleep(0.5)
+        last = rec.frames()[-1].at
+        await trio.sleep_until(last + 29)
+        assert conn.healthy  # a pause shorter than the silence timeout is not a page
+        await trio.sleep_until(last + 31.5)
+        assert not conn.healthy
+        for _ in range(10):  # replaced by connections that stay silent: still unhealthy
+            await trio.sleep(10)
+            assert not conn.healthy
+        assert len(rec.controls("silent")) >= 3
+        flowing[0] = True
+        resumed = trio.current_time()
+        await rec.until(lambda: rec.frames()[-1].at > resumed, within=40)
+        await trio.sleep(1.5)
+        assert conn.healthy
+
+
+async def test_a_connection_without_a_silence_rule_is_unhealthy_while_no_link_stays_up(
+        autojump_clock: trio.testing.MockClock) -> None:
+    stable = [False]
+
+    async def accept_then_maybe_close(peer: Peer) -> None:
+        await peer.accept()
+        if stable[0]:
+            await peer.hang()  # up and quiet, as a user stream with nothing to say
+
+    server = HostileServer(lambda n: accept_then_maybe_close)
+    rec = Recorder()
+    async with hostile(server) as url, connected(spec(url), rec) as conn:
+        await trio.sleep(29)
+        assert conn.healthy  # `Timing.down_after`: 30 s
+        await trio.sleep(2)
+        assert not conn.healthy
+        await trio.sleep(60)
+        assert not conn.healthy and len(rec.controls("opened")) >= 7
+        stable[0] = True
+        n = len(rec.controls("opened"))
+        await rec.until(lambda: len(rec.controls("opened")) > n, within=40)
+        await trio.sleep(2.5)
+        assert conn.healthy
+        await trio.sleep(3600)
+        assert conn.healthy  # quiet for an hour, but up

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from pipeline.config import Secret, load_settings, redact_url
@@ -119,3 +121,18 @@ def test_cli_unreachable_redis_exits_2_naming_redis_url() -> None:
     assert res.returncode == 2
     assert "REDIS_URL" in res.stderr and "pw123secret" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [("ingest", "market"), ("project",)])
+def test_a_metrics_port_in_use_stops_the_command_before_it_connects(command: tuple[str, ...]
+                                                                     ) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # nothing listens on the Redis URL: only a check made before connecting names the port
+        res = run_cli(*command, env={"PIPELINE_METRICS_PORT": str(port),
+                                     "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert res.returncode == 2
+    line, = res.stderr.strip().splitlines()
+    assert "PIPELINE_METRICS_PORT" in line and str(port) in line

@@ -144,11 +144,11 @@ def options_from(args: argparse.Namespace) -> RunOptions:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     specs = choose(settings, args.only)
-    connect_checked(settings.redis_url, name="project").close()
     opts = options_from(args)
     health = ProjectorHealth()
-    if settings.metrics_port > 0:
+    if settings.metrics_port > 0:  # first: a port already taken stops it before it connects
         metrics.serve(settings.metrics_port, health.healthy)
+    connect_checked(settings.redis_url, name="project").close()
     log.info("projector starting", extra={"consumer": opts.consumer,
                                           "projections": ",".join(s.name for s in specs)})
     trio.run(_main_async, settings, specs, opts, health)
