@@ -12,6 +12,13 @@ list of problems (empty: healthy). The rules:
   or `raw:conn:user` is `opened`) for longer than the silence timeout, on a path whose raw
   streams got nothing for that long. Binance accepts a stream on the wrong path and then sends
   nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page;
+- a connection that cannot get a working link (`outages`): a connection name (`mkt-1`,
+  `usr`) whose links have all failed for longer than the silence timeout: connects that fail
+  (`closed` with `connect_failed: ...`), links a server accepts and closes at once. A link
+  worked when it carried a frame or stayed open `WORKED_AFTER_S`; the outage is counted from
+  the end of the last one that did. The user stream has no silence rule and no view that goes
+  stale, so this is how a user stream looping on rejected connections shows. A connection
+  stopped on purpose (its last link `closed` with `shutdown`) is not judged;
 - a tampered stream (`tampering`). The ACL gives each role write access to its own streams
   only, but XADD cannot be allowed without its options, so a buggy or compromised role can
   still trim its own streams (`XADD ... MAXLEN 0`) or append an explicit id far in the future
@@ -134,6 +141,7 @@ class Report:
     dead_letters: Mapping[str, int]
     weight_used_1m: int | None
     problems: tuple[str, ...] = ()
+    outages: tuple[Outage, ...] = ()
 
     @property
     def healthy(self) -> bool:
@@ -186,6 +194,79 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
     return out
 
 
+WORKED_AFTER_S = 10.0  # a link open this long worked, even without a frame (a quiet account)
+
+
+@attrs.frozen
+class Outage:
+    """A connection name with no working link for `down_s` seconds."""
+
+    name: str
+    down_s: float
+    failed_links: int  # links (or connects) that failed since the last one that worked
+    last_reason: str
+
+
+@attrs.define
+class _Links:
+    """What the log says about one connection name's links, read oldest first."""
+
+    down_since: float | None = None  # the last working link's end (or the first failure)
+    failed: int = 0
+    last_reason: str = ""
+    open_id: str | None = None  # the link open now, if any
+    open_at: float = 0.0
+
+    def ended(self, at: float, worked: bool, reason: str) -> None:
+        if worked:
+            self.down_since, self.failed = at, 0
+        else:
+            self.failed += 1
+            if self.down_since is None:
+                self.down_since = at
+        self.last_reason = reason
+
+
+def outages(entries: Iterable[ControlEntry], now: float, limit_s: float) -> list[Outage]:
+    """Connection names whose links all failed for longer than `limit_s` (entries oldest
+    first, both connection streams)."""
+    names: dict[str, _Links] = {}
+    opened: dict[str, tuple[str, float]] = {}  # link id -> (name, opened at)
+    for entry in entries:
+        body = entry.body if isinstance(entry.body, dict) else {}
+        if entry.ctl == "opened":
+            name = str(body.get("name", entry.conn))
+            links = names.setdefault(name, _Links())
+            if links.open_id is not None:  # its process died without a `closed`
+                links.ended(entry.recv_ts, entry.recv_ts - links.open_at >= WORKED_AFTER_S,
+                            "replaced")
+            links.open_id, links.open_at = entry.conn, entry.recv_ts
+            opened[entry.conn] = (name, entry.recv_ts)
+        elif entry.ctl == "closed":
+            name, since = opened.pop(entry.conn, (str(body.get("name", "")), None))
+            if not name:
+                continue
+            links = names.setdefault(name, _Links())
+            if links.open_id == entry.conn:
+                links.open_id = None
+            reason = str(body.get("reason", ""))
+            if reason == "shutdown" and links.open_id is None:
+                names[name] = _Links()  # stopped on purpose: nothing to judge
+                continue
+            frames = body.get("frames")
+            worked = since is not None and (
+                (isinstance(frames, int) and frames > 0)
+                or entry.recv_ts - since >= WORKED_AFTER_S)
+            links.ended(entry.recv_ts, worked, reason)
+    out = []
+    for name, links in sorted(names.items()):
+        if links.open_id is not None and now - links.open_at >= WORKED_AFTER_S:
+            continue  # up
+        if links.down_since is not None and now - links.down_since > limit_s:
+            out.append(Outage(name, now - links.down_since, links.failed, links.last_reason))
+    return out
+
+
 def tampering(streams: Sequence[Stream],
               retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> list[str]:
     """What a role did to its own streams that their retention cannot explain."""
@@ -214,7 +295,8 @@ def tampering(streams: Sequence[Stream],
 
 def assess(conns: Sequence[Connection], streams: Sequence[Stream],
            views: Sequence[ViewFamily], *, max_lag: int,
-           retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> list[str]:
+           retention: Mapping[str, Retention] = DEFAULT_RETENTION,
+           down: Sequence[Outage] = ()) -> list[str]:
     problems = []
     for s in streams:
         for g in s.groups:
@@ -236,5 +318,7 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
                     for family, key in missing.items())
     problems.extend(f"connection {c.id} ({c.path}) is silent: no frame on its path for "
                     f"its whole silence timeout" for c in conns if c.silent)
+    problems.extend(f"connection {o.name}: no working link for {o.down_s:.0f} s "
+                    f"({o.failed_links} failed since, last: {o.last_reason})" for o in down)
     problems.extend(tampering(streams, retention))
     return problems

@@ -40,6 +40,7 @@ from pipeline.health import (
     assess,
     mark_silent,
     open_connections,
+    outages,
 )
 from pipeline.redisconn import connect_checked, redis_errors
 from projections.core.keys import CONN_KEYS, DLQ_PATTERN, KEY_USER, RAW_PATTERN, Keys
@@ -92,12 +93,14 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     if client.exists(orders):
         keys.append(orders)  # the listener's groups: reported, not judged
     streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
-    conns = mark_silent(open_connections(_conn_entries(client), now), streams, silence_timeout)
+    lifecycle = _conn_entries(client)
+    conns = mark_silent(open_connections(lifecycle, now), streams, silence_timeout)
+    down = outages(lifecycle, now, silence_timeout)
     views = read_views(client, prefix, sample, now)
     dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, DLQ_PATTERN, "stream"))}
-    problems = assess(conns, streams, views, max_lag=max_lag, retention=retention)
+    problems = assess(conns, streams, views, max_lag=max_lag, retention=retention, down=down)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
-                  tuple(problems))
+                  tuple(problems), tuple(down))
 
 
 def _scan(client: redis.Redis, match: str, type_: str) -> Iterator[str]:
