@@ -2,7 +2,8 @@
 
 The process: one nursery; per projection a `ProjectionLoop` (`projections.shell.loop`) on its
 own Redis connection, run directly or, for an exclusive projection, only while this process
-holds its lease (`projections.shell.lease`); one depth snapshot fetcher
+holds its lease (`projections.shell.lease`), each removing its groups' consumers that dead
+processes left (`projections.shell.consumers`); one depth snapshot fetcher
 (`projections.shell.snapshots`) shared by the loops; a lag reporter; `/metrics` and `/healthz`
 (`projections.shell.health`). SIGTERM and SIGINT cancel the nursery: leases are released.
 """
@@ -24,6 +25,7 @@ from pipeline.eventlog import retention_family
 from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
 from projections.core.depthbook import SNAPSHOT_KEY
+from projections.shell.consumers import REAP_IDLE_S, remove_idle_consumers_every
 from projections.shell.health import ProjectorHealth
 from projections.shell.lease import Lease, run_while_holding
 from projections.shell.loop import (
@@ -51,21 +53,26 @@ __all__ = ["RunOptions", "add_arguments", "main", "run"]
 
 async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
                    health: ProjectorHealth, snapshots: Snapshotter | None,
-                   loops: list[ProjectionLoop], on_written: OnWritten | None = None) -> None:
-    """Run one projection: directly, or while holding its lease when it is exclusive."""
+                   loops: list[ProjectionLoop], on_written: OnWritten | None = None,
+                   reap_idle_s: float = REAP_IDLE_S) -> None:
+    """Run one projection: directly, or while holding its lease when it is exclusive; with
+    it, the removal of its groups' idle consumers (`projections.shell.consumers`)."""
     client = make_client(settings.redis_url, name=f"project:{spec.name}")
 
     async def work() -> None:
         loop = ProjectionLoop(spec.factory(), client, opts, health, snapshots, on_written)
         loops.append(loop)
         try:
-            await loop.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(remove_idle_consumers_every, client, loop.name,
+                                   loop.io.keys, opts.consumer, reap_idle_s)
+                await loop.run()
         finally:
             loops.remove(loop)
 
     try:
         if spec.exclusive:
-            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms)
+            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms, health=health)
             await run_while_holding(lease, work)
         else:
             await work()
@@ -85,8 +92,10 @@ async def report_metrics(loops: list[ProjectionLoop], every: float = 5.0) -> Non
 
 async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOptions,
               rest: RestClient | None = None, on_written: OnWritten | None = None,
-              health: ProjectorHealth | None = None) -> None:
-    """Every projection of `specs` until cancelled."""
+              health: ProjectorHealth | None = None,
+              reap_idle_s: float = REAP_IDLE_S) -> None:
+    """Every projection of `specs` until cancelled. `reap_idle_s`: a consumer of their
+    groups idle this long with nothing pending is removed."""
     health = health or ProjectorHealth()
     loops: list[ProjectionLoop] = []
     client = make_client(settings.redis_url, name="project:snapshots")
@@ -102,7 +111,7 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
                                     health=health)
             for spec in specs:
                 nursery.start_soon(run_spec, spec, settings, opts, health, snapshots, loops,
-                                   on_written)
+                                   on_written, reap_idle_s)
             nursery.start_soon(report_metrics, loops)
     finally:
         sys.setswitchinterval(switch)
