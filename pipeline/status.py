@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.max_lag < 0:
+        raise SettingsError("--max-lag", f"{args.max_lag} is below 0")
+    if not 1 <= args.sample <= SCAN_CAP:
+        raise SettingsError("--sample", f"{args.sample} is not between 1 and {SCAN_CAP}")
     client = connect_checked(settings.redis_url, name="pipeline-status")
     try:
         with redis_errors():

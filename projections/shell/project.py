@@ -20,7 +20,7 @@ import trio
 
 from pipeline import metrics
 from pipeline.config import Settings
-from pipeline.errors import RedisUnavailable
+from pipeline.errors import RedisUnavailable, SettingsError
 from pipeline.eventlog import retention_family
 from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
@@ -139,14 +139,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every event instead of the newest per view (benchmarks)")
 
 
+# flag -> (least, most): a value outside is a bad setting, not silently moved into range
+FLAG_RANGES: dict[str, tuple[int, int]] = {
+    "--block-ms": (1, MAX_BLOCK_MS),  # below the client's socket timeout
+    "--batch": (1, 100_000),
+    "--claim-idle-ms": (0, 86_400_000),
+    "--max-attempts": (1, 1_000),
+    "--lease-ttl-ms": (100, 3_600_000),
+}
+
+
 def options_from(args: argparse.Namespace) -> RunOptions:
+    for flag, (least, most) in FLAG_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not least <= value <= most:
+            raise SettingsError(flag, f"{value} is not between {least} and {most}")
     return RunOptions(
         consumer=args.consumer or default_consumer(),
-        block_ms=max(1, min(args.block_ms, MAX_BLOCK_MS)),
-        batch=max(1, args.batch),
-        claim_idle_ms=max(0, args.claim_idle_ms),
-        max_attempts=max(1, args.max_attempts),
-        lease_ttl_ms=max(100, args.lease_ttl_ms),
+        block_ms=args.block_ms,
+        batch=args.batch,
+        claim_idle_ms=args.claim_idle_ms,
+        max_attempts=args.max_attempts,
+        lease_ttl_ms=args.lease_ttl_ms,
         coalescing=not args.no_coalesce,
     )
 
