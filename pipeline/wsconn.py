@@ -45,6 +45,8 @@ replaced:
   server to close TCP first (every frame before the Close has been read by then);
 - our Close (shutdown, silence, rotation) that the server never answers: cut after
   `Timing.disconnect_timeout`, the reason kept;
+- a link quiet for `Timing.ping_after` whose server does not answer a Ping within
+  `Timing.ping_timeout` (a TCP connection that died without a word): `ping_timeout`;
 - a connect that fails (DNS, refused, handshake rejected or timed out): a `closed` entry with
   `connect_failed: <error>` (and `name`, `path`, `url`, since no `opened` entry names them),
   one per attempt; attempts are paced by the backoff and the process's bucket below.
@@ -142,6 +144,8 @@ class Timing:
     max_overlap: float = 10.0  # a retiring connection is cut after this, answered or not
     # a connection without a silence rule is unhealthy after this long with no link up
     down_after: float = 30.0
+    ping_after: float = 60.0  # a link quiet this long is asked for a Pong...
+    ping_timeout: float = 10.0  # ...and replaced when none comes in this time
 
 
 @attrs.define(eq=False)
@@ -354,6 +358,7 @@ class WsConnection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._subscribe, ws, link)
                 nursery.start_soon(self._watch, link)
+                nursery.start_soon(self._check_alive, ws, link)
                 nursery.start_soon(self._retire_when_asked, ws, link)
                 reason = await self._read(ws, link)
                 if not link.retire.is_set():
@@ -492,6 +497,27 @@ class WsConnection:
                 last_seq, last_change = link.seq, now
             elif timeout is not None and now - last_change >= timeout:
                 self._silent(link, now - last_change)
+                return
+
+    async def _check_alive(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> None:
+        """A link that said nothing for `ping_after` gets a Ping. No Pong within
+        `ping_timeout`: the TCP connection died without a word (a NAT that forgot it, a host
+        gone), which nothing else would notice on a stream without a silence rule."""
+        seen = link.seq
+        while True:
+            await trio.sleep(self.timing.ping_after)
+            if link.seq != seen:
+                seen = link.seq
+                continue
+            with trio.move_on_after(self.timing.ping_timeout) as waited:
+                try:
+                    await ws.ping()
+                except trio_websocket.ConnectionClosed:
+                    return  # the reader sees the close too
+            if waited.cancelled_caught:
+                log.error("no pong in %.0f s: replacing the connection", self.timing.ping_timeout,
+                          extra={"conn": link.id, "path": self.spec.path})
+                link.close("ping_timeout")
                 return
 
     def _silent(self, link: _Link, seconds: float) -> None:

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
@@ -106,8 +106,10 @@ class Peer:
     async def close_frame(self, code: int = 1000) -> None:
         await self.stream.send_all(frame(CLOSE, struct.pack("!H", code)))
 
-    async def hang(self) -> None:
-        """Keep the connection open and answer nothing, until the client closes it."""
+    async def hang(self, pong: bool = False) -> None:
+        """Keep the connection open and answer nothing (only Pings, with `pong`), until the
+        client closes it."""
+        answered = 0
         while True:
             try:
                 data = await self.stream.receive_some(65536)
@@ -117,6 +119,11 @@ class Peer:
                 self.client_closed_at = trio.current_time()
                 return
             self.received += data
+            pings = [p for op, p in self.client_frames() if op == PING]
+            if pong:
+                for payload in pings[answered:]:
+                    await self.stream.send_all(frame(PONG, payload))
+            answered = len(pings)
 
 
 Script = Callable[[Peer], Awaitable[None]]

@@ -242,7 +242,7 @@ async def test_a_connection_without_a_silence_rule_is_unhealthy_while_no_link_st
     async def accept_then_maybe_close(peer: Peer) -> None:
         await peer.accept()
         if stable[0]:
-            await peer.hang()  # up and quiet, as a user stream with nothing to say
+            await peer.hang(pong=True)  # up and quiet, as a user stream with nothing to say
 
     server = HostileServer(lambda n: accept_then_maybe_close)
     rec = Recorder()
@@ -260,3 +260,28 @@ async def test_a_connection_without_a_silence_rule_is_unhealthy_while_no_link_st
         assert conn.healthy
         await trio.sleep(3600)
         assert conn.healthy  # quiet for an hour, but up
+
+
+async def test_a_quiet_link_whose_server_no_longer_answers_pings_is_replaced(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def gone_without_a_word(peer: Peer) -> None:
+        await peer.accept()
+        await peer.hang()  # reads, answers nothing: as a TCP connection whose peer vanished
+
+    async def quiet_but_alive(peer: Peer) -> None:
+        await peer.accept()
+        await peer.hang(pong=True)
+
+    server = HostileServer(lambda n: gone_without_a_word if n == 1 else quiet_but_alive)
+    rec = Recorder()
+    async with hostile(server) as url, connected(spec(url), rec):  # no silence rule
+        await rec.until(lambda: len(rec.controls("opened")) == 2, within=200)
+        await trio.sleep(600)  # pinged every minute, and answering
+    first, second = rec.controls("opened")
+    closed, = rec.controls("closed")[:1]
+    assert (closed.conn, closed.body["reason"]) == (first.conn, "ping_timeout")
+    assert closed.at - first.at == pytest.approx(60 + 10, abs=3.5)  # and the disconnect wait
+    assert server.peers[0].client_closed_at == pytest.approx(closed.at, abs=0.01)
+    assert rec.reasons()[second.conn] == "shutdown"  # the second stayed up to the end
+    pings = [p for op, p in server.peers[1].client_frames() if op == 0x9]
+    assert len(pings) >= 9
