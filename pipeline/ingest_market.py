@@ -1,12 +1,15 @@
 """`pipeline ingest market`: the market-data ingestor.
 
 Start-up, in this order, so that a bad setting stops the command before anything connects:
-1. `connect_checked(REDIS_URL)`: unreachable Redis is a settings error (exit 2);
-2. `PIPELINE_SYMBOLS=ALL` is resolved from `GET /fapi/v1/exchangeInfo` (TRADING symbols);
-3. `plan_connections` splits the streams by path and into connections of at most 1024 streams.
+1. when PIPELINE_METRICS_PORT > 0, /metrics and /healthz listen (a port in use: exit 2);
+2. `connect_checked(REDIS_URL)`: unreachable Redis is a settings error (exit 2);
+3. `PIPELINE_SYMBOLS=ALL` is resolved from `GET /fapi/v1/exchangeInfo` (TRADING symbols);
+4. `plan_connections` splits the streams by path and into connections of at most 1024 streams.
 
-Then one task per connection (`pipeline.wsconn.WsConnection`), the writer task
-(`pipeline.writer.LogWriter`) and, when PIPELINE_METRICS_PORT > 0, /metrics and /healthz.
+Then one task per connection (`pipeline.wsconn.WsConnection`, all taking their connection
+attempts from one bucket, `pipeline.pacing`) and the writer task (`pipeline.writer.LogWriter`).
+/healthz is 503 while Redis has been away for long or any connection is not working
+(`MarketIngest.healthy`).
 SIGINT/SIGTERM stop the connections (each appends its `closed` entry), the writer then gets up
 to `LogWriter.final_flush_timeout` seconds to write what is buffered, and the command exits 0.
 """
