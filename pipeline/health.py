@@ -14,11 +14,14 @@ list of problems (empty: healthy). The rules:
   nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page;
 - a connection that cannot get a working link (`outages`): a connection name (`mkt-1`,
   `usr`) whose links have all failed for longer than the silence timeout: connects that fail
-  (`closed` with `connect_failed: ...`), links a server accepts and closes at once. A link
-  worked when it carried a frame or stayed open `WORKED_AFTER_S`; the outage is counted from
-  the end of the last one that did. The user stream has no silence rule and no view that goes
-  stale, so this is how a user stream looping on rejected connections shows. A connection
-  stopped on purpose (its last link `closed` with `shutdown`) is not judged;
+  (`closed` with `connect_failed: ...`), links a server accepts and closes at once, links
+  replaced for silence one after the other. A link worked when it carried a frame or stayed
+  open `WORKED_AFTER_S` (one closed for silence: until its last frame); the outage is
+  counted from the end of the last one that did, and lasts until a link stays open long
+  enough (after a silent one: longer than the silence timeout). The user stream has no
+  silence rule and no view that goes stale, so this is how a user stream looping on rejected
+  connections shows. A connection stopped on purpose (its last link `closed` with
+  `shutdown`) is not judged;
 - a tampered stream (`tampering`). The ACL gives each role write access to its own streams
   only, but XADD cannot be allowed without its options, so a buggy or compromised role can
   still trim its own streams (`XADD ... MAXLEN 0`) or append an explicit id far in the future
@@ -226,42 +229,68 @@ class _Links:
                 self.down_since = at
         self.last_reason = reason
 
+    def up(self, now: float, limit_s: float) -> bool:
+        """The open link works: open long enough. After a silent one, long enough to have
+        been closed for silence too (`limit_s` is the silence timeout), plus the close."""
+        wait = limit_s + 5.0 if self.last_reason == "silent" else WORKED_AFTER_S
+        return self.open_id is not None and now - self.open_at >= wait
 
-def outages(entries: Iterable[ControlEntry], now: float, limit_s: float) -> list[Outage]:
-    """Connection names whose links all failed for longer than `limit_s` (entries oldest
-    first, both connection streams)."""
-    names: dict[str, _Links] = {}
-    opened: dict[str, tuple[str, float]] = {}  # link id -> (name, opened at)
-    for entry in entries:
+
+class _LinkLog:
+    """`outages` reading the lifecycle entries of both ingestors, oldest first."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, _Links] = {}
+        self.opened: dict[str, tuple[str, float]] = {}  # link id -> (name, opened at)
+        self.last_frame: dict[str, float] = {}  # link id -> its last frame, from `silent`
+
+    def read(self, entry: ControlEntry) -> None:
         body = entry.body if isinstance(entry.body, dict) else {}
         if entry.ctl == "opened":
-            name = str(body.get("name", entry.conn))
-            links = names.setdefault(name, _Links())
-            if links.open_id is not None:  # its process died without a `closed`
-                links.ended(entry.recv_ts, entry.recv_ts - links.open_at >= WORKED_AFTER_S,
-                            "replaced")
-            links.open_id, links.open_at = entry.conn, entry.recv_ts
-            opened[entry.conn] = (name, entry.recv_ts)
+            self._opened(entry, str(body.get("name", entry.conn)))
+        elif entry.ctl == "silent" and isinstance(body.get("seconds"), int | float):
+            self.last_frame[entry.conn] = entry.recv_ts - float(body["seconds"])
         elif entry.ctl == "closed":
-            name, since = opened.pop(entry.conn, (str(body.get("name", "")), None))
-            if not name:
-                continue
-            links = names.setdefault(name, _Links())
-            if links.open_id == entry.conn:
-                links.open_id = None
-            reason = str(body.get("reason", ""))
-            if reason == "shutdown" and links.open_id is None:
-                names[name] = _Links()  # stopped on purpose: nothing to judge
-                continue
-            frames = body.get("frames")
-            worked = since is not None and (
-                (isinstance(frames, int) and frames > 0)
-                or entry.recv_ts - since >= WORKED_AFTER_S)
-            links.ended(entry.recv_ts, worked, reason)
+            self._closed(entry, body)
+
+    def _opened(self, entry: ControlEntry, name: str) -> None:
+        links = self.names.setdefault(name, _Links())
+        if links.open_id is not None:  # its process died without a `closed`
+            links.ended(entry.recv_ts, entry.recv_ts - links.open_at >= WORKED_AFTER_S,
+                        "replaced")
+        links.open_id, links.open_at = entry.conn, entry.recv_ts
+        self.opened[entry.conn] = (name, entry.recv_ts)
+
+    def _closed(self, entry: ControlEntry, body: dict[str, Any]) -> None:
+        name, since = self.opened.pop(entry.conn, (str(body.get("name", "")), None))
+        if not name:
+            return
+        links = self.names.setdefault(name, _Links())
+        if links.open_id == entry.conn:
+            links.open_id = None
+        reason = str(body.get("reason", ""))
+        if reason == "shutdown" and links.open_id is None:
+            self.names[name] = _Links()  # stopped on purpose: nothing to judge
+            return
+        frames = body.get("frames")
+        carried = isinstance(frames, int) and frames > 0
+        if reason == "silent":  # it worked until its last frame, if it had one
+            links.ended(self.last_frame.pop(entry.conn, entry.recv_ts), carried, reason)
+            return
+        lasted = since is not None and entry.recv_ts - since >= WORKED_AFTER_S
+        links.ended(entry.recv_ts, since is not None and (carried or lasted), reason)
+
+
+def outages(entries: Iterable[ControlEntry], now: float, limit_s: float) -> list[Outage]:
+    """Connection names whose links all failed for longer than `limit_s`, the silence
+    timeout (entries oldest first, both connection streams)."""
+    log = _LinkLog()
+    for entry in entries:
+        log.read(entry)
     out = []
-    for name, links in sorted(names.items()):
-        if links.open_id is not None and now - links.open_at >= WORKED_AFTER_S:
-            continue  # up
+    for name, links in sorted(log.names.items()):
+        if links.up(now, limit_s):
+            continue
         if links.down_since is not None and now - links.down_since > limit_s:
             out.append(Outage(name, now - links.down_since, links.failed, links.last_reason))
     return out

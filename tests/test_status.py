@@ -282,6 +282,24 @@ def test_a_connection_is_up_again_once_a_link_stays_open_or_carries_a_frame() ->
     assert outages(short, now=120.0, limit_s=30.0) == []  # it carried frames: it worked
 
 
+def test_links_replaced_for_silence_one_after_another_are_down_from_the_last_frame() -> None:
+    def silent_link(conn: str, opened: float, frames: int) -> None:
+        entries.append(ctl("opened", conn, opened, name="mkt-1", path="public"))
+        entries.append(ctl("silent", conn, opened + 30.0, seconds=30.0, path="public"))
+        entries.append(ctl("closed", conn, opened + 33.0, reason="silent", frames=frames))
+
+    entries: list[ControlEntry] = []
+    entries.append(ctl("opened", "mkt-1-a", 0.0, name="mkt-1", path="public"))
+    entries.append(ctl("silent", "mkt-1-a", 130.0, seconds=30.0, path="public"))  # last at 100
+    entries.append(ctl("closed", "mkt-1-a", 133.0, reason="silent", frames=500))
+    silent_link("mkt-1-b", 133.5, 0)
+    entries.append(ctl("opened", "mkt-1-c", 167.0, name="mkt-1", path="public"))
+    (down,) = outages(entries, now=170.0, limit_s=30.0)
+    assert (down.down_s, down.failed_links, down.last_reason) == (70.0, 1, "silent")
+    assert outages(entries, now=195.0, limit_s=30.0)  # c might yet go silent too
+    assert outages(entries, now=203.0, limit_s=30.0) == []  # open 36 s, never silent: up
+
+
 def test_a_connection_stopped_on_purpose_is_not_judged() -> None:
     entries: list[ControlEntry] = []
     link(entries, "usr", "usr-a", None, 10.0, "connect_failed: ConnectionRefusedError")
