@@ -506,6 +506,8 @@ class WsConnection:
         seen = link.seq
         while True:
             await trio.sleep(self.timing.ping_after)
+            if link.retire.is_set():
+                return  # our Close is sent: no Ping may follow it, and the overlap is short
             if link.seq != seen:
                 seen = link.seq
                 continue

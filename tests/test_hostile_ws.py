@@ -11,6 +11,7 @@ really closed, a new connection after the backoff, `pipeline_reconnects_total{re
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -285,3 +286,30 @@ async def test_a_quiet_link_whose_server_no_longer_answers_pings_is_replaced(
     assert rec.reasons()[second.conn] == "shutdown"  # the second stayed up to the end
     pings = [p for op, p in server.peers[1].client_frames() if op == 0x9]
     assert len(pings) >= 9
+
+
+async def test_a_link_retired_by_rotation_is_not_pinged_after_its_close(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    async def quiet_and_deaf_to_close(peer: Peer) -> None:
+        await peer.accept()
+        await peer.hang(pong=True)  # answers Pings, never the client's Close
+
+    server = HostileServer(lambda n: quiet_and_deaf_to_close)
+    rec = Recorder()
+    url = "/private/ws?listenKey=k"
+    async with hostile(server) as base:
+        # a quiet user stream: handed over at connect, retired 5 s before its next Ping
+        quiet = ConnSpec("usr", "private", lambda: base + url, route_frame, rotate_after=3595,
+                         handover_on_connect=True)
+        async with connected(quiet, rec):
+            await rec.until(lambda: len(rec.controls("closed")) >= 1, within=4000)
+    first, second = rec.controls("opened")
+    closed = rec.controls("closed")[0]
+    assert (closed.conn, closed.body["reason"]) == (first.conn, "rotated")
+    # read for the whole overlap (10 s), then our unanswered Close waited out (3 s)
+    assert closed.at - second.at == pytest.approx(13.0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    old_peer = server.peers[0]
+    frames = old_peer.client_frames()
+    close_at = next(i for i, (op, _) in enumerate(frames) if op == 0x8)
+    assert all(op != 0x9 for op, _ in frames[close_at:])  # no Ping after the Close
