@@ -4,7 +4,8 @@ Each role lives in its own module exposing `add_arguments(parser)` and
 `main(settings, args) -> int`. Only the module of the command named on the command line is
 imported, and its flags are added before anything is parsed, so `pipeline <command> --help`
 shows them and a broken role cannot stop the others from starting. A SettingsError anywhere
-during start-up prints one line naming the setting and exits 2.
+during start-up, or a flag argparse refuses (a float flag that is not finite included),
+prints one line naming the setting and exits 2.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from pipeline.config import load_settings
 from pipeline.errors import SettingsError
-from pipeline.logs import register_secret, setup_logging
+from pipeline.logs import escape, register_secret, scrub, setup_logging
 
 # command -> module holding add_arguments() and main()
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -52,6 +55,31 @@ COMMON_FLAGS: dict[str, str] = {
 }
 
 
+def finite_float(text: str) -> float:
+    """Every `type=float` flag of every command: `nan`, `inf` and `1e309` are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's rules: a bad flag is one line naming it and exit 2 (not
+    the usage text), and float flags must be finite. Subcommand parsers are of this class
+    too (argparse makes them of their parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"pipeline: bad setting {escape(message)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (a flag wins over its environment variable)")
     for flag, env in COMMON_FLAGS.items():
@@ -72,7 +100,7 @@ def command_of(argv: Sequence[str]) -> tuple[str, ...] | None:
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Every command with the common flags; the command `argv` names also gets its own
     (its module is imported for that)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pipeline", description=__doc__.splitlines()[0],
         epilog="`pipeline <command> --help` lists a command's flags. Contract: docs/contract.md;"
                " how it is built: docs/architecture.md.")
@@ -106,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if secret is not None:
                 register_secret(secret.value)
         return int(module.main(settings, args) or 0)
-    except SettingsError as exc:
-        print(f"pipeline: bad setting {exc}", file=sys.stderr)
+    except SettingsError as exc:  # may quote the exchange or a setting: kept to one line
+        print(f"pipeline: bad setting {escape(scrub(str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("pipeline").info("interrupted")

@@ -2,11 +2,24 @@
 
 A bad setting raises SettingsError naming it; the CLI prints that one line and exits 2.
 Secrets are held in `Secret`, whose repr and str are masked, so a settings object can be logged.
+
+What is refused, so that nothing crashes later or is silently taken (`BOUNDS` for numbers):
+- numbers that are not finite (`nan`, `inf`, `1e309`), out of their range, or fractional
+  where a count is meant;
+- URLs that do not parse (`http://[::1`), have the wrong scheme, no host, a bad port,
+  spaces, control or non-ASCII characters; Binance base URLs with a query or fragment; a
+  Redis URL whose path is not a database number;
+- an API key or secret that is not printable ASCII (a secret may have line breaks: a PEM);
+- retention counts or ages that are not > 0;
+- a view prefix outside `[A-Za-z0-9_.-]`, the characters the ACL renderer allows, so no glob
+  character (`*?[]`) reaches a SCAN pattern and no `:` splits a key name.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path as FsPath
 from urllib.parse import urlsplit
@@ -38,20 +51,43 @@ def mask(value: str) -> str:
     return f"{value[:4]}…({len(value)})" if value else "<empty>"
 
 
+# query parameters whose value is a credential: redis-py takes `?password=`, Binance URLs
+# carry `listenKey=`, `signature=`, and other services `token=`, `apiKey=`, `secret=`
+_SECRET_PARAM = re.compile(r"pass|pwd|token|secret|key|signature|auth|credential", re.I)
+_USERINFO = re.compile(r"(//)([^/@?#]*)@")
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password (and any listenKey) hidden, for logs and errors."""
-    parts = urlsplit(url)
+    """The URL with its password, any credential in its query (listenKey, password=,
+    token=, ...) hidden, for logs and errors. Never raises: a URL that does not parse is
+    masked the same way, by pattern."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _redact_text(url)
     netloc = parts.netloc
     if "@" in netloc:
         cred, host = netloc.rsplit("@", 1)
         user = cred.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in cred else f"***@{host}"
-    query = parts.query
-    if "listenKey=" in query:
-        query = "&".join(
-            "listenKey=***" if q.startswith("listenKey=") else q for q in query.split("&")
-        )
-    return parts._replace(netloc=netloc, query=query).geturl()
+    return parts._replace(netloc=netloc, query=_redact_query(parts.query)).geturl()
+
+
+def _redact_query(query: str) -> str:
+    out = []
+    for item in query.split("&") if query else ():
+        name, sep, _ = item.partition("=")
+        out.append(f"{name}=***" if sep and _SECRET_PARAM.search(name) else item)
+    return "&".join(out)
+
+
+def _redact_text(url: str) -> str:
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
+
+    head, sep, query = _USERINFO.sub(userinfo, url).partition("?")
+    return head + sep + _redact_query(query.split("#", 1)[0]) if sep else head
 
 
 DEFAULTS: dict[str, str] = {
@@ -108,40 +144,117 @@ class Settings:
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme == "unix" and "unix" in schemes and parts.path:
+    shown = repr(redact_url(value))
+    if not value.isascii() or any(c.isspace() or not c.isprintable() for c in value):
+        raise SettingsError(name, f"{shown} has spaces, control or non-ASCII characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a malformed or out-of-range port
+    except ValueError as exc:
+        raise SettingsError(name, f"{shown} is malformed: {exc}") from None
+    if parts.scheme == "unix" and "unix" in schemes and parts.path and not parts.netloc:
         return value  # unix:///run/redis.sock: a socket path, no host or port
     if parts.scheme not in schemes or not parts.hostname:
-        raise SettingsError(name, f"{redact_url(value)!r} is not a {'/'.join(schemes)} URL")
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise SettingsError(name, f"{redact_url(value)!r} has a malformed port") from None
-    return value.rstrip("/") if name != "REDIS_URL" else value
+        raise SettingsError(name, f"{shown} is not a {'/'.join(schemes)} URL with a host")
+    if port == 0:
+        raise SettingsError(name, f"{shown}: port 0")
+    if parts.fragment:
+        raise SettingsError(name, f"{shown} has a fragment (#...)")
+    if name == "REDIS_URL":
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise SettingsError(name, f"{shown}: the path must be a database number (/0)")
+        return value
+    if parts.query:
+        raise SettingsError(name, f"{shown} is a base URL: no query (?...)")
+    return value.rstrip("/")
 
 
-def _number(name: str, value: str, *, minimum: float = 0) -> float:
+@attrs.frozen
+class Bound:
+    low: float
+    high: float
+    integer: bool = False
+    why: str = ""
+
+
+# every numeric setting: its range, and whether it counts something
+BOUNDS: dict[str, Bound] = {
+    "PIPELINE_SILENCE_TIMEOUT": Bound(0.05, 3600.0),
+    # Binance closes every connection at 24 h: the new one must be open before that
+    "PIPELINE_ROTATE_AFTER": Bound(0.1, 86_340.0, why="Binance closes a connection at 24 h"),
+    "PIPELINE_BUFFER_FRAMES": Bound(1, 10_000_000, integer=True),
+    "PIPELINE_METRICS_PORT": Bound(0, 65_535, integer=True, why="0: no metrics server"),
+    # the projector's plausibility bounds (projections.core.plausible)
+    "PIPELINE_MAX_CLOCK_AHEAD_S": Bound(0.001, 86_400.0),
+    "PIPELINE_MAX_ID_RATE": Bound(1, 1e15),
+    "PIPELINE_REPAIR_SLACK_S": Bound(0, 3600.0),
+}
+
+
+def number(name: str, value: str, bound: Bound) -> float:
+    """`value` as a finite number in `bound`, else a SettingsError naming `name`."""
     try:
         n = float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise SettingsError(name, f"{value!r} is not a number") from None
-    if n < minimum:
-        raise SettingsError(name, f"{value!r} is below {minimum:g}")
+    if not math.isfinite(n):
+        raise SettingsError(name, f"{value!r} is not a finite number")
+    if bound.integer and not n.is_integer():
+        raise SettingsError(name, f"{value!r} is not a whole number")
+    if not bound.low <= n <= bound.high:
+        why = f" ({bound.why})" if bound.why else ""
+        raise SettingsError(name, f"{value!r} is not between {bound.low:g} and "
+                                  f"{bound.high:g}{why}")
     return n
 
 
+def _number(name: str, merged: Mapping[str, str]) -> float:
+    return number(name, merged[name], BOUNDS[name])
+
+
+def _printable(name: str, value: str, *, pem: bool = False) -> str:
+    """An API key or secret goes into HTTP headers and signatures: printable ASCII, no space
+    (a secret may be a PEM: spaces and line breaks too). The message says where, never what."""
+    allowed = (lambda c: " " <= c <= "~" or c in "\r\n") if pem else (lambda c: "!" <= c <= "~")
+    bad = next((i for i, c in enumerate(value, start=1) if not allowed(c)), None)
+    if bad is not None:
+        kind = "printable ASCII" if pem else "printable ASCII without spaces"
+        raise SettingsError(name, f"must be {kind} (character {bad} is not)")
+    return value
+
+
+def _retention(value: str) -> dict[str, Retention]:
+    out = parse_retention(value)
+    for family, kept in out.items():
+        if kept.maxlen is not None and not 1 <= kept.maxlen <= MAX_RETAINED:
+            raise SettingsError("PIPELINE_RETENTION", f"{family}={kept.maxlen}: a count must "
+                                                      f"be between 1 and {MAX_RETAINED}")
+        age = kept.max_age_s
+        if age is not None and not (math.isfinite(age) and 0 < age <= MAX_AGE_S):
+            raise SettingsError("PIPELINE_RETENTION", f"{family}=age:{age:g}: an age must be "
+                                                      f"> 0 and at most {MAX_AGE_S:g} s")
+    return out
+
+
+MAX_RETAINED = 10**12  # entries; more than any Redis holds
+MAX_AGE_S = 10 * 365 * 86_400.0  # ten years: `now - age` stays a valid stream id
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def _secret(env: Mapping[str, str], name: str) -> Secret | None:
+    pem = name == "BINANCE_API_SECRET"
     if env.get(name):
-        return Secret(env[name].strip())
+        return Secret(_printable(name, env[name].strip(), pem=pem))
     path = env.get(f"{name}_FILE")
     if path:
         try:
             text = FsPath(path).read_text().strip()
-        except OSError as exc:
-            raise SettingsError(f"{name}_FILE", f"cannot read {path!r}: {exc.strerror}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise SettingsError(f"{name}_FILE", f"cannot read {path!r}: {why}") from None
         if not text:
             raise SettingsError(f"{name}_FILE", f"{path!r} is empty")
-        return Secret(text)
+        return Secret(_printable(f"{name}_FILE", text, pem=pem))
     return None
 
 
@@ -158,8 +271,9 @@ def load_settings(
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
 
     prefix = merged["PIPELINE_VIEW_PREFIX"].strip()
-    if not prefix or any(c in prefix for c in " :*?"):
-        raise SettingsError("PIPELINE_VIEW_PREFIX", f"{prefix!r} must be a non-empty word")
+    if not _PREFIX.fullmatch(prefix):
+        raise SettingsError("PIPELINE_VIEW_PREFIX",
+                            f"{prefix!r} must be a word of [A-Za-z0-9_.-], as the ACL allows")
     log_format = merged["PIPELINE_LOG_FORMAT"]
     if log_format not in ("text", "json"):
         raise SettingsError("PIPELINE_LOG_FORMAT", f"{log_format!r} is not text or json")
@@ -170,21 +284,18 @@ def load_settings(
         symbols=parse_symbols(merged["PIPELINE_SYMBOLS"]),
         market_streams=parse_stream_kinds(merged["PIPELINE_MARKET_STREAMS"]),
         view_prefix=prefix,
-        retention=parse_retention(merged["PIPELINE_RETENTION"]),
-        silence_timeout=_number("PIPELINE_SILENCE_TIMEOUT", merged["PIPELINE_SILENCE_TIMEOUT"],
-                                minimum=0.05),
-        rotate_after=_number("PIPELINE_ROTATE_AFTER", merged["PIPELINE_ROTATE_AFTER"], minimum=0.1),
-        buffer_frames=int(_number("PIPELINE_BUFFER_FRAMES", merged["PIPELINE_BUFFER_FRAMES"],
-                                  minimum=1)),
-        metrics_port=int(_number("PIPELINE_METRICS_PORT", merged["PIPELINE_METRICS_PORT"])),
+        retention=_retention(merged["PIPELINE_RETENTION"]),
+        silence_timeout=_number("PIPELINE_SILENCE_TIMEOUT", merged),
+        rotate_after=_number("PIPELINE_ROTATE_AFTER", merged),
+        buffer_frames=int(_number("PIPELINE_BUFFER_FRAMES", merged)),
+        metrics_port=int(_number("PIPELINE_METRICS_PORT", merged)),
         log_format=log_format,
         api_key=_secret(merged, "BINANCE_API_KEY"),
         api_secret=_secret(merged, "BINANCE_API_SECRET"),
         rest_weight_limit=rest_weight_limit(merged["PIPELINE_REST_WEIGHT_LIMIT"]),
-        max_clock_ahead_s=_number("PIPELINE_MAX_CLOCK_AHEAD_S",
-                                  merged["PIPELINE_MAX_CLOCK_AHEAD_S"], minimum=0.001),
-        max_id_rate=_number("PIPELINE_MAX_ID_RATE", merged["PIPELINE_MAX_ID_RATE"], minimum=1),
-        repair_slack_s=_number("PIPELINE_REPAIR_SLACK_S", merged["PIPELINE_REPAIR_SLACK_S"]),
+        max_clock_ahead_s=_number("PIPELINE_MAX_CLOCK_AHEAD_S", merged),
+        max_id_rate=_number("PIPELINE_MAX_ID_RATE", merged),
+        repair_slack_s=_number("PIPELINE_REPAIR_SLACK_S", merged),
     )
 
 

@@ -14,6 +14,16 @@ list of problems (empty: healthy). The rules:
   nothing, and an ingestor killed without a `closed` entry looks the same: both deserve a page.
   Not for the connections of symbols that trade in sessions (`trades_in_sessions`), quiet
   outside their session;
+- a connection that cannot get a working link (`outages`): a connection name (`mkt-1`,
+  `usr`) whose links have all failed for longer than the silence timeout: connects that fail
+  (`closed` with `connect_failed: ...`), links a server accepts and closes at once, links
+  replaced for silence one after the other. A link worked when it carried a frame or stayed
+  open `WORKED_AFTER_S` (one closed for silence: until its last frame); the outage is
+  counted from the end of the last one that did, and lasts until a link stays open long
+  enough (after a silent one: longer than the silence timeout). The user stream has no
+  silence rule and no view that goes stale, so this is how a user stream looping on rejected
+  connections shows. A connection stopped on purpose (its last link `closed` with
+  `shutdown`) is not judged;
 - a tampered stream (`tampering`). The ACL gives each role write access to its own streams
   only, but XADD cannot be allowed without its options, so a buggy or compromised role can
   still trim its own streams (`XADD ... MAXLEN 0`) or append an explicit id far in the future
@@ -146,6 +156,7 @@ class Report:
     weight_used_1m: int | None
     problems: tuple[str, ...] = ()
     user_stream: UserStream | None = None  # None: no user ingestor has logged anything
+    outages: tuple[Outage, ...] = ()
 
     @property
     def healthy(self) -> bool:
@@ -207,6 +218,105 @@ def trades_in_sessions(conn: Connection) -> bool:
     return conn.name.startswith(f"{SESSION_CONN_NAME}-")
 
 
+WORKED_AFTER_S = 10.0  # a link open this long worked, even without a frame (a quiet account)
+
+
+@attrs.frozen
+class Outage:
+    """A connection name with no working link for `down_s` seconds."""
+
+    name: str
+    down_s: float
+    failed_links: int  # links (or connects) that failed since the last one that worked
+    last_reason: str
+
+
+@attrs.define
+class _Links:
+    """What the log says about one connection name's links, read oldest first."""
+
+    down_since: float | None = None  # the last working link's end (or the first failure)
+    failed: int = 0
+    last_reason: str = ""
+    open_id: str | None = None  # the link open now, if any
+    open_at: float = 0.0
+
+    def ended(self, at: float, worked: bool, reason: str) -> None:
+        if worked:
+            self.down_since, self.failed = at, 0
+        else:
+            self.failed += 1
+            if self.down_since is None:
+                self.down_since = at
+        self.last_reason = reason
+
+    def up(self, now: float, limit_s: float) -> bool:
+        """The open link works: open long enough. After a silent one, long enough to have
+        been closed for silence too (`limit_s` is the silence timeout), plus the close."""
+        wait = limit_s + 5.0 if self.last_reason == "silent" else WORKED_AFTER_S
+        return self.open_id is not None and now - self.open_at >= wait
+
+
+class _LinkLog:
+    """`outages` reading the lifecycle entries of both ingestors, oldest first."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, _Links] = {}
+        self.opened: dict[str, tuple[str, float]] = {}  # link id -> (name, opened at)
+        self.last_frame: dict[str, float] = {}  # link id -> its last frame, from `silent`
+
+    def read(self, entry: ControlEntry) -> None:
+        body = entry.body if isinstance(entry.body, dict) else {}
+        if entry.ctl == "opened":
+            self._opened(entry, str(body.get("name", entry.conn)))
+        elif entry.ctl == "silent" and isinstance(body.get("seconds"), int | float):
+            self.last_frame[entry.conn] = entry.recv_ts - float(body["seconds"])
+        elif entry.ctl == "closed":
+            self._closed(entry, body)
+
+    def _opened(self, entry: ControlEntry, name: str) -> None:
+        links = self.names.setdefault(name, _Links())
+        if links.open_id is not None:  # its process died without a `closed`
+            links.ended(entry.recv_ts, entry.recv_ts - links.open_at >= WORKED_AFTER_S,
+                        "replaced")
+        links.open_id, links.open_at = entry.conn, entry.recv_ts
+        self.opened[entry.conn] = (name, entry.recv_ts)
+
+    def _closed(self, entry: ControlEntry, body: dict[str, Any]) -> None:
+        name, since = self.opened.pop(entry.conn, (str(body.get("name", "")), None))
+        if not name:
+            return
+        links = self.names.setdefault(name, _Links())
+        if links.open_id == entry.conn:
+            links.open_id = None
+        reason = str(body.get("reason", ""))
+        if reason == "shutdown" and links.open_id is None:
+            self.names[name] = _Links()  # stopped on purpose: nothing to judge
+            return
+        frames = body.get("frames")
+        carried = isinstance(frames, int) and frames > 0
+        if reason == "silent":  # it worked until its last frame, if it had one
+            links.ended(self.last_frame.pop(entry.conn, entry.recv_ts), carried, reason)
+            return
+        lasted = since is not None and entry.recv_ts - since >= WORKED_AFTER_S
+        links.ended(entry.recv_ts, since is not None and (carried or lasted), reason)
+
+
+def outages(entries: Iterable[ControlEntry], now: float, limit_s: float) -> list[Outage]:
+    """Connection names whose links all failed for longer than `limit_s`, the silence
+    timeout (entries oldest first, both connection streams)."""
+    log = _LinkLog()
+    for entry in entries:
+        log.read(entry)
+    out = []
+    for name, links in sorted(log.names.items()):
+        if links.up(now, limit_s):
+            continue
+        if links.down_since is not None and now - links.down_since > limit_s:
+            out.append(Outage(name, now - links.down_since, links.failed, links.last_reason))
+    return out
+
+
 def tampering(streams: Sequence[Stream],
               retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> list[str]:
     """What a role did to its own streams that their retention cannot explain."""
@@ -235,7 +345,8 @@ def tampering(streams: Sequence[Stream],
 
 def assess(conns: Sequence[Connection], streams: Sequence[Stream],
            views: Sequence[ViewFamily], *, max_lag: int,
-           retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> list[str]:
+           retention: Mapping[str, Retention] = DEFAULT_RETENTION,
+           down: Sequence[Outage] = ()) -> list[str]:
     problems = []
     for s in streams:
         for g in s.groups:
@@ -257,6 +368,8 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
                     for family, key in missing.items())
     problems.extend(f"connection {c.id} ({c.path}) is silent: no frame on its path for "
                     f"its whole silence timeout" for c in conns if c.silent)
+    problems.extend(f"connection {o.name}: no working link for {o.down_s:.0f} s "
+                    f"({o.failed_links} failed since, last: {o.last_reason})" for o in down)
     problems.extend(tampering(streams, retention))
     return problems
 

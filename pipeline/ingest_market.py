@@ -1,9 +1,10 @@
 """`pipeline ingest market`: the market-data ingestor.
 
 Start-up, in this order, so that a bad setting stops the command before anything connects:
-1. `connect_checked(REDIS_URL)`: unreachable Redis is a settings error (exit 2);
-2. `PIPELINE_SYMBOLS=ALL` is resolved from `GET /fapi/v1/exchangeInfo` (TRADING symbols);
-3. `plan_connections` splits the streams by path and into connections of at most 1024 streams.
+1. when PIPELINE_METRICS_PORT > 0, /metrics and /healthz listen (a port in use: exit 2);
+2. `connect_checked(REDIS_URL)`: unreachable Redis is a settings error (exit 2);
+3. `PIPELINE_SYMBOLS=ALL` is resolved from `GET /fapi/v1/exchangeInfo` (TRADING symbols);
+4. `plan_connections` splits the streams by path and into connections of at most 1024 streams.
 
 Symbols that trade in sessions (contract type TRADIFI_PERPETUAL, named by exchangeInfo when
 `ALL` is resolved) are quiet outside their session (`tradingSession` stream, GET
@@ -12,8 +13,10 @@ without the silence rule, and `pipeline status` does not judge those by silence
 (`pipeline.health.trades_in_sessions`). Every other connection keeps the rule, so a session's
 quiet never hides a wrong path on them.
 
-Then one task per connection (`pipeline.wsconn.WsConnection`), the writer task
-(`pipeline.writer.LogWriter`) and, when PIPELINE_METRICS_PORT > 0, /metrics and /healthz.
+Then one task per connection (`pipeline.wsconn.WsConnection`, all taking their connection
+attempts from one bucket, `pipeline.pacing`) and the writer task (`pipeline.writer.LogWriter`).
+/healthz is 503 while Redis has been away for long or any connection is not working
+(`MarketIngest.healthy`).
 SIGINT/SIGTERM stop the connections (each appends its `closed` entry), the writer then gets up
 to `LogWriter.final_flush_timeout` seconds to write what is buffered, and the command exits 0.
 """
@@ -35,13 +38,14 @@ from pipeline.config import Settings
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import route_stream, stream_name
 from pipeline.health import SESSION_CONN_NAME
+from pipeline.pacing import connect_pacer
 from pipeline.redisconn import connect_checked
 from pipeline.rest import RestClient
 from pipeline.shutdown import serve_until_signal
 from pipeline.streams import MAX_STREAMS_PER_CONNECTION, Path, Subscription, plan_connections
 from pipeline.weight import WeightBudget
 from pipeline.writer import LogWriter
-from pipeline.wsconn import PARAMS_PER_MESSAGE, ConnSpec, Timing, WsConnection
+from pipeline.wsconn import PARAMS_PER_MESSAGE, ConnSpec, FrameSink, Timing, WsConnection
 from projections.core.keys import KEY_CONN_MARKET, KEY_OTHER
 
 log = logging.getLogger("pipeline.ingest_market")
@@ -64,26 +68,22 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     # most this interval (default 5 ms). At 1 ms the ingestor logs ~10 % more frames per
     # CPU-second (bench/bench_ingest.py).
     sys.setswitchinterval(0.001)
-    client = connect_checked(settings.redis_url, name="ingest-market")
-    symbols, sessions = trio.run(resolve_market, settings)
     running: list[MarketIngest] = []
-    server = None
-    if settings.metrics_port > 0:
-        try:
-            server = metrics.serve(settings.metrics_port,
-                                   lambda: bool(running) and running[0].healthy())
-        except OSError as exc:
-            raise SettingsError("PIPELINE_METRICS_PORT",
-                                f"cannot listen on {settings.metrics_port}: {exc.strerror}"
-                                ) from None
+    # first: a port already taken is a bad setting, found before anything connects
+    server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
+                           ) if settings.metrics_port > 0 else None
+    client = None
     try:
+        client = connect_checked(settings.redis_url, name="ingest-market")
+        symbols, sessions = trio.run(resolve_market, settings)
         trio.run(serve_until_signal, functools.partial(
             run_market_ingest, settings, client, symbols, max_per_connection=max_per,
             session_symbols=sessions), running)
     finally:
         if server is not None:
             server.shutdown()
-        client.close()
+        if client is not None:
+            client.close()
     return 0
 
 
@@ -160,6 +160,19 @@ def _spec(settings: Settings, name: str, path: Path, subs: Sequence[Subscription
         rotate_after=settings.rotate_after, streams=len(names))
 
 
+def market_connections(settings: Settings, symbols: Sequence[str], sink: FrameSink, *,
+                       timing: Timing | None = None,
+                       max_per_connection: int = MAX_STREAMS_PER_CONNECTION,
+                       session_symbols: frozenset[str] = frozenset(),
+                       ) -> list[WsConnection]:
+    """One `WsConnection` per planned connection, all taking their connection attempts from
+    one bucket: Binance counts attempts per IP, whatever connection makes them."""
+    pacer = connect_pacer(trio.current_time)
+    return [WsConnection(spec, sink, conn_key=KEY_CONN_MARKET, timing=timing or Timing(),
+                         pacer=pacer)
+            for spec in market_specs(settings, symbols, max_per_connection, session_symbols)]
+
+
 def cached_router(limit: int = 4096) -> Callable[[bytes], str]:
     """`route_frame` with a cache keyed on the stream name: the key depends on nothing else, and
     a dict lookup costs less than decoding the name and matching its family again."""
@@ -200,7 +213,10 @@ class MarketIngest:
         self._readers.cancel()
 
     def healthy(self) -> bool:
-        return self.writer.healthy and all(c.current is not None for c in self.connections)
+        """What /healthz answers: Redis has not been away for long (the writer) and every
+        connection works (`WsConnection.healthy`: data within the silence timeout where a
+        stream ticks every second, a link up otherwise)."""
+        return self.writer.healthy and all(c.healthy for c in self.connections)
 
 
 async def run_market_ingest(
@@ -216,8 +232,9 @@ async def run_market_ingest(
 ) -> None:
     """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
     writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
-    conns = [WsConnection(spec, writer, conn_key=KEY_CONN_MARKET, timing=timing or Timing())
-             for spec in market_specs(settings, symbols, max_per_connection, session_symbols)]
+    conns = market_connections(settings, symbols, writer, timing=timing,
+                               max_per_connection=max_per_connection,
+                               session_symbols=session_symbols)
     log.info("ingesting", extra={"connections": len(conns), "symbols": len(symbols)})
     async with trio.open_nursery() as top:
         await top.start(writer.run)

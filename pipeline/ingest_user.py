@@ -317,7 +317,9 @@ class UserIngest:
         self._readers.cancel()
 
     def healthy(self) -> bool:
-        return self.writer.healthy and self.connection.current is not None
+        """What /healthz answers: Redis has not been away for long (the writer) and the
+        private connection works (`WsConnection.healthy`: a link up within `down_after`)."""
+        return self.writer.healthy and self.connection.healthy
 
 
 _ORDER_EVENTS = (b'"ORDER_TRADE_UPDATE"', b'"ALGO_UPDATE"', b'"TRADE_LITE"')

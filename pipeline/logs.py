@@ -4,11 +4,17 @@ Code logs `log.info("connected", extra={"conn": cid, "streams": 12})`; the JSON 
 writes every `extra` field. Secrets should never reach a log call in the first place; as a
 second line of defence every value registered with `register_secret` is replaced by a mask in
 the final line, whatever path it took to get there.
+
+Text from outside (the exchange's error messages, close reasons, a URL from a setting) can
+hold line breaks and terminal escapes. In a text line the message and every `extra` value are
+`escape`d, so one record is one line and nothing in it can pass for another record or move
+the cursor; a traceback keeps its lines, each continuation indented. JSON escapes them itself.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -28,6 +34,20 @@ def scrub(text: str) -> str:
         if secret in text:
             text = text.replace(secret, f"{secret[:4]}…({len(secret)})")
     return text
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """`text` on one line: control characters (line breaks, ESC, ...) as `\\n`, `\\x1b`."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(m: re.Match[str]) -> str:
+    c = m[0]
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -51,12 +71,13 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{stamp} {record.levelname[0]} {record.name}: {record.getMessage()}"
+        extras = " ".join(f"{k}={escape(str(v))}" for k, v in _extras(record).items())
+        line = f"{stamp} {record.levelname[0]} {record.name}: {escape(record.getMessage())}"
         if extras:
             line += " " + extras
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info).splitlines()
+            line += "".join("\n  " + escape(t) for t in trace)
         return scrub(line)
 
 

@@ -3,7 +3,8 @@
 All series are defined here, once, so a reader sees the whole list in one screen and the
 commands share the names. `serve(port, health)` runs a small HTTP server in a daemon thread:
 `/metrics` in the Prometheus text format, `/healthz` answering 200 while `health()` is true
-and 503 otherwise.
+and 503 otherwise. A port it cannot listen on is a `SettingsError` naming
+PIPELINE_METRICS_PORT (exit 2): the commands serve before they connect to anything.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from pipeline.errors import SettingsError
 
 FRAMES_RECEIVED = Counter(
     "pipeline_frames_received", "Websocket frames received", ["path"])
@@ -70,7 +73,11 @@ def serve(port: int, health: Callable[[], bool] = lambda: True,
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # taken, or not ours to take: a bad setting, not a traceback
+        raise SettingsError("PIPELINE_METRICS_PORT",
+                            f"cannot listen on {host}:{port}: {exc.strerror}") from None
     HEALTHY.set_function(lambda: _health_value(health))
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -41,6 +41,7 @@ from pipeline.health import (
     assess,
     mark_silent,
     open_connections,
+    outages,
     user_stream_problems,
     user_stream_state,
 )
@@ -69,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.max_lag < 0:
+        raise SettingsError("--max-lag", f"{args.max_lag} is below 0")
+    if not 1 <= args.sample <= SCAN_CAP:
+        raise SettingsError("--sample", f"{args.sample} is not between 1 and {SCAN_CAP}")
     client = connect_checked(settings.redis_url, name="pipeline-status")
     try:
         with redis_errors():
@@ -103,14 +108,16 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     if client.exists(orders):
         keys.append(orders)  # the listener's groups: reported, not judged
     streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
-    conns = mark_silent(open_connections(_conn_entries(client), now), streams, silence_timeout)
+    lifecycle = _conn_entries(client)
+    conns = mark_silent(open_connections(lifecycle, now), streams, silence_timeout)
+    down = outages(lifecycle, now, silence_timeout)
     views = read_views(client, prefix, sample, now)
     dead = {k: int(client.xlen(k)) for k in sorted(_scan(client, DLQ_PATTERN, "stream"))}
-    problems = assess(conns, streams, views, max_lag=max_lag, retention=retention)
+    problems = assess(conns, streams, views, max_lag=max_lag, retention=retention, down=down)
     user = read_user_stream(client, now)
     problems += user_stream_problems(user)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
-                  tuple(problems), user)
+                  tuple(problems), user, tuple(down))
 
 
 def _scan(client: redis.Redis, match: str, type_: str) -> Iterator[str]:

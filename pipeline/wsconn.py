@@ -36,15 +36,34 @@ Frames beyond `MAX_MESSAGE_SIZE` characters make trio-websocket close the connec
 that shows as a `closed` entry with reason `message_too_big` and a reconnect. Anything smaller,
 whatever its content, is logged.
 
+A link that cannot make progress ends within seconds, with a `closed` entry saying why, and is
+replaced:
+- a protocol error (a text frame that is not UTF-8, a malformed frame): trio-websocket marks
+  the connection closed (1007, 1002) but goes on waiting for the server, which may never close
+  the TCP connection; the transport is aborted at once (`closed`, `protocol_error: <code>`);
+- the server's Close: once it is answered the transport is closed, without waiting for the
+  server to close TCP first (every frame before the Close has been read by then);
+- our Close (shutdown, silence, rotation) that the server never answers: cut after
+  `Timing.disconnect_timeout`, the reason kept;
+- a link quiet for `Timing.ping_after` whose server does not answer a Ping within
+  `Timing.ping_timeout` (a TCP connection that died without a word): `ping_timeout`;
+- a connect that fails (DNS, refused, handshake rejected or timed out): a `closed` entry with
+  `connect_failed: <error>` (and `name`, `path`, `url`, since no `opened` entry names them),
+  one per attempt; attempts are paced by the backoff and the process's bucket below.
+
 The supervisor (`run`) keeps one connection alive:
 - it reconnects after a close, an error or silence, with exponential backoff and jitter
-  (reset once a connection has delivered data);
+  (reset once a connection has delivered data), and every attempt takes a token from the
+  process's connection bucket (`pipeline.pacing`: Binance limits attempts per IP);
 - silence: no frame for `silence_timeout` s. Binance accepts a stream on the wrong path and then
   sends nothing, so silence is logged loudly with that hint, recorded as a `silent` entry, and
   the connection is replaced;
 - rotation: `rotate_after` s after a connection opened, a second one is opened and subscribed;
   once its subscriptions are acknowledged and it delivered a data frame, the old one gets a
-  `rotated` entry and is closed. Frames that arrive on both during the overlap are logged twice.
+  `rotated` entry and is closed. Frames that arrive on both during the overlap are logged twice;
+- health (`healthy`, read by /healthz from another thread): false while a connection with a
+  silence rule has delivered no data frame for its silence timeout, or one without (the user
+  stream) has had no link up for a whole `Timing.down_after`; true again once it does.
 """
 
 from __future__ import annotations
@@ -53,9 +72,11 @@ import inspect
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -67,6 +88,7 @@ from wsproto.events import CloseConnection
 from pipeline import metrics
 from pipeline.backoff import backoff_delay
 from pipeline.config import redact_url
+from pipeline.pacing import TokenBucket, connect_pacer
 from projections.core.keys import KEY_OTHER
 
 
@@ -120,6 +142,10 @@ class Timing:
     control_interval: float = CONTROL_INTERVAL_S
     ack_timeout: float = ACK_TIMEOUT_S
     max_overlap: float = 10.0  # a retiring connection is cut after this, answered or not
+    # a connection without a silence rule is unhealthy after this long with no link up
+    down_after: float = 30.0
+    ping_after: float = 60.0  # a link quiet this long is asked for a Pong...
+    ping_timeout: float = 10.0  # ...and replaced when none comes in this time
 
 
 @attrs.define(eq=False)
@@ -139,6 +165,8 @@ class _Link:
     pending: set[int] = attrs.field(factory=set)
     has_data: bool = False
     bad: int = 0
+    others: int = 0  # frames routed to raw:market:other (replies, bad frames)
+    judged: int = 0  # data frames already seen by the health check
 
     def close(self, reason: str) -> None:
         """Stop reading and close gracefully (the websocket close handshake still runs)."""
@@ -156,15 +184,21 @@ class WsConnection:
         timing: Timing = Timing(),
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        pacer: TokenBucket | None = None,
     ) -> None:
+        """`pacer`: the process's connection bucket, shared by all its connections (a new one
+        of this connection's own by default)."""
         self.spec = spec
         self.writer = writer
         self.conn_key = conn_key
         self.timing = timing
         self.clock = clock
         self.rand = rand
+        self.pacer = pacer or connect_pacer(trio.current_time)
         self.current: _Link | None = None  # the link frames are expected on
         self.links_opened = 0
+        self.healthy = True  # read from the /healthz thread: a plain attribute, set by `_judge`
+        self._links: set[_Link] = set()  # every link not yet done
         self._next_msg_id = 0
 
     # --- supervisor --------------------------------------------------------------------------
@@ -177,8 +211,11 @@ class WsConnection:
         as one that refuses, not every 0.5 s (Binance limits connection attempts per IP)."""
         failures = 0
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._judge)
             while True:
+                await self._paced()
                 link = _Link(f"{self.spec.name}-{secrets.token_hex(3)}")
+                self._links.add(link)
                 nursery.start_soon(self._run_link, link)
                 if not await self._await_handover(link):
                     failures = 0 if link.has_data else failures + 1
@@ -217,6 +254,35 @@ class WsConnection:
         log.info("reconnecting", extra={"conn": self.spec.name, "in_s": round(delay, 3)})
         await trio.sleep(delay)
 
+    async def _paced(self) -> None:
+        wait = self.pacer.take()
+        if wait > 0:
+            log.info("connection attempts paced", extra={"conn": self.spec.name,
+                                                         "in_s": round(wait, 3)})
+            await trio.sleep(wait)
+
+    async def _judge(self) -> None:
+        """Once a tick: is the connection working? With a silence rule it works while data
+        frames arrive; without one, while the same link stays up from one tick to the next
+        (a server that accepts and closes at once never does)."""
+        limit = self.spec.silence_timeout or self.timing.down_after
+        interval = min(1.0, limit / 4)
+        last_working = trio.current_time()
+        was_current = None
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            delivered = False
+            for link in self._links:
+                data = link.seq - link.others
+                delivered = delivered or data > link.judged
+                link.judged = data
+            up = self.current is not None and self.current is was_current
+            was_current = self.current
+            if delivered or (up and not self.spec.silence_timeout):
+                last_working = now
+            self.healthy = now - last_working < limit
+
     def _rotated(self, old: _Link, new: _Link) -> None:
         now = trio.current_time()
         age = now - (old.opened_at if old.opened_at is not None else now)
@@ -229,45 +295,85 @@ class WsConnection:
     # --- one connection ----------------------------------------------------------------------
 
     async def _run_link(self, link: _Link) -> None:
-        opened = False
-        ws: trio_websocket.WebSocketConnection | None = None
+        url: str | None = None
         try:
-            url = self.spec.url()
-            if inspect.isawaitable(url):
-                url = await url
+            made = self.spec.url()
+            url = await made if inspect.isawaitable(made) else made
             assert isinstance(url, str)
-            async with trio_websocket.open_websocket_url(
-                url, connect_timeout=self.timing.connect_timeout,
-                disconnect_timeout=self.timing.disconnect_timeout,
-                message_queue_size=MESSAGE_QUEUE_SIZE, max_message_size=MAX_MESSAGE_SIZE,
-                receive_buffer_size=RECEIVE_BUFFER,
-            ) as ws:
-                opened = True
-                self._opened(link, url)
-                with link.scope:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._subscribe, ws, link)
-                        nursery.start_soon(self._watch, link)
-                        nursery.start_soon(self._retire_when_asked, ws, link)
-                        reason = await self._read(ws, link)
-                        if not link.retire.is_set():
-                            link.reason = reason
-                        nursery.cancel_scope.cancel()
-        except trio_websocket.HandshakeError as exc:
-            link.reason = f"connect_failed: {type(exc).__name__}"
-        except trio_websocket.ConnectionClosed as exc:  # the closing handshake was cut short
-            if link.reason == "shutdown":
-                link.reason = _close_reason(exc)
-        except (OSError, trio.BrokenResourceError) as exc:
-            link.reason = f"error: {type(exc).__name__}"
-        except Exception as exc:  # a hook's failure must not end the supervisor
-            if not link.retire.is_set():
+            await self._connect_and_use(link, url)
+        except* trio_websocket.HandshakeError as group:
+            link.reason = f"connect_failed: {_connect_error(_first(group))}"
+        except* trio_websocket.ConnectionClosed as group:  # a send met the close
+            closed = _first(group)
+            if link.reason == "shutdown" and isinstance(closed, trio_websocket.ConnectionClosed):
+                link.reason = _close_reason(closed, None)
+        except* Exception as group:  # a hook's failure must not end the supervisor
+            exc = _first(group)
+            if link.opened_at is None:
+                link.reason = f"connect_failed: {_connect_error(exc)}"
+            elif not link.retire.is_set():
                 link.reason = f"error: {type(exc).__name__}"
-                log.exception("connection failed", extra={"conn": link.id})
+            if not isinstance(exc, (OSError, trio.BrokenResourceError)):
+                log.error("connection failed", exc_info=exc, extra={"conn": link.id})
         finally:
-            if ws is not None:
-                await _close_transport(ws)
-            self._closed(link, opened)
+            self._closed(link, url)
+
+    async def _connect_and_use(self, link: _Link, url: str) -> None:
+        """Connect, use the link, and end it: the socket closed, trio-websocket's reader task
+        cancelled, however the link ended.
+
+        This nursery owns that reader. trio-websocket's own `open_websocket_url` runs it in a
+        nursery of its own and waits for it on leaving, and after a handshake that timed out,
+        a protocol error or a Close the server never follows by closing TCP, the reader waits
+        on the socket for ever, and the connection with it."""
+        host, port, resource, ssl_context = _target(url)
+        stream: Transport | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                try:
+                    with trio.fail_after(self.timing.connect_timeout):
+                        stream = await _open_stream(host, port, ssl_context)
+                        ws = await trio_websocket.wrap_client_stream(
+                            nursery, stream, _host_header(host, port), resource,
+                            message_queue_size=MESSAGE_QUEUE_SIZE,
+                            max_message_size=MAX_MESSAGE_SIZE,
+                            receive_buffer_size=RECEIVE_BUFFER)
+                except trio.TooSlowError:
+                    raise trio_websocket.ConnectionTimeout from None
+                except OSError as exc:  # DNS, refused, unreachable, TLS
+                    raise trio_websocket.HandshakeError from exc
+                self._opened(link, url)
+                try:
+                    await self._use(ws, link)
+                finally:
+                    await self._goodbye(ws)
+            finally:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                nursery.cancel_scope.cancel()
+
+    async def _use(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> None:
+        """Subscribe, read and watch until the link ends."""
+        with link.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._subscribe, ws, link)
+                nursery.start_soon(self._watch, link)
+                nursery.start_soon(self._check_alive, ws, link)
+                nursery.start_soon(self._retire_when_asked, ws, link)
+                reason = await self._read(ws, link)
+                if not link.retire.is_set():
+                    link.reason = reason
+                nursery.cancel_scope.cancel()
+
+    async def _goodbye(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Our Close, when the link ends on our side (shutdown, silence, a hook's failure),
+        answered within the disconnect timeout or not at all. A link the server closed, or a
+        protocol error ended, has nothing left to say: every frame before it has been read."""
+        if ws.closed is not None:
+            return
+        with trio.CancelScope(shield=True) as scope:  # a shutdown still says goodbye
+            scope.deadline = trio.current_time() + self.timing.disconnect_timeout
+            await ws.aclose()
 
     def _opened(self, link: _Link, url: str) -> None:
         link.opened_at = trio.current_time()
@@ -280,13 +386,21 @@ class WsConnection:
             "name": self.spec.name}, link.id)
         metrics.CONNECTIONS.labels(self.spec.path).inc()
 
-    def _closed(self, link: _Link, opened: bool) -> None:
+    def _closed(self, link: _Link, url: str | None) -> None:
         metrics.FRAMES_RECEIVED.labels(self.spec.path).inc(link.seq - link.counted)
         link.counted = link.seq
-        if opened:
+        if link.opened_at is not None:
             metrics.CONNECTIONS.labels(self.spec.path).dec()
             self.writer.append_control(self.conn_key, "closed", {"reason": link.reason,
                                                                  "frames": link.seq}, link.id)
+        elif link.reason != "shutdown":
+            # no `opened` entry names this attempt: the failure carries its own names
+            body = {"reason": link.reason, "frames": 0, "name": self.spec.name,
+                    "path": self.spec.path}
+            if url is not None:
+                body["url"] = redact_url(url)
+            self.writer.append_control(self.conn_key, "closed", body, link.id)
+        self._links.discard(link)
         if link.reason not in ("shutdown", "rotated"):
             metrics.RECONNECTS.labels(link.reason.split(":")[0]).inc()
         log.info("closed", extra={"conn": link.id, "reason": link.reason, "frames": link.seq})
@@ -310,10 +424,11 @@ class WsConnection:
                         link.delivered.set()
                 append(key, data, recv_ts, cid, link.seq)
         except trio_websocket.ConnectionClosed as exc:
-            return _close_reason(exc)
+            return _close_reason(exc, ws)
 
     def _other_frame(self, link: _Link, data: bytes) -> None:
         """A frame naming no known stream: a reply to SUBSCRIBE, or something bad."""
+        link.others += 1
         if data.startswith(b'{"result"'):
             try:
                 link.pending.discard(orjson.loads(data).get("id"))
@@ -384,6 +499,29 @@ class WsConnection:
                 self._silent(link, now - last_change)
                 return
 
+    async def _check_alive(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> None:
+        """A link that said nothing for `ping_after` gets a Ping. No Pong within
+        `ping_timeout`: the TCP connection died without a word (a NAT that forgot it, a host
+        gone), which nothing else would notice on a stream without a silence rule."""
+        seen = link.seq
+        while True:
+            await trio.sleep(self.timing.ping_after)
+            if link.retire.is_set():
+                return  # our Close is sent: no Ping may follow it, and the overlap is short
+            if link.seq != seen:
+                seen = link.seq
+                continue
+            with trio.move_on_after(self.timing.ping_timeout) as waited:
+                try:
+                    await ws.ping()
+                except trio_websocket.ConnectionClosed:
+                    return  # the reader sees the close too
+            if waited.cancelled_caught:
+                log.error("no pong in %.0f s: replacing the connection", self.timing.ping_timeout,
+                          extra={"conn": link.id, "path": self.spec.path})
+                link.close("ping_timeout")
+                return
+
     def _silent(self, link: _Link, seconds: float) -> None:
         log.error("no frame for %.1f s: replacing the connection. A stream on the wrong path "
                   "(/public vs /market) is accepted and stays silent: check the routing",
@@ -411,25 +549,67 @@ async def _send_close(ws: trio_websocket.WebSocketConnection) -> None:
         pass
 
 
-async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
-    """Close the TCP stream under the websocket.
+def _target(url: str) -> tuple[str, int, str, ssl.SSLContext | None]:
+    """(host, port, resource, TLS context or None) of a ws:// or wss:// URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("not a ws:// or wss:// URL with a host")
+    tls = parts.scheme == "wss"
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.hostname, parts.port or (443 if tls else 80), resource,
+            ssl.create_default_context() if tls else None)
 
-    trio-websocket 0.12 leaves a client's socket open when the server started the close (its
-    aclose returns early once a close reason is set), which leaks one socket per server close;
-    a stream's aclose is idempotent, so closing it again after a clean close is harmless."""
-    stream = getattr(ws, "_stream", None)
-    if stream is not None:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+
+def _host_header(host: str, port: int) -> str:
+    name = f"[{host}]" if ":" in host else host
+    return name if port in (80, 443) else f"{name}:{port}"
 
 
-def _close_reason(exc: trio_websocket.ConnectionClosed) -> str:
+Transport = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+async def _open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None) -> Transport:
+    if ssl_context is None:
+        return await trio.open_tcp_stream(host, port)
+    return await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context,
+                                               https_compatible=True)
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a group, nested groups opened."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _close_reason(exc: trio_websocket.ConnectionClosed,
+                  ws: trio_websocket.WebSocketConnection | None) -> str:
     reason = exc.reason
     if reason is None:
         return "server_closed"
     if reason.code == 1009:
         return "message_too_big"
+    proto = getattr(ws, "_wsproto", None)
+    if proto is not None and proto.state is ConnectionState.OPEN:
+        # no Close frame came or went: wsproto failed to parse what the server sent (1007 a
+        # text frame that is not UTF-8, 1002 a malformed frame) and made the close up itself
+        return f"protocol_error: {reason.code}"
     return f"server_closed: {reason.code}"
+
+
+def _connect_error(exc: BaseException) -> str:
+    """What made a connect fail, in a word: `timeout`, `rejected 429`, or the OS error."""
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"rejected {exc.status_code}"
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return "timeout"
+    cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
+    # trio's "all attempts to connect failed" carries one error per address tried
+    first = cause.__cause__ if isinstance(cause, OSError) else None
+    if isinstance(first, BaseExceptionGroup) and first.exceptions:
+        cause = first.exceptions[0]
+    return type(cause or exc).__name__
 
 
 async def _wait_any(events: Sequence[trio.Event]) -> None:

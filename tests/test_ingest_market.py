@@ -18,6 +18,8 @@ import itertools
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -56,6 +58,7 @@ from pipeline.writer import LogWriter
 from pipeline.wsconn import ConnSpec, Timing, WsConnection
 from projections.core.keys import KEY_CONN_MARKET, KEY_OTHER
 from tests.conftest import ROOT, run_cli
+from tests.hostile_ws import HostileServer, Peer
 from tests.recorder import Recorder
 
 # The tests through `run_market_ingest` log to a real redis-server from the writer's thread, so
@@ -330,7 +333,10 @@ async def test_reconnects_back_off_doubling_to_30_s_and_start_over_once_data_cam
             await rec.until(lambda: len(rec.controls("opened")) == 2, within=60)
     waits = [b - a for a, b in itertools.pairwise(attempts[:10])]
     assert waits == pytest.approx([0.5, 1, 2, 4, 8, 16, 30, 30, 30])
-    closed = rec.controls("closed")[0]
+    failed = rec.controls("closed")[:9]  # each refused attempt is recorded
+    assert {c.body["reason"] for c in failed} == {"connect_failed: ConnectionRefusedError"}
+    opened = rec.controls("opened")[0]
+    closed = next(c for c in rec.controls("closed") if c.conn == opened.conn)
     assert attempts[10] - closed.at == pytest.approx(0.5)  # it had delivered: the first step
 
 
@@ -513,6 +519,56 @@ def test_cached_routing_gives_the_same_key_as_route_frame_for_every_kind_of_fram
     routed = cached_router()
     for _ in range(2):  # the second time from the cache
         assert [routed(f) for f in frames_] == [route_frame(f) for f in frames_]
+
+
+def healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def test_healthz_is_503_while_a_ticking_connection_delivers_nothing_and_200_once_it_does(
+        redis_server: LocalRedis, r: redis.Redis) -> None:
+    # real clock, real sockets, the ingestor's own /healthz over HTTP
+    flowing = [True]
+
+    async def frames_while_flowing(peer: Peer) -> None:
+        await peer.accept()
+        for i in itertools.count(1):
+            if flowing[0]:
+                await peer.text(b'{"stream":"btcusdt@markPrice@1s","data":{"E":%d}}' % i)
+            await trio.sleep(0.05)
+
+    server = HostileServer(lambda n: frames_while_flowing)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(server.run)
+        settings = settings_for(redis_server.url, url, PIPELINE_MARKET_STREAMS="markPrice@1s",
+                                PIPELINE_SILENCE_TIMEOUT="1")
+        async with ingesting(settings) as ingest:
+            http = metrics.serve(0, ingest.healthy, host="127.0.0.1")
+            port = http.server_port
+            try:
+                await eventually(lambda: r.xlen("raw:market:markPrice") >= 5)
+                assert await trio.to_thread.run_sync(healthz, port) == 200
+                flowing[0] = False  # connected, and nothing comes
+                await trio.sleep(1.5)
+                codes = []
+                for _ in range(8):  # across reconnects to a server that stays silent
+                    codes.append(await trio.to_thread.run_sync(healthz, port))
+                    await trio.sleep(0.25)
+                assert codes == [503] * 8
+                flowing[0] = True
+                with trio.fail_after(10):
+                    # the answer comes from another thread's HTTP server: poll it
+                    while await trio.to_thread.run_sync(healthz, port) != 200:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            finally:
+                http.shutdown()
+                http.server_close()
+        nursery.cancel_scope.cancel()
+    assert controls(r, KEY_CONN_MARKET, "silent")
 
 
 # --- the command line --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ tests do not wait for a simulator. The rules themselves are tested on plain valu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -19,20 +20,27 @@ from pathlib import Path
 
 import pytest
 import redis
+import trio
 
-from pipeline.eventlog import ControlEntry, Retention, control_entry, frame_entry
+from pipeline.eventlog import ControlEntry, Retention, control_entry, frame_entry, route_frame
 from pipeline.health import (
     FUTURE_ID_TOLERANCE_S,
     Connection,
     Group,
+    Outage,
     Stream,
     ViewFamily,
     assess,
     mark_silent,
     open_connections,
+    outages,
     tampering,
 )
 from pipeline.localredis import LocalRedis
+from pipeline.redisconn import make_client
+from pipeline.simulator import SimConfig, Simulator
+from pipeline.writer import LogWriter
+from pipeline.wsconn import ConnSpec, Timing, WsConnection
 from projections.core.keys import KEY_CONN_MARKET, KEY_CONN_USER, KEY_USER
 from tests.conftest import ROOT, run_cli
 
@@ -136,6 +144,37 @@ def test_connection_open_on_a_quiet_path_is_silent_and_unhealthy(
     assert any("silent" in p for p in report["problems"])
 
 
+async def test_a_user_stream_that_loops_on_rejected_connections_is_unhealthy(
+    redis_server: LocalRedis, r: redis.Redis,
+) -> None:
+    # the real connection and writer, on the real clock, against the simulator, which accepts
+    # a private stream on an unknown listenKey and closes it at once (4001)
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",)))
+    writer = LogWriter(make_client(redis_server.url))
+    url = "/private/ws?listenKey=no-such-key&events=ORDER_TRADE_UPDATE"
+    timing = Timing(backoff_base=0.05, backoff_cap=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.run)
+        await nursery.start(writer.run)
+        conn = WsConnection(ConnSpec("usr", "private", lambda: sim.ws_url + url, route_frame),
+                            writer, conn_key=KEY_CONN_USER, timing=timing)
+        nursery.start_soon(conn.run)
+        with trio.fail_after(20):
+            while r.xlen(KEY_CONN_USER) < 10:  # noqa: ASYNC110 - written by the writer thread
+                await trio.sleep(0.05)
+        await trio.sleep(1.2)
+        done = await trio.to_thread.run_sync(functools.partial(
+            run_cli, "status", "--json", env={"REDIS_URL": redis_server.url,
+                                              "PIPELINE_SILENCE_TIMEOUT": "1"}))
+        nursery.cancel_scope.cancel()
+    assert done.returncode == 1, done.stdout
+    report = json.loads(done.stdout)
+    (down,) = report["outages"]
+    assert down["name"] == "usr" and down["down_s"] > 1 and down["failed_links"] >= 10
+    assert down["last_reason"] == "server_closed: 4001"
+    assert [p for p in report["problems"] if p.startswith("connection usr:")]
+
+
 def test_dead_letters_and_rest_weight_are_reported(
     redis_server: LocalRedis, r: redis.Redis,
 ) -> None:
@@ -201,6 +240,73 @@ def test_stale_or_missing_views_and_lag_make_it_unhealthy_but_listener_lag_does_
         "views mark_price: newest is 12.5 s old (limit 10 s)",
         "views orderbook: none, while raw:market:depth20 is being written",
     ]
+
+
+def link(entries: list[ControlEntry], name: str, conn: str, opened: float | None,
+         closed: float, reason: str, frames: int = 0) -> None:
+    """The lifecycle entries of one link as the connection writes them."""
+    if opened is not None:
+        entries.append(ctl("opened", conn, opened, name=name, path="private", streams=1))
+        entries.append(ctl("closed", conn, closed, reason=reason, frames=frames))
+    else:
+        entries.append(ctl("closed", conn, closed, reason=reason, frames=0, name=name,
+                           path="private", url="wss://x/private/ws?listenKey=***"))
+
+
+def test_a_connection_is_down_from_the_end_of_its_last_working_link() -> None:
+    entries: list[ControlEntry] = []
+    link(entries, "usr", "usr-a", 100.0, 500.0, "server_closed: 1006")  # up for 400 s
+    for i in range(6):  # then every attempt fails: refused, or accepted and closed at once
+        if i % 2:
+            link(entries, "usr", f"usr-{i}", None, 501.0 + i, "connect_failed: timeout")
+        else:
+            link(entries, "usr", f"usr-{i}", 501.0 + i, 501.0 + i, "server_closed: 4001")
+    assert outages(entries, now=520.0, limit_s=30.0) == []  # 20 s: not yet
+    assert outages(entries, now=540.0, limit_s=30.0) == [
+        Outage("usr", 40.0, 6, "connect_failed: timeout")]
+    problems = assess([], [], [], max_lag=10, down=outages(entries, 540.0, 30.0))
+    assert problems == ["connection usr: no working link for 40 s (6 failed since, last: "
+                        "connect_failed: timeout)"]
+
+
+def test_a_connection_is_up_again_once_a_link_stays_open_or_carries_a_frame() -> None:
+    entries: list[ControlEntry] = []
+    for i in range(5):
+        link(entries, "mkt-1", f"mkt-1-{i}", 10.0 * i, 10.0 * i, "server_closed: 1000")
+    assert [o.name for o in outages(entries, now=100.0, limit_s=30.0)] == ["mkt-1"]
+    entries.append(ctl("opened", "mkt-1-up", 100.0, name="mkt-1", path="market"))
+    assert [o.name for o in outages(entries, now=105.0, limit_s=30.0)] == ["mkt-1"]
+    assert outages(entries, now=111.0, limit_s=30.0) == []  # open for 10 s: up
+    short = list(entries[:-1])
+    link(short, "mkt-1", "mkt-1-data", 100.0, 101.0, "server_closed: 1006", frames=3)
+    assert outages(short, now=120.0, limit_s=30.0) == []  # it carried frames: it worked
+
+
+def test_links_replaced_for_silence_one_after_another_are_down_from_the_last_frame() -> None:
+    def silent_link(conn: str, opened: float, frames: int) -> None:
+        entries.append(ctl("opened", conn, opened, name="mkt-1", path="public"))
+        entries.append(ctl("silent", conn, opened + 30.0, seconds=30.0, path="public"))
+        entries.append(ctl("closed", conn, opened + 33.0, reason="silent", frames=frames))
+
+    entries: list[ControlEntry] = []
+    entries.append(ctl("opened", "mkt-1-a", 0.0, name="mkt-1", path="public"))
+    entries.append(ctl("silent", "mkt-1-a", 130.0, seconds=30.0, path="public"))  # last at 100
+    entries.append(ctl("closed", "mkt-1-a", 133.0, reason="silent", frames=500))
+    silent_link("mkt-1-b", 133.5, 0)
+    entries.append(ctl("opened", "mkt-1-c", 167.0, name="mkt-1", path="public"))
+    (down,) = outages(entries, now=170.0, limit_s=30.0)
+    assert (down.down_s, down.failed_links, down.last_reason) == (70.0, 1, "silent")
+    assert outages(entries, now=195.0, limit_s=30.0)  # c might yet go silent too
+    assert outages(entries, now=203.0, limit_s=30.0) == []  # open 36 s, never silent: up
+
+
+def test_a_connection_stopped_on_purpose_is_not_judged() -> None:
+    entries: list[ControlEntry] = []
+    link(entries, "usr", "usr-a", None, 10.0, "connect_failed: ConnectionRefusedError")
+    link(entries, "usr", "usr-b", 20.0, 20.5, "shutdown")
+    assert outages(entries, now=1000.0, limit_s=30.0) == []
+    link(entries, "usr", "usr-c", None, 1001.0, "connect_failed: ConnectionRefusedError")
+    assert [o.failed_links for o in outages(entries, now=1100.0, limit_s=30.0)] == [1]
 
 
 # --- a role's abuse of its own streams (issue #17), performed on a real Redis -------------

@@ -1,8 +1,15 @@
 """The projector's own health, for its `/healthz`: is a projection failing right now?
 
-A task (a projection's loop, a snapshot request) marks itself failing at the first failure of
-an outage and recovered at its first success; `/healthz` answers 503 once any task has been
-failing for `unhealthy_after_s` on end. One object per process, passed to every loop.
+A task marks itself failing at the first failure of an outage and recovered at its first
+success; `/healthz` answers 503 once any task has been failing for `unhealthy_after_s` on end.
+One object per process, passed to every loop. The tasks:
+- each projection's loop (its name): Redis away, writes refused; a loop that stops clears
+  its mark;
+- each depth snapshot request (`snapshot {symbol}`): REST or Redis failing;
+- each exclusive projection's lease (`lease:{name}`, `projections.shell.lease`): no answer
+  from Redis to a renewal or an acquisition. It outlives the loop a lost lease stopped, so a
+  projection waiting for its lease because Redis is down counts as failing, and it clears at
+  the first answer, so the projection (or a standby) is healthy again once Redis is back.
 """
 
 from __future__ import annotations

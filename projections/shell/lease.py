@@ -12,6 +12,12 @@ call is abandoned): at 100 % another process may hold the lease.
 
 A process started again with the same `--consumer` name takes its own lease back at once,
 instead of waiting out the TTL of the process it replaces.
+
+Health (`ProjectorHealth`, task `lease:{name}`): failing from the first renewal or acquisition
+attempt that got no answer from Redis, recovered at the first one that did. So a projection
+that lost its lease to an outage counts as failing for as long as it cannot try for it again,
+though its loop has stopped, and a standby is healthy as long as Redis answers it, whoever
+holds the lease.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pipeline.errors import RedisUnavailable
 from pipeline.redisconn import redis_errors
 from projections.core.keys import lease_key
 from projections.shell import functions
+from projections.shell.health import ProjectorHealth
 
 log = logging.getLogger("pipeline.project.lease")
 
@@ -44,13 +51,14 @@ class Lease:
 
     def __init__(self, client: redis.Redis, name: str, holder: str, ttl_ms: int = 10_000,
                  clock: Callable[[], float] = trio.current_time,
-                 run_sync: RunSync = IN_THREAD,
+                 run_sync: RunSync = IN_THREAD, health: ProjectorHealth | None = None,
                  library: functions.FunctionLibrary | None = None) -> None:
         self.key = lease_key(name)
         self.holder = holder
         self.ttl_ms = ttl_ms
         self.clock = clock
         self.run_sync = run_sync
+        self.health = health or ProjectorHealth()
         self._client = client
         self._library = library or functions.DEFAULT
 
@@ -83,10 +91,13 @@ class Lease:
         while True:
             sent = self.clock()
             try:
-                if await self.run_sync(self.try_acquire):
-                    return sent
+                got = await self.run_sync(self.try_acquire)
             except RedisUnavailable:
-                pass
+                self.health.failed(self.key)
+            else:
+                self.health.recovered(self.key)  # Redis answered: a standby is healthy
+                if got:
+                    return sent
             await trio.sleep(self.ttl_ms / 3000)
 
     async def keep(self, on_lost: Callable[[], object], since: float | None = None) -> None:
@@ -101,17 +112,21 @@ class Lease:
             sent = self.clock()
             if sent >= stop_at:
                 log.warning("lease not renewed in time", extra={"lease": self.key})
+                self.health.failed(self.key)  # unanswered: the outage goes on after the stop
                 on_lost()
                 return
             with trio.move_on_after(stop_at - sent):  # a hung call is abandoned at the limit
                 try:
-                    if not await self.run_sync(self.renew):
-                        log.warning("lease lost", extra={"lease": self.key})
-                        on_lost()
-                        return
-                    good = sent
+                    renewed = await self.run_sync(self.renew)
                 except RedisUnavailable:
-                    pass  # tried again at the next third, or given up at the limit
+                    self.health.failed(self.key)
+                    continue  # tried again at the next third, or given up at the limit
+                self.health.recovered(self.key)
+                if not renewed:
+                    log.warning("lease lost", extra={"lease": self.key})
+                    on_lost()
+                    return
+                good = sent
 
 
 async def run_while_holding(lease: Lease, work: Callable[[], Awaitable[object]]) -> None:

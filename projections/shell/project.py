@@ -2,7 +2,8 @@
 
 The process: one nursery; per projection a `ProjectionLoop` (`projections.shell.loop`) on its
 own Redis connection, run directly or, for an exclusive projection, only while this process
-holds its lease (`projections.shell.lease`); one depth snapshot fetcher
+holds its lease (`projections.shell.lease`), each removing its groups' consumers that dead
+processes left (`projections.shell.consumers`); one depth snapshot fetcher
 (`projections.shell.snapshots`) shared by the loops; a lag reporter; `/metrics` and `/healthz`
 (`projections.shell.health`). SIGTERM and SIGINT cancel the nursery: leases are released.
 
@@ -26,12 +27,13 @@ import trio
 from pipeline import metrics
 from pipeline.backoff import Backoff
 from pipeline.config import Settings
-from pipeline.errors import RedisUnavailable
+from pipeline.errors import RedisUnavailable, SettingsError
 from pipeline.eventlog import retention_family
 from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
 from pipeline.weight import WeightBudget
 from projections.core.depthbook import SNAPSHOT_KEY
+from projections.shell.consumers import REAP_IDLE_S, remove_idle_consumers_every
 from projections.shell.functions import FunctionLibrary
 from projections.shell.health import ProjectorHealth
 from projections.shell.lease import Lease, run_while_holding
@@ -61,8 +63,10 @@ __all__ = ["RunOptions", "add_arguments", "main", "run"]
 async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
                    health: ProjectorHealth, snapshots: Snapshotter | None,
                    loops: list[ProjectionLoop], on_written: OnWritten | None = None,
-                   library: FunctionLibrary | None = None) -> None:
-    """Run one projection: directly, or while holding its lease when it is exclusive."""
+                   library: FunctionLibrary | None = None,
+                   reap_idle_s: float = REAP_IDLE_S) -> None:
+    """Run one projection: directly, or while holding its lease when it is exclusive; with
+    it, the removal of its groups' idle consumers (`projections.shell.consumers`)."""
     client = make_client(settings.redis_url, name=f"project:{spec.name}")
 
     async def work() -> None:
@@ -70,13 +74,17 @@ async def run_spec(spec: ProjectionSpec, settings: Settings, opts: RunOptions,
                               bounds=bounds_from(settings), library=library)
         loops.append(loop)
         try:
-            await loop.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(remove_idle_consumers_every, client, loop.name,
+                                   loop.io.keys, opts.consumer, reap_idle_s)
+                await loop.run()
         finally:
             loops.remove(loop)
 
     try:
         if spec.exclusive:
-            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms, library=library)
+            lease = Lease(client, spec.name, opts.consumer, opts.lease_ttl_ms, health=health,
+                          library=library)
             await run_while_holding(lease, work)
         else:
             await work()
@@ -108,8 +116,10 @@ async def report_metrics(loops: list[ProjectionLoop], every: float = 5.0) -> Non
 
 async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOptions,
               rest: RestClient | None = None, on_written: OnWritten | None = None,
-              health: ProjectorHealth | None = None) -> None:
-    """Every projection of `specs` until cancelled."""
+              health: ProjectorHealth | None = None,
+              reap_idle_s: float = REAP_IDLE_S) -> None:
+    """Every projection of `specs` until cancelled. `reap_idle_s`: a consumer of their
+    groups idle this long with nothing pending is removed."""
     health = health or ProjectorHealth()
     library = FunctionLibrary(health)
     loops: list[ProjectionLoop] = []
@@ -128,7 +138,7 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
             nursery.start_soon(ensure_library, client, library)
             for spec in specs:
                 nursery.start_soon(run_spec, spec, settings, opts, health, snapshots, loops,
-                                   on_written, library)
+                                   on_written, library, reap_idle_s)
             nursery.start_soon(report_metrics, loops)
     finally:
         sys.setswitchinterval(switch)
@@ -156,25 +166,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every event instead of the newest per view (benchmarks)")
 
 
+# flag -> (least, most): a value outside is a bad setting, not silently moved into range
+FLAG_RANGES: dict[str, tuple[int, int]] = {
+    "--block-ms": (1, MAX_BLOCK_MS),  # below the client's socket timeout
+    "--batch": (1, 100_000),
+    "--claim-idle-ms": (0, 86_400_000),
+    "--max-attempts": (1, 1_000),
+    "--lease-ttl-ms": (100, 3_600_000),
+}
+
+
 def options_from(args: argparse.Namespace) -> RunOptions:
+    for flag, (least, most) in FLAG_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not least <= value <= most:
+            raise SettingsError(flag, f"{value} is not between {least} and {most}")
     return RunOptions(
         consumer=args.consumer or default_consumer(),
-        block_ms=max(1, min(args.block_ms, MAX_BLOCK_MS)),
-        batch=max(1, args.batch),
-        claim_idle_ms=max(0, args.claim_idle_ms),
-        max_attempts=max(1, args.max_attempts),
-        lease_ttl_ms=max(100, args.lease_ttl_ms),
+        block_ms=args.block_ms,
+        batch=args.batch,
+        claim_idle_ms=args.claim_idle_ms,
+        max_attempts=args.max_attempts,
+        lease_ttl_ms=args.lease_ttl_ms,
         coalescing=not args.no_coalesce,
     )
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     specs = choose(settings, args.only)
-    connect_checked(settings.redis_url, name="project").close()
     opts = options_from(args)
     health = ProjectorHealth()
-    if settings.metrics_port > 0:
+    if settings.metrics_port > 0:  # first: a port already taken stops it before it connects
         metrics.serve(settings.metrics_port, health.healthy)
+    connect_checked(settings.redis_url, name="project").close()
     log.info("projector starting", extra={"consumer": opts.consumer,
                                           "projections": ",".join(s.name for s in specs)})
     trio.run(_main_async, settings, specs, opts, health)
