@@ -67,6 +67,7 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_BUFFER_FRAMES": "200000",
     "PIPELINE_METRICS_PORT": "0",  # 0: no metrics server
     "PIPELINE_LOG_FORMAT": "text",
+    "PIPELINE_BUFFER_BYTES": "256MiB",
 }
 
 
@@ -86,6 +87,7 @@ class Settings:
     log_format: str
     api_key: Secret | None = None
     api_secret: Secret | None = None
+    buffer_bytes: int = 256 * 1024 * 1024
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -170,4 +172,26 @@ def load_settings(
         log_format=log_format,
         api_key=_secret(merged, "BINANCE_API_KEY"),
         api_secret=_secret(merged, "BINANCE_API_SECRET"),
+        buffer_bytes=buffer_bytes(merged["PIPELINE_BUFFER_BYTES"]),
     )
+
+
+# --- the ingest buffer's byte bound -------------------------------------------------------------
+# Next to PIPELINE_BUFFER_FRAMES: the first bound reached drops. Below the floor the largest
+# frame a connection accepts (4 Mi characters of text, 16 MiB at most as UTF-8) might never fit.
+MIN_BUFFER_BYTES = 32 * 1024 * 1024
+_BYTE_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
+
+
+def buffer_bytes(value: str) -> int:
+    """PIPELINE_BUFFER_BYTES: `268435456`, `256MiB`, `1GiB`, `65536KiB`; at least 32 MiB."""
+    text = value.strip()
+    unit = next(u for u in _BYTE_UNITS if text.endswith(u))
+    try:
+        n = int(text[:len(text) - len(unit)].strip()) * _BYTE_UNITS[unit]
+    except ValueError:
+        raise SettingsError("PIPELINE_BUFFER_BYTES",
+                            f"{value!r} is not a number of bytes (e.g. 256MiB)") from None
+    if n < MIN_BUFFER_BYTES:
+        raise SettingsError("PIPELINE_BUFFER_BYTES", f"{value!r} is below 32MiB")
+    return n

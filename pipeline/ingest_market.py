@@ -169,7 +169,8 @@ async def run_market_ingest(
     task_status: trio.TaskStatus[MarketIngest] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
-    writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
+    writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames,
+                                 max_bytes=settings.buffer_bytes)
     conns = [WsConnection(spec, writer, conn_key=KEY_CONN_MARKET, timing=timing or Timing())
              for spec in market_specs(settings, symbols, max_per_connection)]
     log.info("ingesting", extra={"connections": len(conns), "symbols": len(symbols)})

@@ -303,7 +303,8 @@ async def run_user_ingest(
 ) -> None:
     """Ingest the user stream until `UserIngest.stop()` (or cancel); then close the key and
     write what is buffered."""
-    writer = LogWriter(client, settings.retention, bound=settings.buffer_frames)
+    writer = LogWriter(client, settings.retention, bound=settings.buffer_frames,
+                       max_bytes=settings.buffer_bytes)
     rest = RestClient(settings.rest_url, transport=transport)
     api = SignedRest(rest, api_key, signer, recv_window_ms=opts.recv_window_ms)
     views = make_client(settings.redis_url, name="ingest-user-views")
