@@ -36,8 +36,8 @@ BUFFER_FILL = Gauge("pipeline_buffer_fill", "Entries waiting in the ingest buffe
 BUFFER_BYTES = Gauge("pipeline_buffer_bytes", "Bytes of the entries the ingest buffer holds")
 REDIS_OUTAGE = Gauge(
     "pipeline_redis_outage_seconds",
-    "How long Redis has taken no entry from the log writer (unreachable, not answering or "
-    "refusing), from when the first such round trip was sent; 0 while it writes")
+    "How long the log writer's current Redis outage has lasted (unreachable, not answering, "
+    "refusing entries), from when its first round trip was sent; 0 while it writes")
 CONNECTIONS = Gauge("pipeline_connections", "Open websocket connections", ["path"])
 CONSUMER_LAG = Gauge(
     "pipeline_consumer_lag", "Entries not yet delivered to a projection's group", ["group", "key"])

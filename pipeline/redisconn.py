@@ -26,11 +26,13 @@ SOCKET_TIMEOUT_S = 10.0
 MAX_BLOCK_MS = 2_000
 
 
-def make_client(url: str, *, name: str = "pipeline") -> redis.Redis:
-    """A client with the pinned settings above. Does not connect yet."""
+def make_client(url: str, *, name: str = "pipeline",
+                socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.Redis:
+    """A client with the pinned settings above. Does not connect yet. (`socket_timeout`:
+    tests of a frozen server shorten it; it must stay above `MAX_BLOCK_MS`.)"""
     return redis.Redis.from_url(
         url,
-        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=5.0,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,

@@ -167,8 +167,7 @@ class LogWriter:
         self._gap_carry: list[GapItem] = []  # gap entries of a round trip that failed
         self._gap_refusals: Counter[tuple[str, str]] = Counter()
         self._rejected_seen = 0
-        self._refusal_logged = False
-        self._last_sent = 0.0
+        self._sent = False  # whether the last round trip's bytes started on their way
         # published by the writer thread for the writer task (single attribute stores)
         self._in_flight: tuple[float, float] | None = None  # (sent at, stall limit in s)
         self._failing_since: float | None = None  # send time of the first failed round trip
@@ -204,8 +203,9 @@ class LogWriter:
         return False
 
     def outage_started(self) -> float | None:
-        """Wall time the current outage began: when the first round trip that got nothing in
-        was sent, or the one still waiting past its `stall_limit`; None while Redis writes."""
+        """Wall time the current outage began: when the first round trip that failed or had
+        entries refused was sent, or the one still waiting past its `stall_limit`; None since
+        a round trip went through whole."""
         since = self._failing_since
         flight = self._in_flight
         if flight is not None:
@@ -216,8 +216,8 @@ class LogWriter:
 
     @property
     def healthy(self) -> bool:
-        """False once Redis has taken nothing for `unhealthy_after` (30) s: unreachable, not
-        answering, or refusing every entry."""
+        """False once an outage has lasted `unhealthy_after` (30) s: Redis unreachable, not
+        answering, or refusing entries (out of memory, a key it keeps refusing)."""
         since = self.outage_started()
         return since is None or self.clock() - since < self.unhealthy_after
 
@@ -345,15 +345,19 @@ class LogWriter:
         budget = MAX_BATCH_BYTES - (sum(map(len, map(_command_of, carry))) if carry else 0)
         fresh = self.buffer.take(room, budget) if room > 0 and budget > 0 else []
         entries = carry + fresh if carry else fresh
-        gaps = self._gap_carry
-        if self.buffer.drops:
-            gaps = gaps + self._pack_gaps()
+        new_gaps = self._pack_gaps() if self.buffer.drops else []
+        gaps = self._gap_carry + new_gaps if new_gaps else self._gap_carry
         batch = [(key, packed) for key, _, _, packed in gaps] + entries if gaps else entries
         result = self._write_once(batch)
         if result is None:  # nothing known to be written: all of it again, after a wait
             if fresh:
                 self._carry_refusals = self._carry_refusals + [0] * len(fresh)
-            self._carry, self._gap_carry = entries, gaps
+            self._carry = entries
+            if self._sent:  # Redis may have applied the gap entries: send the same bytes again
+                self._gap_carry = gaps
+            else:  # they never left: next time, one gap entry per key and reason, not two
+                for key, reason, rec, _ in new_gaps:
+                    self.buffer.drops.merge(key, reason, rec)
             self._abort.wait(self._retry.unreachable())
             return len(fresh)
         refused, nbytes = result
@@ -366,7 +370,6 @@ class LogWriter:
             self._settle(len(entries), nbytes)
             self._retry.written()
             self._rejected_seen = self.buffer.rejected
-            self._refusal_logged = False
             return len(fresh)
         self._after_refusals(gaps, entries, refused)
         return len(fresh)
@@ -399,8 +402,6 @@ class LogWriter:
         if lost:
             self._give_up(lost, full)
         progressed = bool(accepted) or len(gaps_refused) < ngaps
-        if not progressed and self._failing_since is None:
-            self._failing_since = self._last_sent
         delay = self._retry.refused(progressed)
         if delay > 0:
             self._abort.wait(delay)
@@ -408,7 +409,7 @@ class LogWriter:
     def _write_once(self, batch: Batch) -> tuple[list[tuple[int, str]], int] | None:
         """The indices and errors of the entries Redis refused and the bytes sent, or None
         when Redis could not be reached."""
-        sent = self._last_sent = self.clock()
+        sent = self.clock()
         try:
             refused, nbytes = self._write_sync(batch, sent)
         except RedisUnavailable as exc:
@@ -417,16 +418,18 @@ class LogWriter:
                 log.warning("redis unavailable: holding frames in the buffer and retrying",
                             extra={"error": str(exc), "buffered": self.buffer.held})
             return None
+        if refused:  # an outage too, until a round trip goes through with nothing refused
+            if self._failing_since is None:
+                self._failing_since = sent
+                log.warning("redis refused entries: sending them again", extra={
+                    "refused": len(refused), "of": len(batch), "error": refused[0][1][:200],
+                    "buffered": self.buffer.held})
+            return refused, nbytes
         now = self.clock()
         since = self._failing_since
         if since is None and now - sent > stall_limit(nbytes):
             since = sent  # it answered in the end, after the writer task saw it stalled
-        if refused and not self._refusal_logged:
-            self._refusal_logged = True
-            log.warning("redis refused entries: sending them again", extra={
-                "refused": len(refused), "of": len(batch), "error": refused[0][1][:200],
-                "buffered": self.buffer.held})
-        if since is not None and len(refused) < len(batch):
+        if since is not None:
             log.warning("redis back", extra={"outage_s": round(now - since, 3),
                                              "buffered": self.buffer.held})
             self._failing_since = None
@@ -437,12 +440,14 @@ class LogWriter:
         started = time.perf_counter()
         payload = b"".join(map(_command_of, batch))
         self._in_flight = (sent, stall_limit(len(payload)))
+        self._sent = False
         pool = self._client.connection_pool
         try:
             with redis_errors():
                 conn = pool.get_connection()  # connects (and names the client) if needed
             try:
                 with redis_errors():
+                    self._sent = True
                     conn.send_packed_command([payload], check_health=False)
                     refused = read_replies(conn, len(batch))
             except BaseException:
