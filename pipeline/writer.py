@@ -101,6 +101,7 @@ RATE_WINDOW_S = 0.1
 WATCH_S = 0.1  # how often the writer task looks at the round trip in flight
 STALL_BASE_S = 1.0
 STALL_BYTES_PER_S = 10e6
+REFUSAL_LOG_EVERY_S = 10.0
 
 # A buffered entry: (raw key, its XADD command packed as RESP). One flat tuple per entry, so
 # the writer thread's passes over a batch run in C (`map(itemgetter...)`, `Counter`); what a
@@ -167,6 +168,8 @@ class LogWriter:
         self._gap_carry: list[GapItem] = []  # gap entries of a round trip that failed
         self._gap_refusals: Counter[tuple[str, str]] = Counter()
         self._rejected_seen = 0
+        self._outage_logged = False
+        self._refusal_logged_at = -math.inf
         self._sent = False  # whether the last round trip's bytes started on their way
         # published by the writer thread for the writer task (single attribute stores)
         self._in_flight: tuple[float, float] | None = None  # (sent at, stall limit in s)
@@ -361,12 +364,14 @@ class LogWriter:
             self._abort.wait(self._retry.unreachable())
             return len(fresh)
         refused, nbytes = result
-        self._gap_carry = []
+        if gaps:
+            self._gap_carry = []
         if not refused:
             if gaps:
                 self._gaps_written(gaps, {})
                 nbytes -= sum(len(packed) for _, _, _, packed in gaps)
-            self._carry, self._carry_refusals = [], []
+            if carry:
+                self._carry, self._carry_refusals = [], []
             self._settle(len(entries), nbytes)
             self._retry.written()
             self._rejected_seen = self.buffer.rejected
@@ -415,25 +420,33 @@ class LogWriter:
         except RedisUnavailable as exc:
             if self._failing_since is None:
                 self._failing_since = sent
+                self._outage_logged = True
                 log.warning("redis unavailable: holding frames in the buffer and retrying",
                             extra={"error": str(exc), "buffered": self.buffer.held})
             return None
         if refused:  # an outage too, until a round trip goes through with nothing refused
             if self._failing_since is None:
                 self._failing_since = sent
-                log.warning("redis refused entries: sending them again", extra={
-                    "refused": len(refused), "of": len(batch), "error": refused[0][1][:200],
-                    "buffered": self.buffer.held})
+                # one key Redis keeps refusing starts a short outage per frame: not a line each
+                if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
+                    self._refusal_logged_at = time.monotonic()
+                    self._outage_logged = True
+                    log.warning("redis refused entries: sending them again", extra={
+                        "refused": len(refused), "of": len(batch),
+                        "error": refused[0][1][:200], "buffered": self.buffer.held})
             return refused, nbytes
-        now = self.clock()
         since = self._failing_since
-        if since is None and now - sent > stall_limit(nbytes):
-            since = sent  # it answered in the end, after the writer task saw it stalled
-        if since is not None:
+        if since is not None or self.clock() - sent > stall_limit(nbytes):
+            self._outage_over(sent if since is None else since)
+        return refused, nbytes
+
+    def _outage_over(self, since: float) -> None:
+        now = self.clock()
+        if self._outage_logged or now - since > STALL_BASE_S:
             log.warning("redis back", extra={"outage_s": round(now - since, 3),
                                              "buffered": self.buffer.held})
-            self._failing_since = None
-        return refused, nbytes
+        self._failing_since = None
+        self._outage_logged = False
 
     def _write_sync(self, batch: Batch, sent: float) -> tuple[list[tuple[int, str]], int]:
         """Worker thread: the batch's XADDs in one pipelined round trip."""
