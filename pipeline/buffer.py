@@ -221,7 +221,8 @@ class FrameBuffer:
         n = min(max_items, len(self._items))
         # popleft n times in C: the writer thread holds the GIL for less (one call per batch)
         items = list(starmap(self._items.popleft, repeat((), n)))
-        if max_bytes is not None and n > 1:
+        # sizes only when the bytes held could pass the budget: not at all in normal running
+        if max_bytes is not None and n > 1 and self.bytes_in - self.bytes_out > max_bytes:
             ends = list(accumulate(map(len, map(_size_of, items))))
             if ends[-1] > max_bytes:
                 cut = max(1, bisect_right(ends, max_bytes))

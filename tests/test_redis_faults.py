@@ -1,6 +1,6 @@
 """The event log under Redis faults, against real redis-server processes: out of memory
 (`maxmemory` reached under `noeviction`) for long spells, a buffer bounded in bytes, a frozen
-server (SIGSTOP).
+server (SIGSTOP), for the log writer and for the projector.
 
 What a user of the log checks afterwards: every frame the ingestor received is either in its
 `raw:` key or counted in a `gap` entry there, whose `reason` says why it was lost; nothing is
@@ -39,6 +39,9 @@ from pipeline.redisconn import make_client
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.writer import LogWriter, stall_limit
 from projections.core.keys import KEY_CONN_MARKET
+from projections.core.market import MarkPriceProjection
+from projections.shell.health import ProjectorHealth
+from projections.shell.loop import ProjectionLoop, RunOptions
 from tests.test_ingest_market import FAST
 
 KEY = "raw:market:aggTrade"
@@ -354,4 +357,29 @@ async def test_a_freeze_past_the_socket_timeout_and_the_buffer_loses_only_what_i
     assert "redis unavailable: holding frames in the buffer and retrying" in messages
     back = next(rec for rec in caplog.records if rec.getMessage() == "redis back")
     assert 4.9 <= back.outage_s < 6.5  # type: ignore[attr-defined]
+    client.close()
+
+
+async def test_the_projector_counts_a_frozen_redis_from_the_call_that_hung(
+        redis_server: LocalRedis) -> None:
+    # The projector's calls hang until the socket timeout too (here 1.5 s): its /healthz clock
+    # must start when the call that never came back was sent, not when it gave up.
+    health = ProjectorHealth()
+    client = make_client(redis_server.url, socket_timeout=1.5)
+    loop = ProjectionLoop(MarkPriceProjection("websocket"), client,
+                          RunOptions(consumer="c1", block_ms=500), health)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.run)
+        await trio.sleep(1.0)  # groups made, blocking reads going round
+        with frozen(redis_server):
+            stopped = time.monotonic()
+            await until(lambda: health.failing())
+            since_freeze = time.monotonic() - stopped
+            failing_for = health.failing()["mark_price"]
+        await until(lambda: not health.failing())
+        nursery.cancel_scope.cancel()
+    # the hung read was sent at most one BLOCK (0.5 s) before the freeze, and timed out 1.5 s
+    # after it was sent
+    assert 0.9 <= since_freeze < 2.0
+    assert failing_for >= since_freeze - 0.05
     client.close()
