@@ -13,6 +13,8 @@ import pytest
 
 from pipeline.backoff import Backoff, BatchRetry, backoff_delay
 from pipeline.buffer import DropLedger, DropRecord, FrameBuffer
+from pipeline.config import load_settings
+from pipeline.errors import SettingsError
 from pipeline.eventlog import refused_reason
 
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
@@ -188,3 +190,13 @@ def test_a_round_trip_that_got_nothing_in_waits_one_that_got_some_in_goes_on() -
     assert r.refused(progressed=False) == pytest.approx(0.05)  # and the backoff starts again
     r.written()
     assert r.unreachable() == pytest.approx(0.05)
+
+
+def test_the_byte_bound_setting_takes_units_and_refuses_a_bound_below_the_largest_frame() -> None:
+    assert load_settings(env={}).buffer_bytes == 256 * 1024 * 1024
+    assert load_settings(env={"PIPELINE_BUFFER_BYTES": "1GiB"}).buffer_bytes == 1 << 30
+    assert load_settings(env={"PIPELINE_BUFFER_BYTES": "33554432"}).buffer_bytes == 32 << 20
+    assert load_settings(env={"PIPELINE_BUFFER_BYTES": "65536 KiB"}).buffer_bytes == 64 << 20
+    for bad in ("lots", "16MiB", "256 MB", "-1GiB", ""):
+        with pytest.raises(SettingsError, match="PIPELINE_BUFFER_BYTES"):
+            load_settings(env={"PIPELINE_BUFFER_BYTES": bad})
