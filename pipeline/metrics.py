@@ -32,7 +32,8 @@ REDIS_WRITE_SECONDS = Histogram(
 RECONNECTS = Counter(
     "pipeline_reconnects", "Websocket reconnects", ["reason"])
 GAPS = Counter("pipeline_gaps", "Gaps recorded in the log", ["key"])
-BUFFER_FILL = Gauge("pipeline_buffer_fill", "Entries waiting in the ingest buffer")
+BUFFER_FILL = Gauge("pipeline_buffer_fill",
+                    "Entries the ingest buffer holds (waiting, or sent and not yet accepted)")
 BUFFER_BYTES = Gauge("pipeline_buffer_bytes", "Bytes of the entries the ingest buffer holds")
 REDIS_OUTAGE = Gauge(
     "pipeline_redis_outage_seconds",
