@@ -13,7 +13,13 @@ Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a s
    the frames the simulator sent (GET /sim/stats) and checked for gap entries;
 3. the ingestor's peak resident memory (VmHWM from /proc) in every run;
 4. with `--pauses`, in each throughput round also the ingestor with the writer's pause after a
-   batch forced to 0, 1 and 10 ms: what `pipeline.writer.pause_after` chooses between.
+   batch forced to 0, 1 and 10 ms: what `pipeline.writer.pause_after` chooses between;
+5. with `--faults`, issue #11's fault runs scaled down: Redis out of memory (`maxmemory`
+   reached, `noeviction`) for `--oom-seconds` at 2,000 frames/s, with the default buffer and
+   with `PIPELINE_BUFFER_FRAMES=5000` (frames sent, logged, reported in gap entries by reason,
+   and unaccounted for: neither); and Redis frozen (SIGSTOP) while the simulator sends 150
+   frames of 2 MiB, with `PIPELINE_BUFFER_BYTES=64MiB` (the ingestor's peak memory, and the
+   same account once Redis runs again).
 
 Prints a table and writes JSON to bench/results/ingest-<time>.json.
 """
@@ -41,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.localredis import LocalRedis  # noqa: E402
 
 KEY = "raw:market:aggTrade"
+KEY_OTHER = "raw:market:other"
+KEY_MARK = "raw:market:markPrice"
 # `--pauses`: the writer's pause after every batch, forced (seconds)
 PAUSES = {"0 (back to back)": 0.0, "1 ms": 0.001, "10 ms": 0.010}
 STREAM = "btcusdt@aggTrade"
@@ -134,9 +142,11 @@ class Ingestor:
     forced to this many seconds (`pipeline.writer.pause_after` replaced in that process only),
     to measure what the pause rule buys."""
 
-    def __init__(self, redis_url: str, ws_url: str, pause: float | None = None) -> None:
+    def __init__(self, redis_url: str, ws_url: str, pause: float | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         env = {**clean_env(), "REDIS_URL": redis_url, "BINANCE_WS_URL": ws_url,
-               "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade"}
+               "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade",
+               **(settings or {})}
         cmd = [sys.executable, "-m", "pipeline", "ingest", "market"]
         if pause is not None:
             cmd = [sys.executable, "-c", "import pipeline.writer as w, pipeline.cli as c; "
@@ -192,6 +202,26 @@ def wait_until_still(r: redis.Redis, quiet: float = 1.0, timeout: float = 60.0) 
         if time.monotonic() > deadline:
             break
     return last
+
+
+def log_account(r: redis.Redis, key: str) -> dict[str, Any]:
+    """Distinct frames (`conn`, `seq`) in `key` and what its gap entries report, by reason."""
+    seen: set[tuple[bytes, bytes]] = set()
+    by_reason: dict[str, int] = {}
+    start = "-"
+    while True:
+        batch = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                     r.xrange(key, min=start, count=10_000))
+        if not batch:
+            return {"logged": len(seen), "in_gaps": sum(by_reason.values()),
+                    "gaps_by_reason": by_reason}
+        for _, fields in batch:
+            if b"frame" in fields:
+                seen.add((fields[b"conn"], fields[b"seq"]))
+            elif fields.get(b"ctl") == b"gap":
+                body = json.loads(fields[b"body"])
+                by_reason[body["reason"]] = by_reason.get(body["reason"], 0) + body["dropped"]
+        start = "(" + batch[-1][0].decode()
 
 
 def count_frames(r: redis.Redis, key: str = KEY) -> tuple[int, int]:
@@ -263,6 +293,100 @@ def run_burst(r: redis.Redis, url: str, burst: int, seconds: float) -> dict[str,
             "lost": sent - logged, "gap_entries": gaps, "peak_rss_mb": peak}
 
 
+def run_oom(folder: Path, seconds: float, buffer_frames: int | None) -> dict[str, Any]:
+    """Redis out of memory for `seconds` under a steady 2,000 frames/s: what was lost, and
+    whether each loss is in a gap entry."""
+    with LocalRedis(folder, args=["--maxmemory-policy", "noeviction"]) as server:
+        r = server.client()
+        sim = Sim("--rate", "2000")
+        try:
+            env = {} if buffer_frames is None else {"PIPELINE_BUFFER_FRAMES": str(buffer_frames)}
+            ing = Ingestor(server.url, sim.ws_url, settings=env)
+            try:
+                wait_for(lambda: entries_added(r) > 0)
+                r.setrange("filler", 64 * 1024 * 1024 - 1, b"x")  # room to give back later
+                r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 256 * 1024)
+                wait_for(lambda: int(r.info("stats")["total_error_replies"]) > 0)
+                time.sleep(seconds)
+                r.delete("filler")
+                time.sleep(2.0)
+                sim.post("silence", {"on": True})
+                wait_until_still(r)
+                peak = ing.peak_rss_mb()
+            finally:
+                ing.stop()
+            sent = int(sim.stats()["frames_by_stream"].get(STREAM, 0))
+        finally:
+            sim.stop()
+        account = log_account(r, KEY)
+        r.close()
+    return {"oom_s": seconds, "buffer_frames": buffer_frames or 200_000, "sent": sent,
+            **account, "unaccounted": sent - account["logged"] - account["in_gaps"],
+            "peak_rss_mb": peak}
+
+
+def run_frozen_big_frames(folder: Path) -> dict[str, Any]:
+    """Redis frozen while 150 frames of 2 MiB arrive (the simulator's malformed set, every
+    fifth oversized), the buffer bounded at 64 MiB: peak memory, and the account after."""
+    with LocalRedis(folder) as server:
+        assert server.proc is not None
+        r = server.client()
+        sim = Sim("--rate", "20")
+        try:
+            ing = Ingestor(server.url, sim.ws_url, settings={"PIPELINE_BUFFER_BYTES": "64MiB"})
+            try:
+                wait_for(lambda: entries_added(r) > 0)
+                time.sleep(1.0)
+                before = ing.peak_rss_mb()
+                os.kill(server.proc.pid, signal.SIGSTOP)
+                try:
+                    sim.post("malformed", {"count": 750})
+                    time.sleep(5.0)
+                    peak = ing.peak_rss_mb()
+                finally:
+                    os.kill(server.proc.pid, signal.SIGCONT)
+                time.sleep(3.0)
+                sim.post("silence", {"on": True})
+                wait_until_still(r)
+            finally:
+                ing.stop()
+            sent = int(sim.stats()["malformed_sent"])
+        finally:
+            sim.stop()
+        # the set's truncated frame still names its stream: it goes to that stream's key
+        parts = [log_account(r, key) for key in (KEY_OTHER, KEY_MARK)]
+        account = {"logged": sum(p["logged"] for p in parts),
+                   "in_gaps": sum(p["in_gaps"] for p in parts),
+                   "gaps_by_reason": {reason: sum(p["gaps_by_reason"].get(reason, 0)
+                                                  for p in parts)
+                                      for p in parts for reason in p["gaps_by_reason"]}}
+        r.close()
+    return {"frames": sent, "of_2_mib": sent // 5, "offered_mb": sent // 5 * 2,
+            "rss_before_mb": before, "peak_rss_mb": peak, **account,
+            "unaccounted": sent - account["logged"] - account["in_gaps"]}
+
+
+def run_faults(seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return {"oom": [run_oom(Path(tmp) / "oom", seconds, None),
+                        run_oom(Path(tmp) / "oom-small", seconds, 5000)],
+                "frozen": run_frozen_big_frames(Path(tmp) / "frozen")}
+
+
+def print_faults(faults: dict[str, Any]) -> None:
+    print(f"\n{'Redis out of memory':<28}{'sent':>8}{'logged':>8}{'in gaps':>9}"
+          f"{'unaccounted':>13}   gaps by reason")
+    for run in faults["oom"]:
+        name = f"{run['oom_s']:g} s, buffer {run['buffer_frames']:,}"
+        print(f"{name:<28}{run['sent']:>8}{run['logged']:>8}{run['in_gaps']:>9}"
+              f"{run['unaccounted']:>13}   {run['gaps_by_reason']}")
+    f = faults["frozen"]
+    print(f"\nRedis frozen, {f['of_2_mib']} frames of 2 MiB ({f['offered_mb']} MB) offered, "
+          f"PIPELINE_BUFFER_BYTES=64MiB: ingestor peak RSS {f['rss_before_mb']:.0f} -> "
+          f"{f['peak_rss_mb']:.0f} MB; {f['frames']} frames, {f['logged']} logged, "
+          f"{f['in_gaps']} in gaps {f['gaps_by_reason']}, {f['unaccounted']} unaccounted")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -273,6 +397,10 @@ def main() -> int:
                         help="throughput only (for quick comparisons while tuning)")
     parser.add_argument("--pauses", action="store_true",
                         help="also the ingestor with the writer's pause forced to 0, 1 and 10 ms")
+    parser.add_argument("--faults", action="store_true",
+                        help="also Redis out of memory and frozen (issue #11's runs, scaled)")
+    parser.add_argument("--faults-only", action="store_true", help="only those")
+    parser.add_argument("--oom-seconds", type=float, default=10.0)
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,6 +410,13 @@ def main() -> int:
     global FEED_CPU, READER_CPU
     if args.pin:
         FEED_CPU, READER_CPU = 0, 1
+    if args.faults_only:
+        faults = run_faults(args.oom_seconds)
+        print_faults(faults)
+        write_result({"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "command": "bench/bench_ingest.py " + " ".join(sys.argv[1:]),
+                      "faults": faults}, "faults")
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp)) as server:
         if FEED_CPU is not None and server.proc is not None:
@@ -319,11 +454,18 @@ def main() -> int:
                                                                    for b in bursts]),
     }
     print_table(result)
-    out = ROOT / "bench" / "results" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.faults:
+        result["faults"] = run_faults(args.oom_seconds)
+        print_faults(result["faults"])
+    write_result(result, "ingest")
+    return 0
+
+
+def write_result(result: dict[str, Any], name: str) -> None:
+    out = ROOT / "bench" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {out.relative_to(ROOT)}")
-    return 0
 
 
 def print_table(res: dict[str, Any]) -> None:

@@ -46,25 +46,40 @@ class Backoff:
 
 @attrs.define
 class BatchRetry:
-    """The waits of the log writer's retries of one batch. Pure: the writer thread sleeps.
+    """The log writer's retry rules. Pure: the writer thread sleeps.
 
-    While Redis is unreachable nothing is known to be written, so the batch is sent again for
-    as long as it takes (the bounded buffer keeps the readers going meanwhile). Entries Redis
-    refuses one by one (an error reply) are sent again alone, and given up once refused
-    `max_refusals` times: a key Redis keeps refusing must not stall every other key. One
-    backoff runs over both, so a batch that meets both keeps waiting longer."""
+    While Redis is unreachable (or does not answer) nothing is known to be written, so every
+    entry of the round trip is sent again, for as long as it takes: the bounded buffer keeps the
+    readers going meanwhile. Entries Redis refuses one by one (an error reply) go again with the
+    next round trip. One the server refuses as a whole (OOM, READONLY, LOADING...:
+    `server_wide`) is given up only once the buffer is full, so an out-of-memory spell loses
+    nothing while there is room; one refused for a reason of its own key (WRONGTYPE, NOPERM) is
+    given up after `max_refusals` refusals, so that one bad key cannot stall the log. A round
+    trip that got nothing in is followed by a wait, one backoff over both kinds of failure; one
+    that got some entries in by none."""
 
     backoff: Backoff
     max_refusals: int
-    refusals: int = 0
 
     def unreachable(self) -> float:
-        """Seconds to wait before sending the whole batch again."""
+        """Seconds to wait before sending the whole round trip again."""
         return self.backoff.next_delay()
 
-    def refused(self) -> float | None:
-        """Seconds to wait before sending the refused entries again; None: give them up."""
-        self.refusals += 1
-        if self.refusals >= self.max_refusals:
-            return None
+    def refused(self, progressed: bool) -> float:
+        """Seconds to wait before the next round trip after one in which Redis refused
+        entries; `progressed`: it accepted others."""
+        if progressed:
+            self.backoff.reset()
+            return 0.0
         return self.backoff.next_delay()
+
+    def give_up(self, refusals: int, server_wide: bool, buffer_full: bool) -> bool:
+        """Whether an entry Redis has now refused `refusals` times is dropped (and reported in
+        a gap) instead of sent again."""
+        if buffer_full:
+            return True
+        return not server_wide and refusals >= self.max_refusals
+
+    def written(self) -> None:
+        """A round trip with nothing refused: back to no wait."""
+        self.backoff.reset()

@@ -46,6 +46,7 @@ COMMON_FLAGS: dict[str, str] = {
     "--silence-timeout": "PIPELINE_SILENCE_TIMEOUT",
     "--rotate-after": "PIPELINE_ROTATE_AFTER",
     "--buffer-frames": "PIPELINE_BUFFER_FRAMES",
+    "--buffer-bytes": "PIPELINE_BUFFER_BYTES",
     "--metrics-port": "PIPELINE_METRICS_PORT",
     "--log-format": "PIPELINE_LOG_FORMAT",
     "--rest-weight-limit": "PIPELINE_REST_WEIGHT_LIMIT",

@@ -109,6 +109,7 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_MAX_CLOCK_AHEAD_S": "10",  # an event time beyond its receipt + this is poison
     "PIPELINE_MAX_ID_RATE": "10000000",  # ids a second a stream can advance (book u, trade a)
     "PIPELINE_REPAIR_SLACK_S": "1",  # event-time slack before a held id is judged impossible
+    "PIPELINE_BUFFER_BYTES": "256MiB",
 }
 
 
@@ -132,6 +133,7 @@ class Settings:
     max_clock_ahead_s: float = 10.0
     max_id_rate: float = 10_000_000.0
     repair_slack_s: float = 1.0
+    buffer_bytes: int = 256 * 1024 * 1024
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -296,6 +298,7 @@ def load_settings(
         max_clock_ahead_s=_number("PIPELINE_MAX_CLOCK_AHEAD_S", merged),
         max_id_rate=_number("PIPELINE_MAX_ID_RATE", merged),
         repair_slack_s=_number("PIPELINE_REPAIR_SLACK_S", merged),
+        buffer_bytes=buffer_bytes(merged["PIPELINE_BUFFER_BYTES"]),
     )
 
 
@@ -317,3 +320,24 @@ def rest_weight_limit(value: str) -> int:
                             f"{limit} is not between 1 and {MAX_REST_WEIGHT_LIMIT} (Binance's "
                             "limit per IP)")
     return limit
+
+
+# --- the ingest buffer's byte bound -------------------------------------------------------------
+# Next to PIPELINE_BUFFER_FRAMES: the first bound reached drops. Below the floor the largest
+# frame a connection accepts (4 Mi characters of text, 16 MiB at most as UTF-8) might never fit.
+MIN_BUFFER_BYTES = 32 * 1024 * 1024
+_BYTE_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
+
+
+def buffer_bytes(value: str) -> int:
+    """PIPELINE_BUFFER_BYTES: `268435456`, `256MiB`, `1GiB`, `65536KiB`; at least 32 MiB."""
+    text = value.strip()
+    unit = next(u for u in _BYTE_UNITS if text.endswith(u))
+    try:
+        n = int(text[:len(text) - len(unit)].strip()) * _BYTE_UNITS[unit]
+    except ValueError:
+        raise SettingsError("PIPELINE_BUFFER_BYTES",
+                            f"{value!r} is not a number of bytes (e.g. 256MiB)") from None
+    if n < MIN_BUFFER_BYTES:
+        raise SettingsError("PIPELINE_BUFFER_BYTES", f"{value!r} is below 32MiB")
+    return n

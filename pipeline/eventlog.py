@@ -22,6 +22,21 @@ Entry fields:
   time, update id) is not newer than what the view holds.
 - control entry (no `frame` field): `ctl` (opened, closed, silent, rotated, gap, snapshot,
   final_state), `body` (JSON), `recv_ts`, `conn`.
+
+Gap entries of the ingestors (`gap_body`): on the raw key that lost entries, one per cause,
+appended once Redis accepts writes again, whatever the fault and however long it lasted:
+`reason`, `dropped` (entries), `first_recv_ts` / `last_recv_ts` (receipt times of the first and
+last lost entry), `by_conn` (count per connection id; "" for control entries). Causes:
+- `buffer_full`: the ingestor's buffer had reached one of its bounds (`PIPELINE_BUFFER_FRAMES`
+  or `PIPELINE_BUFFER_BYTES`) while Redis was unreachable, frozen or refusing;
+- `refused: <Redis's error reply>` (`refused: OOM command not allowed when used memory >
+  'maxmemory'.`, `refused: WRONGTYPE ...`): Redis refused the entry itself. An entry refused
+  because the server as a whole cannot write (OOM, READONLY, LOADING...) is given up only when
+  the buffer is full; one refused for a reason of its own key (WRONGTYPE, NOPERM) after a few
+  attempts.
+A gap entry is written like any entry: an outage that cuts its round trip short may log it
+twice, byte for byte (same `recv_ts` and body). The diff-depth projector writes gap entries of
+its own (`reason: "pu break"`, in `raw:depth_snapshots`).
 """
 
 from __future__ import annotations
@@ -113,6 +128,23 @@ def control_entry(ctl: str, body: Mapping[str, Any], recv_ts: float, conn: str =
 ]:
     return {b"ctl": ctl.encode(), b"body": orjson.dumps(body), b"recv_ts": format_ts(recv_ts),
             b"conn": conn.encode()}
+
+
+GAP_BUFFER_FULL = "buffer_full"
+GAP_REFUSED = "refused: "  # + Redis's error reply, as Redis wrote it
+MAX_REASON_CHARS = 200
+
+
+def refused_reason(error: str) -> str:
+    """The gap reason of entries Redis refused with the error reply `error`."""
+    return (GAP_REFUSED + error)[:MAX_REASON_CHARS]
+
+
+def gap_body(reason: str, dropped: int, first_recv_ts: float, last_recv_ts: float,
+             by_conn: Mapping[str, int]) -> dict[str, Any]:
+    """The body of an ingestor's `gap` control entry (the causes: module docstring)."""
+    return {"reason": reason, "dropped": dropped, "first_recv_ts": round(first_recv_ts, 6),
+            "last_recv_ts": round(last_recv_ts, 6), "by_conn": dict(by_conn)}
 
 
 @attrs.frozen

@@ -231,7 +231,8 @@ async def run_market_ingest(
     task_status: trio.TaskStatus[MarketIngest] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ingest until `MarketIngest.stop()` (or cancel); then write what is buffered."""
-    writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames)
+    writer = writer or LogWriter(client, settings.retention, bound=settings.buffer_frames,
+                                 max_bytes=settings.buffer_bytes)
     conns = market_connections(settings, symbols, writer, timing=timing,
                                max_per_connection=max_per_connection,
                                session_symbols=session_symbols)

@@ -22,7 +22,8 @@ FRAMES_RECEIVED = Counter(
 FRAMES_LOGGED = Counter(
     "pipeline_frames_logged", "Frames appended to the raw: streams", ["key"])
 FRAMES_DROPPED = Counter(
-    "pipeline_frames_dropped", "Frames dropped because the buffer was full", ["key"])
+    "pipeline_frames_dropped", "Entries dropped: the buffer was full, or Redis kept refusing them",
+    ["key"])
 BAD_FRAMES = Counter(
     "pipeline_bad_frames", "Frames logged to raw:market:other (unknown, malformed, binary)")
 BATCH_SIZE = Histogram(
@@ -34,7 +35,13 @@ REDIS_WRITE_SECONDS = Histogram(
 RECONNECTS = Counter(
     "pipeline_reconnects", "Websocket reconnects", ["reason"])
 GAPS = Counter("pipeline_gaps", "Gaps recorded in the log", ["key"])
-BUFFER_FILL = Gauge("pipeline_buffer_fill", "Entries waiting in the ingest buffer")
+BUFFER_FILL = Gauge("pipeline_buffer_fill",
+                    "Entries the ingest buffer holds (waiting, or sent and not yet accepted)")
+BUFFER_BYTES = Gauge("pipeline_buffer_bytes", "Bytes of the entries the ingest buffer holds")
+REDIS_OUTAGE = Gauge(
+    "pipeline_redis_outage_seconds",
+    "How long the log writer's current Redis outage has lasted (unreachable, not answering, "
+    "refusing entries), from when its first round trip was sent; 0 while it writes")
 CONNECTIONS = Gauge("pipeline_connections", "Open websocket connections", ["path"])
 CONSUMER_LAG = Gauge(
     "pipeline_consumer_lag", "Entries not yet delivered to a projection's group", ["group", "key"])

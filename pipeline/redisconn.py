@@ -26,11 +26,13 @@ SOCKET_TIMEOUT_S = 10.0
 MAX_BLOCK_MS = 2_000
 
 
-def make_client(url: str, *, name: str = "pipeline") -> redis.Redis:
-    """A client with the pinned settings above. Does not connect yet."""
+def make_client(url: str, *, name: str = "pipeline",
+                socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.Redis:
+    """A client with the pinned settings above. Does not connect yet. (`socket_timeout`:
+    tests of a frozen server shorten it; it must stay above `MAX_BLOCK_MS`.)"""
     return redis.Redis.from_url(
         url,
-        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=5.0,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
@@ -57,6 +59,16 @@ _CODES_OF_CLASSES: tuple[tuple[type[Exception], str], ...] = (
 # an ACL being fixed, a failed background save.
 REFUSED_FOR_NOW = frozenset(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN",
                              "NOPERM", "MISCONF"))
+# Of those, the ones that refuse every write to the server, not one key or one ACL rule: waiting
+# them out costs no other key anything, since nothing else gets in either.
+SERVER_REFUSALS = REFUSED_FOR_NOW - {"NOPERM"}
+
+
+def reply_code(message: str) -> str:
+    """The code of an error reply from its text as Redis sends it: "OOM command not allowed
+    when used memory > 'maxmemory'." -> "OOM"; "ERR" for a reply without one."""
+    head = message.split(" ", 1)[0]
+    return head if head.isupper() else "ERR"
 
 
 def error_code(exc: BaseException) -> str:
@@ -66,8 +78,7 @@ def error_code(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return code
     if isinstance(exc, redis.ResponseError):
-        head = str(exc).split(" ", 1)[0]
-        return head if head.isupper() else "ERR"
+        return reply_code(str(exc))
     return ""
 
 

@@ -2,11 +2,13 @@
 
 API (used by both ingestors):
 
-    writer = LogWriter(make_client(url), settings.retention, bound=settings.buffer_frames)
+    writer = LogWriter(make_client(url), settings.retention, bound=settings.buffer_frames,
+                       max_bytes=settings.buffer_bytes)
     nursery.start_soon(writer.run)              # owns the thread that talks to Redis
     writer.append_frame(key, frame, recv_ts, conn, seq)   # never blocks; False = dropped
     writer.append_control(key, "opened", {...}, conn)     # never blocks
     await writer.flush()                        # until everything appended so far is written
+    writer.healthy                              # False after 30 s of an outage
 
 How it writes, and why:
 - One pipelined round trip (no MULTI) per batch over a redis-py connection, in one long-lived
@@ -14,15 +16,15 @@ How it writes, and why:
   block the event loop. (Not one `trio.to_thread.run_sync` per batch: that hand-off alone costs
   ~90 µs of CPU.) The thread sleeps on a `threading.Event` while the buffer is empty; the first
   append wakes it, so at low load each frame goes out alone at once. A batch is what
-  accumulated while the previous one was on the wire (up to `max_batch`). Only under heavy
-  load (more than `LINGER_RATE` entries a second over the last 100 ms window) the thread pauses
-  `linger` (10 ms) before taking the next one: the readers and the writer share one GIL, and
-  many tiny batches cost the readers more CPU in thread switches than the writing itself
-  (bench/bench_ingest.py). Between 10,000 and 20,000 entries a second it pauses 1 ms, so that
-  the back-to-back mode cannot hold the ingestor below the rate that starts the long pauses
-  (`pause_after`). The rule looks at the arrival rate, not at the batch size: a batch
-  grows during a pause, so a size rule would keep pausing once it had paused, and add up to
-  10 ms to every frame at ordinary rates.
+  accumulated while the previous one was on the wire (up to `max_batch` entries and
+  `MAX_BATCH_BYTES`). Only under heavy load (more than `LINGER_RATE` entries a second over the
+  last 100 ms window) the thread pauses `linger` (10 ms) before taking the next one: the
+  readers and the writer share one GIL, and many tiny batches cost the readers more CPU in
+  thread switches than the writing itself (bench/bench_ingest.py). Between 10,000 and 20,000
+  entries a second it pauses 1 ms, so that the back-to-back mode cannot hold the ingestor below
+  the rate that starts the long pauses (`pause_after`). The rule looks at the arrival rate, not
+  at the batch size: a batch grows during a pause, so a size rule would keep pausing once it
+  had paused, and add up to 10 ms to every frame at ordinary rates.
   `linger=0` gives strict back-to-back batches.
 - Each XADD is packed as RESP when it is appended (per-key prefixes made once; the writer
   thread then only joins, sends with `Connection.send_packed_command` and reads the replies
@@ -31,15 +33,24 @@ How it writes, and why:
   and the less the writer thread holds the GIL, the less the readers wait for it. The wire
   protocol is the same pipelining. An age limit (`MINID`) is computed at append time.
 - No automatic retry inside redis-py (see `pipeline.redisconn`): a re-sent `XADD *` would log a
-  frame twice without anyone knowing. Here a failed batch is retried as a whole, with
-  exponential backoff and jitter, until Redis answers. A connection lost after Redis applied
-  part of the batch logs those entries twice: a duplicate is an entry with the same `conn` and
-  `seq` as an earlier one (documented in `pipeline.eventlog`). Entries Redis refused one by one
-  (an error reply such as OOM) are retried alone; after `MAX_REFUSALS` attempts they are dropped
-  and accounted like buffer drops, so a permanently refused key cannot stall the whole log.
-- While Redis is down the readers keep filling the bounded `FrameBuffer`; past its bound frames
-  are dropped and counted per key. When a batch goes through again, a `gap` control entry is
-  appended to each affected key with the count, the receipt-time range and the connections.
+  frame twice without anyone knowing. Here the retries follow `pipeline.backoff.BatchRetry`:
+  a round trip that failed is sent again as a whole, with exponential backoff and jitter,
+  until Redis answers (a connection lost after Redis applied part of it logs those entries
+  twice: same `conn` and `seq`, see `pipeline.eventlog`). Entries Redis refused one by one go
+  again at the head of the next round trip; under a refusal of the whole server (OOM...) they
+  are given up only once the buffer is full, for a refusal of their own key after
+  `MAX_REFUSALS`, and then reported with Redis's error as the gap's reason.
+- Everything dropped (buffer full, given up) is recorded in the buffer's `DropLedger`. Each
+  round trip starts with a `gap` entry per (key, reason) the ledger holds; a gap entry Redis
+  did not accept goes back into the ledger (merged with what was dropped since) and is written
+  by a later round trip, so the account of a loss never hangs on the gap entry itself.
+- A frozen Redis (SIGSTOP, a stuck host) accepts the connection and the bytes and answers
+  nothing: the round trip would wait for the socket timeout (10 s) before anything noticed.
+  Each round trip has a deadline from its size (`stall_limit`); the writer task checks it
+  every 0.1 s, logs `redis not answering` once it passes, and the outage counts from when that
+  round trip was sent, for `/healthz` (`healthy`) and `pipeline_redis_outage_seconds` alike.
+  The round trip itself is not cut short: a frozen server cannot be written to anyway, and the
+  replies that come once it runs again save sending the batch twice.
 - Retention per raw key from `Settings.retention`: `XADD key MAXLEN ~ n` or `MINID ~ now-age`.
 """
 
@@ -61,36 +72,55 @@ import trio
 
 from pipeline import metrics
 from pipeline.backoff import Backoff, BatchRetry
-from pipeline.buffer import FrameBuffer
+from pipeline.buffer import DropRecord, FrameBuffer
 from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import (
     DEFAULT_RETENTION,
     Retention,
     control_entry,
+    refused_reason,
     retention_family,
 )
-from pipeline.redisconn import redis_errors
+from pipeline.redisconn import SERVER_REFUSALS, redis_errors, reply_code
 from pipeline.replies import read_replies
 
 log = logging.getLogger("pipeline.writer")
 
 MAX_BATCH = 2_000
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # a batch is joined into one payload: bounds that copy
+DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
 MAX_REFUSALS = 8
 FINAL_FLUSH_TIMEOUT_S = 10.0
+UNHEALTHY_AFTER_S = 30.0
 LINGER_S = 0.010
 STOP_QUIET_S = 0.1
 LINGER_RATE = 20_000.0  # entries/s: above it, pause `linger` after a batch
 SHORT_LINGER_S = 0.001
 SHORT_LINGER_RATE = 10_000.0  # entries/s: above it (and below LINGER_RATE), pause 1 ms
 RATE_WINDOW_S = 0.1
+WATCH_S = 0.1  # how often the writer task looks at the round trip in flight
+STALL_BASE_S = 1.0
+STALL_BYTES_PER_S = 10e6
+REFUSAL_LOG_EVERY_S = 10.0
 
 # A buffered entry: (raw key, its XADD command packed as RESP). One flat tuple per entry, so
 # the writer thread's passes over a batch run in C (`map(itemgetter...)`, `Counter`); what a
 # refused entry needs besides (its receipt time and connection) is read back from its bytes.
 Item = tuple[str, bytes]
 Batch = list[Item]
+# A gap entry on its way: (raw key, reason, the drops it reports, its packed XADD).
+GapItem = tuple[str, str, DropRecord, bytes]
 _key_of = operator.itemgetter(0)
 _command_of = operator.itemgetter(1)
+
+
+def stall_limit(nbytes: int) -> float:
+    """Seconds a round trip of `nbytes` may take before Redis counts as not answering. Pure.
+
+    Redis answers a 2,000-entry batch in milliseconds; a second is far beyond any pause of a
+    healthy server short of a fork of a huge dataset, and the byte term leaves a slow link
+    (10 MB/s) the time to carry the largest batch."""
+    return STALL_BASE_S + nbytes / STALL_BYTES_PER_S
 
 
 class LogWriter:
@@ -100,12 +130,14 @@ class LogWriter:
         retention: Mapping[str, Retention] = DEFAULT_RETENTION,
         *,
         bound: int = 200_000,
+        max_bytes: int = DEFAULT_BUFFER_BYTES,
         max_batch: int = MAX_BATCH,
         clock: Callable[[], float] = time.time,
         backoff: tuple[float, float] = (0.05, 5.0),
         rand: Callable[[], float] = random.random,
         final_flush_timeout: float = FINAL_FLUSH_TIMEOUT_S,
         linger: float = LINGER_S,
+        unhealthy_after: float = UNHEALTHY_AFTER_S,
     ) -> None:
         self._client = client
         self._retention = retention
@@ -113,16 +145,15 @@ class LogWriter:
         self._prefixes: dict[tuple[str, int], bytes] = {}
         self._frame_prefixes: dict[str, bytes] = {}
         self._conn_tails: dict[str, bytes] = {}  # per connection id: see `_conn_tail`
-        self.buffer = FrameBuffer(bound)
+        self.buffer = FrameBuffer(bound, max_bytes)
         self.max_batch = max_batch
         self.clock = clock
-        self.backoff = backoff
         self.rand = rand
         self.final_flush_timeout = final_flush_timeout
         self.linger = linger
+        self.unhealthy_after = unhealthy_after
         self.written = 0  # entries Redis acknowledged
-        self.settled = 0  # accepted entries that were written, or given up after MAX_REFUSALS
-        self.outage_since: float | None = None  # wall time of the first failure of an outage
+        self.settled = 0  # accepted entries that were written, or given up
         self._token: trio.lowlevel.TrioToken | None = None
         self._work = threading.Event()  # set when the idle writer thread has something to do
         self._idle = False
@@ -130,7 +161,20 @@ class LogWriter:
         self._abort = threading.Event()  # end now (the final flush ran out of time)
         self._progress = trio.Event()
         self._flush_waiters = 0
-        self._gaps_scheduled = False
+        # the writer thread's own: what goes again with the next round trip
+        self._retry = BatchRetry(Backoff(*backoff, rand), MAX_REFUSALS)
+        self._carry: Batch = []  # entries Redis refused, oldest first
+        self._carry_refusals: list[int] = []  # how often each was refused
+        self._gap_carry: list[GapItem] = []  # gap entries of a round trip that failed
+        self._gap_refusals: Counter[tuple[str, str]] = Counter()
+        self._rejected_seen = 0
+        self._outage_logged = False
+        self._refusal_logged_at = -math.inf
+        self._sent = False  # whether the last round trip's bytes started on their way
+        # published by the writer thread for the writer task (single attribute stores)
+        self._in_flight: tuple[float, float] | None = None  # (sent at, stall limit in s)
+        self._failing_since: float | None = None  # send time of the first failed round trip
+        self._stall_reported: float | None = None  # trio side: stalled round trip logged
 
     # --- producers (never block; trio thread) ------------------------------------------------
 
@@ -153,9 +197,7 @@ class LogWriter:
     def append_control(self, key: str, ctl: str, body: Mapping[str, Any], conn: str = "") -> bool:
         """Queue a control entry (no `frame` field) for `key`."""
         now = self.clock()
-        fields = control_entry(ctl, body, now, conn)
-        packed = self._prefix(key, 2 * len(fields)) + b"".join(
-            [b"$%d\r\n%s\r\n" % (len(part), part) for kv in fields.items() for part in kv])
+        packed = self._pack(key, control_entry(ctl, body, now, conn))
         if self.buffer.put_control(key, packed, now, conn):
             if self._idle:
                 self._work.set()
@@ -163,10 +205,24 @@ class LogWriter:
         metrics.FRAMES_DROPPED.labels(key).inc()
         return False
 
+    def outage_started(self) -> float | None:
+        """Wall time the current outage began: when the first round trip that failed or had
+        entries refused was sent, or the one still waiting past its `stall_limit`; None since
+        a round trip went through whole."""
+        since = self._failing_since
+        flight = self._in_flight
+        if flight is not None:
+            sent, limit = flight
+            if self.clock() - sent > limit and (since is None or sent < since):
+                since = sent
+        return since
+
     @property
     def healthy(self) -> bool:
-        """False while Redis has refused writes for more than 30 s."""
-        return self.outage_since is None or self.clock() - self.outage_since < 30.0
+        """False once an outage has lasted `unhealthy_after` (30) s: Redis unreachable, not
+        answering, or refusing entries (out of memory, a key it keeps refusing)."""
+        since = self.outage_started()
+        return since is None or self.clock() - since < self.unhealthy_after
 
     # --- the writer task (trio side) -----------------------------------------------------------
 
@@ -174,7 +230,8 @@ class LogWriter:
         """Write until cancelled; on cancel, try for `final_flush_timeout` s to write the rest.
 
         The writing happens in one long-lived thread, not one `to_thread` call per batch:
-        handing a batch to a worker thread costs ~90 µs of CPU, more than writing it."""
+        handing a batch to a worker thread costs ~90 µs of CPU, more than writing it. This
+        task watches it meanwhile (`_watch`)."""
         self._token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         thread = threading.Thread(target=self._thread_main, args=(done,), name="redis-writer",
@@ -182,25 +239,50 @@ class LogWriter:
         thread.start()
         task_status.started()
         try:
-            await done.wait()  # returns only if the thread died
+            await self._watch(done)  # returns only if the thread died
             raise RuntimeError("the redis writer thread ended")
         finally:
             self._stopping = True
             self._work.set()
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.final_flush_timeout
-                await done.wait()
+                await self._watch(done)
             if not done.is_set():
                 self._abort.set()
                 self._work.set()
-                log.error("shutdown: entries not written", extra={"entries": len(self.buffer)})
+                log.error("shutdown: entries not written", extra={
+                    "entries": self.buffer.held,
+                    "drops_not_in_a_gap": self.buffer.drops.unreported})
+
+    async def _watch(self, done: trio.Event) -> None:
+        """Until the thread ends: notice a round trip Redis does not answer, update gauges."""
+        while not done.is_set():
+            with trio.move_on_after(WATCH_S):
+                await done.wait()
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        now = self.clock()
+        flight = self._in_flight
+        if (flight is not None and now - flight[0] > flight[1]
+                and self._stall_reported != flight[0] and self._failing_since is None):
+            self._stall_reported = flight[0]
+            log.warning("redis not answering: holding frames in the buffer", extra={
+                "waited_s": round(now - flight[0], 3), "buffered": self.buffer.held})
+        since = self.outage_started()
+        metrics.REDIS_OUTAGE.set(0.0 if since is None else now - since)
+        metrics.BUFFER_FILL.set(self.buffer.held)
+        metrics.BUFFER_BYTES.set(self.buffer.bytes_held)
 
     async def flush(self) -> None:
-        """Return once every entry appended before this call is written (or given up)."""
+        """Return once every entry appended before this call is written (or given up), and
+        every drop recorded before it is in a gap entry Redis took."""
         target = self.buffer.accepted
+        drops = self.buffer.drops
+        target_drops = drops.recorded
         self._flush_waiters += 1
         try:
-            while self.settled < target:
+            while self.settled < target or drops.reported + drops.abandoned < target_drops:
                 with trio.move_on_after(0.1):  # a missed wake-up costs 0.1 s, not a hang
                     await self._progress.wait()
         finally:
@@ -225,8 +307,8 @@ class LogWriter:
         window_start, window_count, rate = time.monotonic(), 0, 0.0
         try:
             while not self._abort.is_set():
-                if not self.buffer:
-                    if self._stopping and not self._gaps_scheduled:
+                if not (self.buffer or self._carry or self._gap_carry or self.buffer.drops):
+                    if self._stopping:
                         # tasks cancelled with us may still append their last control entries
                         # (a connection's `closed`): stop only after a short quiet spell
                         now = time.monotonic()
@@ -236,15 +318,13 @@ class LogWriter:
                     self._wait_for_work()
                     continue
                 quiet_since = None
-                batch = self.buffer.take(self.max_batch)
-                metrics.BUFFER_FILL.set(len(self.buffer))
+                taken = self._round_trip()
                 now = time.monotonic()
-                window_count += len(batch)
+                window_count += taken
                 if now - window_start >= RATE_WINDOW_S:
                     rate = window_count / (now - window_start)
                     window_start, window_count = now, 0
-                self._write_until_done(batch)
-                pause = pause_after(rate, len(batch), self.max_batch, self.linger)
+                pause = pause_after(rate, taken, self.max_batch, self.linger)
                 if pause > 0:  # frames arrive back to back: let the readers fill the next batch
                     self._abort.wait(pause)
         except BaseException:
@@ -260,66 +340,175 @@ class LogWriter:
             self._work.wait(0.01 if self._stopping else 1.0)
         self._idle = False
 
-    def _write_until_done(self, batch: Batch) -> None:
-        """Write `batch`, retrying with backoff until every entry is settled."""
-        retry = BatchRetry(Backoff(*self.backoff, self.rand), MAX_REFUSALS)
-        while batch and not self._abort.is_set():
-            failed = self._write_once(batch)
-            if failed is None:  # Redis unreachable: nothing known to be written
-                self._abort.wait(retry.unreachable())
-                continue
-            self._settle(len(batch) - len(failed))
-            batch = [batch[i] for i in failed]
-            if batch:
-                delay = retry.refused()
-                if delay is None:
-                    self._give_up(batch)
-                    return
-                self._abort.wait(delay)
-        if self.buffer.has_drops() and not self._gaps_scheduled:
-            self._gaps_scheduled = True
-            self._on_trio(self._append_gaps)
+    def _round_trip(self) -> int:
+        """One pipelined round trip: gap entries for what was dropped, the entries to send
+        again, then new ones from the buffer. Returns how many it took from the buffer."""
+        carry = self._carry
+        room = self.max_batch - len(carry)
+        budget = MAX_BATCH_BYTES - (sum(map(len, map(_command_of, carry))) if carry else 0)
+        fresh = self.buffer.take(room, budget) if room > 0 and budget > 0 else []
+        entries = carry + fresh if carry else fresh
+        new_gaps = self._pack_gaps() if self.buffer.drops else []
+        gaps = self._gap_carry + new_gaps if new_gaps else self._gap_carry
+        batch = [(key, packed) for key, _, _, packed in gaps] + entries if gaps else entries
+        result = self._write_once(batch)
+        if result is None:  # nothing known to be written: all of it again, after a wait
+            if fresh:
+                self._carry_refusals = self._carry_refusals + [0] * len(fresh)
+            self._carry = entries
+            if self._sent:  # Redis may have applied the gap entries: send the same bytes again
+                self._gap_carry = gaps
+            else:  # they never left: next time, one gap entry per key and reason, not two
+                for key, reason, rec, _ in new_gaps:
+                    self.buffer.drops.merge(key, reason, rec)
+            self._abort.wait(self._retry.unreachable())
+            return len(fresh)
+        refused, nbytes = result
+        if gaps:
+            self._gap_carry = []
+        if not refused:
+            if gaps:
+                self._gaps_written(gaps, {})
+                nbytes -= sum(len(packed) for _, _, _, packed in gaps)
+            if carry:
+                self._carry, self._carry_refusals = [], []
+            self._settle(len(entries), nbytes)
+            self._retry.written()
+            self._rejected_seen = self.buffer.rejected
+            return len(fresh)
+        self._after_refusals(gaps, entries, refused)
+        return len(fresh)
 
-    def _write_once(self, batch: Batch) -> list[int] | None:
-        """Indices of the entries Redis refused, or None when Redis could not be reached."""
+    def _after_refusals(self, gaps: list[GapItem], entries: Batch,
+                        refused: list[tuple[int, str]]) -> None:
+        """Settle what Redis took; keep what it refused for the next round trip, or give it
+        up (`BatchRetry.give_up`); wait when nothing got in."""
+        ngaps = len(gaps)
+        gaps_refused = {i: error for i, error in refused if i < ngaps}
+        errors = {i - ngaps: error for i, error in refused if i >= ngaps}
+        if gaps:
+            self._gaps_written(gaps, gaps_refused)
+        accepted = [item for i, item in enumerate(entries) if i not in errors]
+        self._settle(len(accepted), sum(map(len, map(_command_of, accepted))))
+        full = self.buffer.full() or self.buffer.rejected != self._rejected_seen
+        self._rejected_seen = self.buffer.rejected
+        refusals = self._carry_refusals + [0] * (len(entries) - len(self._carry_refusals))
+        keep: Batch = []
+        keep_refusals: list[int] = []
+        lost: list[tuple[Item, str]] = []
+        for i, error in errors.items():
+            n = refusals[i] + 1
+            if self._retry.give_up(n, reply_code(error) in SERVER_REFUSALS, full):
+                lost.append((entries[i], error))
+            else:
+                keep.append(entries[i])
+                keep_refusals.append(n)
+        self._carry, self._carry_refusals = keep, keep_refusals
+        if lost:
+            self._give_up(lost, full)
+        progressed = bool(accepted) or len(gaps_refused) < ngaps
+        delay = self._retry.refused(progressed)
+        if delay > 0:
+            self._abort.wait(delay)
+
+    def _write_once(self, batch: Batch) -> tuple[list[tuple[int, str]], int] | None:
+        """The indices and errors of the entries Redis refused and the bytes sent, or None
+        when Redis could not be reached."""
+        sent = self.clock()
         try:
-            failed, errors = self._write_sync(batch, self.clock())
+            refused, nbytes = self._write_sync(batch, sent)
         except RedisUnavailable as exc:
-            if self.outage_since is None:
-                self.outage_since = self.clock()
+            if self._failing_since is None:
+                self._failing_since = sent
+                self._outage_logged = True
                 log.warning("redis unavailable: holding frames in the buffer and retrying",
-                            extra={"error": str(exc), "buffered": len(self.buffer)})
+                            extra={"error": str(exc), "buffered": self.buffer.held})
             return None
-        if self.outage_since is not None:
-            log.warning("redis back", extra={"outage_s": round(self.clock() - self.outage_since, 3),
-                                             "buffered": len(self.buffer)})
-            self.outage_since = None
-        if errors:
-            log.warning("redis refused entries", extra={"refused": len(failed), "error": errors[0]})
-        return failed
+        if refused:  # an outage too, until a round trip goes through with nothing refused
+            if self._failing_since is None:
+                self._failing_since = sent
+                # one key Redis keeps refusing starts a short outage per frame: not a line each
+                if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
+                    self._refusal_logged_at = time.monotonic()
+                    self._outage_logged = True
+                    log.warning("redis refused entries: sending them again", extra={
+                        "refused": len(refused), "of": len(batch),
+                        "error": refused[0][1][:200], "buffered": self.buffer.held})
+            return refused, nbytes
+        since = self._failing_since
+        if since is not None or self.clock() - sent > stall_limit(nbytes):
+            self._outage_over(sent if since is None else since)
+        return refused, nbytes
 
-    def _write_sync(self, batch: Batch, now: float) -> tuple[list[int], list[str]]:
+    def _outage_over(self, since: float) -> None:
+        now = self.clock()
+        if self._outage_logged or now - since > STALL_BASE_S:
+            log.warning("redis back", extra={"outage_s": round(now - since, 3),
+                                             "buffered": self.buffer.held})
+        self._failing_since = None
+        self._outage_logged = False
+
+    def _write_sync(self, batch: Batch, sent: float) -> tuple[list[tuple[int, str]], int]:
         """Worker thread: the batch's XADDs in one pipelined round trip."""
         started = time.perf_counter()
         payload = b"".join(map(_command_of, batch))
+        self._in_flight = (sent, stall_limit(len(payload)))
+        self._sent = False
         pool = self._client.connection_pool
-        with redis_errors():
-            conn = pool.get_connection()  # connects (and names the client) if needed
-        failed: list[int] = []
-        errors: list[str] = []
         try:
             with redis_errors():
-                conn.send_packed_command([payload], check_health=False)
-                for i, error in read_replies(conn, len(batch)):
-                    failed.append(i)
-                    errors.append(error)
-        except BaseException:
-            conn.disconnect()  # replies may be left unread: never reuse this connection
-            raise
+                conn = pool.get_connection()  # connects (and names the client) if needed
+            try:
+                with redis_errors():
+                    self._sent = True
+                    conn.send_packed_command([payload], check_health=False)
+                    refused = read_replies(conn, len(batch))
+            except BaseException:
+                conn.disconnect()  # replies may be left unread: never reuse this connection
+                raise
+            finally:
+                pool.release(conn)
         finally:
-            pool.release(conn)
-        self._count(batch, failed, time.perf_counter() - started)
-        return failed, errors[:1]
+            self._in_flight = None
+        self._count(batch, refused, time.perf_counter() - started)
+        return refused, len(payload)
+
+    def _pack(self, key: str, fields: Mapping[bytes, bytes]) -> bytes:
+        return self._prefix(key, 2 * len(fields)) + b"".join(
+            [b"$%d\r\n%s\r\n" % (len(part), part) for kv in fields.items() for part in kv])
+
+    def _pack_gaps(self) -> list[GapItem]:
+        now = self.clock()
+        return [(key, reason, rec, self._pack(key, control_entry("gap", rec.body(reason), now)))
+                for (key, reason), rec in self.buffer.drops.take().items()]
+
+    def _gaps_written(self, gaps: list[GapItem], refused: Mapping[int, str]) -> None:
+        """Account for the gap entries of a round trip Redis answered: reported, or back into
+        the ledger. One whose own key keeps refusing it can never be logged: it is logged
+        here, as an error, instead."""
+        drops = self.buffer.drops
+        for i, (key, reason, rec, _) in enumerate(gaps):
+            if i not in refused:
+                self._gap_refusals.pop((key, reason), None)
+                drops.report(rec)
+                metrics.GAPS.labels(key).inc()
+                log.warning("frames dropped: gap recorded", extra={
+                    "key": key, "reason": reason, "dropped": rec.count,
+                    "first_recv_ts": round(rec.first_ts, 6), "last_recv_ts": round(rec.last_ts, 6)})
+                continue
+            self._gap_refusals[(key, reason)] += 1
+            if (self._gap_refusals[(key, reason)] >= MAX_REFUSALS
+                    and reply_code(refused[i]) not in SERVER_REFUSALS):
+                self._gap_refusals.pop((key, reason))
+                drops.abandon(rec)
+                log.error("frames dropped and their gap refused by redis", extra={
+                    "key": key, "reason": reason, "dropped": rec.count,
+                    "first_recv_ts": round(rec.first_ts, 6), "last_recv_ts": round(rec.last_ts, 6),
+                    "by_conn": rec.by_conn})
+            else:
+                drops.merge(key, reason, rec)
+        if self._flush_waiters:
+            self._on_trio(self._notify_progress)
 
     def _prefix(self, key: str, nfields: int = 8) -> bytes:
         """`*<argc> XADD key <trim> *` for an entry of `nfields` field and value args."""
@@ -358,46 +547,39 @@ class LogWriter:
             trim = self._trim_cache[key] = (ret.maxlen, ret.max_age_s)
         return trim
 
-    def _count(self, batch: Batch, failed: list[int], seconds: float) -> None:
+    def _count(self, batch: Batch, refused: list[tuple[int, str]], seconds: float) -> None:
         metrics.REDIS_WRITE_SECONDS.observe(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
         counts = Counter(map(_key_of, batch))
-        for i in failed:
+        for i, _ in refused:
             counts[batch[i][0]] -= 1
         for key, n in counts.items():
             metrics.FRAMES_LOGGED.labels(key).inc(n)
 
-    def _settle(self, n: int) -> None:
+    def _settle(self, n: int, nbytes: int) -> None:
+        self.buffer.release(n, nbytes)
         self.written += n
         self.settled += n
         if self._flush_waiters:
             self._on_trio(self._notify_progress)
 
-    def _give_up(self, batch: Batch) -> None:
-        """Entries Redis keeps refusing: count them as dropped so a gap entry reports them."""
-        log.error("giving up on entries redis keeps refusing", extra={"entries": len(batch)})
-        self._gaps_scheduled = True
-        self._on_trio(self._record_given_up, batch)
-        self.settled += len(batch)
+    def _give_up(self, lost: list[tuple[Item, str]], full: bool) -> None:
+        """Entries Redis keeps refusing: dropped, and recorded with Redis's error as the
+        reason of the gap that will report them."""
+        nbytes = 0
+        for (key, command), error in lost:
+            fields = entry_fields(command)
+            self.buffer.drops.add(key, refused_reason(error), float(fields[b"recv_ts"]),
+                                  fields[b"conn"].decode())
+            metrics.FRAMES_DROPPED.labels(key).inc()
+            nbytes += len(command)
+        self.buffer.release(len(lost), nbytes)
+        self.settled += len(lost)
+        log.error("giving up entries redis refused", extra={
+            "entries": len(lost), "error": lost[0][1][:200],
+            "why": "buffer full" if full else f"refused {MAX_REFUSALS} times"})
         if self._flush_waiters:
             self._on_trio(self._notify_progress)
-
-    def _record_given_up(self, batch: Batch) -> None:  # trio thread: the buffer's drop records
-        for key, command in batch:
-            fields = entry_fields(command)
-            if fields.get(b"ctl") == b"gap":
-                continue  # a refused gap entry is not reported by another one
-            self.buffer.record_drop(key, float(fields[b"recv_ts"]), fields[b"conn"].decode())
-            metrics.FRAMES_DROPPED.labels(key).inc()
-        self._append_gaps()
-
-    def _append_gaps(self) -> None:  # trio thread
-        self._gaps_scheduled = False
-        for key, rec in self.buffer.take_drops().items():
-            metrics.GAPS.labels(key).inc()
-            log.warning("frames dropped: recording a gap", extra={"key": key,
-                                                                  "dropped": rec.count})
-            self.append_control(key, "gap", rec.body())
 
 
 def pause_after(rate: float, batch_len: int, max_batch: int, linger: float) -> float:

@@ -1,10 +1,12 @@
 """How the batch writer packs entries and reads a batch's XADD replies straight off the socket
 (real Redis): all of them, whatever the size, and a refused entry in the middle is found at its
 index. Plus the pure check that decides when counting newlines is enough, tried at every cut of
-the bytes, and the read-back of a packed entry's fields."""
+the bytes, the read-back of a packed entry's fields, and what becomes of a loss whose gap entry
+its own key refuses. (Redis out of memory and frozen: tests/test_redis_faults.py.)"""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import subprocess
@@ -18,7 +20,7 @@ from pipeline.eventlog import Retention, frame_entry
 from pipeline.localredis import LocalRedis, free_port
 from pipeline.redisconn import make_client
 from pipeline.replies import bulk_newlines, read_replies
-from pipeline.writer import LogWriter, entry_fields, pause_after
+from pipeline.writer import LogWriter, entry_fields, pause_after, stall_limit
 
 
 def xadd(key: str, value: bytes) -> bytes:
@@ -169,3 +171,30 @@ def test_the_writer_pauses_after_a_batch_only_under_load() -> None:
     assert pause_after(50_000, 1000, 2000, 0.010) == 0.0  # a backlog: straight on
     assert pause_after(50_000, 400, 2000, 0.0) == 0.0  # linger=0: always back to back
     assert pause_after(12_000, 10, 2000, 0.0005) == 0.0005  # never longer than linger
+
+
+async def test_a_loss_whose_own_key_refuses_its_gap_is_logged_as_an_error_with_the_count(
+        redis_server: LocalRedis, r: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    # WRONGTYPE for good: the frames are given up after 8 refusals, and so is their gap entry
+    # in that same key; the account then lives in an error line, not nowhere
+    r.set("raw:market:markPrice", "not a stream")
+    writer = LogWriter(make_client(redis_server.url), backoff=(0.001, 0.002))
+    with caplog.at_level(logging.WARNING, "pipeline.writer"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for i in range(1, 31):
+                writer.append_frame("raw:market:markPrice", b"m", 1732450000.0 + i, "c-1", i)
+            with trio.fail_after(10):
+                await writer.flush()
+            nursery.cancel_scope.cancel()
+    lost = [rec for rec in caplog.records
+            if rec.getMessage() == "frames dropped and their gap refused by redis"]
+    assert sum(rec.dropped for rec in lost) == 30  # type: ignore[attr-defined]
+    assert all(rec.levelno == logging.ERROR and rec.reason.startswith("refused: WRONGTYPE")
+               for rec in lost)  # type: ignore[attr-defined]
+    assert writer.buffer.drops.unreported == 0
+
+
+def test_a_round_trip_may_take_a_second_plus_the_time_a_slow_link_needs_for_its_bytes() -> None:
+    assert stall_limit(0) == 1.0
+    assert stall_limit(8 * 1024 * 1024) == pytest.approx(1.84, abs=0.01)

@@ -27,8 +27,10 @@ class ProjectorHealth:
         self.clock = clock
         self._failing_since: dict[str, float] = {}
 
-    def failed(self, task: str) -> None:
-        self._failing_since.setdefault(task, self.clock())
+    def failed(self, task: str, since: float | None = None) -> None:
+        """`since`: when the failed call was sent (on this clock), when it is known: a call
+        that hung until its socket timeout failed from then on."""
+        self._failing_since.setdefault(task, self.clock() if since is None else since)
 
     def recovered(self, task: str) -> None:
         self._failing_since.pop(task, None)

@@ -318,10 +318,11 @@ class ProjectionLoop:
     async def _retrying(self, fn: Callable[[], T], abandon: bool = False) -> T:
         """Call `fn` in a worker thread until it returns, waiting out Redis outages."""
         while True:
+            sent = self.health.clock()  # a frozen Redis is an outage from here, not the timeout
             try:
                 result = await in_thread(fn, abandon=abandon)
             except RedisUnavailable as exc:
-                await self._wait_after(exc)
+                await self._wait_after(exc, sent)
                 continue
             except redis.ResponseError as exc:
                 if error_code(exc) != "NOGROUP":
@@ -337,11 +338,11 @@ class ProjectionLoop:
                 self.health.recovered(self.name)
             return result
 
-    async def _wait_after(self, exc: Exception) -> None:
+    async def _wait_after(self, exc: Exception, sent: float | None = None) -> None:
         if not self.backoff.failing:
             if not isinstance(exc, functions.LibraryMissing):  # the library said so once
                 log.warning("failed, retrying", extra={"task": self.name, "error": str(exc)})
-            self.health.failed(self.name)
+            self.health.failed(self.name, since=sent)
         await trio.sleep(self.backoff.next_delay())
 
     async def _claim_all(self, min_idle_ms: int) -> None:
