@@ -313,15 +313,22 @@ async def test_weight_spent_by_another_client_brings_the_ip_to_its_limit() -> No
 # ---- 2026 shapes over REST ----------------------------------------------------------------------
 
 async def test_algo_rows_in_the_2026_06_09_shape_have_no_tp_sl_fields() -> None:
-    async with running(SimConfig(symbols=("BTCUSDT",), algo_tpsl_fields=False)) as ex:
+    async with running(SimConfig(symbols=("BTCUSDT",))) as ex:
         algo = await place(ex, type="TAKE_PROFIT", side="SELL", triggerPrice="70000",
                            price="70100")
         one = await ex.ok("/fapi/v1/algoOrder", {"algoId": str(algo["algoId"])})
         listed = await ex.ok("/fapi/v1/openAlgoOrders")
     for row in (algo, one, *listed):
         assert not set(TPSL_FIELDS) & set(row)
-        assert not {"actualType", "actualQty"} & set(row)
+        assert (row["actualType"], row["actualQty"]) == ("", "0")  # not triggered yet
     assert (one["triggerPrice"], one["price"]) == ("70000", "70100")
+
+
+async def test_legacy_algo_rows_keep_the_tp_sl_fields_of_before_2026_06_09() -> None:
+    async with running(SimConfig(symbols=("BTCUSDT",), legacy_algo_rows=True)) as ex:
+        algo = await place(ex, type="STOP_MARKET", side="SELL", triggerPrice="40000")
+        one = await ex.ok("/fapi/v1/algoOrder", {"algoId": str(algo["algoId"])})
+    assert set(TPSL_FIELDS) <= set(one) and not {"actualType", "actualQty"} & set(one)
 
 
 async def test_a_rejected_trigger_leaves_a_rejected_algo_order_with_its_reason() -> None:
@@ -340,11 +347,11 @@ async def test_a_rejected_trigger_leaves_a_rejected_algo_order_with_its_reason()
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def test_cli_serves_more_accounts_and_the_2026_06_09_algo_rows() -> None:
+def test_cli_serves_more_accounts_and_the_legacy_algo_rows_on_request() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "BINANCE_"))}
     argv = [sys.executable, "-m", "pipeline", "simulate", "--ws-port", "0", "--rest-port", "0",
             "--symbols", "BTCUSDT", "--account", "desk-b:key-b:secret-b",
-            "--drop-algo-tpsl-fields"]
+            "--legacy-algo-rows"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env, cwd=ROOT) as proc:
         try:
@@ -365,7 +372,7 @@ def test_cli_serves_more_accounts_and_the_2026_06_09_algo_rows() -> None:
             if proc.poll() is None:
                 proc.kill()
     assert [r["triggerPrice"] for r in rows] == ["1"]
-    assert not set(TPSL_FIELDS) & set(rows[0])
+    assert set(TPSL_FIELDS) <= set(rows[0])
 
 
 def test_cli_with_a_malformed_account_stops_with_one_line_and_exit_2() -> None:

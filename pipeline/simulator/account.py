@@ -330,7 +330,7 @@ class Account:
 
     def _algo_json(self, algo: AlgoOrder) -> object:
         return wire.rest_algo_order(algo, self.ledger.linked_order(algo),
-                                    tpsl_fields=self.config.algo_tpsl_fields)
+                                    legacy=self.config.legacy_algo_rows)
 
     def _open_orders(self, query: Mapping[str, str]) -> object:
         orders = self.ledger.open_orders(self._symbol_filter(query))

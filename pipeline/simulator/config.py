@@ -84,9 +84,9 @@ class SimConfig:
 
     The account side: `api_key`/`api_secret` (or `ed25519_public_key_pem`) are the first
     account's, named "main"; `accounts` adds more, each with its own key, books and listenKey.
-    `algo_tpsl_fields`: GET /fapi/v1/algoOrder and openAlgoOrders rows keep tpTriggerPrice,
-    tpPrice, slTriggerPrice, slPrice and tpOrderType, which Binance stopped sending on
-    2026-06-09; False answers the 2026-06-09 shape.
+    GET /fapi/v1/algoOrder and openAlgoOrders rows have Binance's 2026-06-09 shape
+    (`actualType`, `actualQty`; no tp/sl trigger and price fields); `legacy_algo_rows` answers
+    the shape before it.
     The market's 2026 shape (`pipeline.simulator.market`): `coinm_in_arr` adds `coinm_symbols`
     (COIN-M, `st` = 2) to `!markPrice@arr`, as Binance does since 2026-06-30; `tradfi` lists
     TradFi perpetuals (contractType TRADIFI_PERPETUAL) whose underlying market keeps
@@ -118,7 +118,7 @@ class SimConfig:
     script_account: bool = False
     accounts: tuple[AccountKeys, ...] = attrs.field(default=(), converter=_accounts,
                                                     validator=_distinct_accounts)
-    algo_tpsl_fields: bool = True
+    legacy_algo_rows: bool = False
 
     # --- the market side's 2026 shape and the whole-market cadence ---
     coinm_in_arr: bool = True

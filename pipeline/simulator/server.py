@@ -680,9 +680,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--account", action="append", default=[], metavar="NAME:KEY:SECRET",
                         help="one more simulated account (repeatable), its own books and "
                              "listenKey")
-    parser.add_argument("--drop-algo-tpsl-fields", action="store_true",
-                        help="algo order rows without tpTriggerPrice/tpPrice/slTriggerPrice/"
-                             "slPrice/tpOrderType (Binance's shape since 2026-06-09)")
+    parser.add_argument("--legacy-algo-rows", action="store_true",
+                        help="algo order rows as before Binance's 2026-06-09 change (with "
+                             "tpTriggerPrice/tpPrice/slTriggerPrice/slPrice/tpOrderType, "
+                             "without actualType/actualQty)")
     _add_market_arguments(parser)
 
 
@@ -722,7 +723,7 @@ def config_from(settings: Settings, args: argparse.Namespace) -> SimConfig:
             api_key=args.api_key, api_secret=args.api_secret,
             listen_key_ttl=args.listen_key_ttl, hedge_mode=args.hedge_mode,
             script_account=args.script_account, ed25519_public_key_pem=pem,
-            accounts=tuple(args.account), algo_tpsl_fields=not args.drop_algo_tpsl_fields,
+            accounts=tuple(args.account), legacy_algo_rows=args.legacy_algo_rows,
             **_market_settings(args))
     except ValueError as exc:
         # SimConfig's messages start with the field's name, which is the flag's name

@@ -174,9 +174,11 @@ def rest_order(order: Order) -> Event:
 
 
 def rest_algo_order(algo: AlgoOrder, filled: Order | None = None, *,
-                    tpsl_fields: bool = True) -> Event:
-    """GET /fapi/v1/algoOrder, and each item of GET /fapi/v1/openAlgoOrders; `tpsl_fields`
-    False is the 2026-06-09 shape, without the tp/sl trigger and price fields."""
+                    legacy: bool = False) -> Event:
+    """GET /fapi/v1/algoOrder, and each item of GET /fapi/v1/openAlgoOrders, in the shape of
+    Binance's 2026-06-09 change: `actualType` and `actualQty` (the triggered order's type and
+    executed quantity; "" and "0" before the trigger), no tp/sl trigger and price fields.
+    `legacy`: the shape before it (the tp/sl fields, no actualType/actualQty)."""
     row = {
         "algoId": algo.algo_id, "clientAlgoId": algo.client_algo_id, "algoType": "CONDITIONAL",
         "orderType": algo.order_type, "symbol": algo.symbol, "side": algo.side,
@@ -192,9 +194,12 @@ def rest_algo_order(algo: AlgoOrder, filled: Order | None = None, *,
         "reduceOnly": algo.reduce_only, "createTime": algo.create_time,
         "updateTime": algo.update_time, "triggerTime": algo.trigger_time, "goodTillDate": 0,
     }
-    if not tpsl_fields:
-        for name in TPSL_FIELDS:
-            del row[name]
+    if legacy:
+        return row
+    for name in TPSL_FIELDS:
+        del row[name]
+    row["actualType"] = filled.type if filled else ""
+    row["actualQty"] = fmt(filled.executed) if filled else "0"
     return row
 
 

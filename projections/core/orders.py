@@ -130,7 +130,7 @@ ALGO_REST_FROM_EVENT: dict[str, str] = {
     "algoStatus": "X", "actualOrderId": "ai", "actualPrice": "ap", "triggerPrice": "tp",
     "price": "p", "selfTradePreventionMode": "V", "workingType": "wt", "priceMatch": "pm",
     "closePosition": "cp", "priceProtect": "pP", "reduceOnly": "R", "triggerTime": "tt",
-    "goodTillDate": "gtd",
+    "goodTillDate": "gtd", "actualQty": "aq",
 }
 
 
@@ -144,17 +144,21 @@ def order_rest_row(o: Mapping[str, Any]) -> dict[str, Any]:
 
 # In every openAlgoOrders row but not in ALGO_UPDATE: what a CONDITIONAL order has there (a
 # value a snapshot gave for the same order is kept over these: the store merges rows).
-ALGO_REST_DEFAULTS: dict[str, Any] = {
-    "icebergQuantity": None, "tpTriggerPrice": "0", "tpPrice": "0", "slTriggerPrice": "0",
-    "slPrice": "0", "tpOrderType": "",
-}
+# Binance's 2026-06-09 shape: `actualType` and `actualQty` (the triggered order's type and
+# executed quantity), no tp/sl trigger and price fields.
+ALGO_REST_DEFAULTS: dict[str, Any] = {"icebergQuantity": None, "actualType": "", "actualQty": "0"}
 
 
 def algo_rest_row(o: Mapping[str, Any], update_time: int) -> dict[str, Any]:
-    """The openAlgoOrders row for event fields `o` (without createTime)."""
-    return {**ALGO_REST_DEFAULTS,
-            **{rest: o[ev] for rest, ev in ALGO_REST_FROM_EVENT.items() if ev in o},
-            "updateTime": update_time}
+    """The openAlgoOrders row for event fields `o` (without createTime). ALGO_UPDATE's `act`
+    is "0" before the trigger, where REST's `actualType` is ""."""
+    row = {**ALGO_REST_DEFAULTS,
+           **{rest: o[ev] for rest, ev in ALGO_REST_FROM_EVENT.items() if ev in o},
+           "updateTime": update_time}
+    act = o.get("act")
+    if act not in (None, "0", 0):
+        row["actualType"] = act
+    return row
 
 
 def order_fields_from_rest(row: Mapping[str, Any]) -> dict[str, Any]:
