@@ -442,7 +442,9 @@ async def test_only_the_entry_whose_write_the_store_refused_is_dead_lettered(
     assert dead[b"frame"] == jump and b"PIPELINE_MAX_ID_RATE" in dead[b"error"]
     assert metrics.DEAD_LETTERS.labels("orderbook")._value.get() == before + 1
     book = "websocket:orderbook:btcusdt:20"
-    assert json.loads(r.get(book))["last_update_id"] == 1_000  # type: ignore[arg-type]
+    # the jump never became the book's version; the superseded frame is written when a read
+    # happened to give it a batch of its own (batching is the reads' business, not the test's)
+    assert json.loads(r.get(book))["last_update_id"] in (1_000, 1_010)  # type: ignore[arg-type]
     seed(r, [("depth20", depth20_frame("BTCUSDT", now - 1000, 1_030, 64002.0))])
     await project_until_drained(settings, r, only="orderbook")
     assert json.loads(r.get(book))["last_update_id"] == 1_030  # type: ignore[arg-type]
