@@ -46,7 +46,7 @@ SERIES = frozenset({
     "pipeline_buffer_fill", "pipeline_connections", "pipeline_consumer_lag",
     "pipeline_view_age_seconds", "pipeline_events_projected_total",
     "pipeline_dead_letters_total", "pipeline_unknown_events_total",
-    "pipeline_rest_weight_used_1m", "pipeline_healthy",
+    "pipeline_rest_weight_used_1m", "pipeline_healthy", "pipeline_redis_outage_seconds",
 })
 # Prometheus's own: the scrape's `up` and the alerts' `ALERTS`.
 BUILTIN_SERIES = frozenset({"up", "ALERTS"})
