@@ -434,7 +434,11 @@ def test_tls_profile_closes_the_plaintext_port_and_every_service_checks_the_ca(
     assert {"redis_tls_cert", "redis_tls_key", "redis_tls_ca"} <= set(redis_service["secrets"])
     assert "--tls --cacert /run/secrets/redis_tls_ca" in " ".join(
         redis_service["healthcheck"]["test"])
-    for name in (*PIPELINE_SERVICES, "status"):
+    # every service that connects to Redis, the one-shot `functions` loader included
+    clients = [name for name, svc in compose["services"].items()
+               if "REDIS_USER" in svc.get("environment", {})]
+    assert {*PIPELINE_SERVICES, "status", "functions"} <= set(clients)
+    for name in clients:
         service = tls["services"][name]
         assert service["environment"]["REDIS_SCHEME"] == "rediss", name
         assert service["environment"]["REDIS_CA_FILE"] == "/run/secrets/redis_tls_ca", name

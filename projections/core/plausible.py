@@ -6,7 +6,7 @@ older), and one whose value is not what Binance sends would be served as a fact 
 Every fold therefore checks what it stores, in these terms:
 
 - prices and quantities are decimal strings as Binance writes them (`-?digits[.digits]`, at
-  most 24 digits on each side); a book level is a list of two of them, a book side at most
+  most 32 digits on each side); a book level is a list of two of them, a book side at most
   `MAX_LEVELS` levels;
 - times and ids are integers; ids lie in [0, 2^53): Lua, which compares versions in the store,
   has only doubles, and above 2^53 two ids can compare equal;
