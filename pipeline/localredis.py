@@ -22,6 +22,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class LocalRedis:
     """A redis-server child process. `url` is ready once `start()` returns."""
 
@@ -32,6 +36,7 @@ class LocalRedis:
         self.binary = binary
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._auto_port = port is None
         self.port = port or free_port()
         self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -41,6 +46,19 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
+        # A free port is only free until someone takes it: on a busy machine another process
+        # can bind it between `free_port()` and redis-server's bind. A port we chose ourselves
+        # is then chosen again; one the caller gave stays an error.
+        for _ in range(5):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if not self._auto_port:
+                    raise RuntimeError(f"redis-server: port {self.port} is in use") from None
+                self.port = free_port()
+        raise RuntimeError("redis-server: no free port after 5 tries")
+
+    def _start_once(self, timeout: float) -> LocalRedis:
         cmd = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.folder), "--save", "", "--appendonly", "no",
@@ -52,6 +70,9 @@ class LocalRedis:
             if self.proc.poll() is not None:
                 log = (self.folder / "redis.log")
                 tail = log.read_text()[-500:] if log.exists() else ""
+                self.proc = None
+                if "Address already in use" in tail:
+                    raise _PortTaken()
                 raise RuntimeError(f"redis-server exited at start: {tail}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
