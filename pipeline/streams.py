@@ -9,6 +9,7 @@ table here and the connection watches for silence (`pipeline.wsconn`).
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
@@ -161,3 +162,57 @@ def plan_connections(
         if current:
             out.append((path, current))
     return out
+
+
+# --- shards -------------------------------------------------------------------------------------
+# PIPELINE_SHARD=i/n: n market ingestors, on one host or many, each take the symbols of their
+# shard, so together they cover the symbol list once, with no overlap and no hole. A symbol's
+# shard is a hash of its name, not its place in the list, so a listing or a delisting never
+# moves another symbol to another shard (which would split its frames over two processes).
+MAX_SHARDS = 256
+_SHARD_RE = re.compile(r"^\s*(\d{1,3})\s*/\s*(\d{1,3})\s*$")
+
+
+def shard_of(symbol: str, count: int) -> int:
+    """The shard (1-based) of `symbol` among `count`: CRC-32 of the upper-case name, which is
+    the same in every process and on every host (Python's own `hash` of a str is not)."""
+    return 1 + zlib.crc32(symbol.upper().encode()) % count
+
+
+@attrs.frozen
+class Shard:
+    """Shard `index` of `count` (1-based)."""
+
+    index: int
+    count: int
+
+    def owns(self, symbol: str) -> bool:
+        return shard_of(symbol, self.count) == self.index
+
+    def take(self, symbols: Iterable[str]) -> tuple[str, ...]:
+        """The symbols of this shard, in the order given."""
+        return tuple(s for s in symbols if self.owns(s))
+
+    @property
+    def label(self) -> str:
+        """`2/3`, as the setting writes it."""
+        return f"{self.index}/{self.count}"
+
+    @property
+    def tag(self) -> str:
+        """`s2of3`: the part of a connection name that names the shard."""
+        return f"s{self.index}of{self.count}"
+
+
+def parse_shard(value: str) -> Shard | None:
+    """PIPELINE_SHARD: `i/n` with 1 <= i <= n <= 256; empty: no sharding (None)."""
+    if not value.strip():
+        return None
+    m = _SHARD_RE.match(value)
+    if not m:
+        raise SettingsError("PIPELINE_SHARD", f"{value[:40]!r} is not i/n (e.g. 2/3)")
+    index, count = int(m.group(1)), int(m.group(2))
+    if not 1 <= index <= count <= MAX_SHARDS:
+        raise SettingsError("PIPELINE_SHARD", f"{value.strip()!r}: need 1 <= i <= n <= "
+                                              f"{MAX_SHARDS}")
+    return Shard(index, count)
