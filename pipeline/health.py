@@ -63,7 +63,7 @@ from typing import Any
 import attrs
 
 from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, retention_family
-from pipeline.streams import Path, parse_stream_kind
+from pipeline.streams import SESSION_CONN_NAME, Path, parse_stream_kind
 from pipeline.weight import utc_text
 from projections.core.keys import conn_user_key, family_of_key, is_raw
 
@@ -235,8 +235,8 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
 
 
 # Connections of symbols that trade in sessions (TradFi perpetuals): `ingest market` names them
-# so; outside a session their streams are quiet, so silence says nothing about them.
-SESSION_CONN_NAME = "mkt-sessions"
+# `SESSION_CONN_NAME-...`; outside a session their streams are quiet, so silence says nothing
+# about them.
 
 
 def trades_in_sessions(conn: Connection) -> bool:
