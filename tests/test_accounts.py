@@ -45,7 +45,7 @@ from tests.conftest import ROOT, run_cli
 from tests.test_acl import refused, render_acl
 from tests.test_ingest_user import dump_everything
 
-# --- the key layout -----------------------------------------------------------------------------
+# --- the key layout --------
 
 
 def test_an_account_label_scopes_its_user_data_and_shares_the_market_views() -> None:
@@ -111,7 +111,7 @@ def test_an_accounts_log_is_never_trimmed_like_the_unlabelled_one() -> None:
     assert retention_family("raw:conn:user:a1") == "conn"
 
 
-# --- settings -----------------------------------------------------------------------------------
+# --- settings --------
 
 def test_account_labels_are_checked_and_the_projector_serves_the_listed_ones() -> None:
     s = load_settings(env={"PIPELINE_ACCOUNT": "desk-b_2"})
@@ -163,7 +163,7 @@ def test_a_user_data_fold_that_ignores_the_account_is_refused_at_start(
         available(load_settings(env={"PIPELINE_ACCOUNTS": "a1"}))
 
 
-# --- two accounts side by side, the deployment's shape ------------------------------------------
+# --- two accounts side by side, the deployment's shape --------
 
 KEY_1, SECRET_1 = "Acct1Key-" + "k1Q" * 16, "Acct1Secret-" + "s1W" * 16
 KEY_2, SECRET_2 = "Acct2Key-" + "k2E" * 16, "Acct2Secret-" + "s2R" * 16

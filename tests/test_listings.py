@@ -41,7 +41,7 @@ def info(*rows: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
                          "contractType": r[2] if len(r) > 2 else "PERPETUAL"} for r in rows]}
 
 
-# --- pure: what an exchangeInfo answer changes -----------------------------------------------------
+# --- pure: what an exchangeInfo answer changes --------
 
 def test_a_new_trading_symbol_is_added_and_one_no_longer_trading_is_removed() -> None:
     plan = MarketPlan.of(("BTCUSDT", "ETHUSDT", "SOLUSDT"), KINDS)
@@ -89,7 +89,7 @@ def test_a_listing_goes_where_there_is_room_and_a_delisting_empties_what_it_must
     assert plan.add("TSLAUSDT", sessions=True)[0][0].name == "mkt-sessions-1"
 
 
-# --- pacing: live SUBSCRIBEs never pass the exchange's limit ---------------------------------------
+# --- pacing: live SUBSCRIBEs never pass the exchange's limit --------
 
 async def served_becomes(sim: Simulator, names: set[str]) -> None:
     """Until the simulator's one open connection is subscribed to exactly `names` (the guard
@@ -145,7 +145,7 @@ async def test_a_link_that_opens_after_a_change_carries_what_the_plan_holds_now(
     assert rec.controls("opened")[1].body["streams"] == 2
 
 
-# --- the whole ingestor, on the simulator and a real Redis -----------------------------------------
+# --- the whole ingestor, on the simulator and a real Redis --------
 
 @asynccontextmanager
 async def following(sim: Simulator, server: LocalRedis, **env: str

@@ -87,7 +87,7 @@ def test_the_first_shard_alone_carries_the_all_market_streams_and_names_carry_th
         Shard(3, 3).take(symbols))
 
 
-# --- three ingestors on one Redis ----------------------------------------------------------------
+# --- three ingestors on one Redis --------
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "BNBUSDT", "ADAUSDT",
            "LINKUSDT", "AVAXUSDT")
