@@ -165,7 +165,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     api_key, api_secret = settings.require_api_key()
     signer = make_signer(api_secret)
     opts = UserOptions.from_args(args)
-    client = connect_checked(settings.redis_url, name=conn_name(settings.account))
+    role = f"ingest-user-{settings.account}" if settings.account else "ingest-user"
+    client = connect_checked(settings.redis_url, name=role)
     metrics.describe("ingest-user", account=settings.account)
     running: list[UserIngest] = []
     server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()

@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.config import load_settings
 from pipeline.eventlog import retention_family
-from pipeline.localredis import LocalRedis
+from pipeline.localredis import LocalRedis, free_port
 from pipeline.redisconn import connect_checked
 from projections.client import OrderEvent, OrdersConsumer, open_orders
 from projections.core.keys import (
@@ -44,6 +44,7 @@ from projections.shell.registry import available, choose
 from tests.conftest import ROOT, run_cli
 from tests.test_acl import refused, render_acl
 from tests.test_ingest_user import dump_everything
+from tests.test_metrics import wait_for
 
 # --- the key layout --------
 
@@ -218,10 +219,12 @@ def test_two_accounts_side_by_side_have_separate_views_and_orders_streams_behind
         ws, rest = re.findall(r"(?:ws|rest)=(\S+)", sim.stdout.readline())
         env = {**base, "BINANCE_WS_URL": ws, "BINANCE_REST_URL": rest,
                "PIPELINE_SYMBOLS": "BTCUSDT,ETHUSDT", "PIPELINE_LOG_FORMAT": "json"}
+        ports = {"a1": free_port(), "a2": free_port()}
         for account, key, secret in (("a1", KEY_1, SECRET_1), ("a2", KEY_2, SECRET_2)):
             start(f"ingest-user-{account}", ["ingest", "user"], {
                 **env, "PIPELINE_ACCOUNT": account, "REDIS_URL": url(f"ingest-user-{account}"),
-                "BINANCE_API_KEY": key, "BINANCE_API_SECRET": secret})
+                "BINANCE_API_KEY": key, "BINANCE_API_SECRET": secret,
+                "PIPELINE_METRICS_PORT": str(ports[account])})
         start("project", ["project", "--only", "orders,account", "--block-ms", "100"],
               {**env, "PIPELINE_ACCOUNTS": "a1,a2", "REDIS_URL": url("projector")})
         http = httpx.Client(base_url=rest, timeout=5)
@@ -273,6 +276,12 @@ def test_two_accounts_side_by_side_have_separate_views_and_orders_streams_behind
         assert [p for p in report["problems"] if "user stream" in p] == [
             "user stream a3: nothing logged in raw:conn:user:a3 (no `ingest user` with "
             "PIPELINE_ACCOUNT=a3 has run)"]
+        # each user ingestor's series say whose they are
+        scraped = wait_for(ports["a2"], "/metrics",
+                           r'^pipeline_reconciliations_total\{account="a2",outcome="complete"\}')
+        assert re.search(r'^pipeline_process_info\{account="a2",role="ingest-user",shard=""\} '
+                         r'1\.0$', scraped, re.M)
+        assert 'account="a1"' not in scraped
         groups = {(s["key"], g["name"]) for s in report["streams"] for g in s["groups"]}
         assert {("raw:user:a1", "orders@a1"), ("raw:user:a2", "account@a2"),
                 ("websocket:acct:a1:orders", "desk")} <= groups
