@@ -83,7 +83,6 @@ def test_keys_of_an_account_read_back_and_never_match_another_accounts_patterns(
     a1, a2, plain = (Keys("desk", account=a) for a in ("a1", "a2", None))
     key = a1.open_orders("BTCUSDT")
     assert a1.pattern("open_orders") == "desk:acct:a1:open_orders:*"
-    assert a1.account_pattern() == "desk:acct:a1:*"
     assert plain.family_of(key) == "open_orders" and plain.account_of(key) == "a1"
     assert plain.account_of(plain.open_orders("BTCUSDT")) is None
     assert a1.held_orders(key) == ("open_orders", "BTCUSDT")
@@ -92,8 +91,6 @@ def test_keys_of_an_account_read_back_and_never_match_another_accounts_patterns(
     assert a1.held_orders(plain.open_orders("BTCUSDT")) is None
     assert not re.fullmatch(a2.pattern("open_orders").replace("*", ".*"), key)
     assert not re.fullmatch(plain.pattern("open_orders").replace("*", ".*"), key)
-    with pytest.raises(ValueError):
-        plain.account_pattern()
 
 
 def test_a_user_data_family_added_later_is_scoped_by_being_in_the_set_alone() -> None:

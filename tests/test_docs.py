@@ -177,7 +177,7 @@ BUILT: dict[str, list[str]] = {
 }
 # helpers of Keys that build no key of their own (patterns, parsing, argument lists, names)
 KEYS_HELPERS = {"view", "view_head", "pattern", "family_of", "parts_of", "held_orders",
-                "order_keys", "account_of", "account_pattern", "projection"}
+                "order_keys", "account_of", "projection"}
 OTHER_KEYS = [market_key("{family}"), KEY_OTHER, KEY_USER, KEY_CONN_MARKET, KEY_CONN_USER,
               KEY_DEPTH_SNAPSHOTS, dlq_key("{projection}"),
               lease_key("{projection}")]

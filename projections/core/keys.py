@@ -163,13 +163,6 @@ class Keys:
         return ":".join((self._family_head(family), *(parts or ("*",)))) if family != "*" \
             else f"{self.prefix}:*"
 
-    def account_pattern(self) -> str:
-        """Every key of this account's user data: `websocket:acct:a1:*` (what its ACL users
-        may read). Only for a labelled account."""
-        if not self.account:
-            raise ValueError("the unlabelled account's keys share the prefix with the market's")
-        return f"{self.prefix}:{ACCOUNT_SEGMENT}:{self.account}:*"
-
     def _scoped(self, key: str) -> tuple[str | None, str] | None:
         """(account label or None, the key after it and the prefix), None for another prefix."""
         head = self.prefix + ":"

@@ -7,8 +7,8 @@ an unknown name is a bad setting (exit 2).
 
 Every fold gets the plausibility bounds of the settings (`bounds_from`); the market folds also
 get the configured symbols (`PIPELINE_SYMBOLS`; `ALL`: any well-formed symbol), the only ones
-that get views. With several market ingestors on symbol shards, the projector's
-PIPELINE_SYMBOLS must name every shard's symbols (or be ALL).
+that get views. Market ingestors on shards (PIPELINE_SHARD) share the projector's
+PIPELINE_SYMBOLS: each takes its part of the same list.
 
 Accounts: the user-data projections run once per account the projector serves
 (`Settings.accounts`: PIPELINE_ACCOUNTS, else PIPELINE_ACCOUNT's one; `-` the unlabelled
