@@ -234,12 +234,10 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
     return out
 
 
-# Connections of symbols that trade in sessions (TradFi perpetuals): `ingest market` names them
-# `SESSION_CONN_NAME-...`; outside a session their streams are quiet, so silence says nothing
-# about them.
-
-
 def trades_in_sessions(conn: Connection) -> bool:
+    """A connection of symbols that trade in sessions (TradFi perpetuals; `ingest market`
+    names it `mkt-sessions-...`): outside a session its streams are quiet, so silence says
+    nothing about it."""
     return conn.name.startswith(f"{SESSION_CONN_NAME}-")
 
 

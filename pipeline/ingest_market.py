@@ -50,6 +50,7 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import route_stream, stream_name
+from pipeline.logs import label_lines
 from pipeline.pacing import connect_pacer
 from pipeline.redisconn import connect_checked
 from pipeline.rest import RestClient
@@ -88,6 +89,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     running: list[MarketIngest] = []
     shard = settings.shard.label if settings.shard else None
     metrics.describe("ingest-market", shard=shard)
+    if shard is not None:
+        label_lines(shard=shard)
     # first: a port already taken is a bad setting, found before anything connects
     server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
                            ) if settings.metrics_port > 0 else None

@@ -71,6 +71,7 @@ from pipeline.backoff import Backoff
 from pipeline.config import Secret, Settings, redact_url
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.listenkey import DEFAULT_KEEPALIVE_S, ListenKeys
+from pipeline.logs import label_lines
 from pipeline.reconcile import Reconciler
 from pipeline.redisconn import connect_checked, make_client
 from pipeline.rest import BackoffNotice, BadAnswer, RateLimited, RestClient
@@ -168,6 +169,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     role = f"ingest-user-{settings.account}" if settings.account else "ingest-user"
     client = connect_checked(settings.redis_url, name=role)
     metrics.describe("ingest-user", account=settings.account)
+    if settings.account:
+        label_lines(account=settings.account)
     running: list[UserIngest] = []
     server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
                            ) if settings.metrics_port > 0 else None
