@@ -5,6 +5,9 @@
 # - grafana_admin_password: a random hex password for Grafana's `admin` (profile observability);
 # - binance_api_key, binance_api_secret: empty placeholders (fill them in before
 #   `docker compose --profile user up`);
+# - for each account label of $PIPELINE_ACCOUNTS (`-` aside): redis_password_ingest_user_<label>
+#   and redis_password_listener_<label> (its ACL users, deploy/redis/account.acl.template), and
+#   empty binance_api_key_<label>, binance_api_secret_<label>;
 # - for the TLS profile (deploy/compose.tls.yaml), made with openssl: redis_tls_ca, the
 #   certificate of a CA made for this deployment alone; redis_tls_cert and redis_tls_key, the
 #   Redis server's certificate signed by it, for the names clients use: redis (the compose
@@ -25,6 +28,15 @@ done
   > "$dir/grafana_admin_password"
 for f in binance_api_key binance_api_secret; do
   [ -e "$dir/$f" ] || : > "$dir/$f"
+done
+for label in $(echo "${PIPELINE_ACCOUNTS:-}" | tr ',' ' '); do
+  case "$label" in -|*/*|.*) continue ;; esac
+  for f in "redis_password_ingest_user_$label" "redis_password_listener_$label"; do
+    [ -s "$dir/$f" ] || od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$dir/$f"
+  done
+  for f in "binance_api_key_$label" "binance_api_secret_$label"; do
+    [ -e "$dir/$f" ] || : > "$dir/$f"
+  done
 done
 
 make_tls() {

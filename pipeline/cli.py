@@ -53,6 +53,12 @@ COMMON_FLAGS: dict[str, str] = {
     "--max-clock-ahead": "PIPELINE_MAX_CLOCK_AHEAD_S",
     "--max-id-rate": "PIPELINE_MAX_ID_RATE",
     "--repair-slack": "PIPELINE_REPAIR_SLACK_S",
+    # `--account` is `pipeline simulate`'s own (its accounts' credentials): an abbreviation of
+    # this one everywhere else
+    "--account-label": "PIPELINE_ACCOUNT",
+    "--all-accounts": "PIPELINE_ACCOUNTS",
+    "--shard": "PIPELINE_SHARD",
+    "--listings-every": "PIPELINE_LISTINGS_EVERY",
 }
 
 

@@ -28,7 +28,8 @@ import attrs
 
 from pipeline.errors import SettingsError
 from pipeline.eventlog import Retention, parse_retention
-from pipeline.streams import StreamKind, parse_stream_kinds, parse_symbols
+from pipeline.streams import Shard, StreamKind, parse_shard, parse_stream_kinds, parse_symbols
+from projections.core.keys import check_account
 
 
 @attrs.frozen(repr=False)
@@ -110,6 +111,11 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_MAX_ID_RATE": "10000000",  # ids a second a stream can advance (book u, trade a)
     "PIPELINE_REPAIR_SLACK_S": "1",  # event-time slack before a held id is judged impossible
     "PIPELINE_BUFFER_BYTES": "256MiB",
+    # several accounts, market shards, listings (own block below)
+    "PIPELINE_ACCOUNT": "",  # empty: the unlabelled account, today's keys
+    "PIPELINE_ACCOUNTS": "",  # empty: PIPELINE_ACCOUNT alone
+    "PIPELINE_SHARD": "",  # empty: one market ingestor covers every symbol
+    "PIPELINE_LISTINGS_EVERY": "300",  # with PIPELINE_SYMBOLS=ALL: re-read exchangeInfo
 }
 
 
@@ -134,6 +140,11 @@ class Settings:
     max_id_rate: float = 10_000_000.0
     repair_slack_s: float = 1.0
     buffer_bytes: int = 256 * 1024 * 1024
+    account: str | None = None  # this process's account label (`ingest user`, a reader)
+    # the accounts a projector serves and `pipeline status` expects; None: the unlabelled one
+    accounts: tuple[str | None, ...] = (None,)
+    shard: Shard | None = None  # this market ingestor's part of the symbols; None: all
+    listings_every: float = 300.0
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -190,6 +201,8 @@ BOUNDS: dict[str, Bound] = {
     "PIPELINE_MAX_CLOCK_AHEAD_S": Bound(0.001, 86_400.0),
     "PIPELINE_MAX_ID_RATE": Bound(1, 1e15),
     "PIPELINE_REPAIR_SLACK_S": Bound(0, 3600.0),
+    # exchangeInfo weighs 1: once a second at most is still far below any budget
+    "PIPELINE_LISTINGS_EVERY": Bound(1.0, 86_400.0),
 }
 
 
@@ -279,6 +292,7 @@ def load_settings(
     log_format = merged["PIPELINE_LOG_FORMAT"]
     if log_format not in ("text", "json"):
         raise SettingsError("PIPELINE_LOG_FORMAT", f"{log_format!r} is not text or json")
+    account = account_label("PIPELINE_ACCOUNT", merged["PIPELINE_ACCOUNT"])
     return Settings(
         redis_url=_url("REDIS_URL", merged["REDIS_URL"], ("redis", "rediss", "unix")),
         ws_url=_url("BINANCE_WS_URL", merged["BINANCE_WS_URL"], ("ws", "wss")),
@@ -299,7 +313,41 @@ def load_settings(
         max_id_rate=_number("PIPELINE_MAX_ID_RATE", merged),
         repair_slack_s=_number("PIPELINE_REPAIR_SLACK_S", merged),
         buffer_bytes=buffer_bytes(merged["PIPELINE_BUFFER_BYTES"]),
+        account=account,
+        accounts=account_labels(merged["PIPELINE_ACCOUNTS"], account),
+        shard=parse_shard(merged["PIPELINE_SHARD"]),
+        listings_every=_number("PIPELINE_LISTINGS_EVERY", merged),
     )
+
+
+# --- several accounts, market shards, listings --------------------------------------------------
+# PIPELINE_ACCOUNT labels one account's keys (`projections.core.keys`: raw:user:{label},
+# P:acct:{label}:...); PIPELINE_ACCOUNTS lists every label of the deployment, for the projector
+# (which serves each), `pipeline status` (which expects each) and the ACL renderer (a user pair
+# each); `-` in it names the unlabelled account. PIPELINE_SHARD=i/n takes shard i of n of the
+# symbols (`pipeline.streams.Shard`).
+UNLABELLED = "-"
+
+
+def account_label(name: str, value: str) -> str | None:
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        return check_account(text)
+    except ValueError as exc:
+        raise SettingsError(name, str(exc)) from None
+
+
+def account_labels(value: str, single: str | None) -> tuple[str | None, ...]:
+    """PIPELINE_ACCOUNTS as a tuple of labels (None: the unlabelled account); unset: the one
+    account of PIPELINE_ACCOUNT."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        return (single,)
+    labels = [None if v == UNLABELLED else account_label("PIPELINE_ACCOUNTS", v) for v in items]
+    return tuple(dict.fromkeys(labels))
+
 
 
 # --- the REST weight budget -------------------------------------------------------------------

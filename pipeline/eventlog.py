@@ -48,7 +48,14 @@ import attrs
 import orjson
 
 from pipeline.errors import SettingsError
-from projections.core.keys import CONN_PREFIX, KEY_OTHER, MARKET_PREFIX, RAW_PREFIX, market_key
+from projections.core.keys import (
+    CONN_PREFIX,
+    KEY_OTHER,
+    MARKET_PREFIX,
+    RAW_PREFIX,
+    market_key,
+    raw_account,
+)
 
 # Binance's combined form: `{"stream":"<name>","data":<payload>}`, "stream" always first.
 WRAPPER_HEAD = b'{"stream":"'
@@ -210,7 +217,9 @@ DEFAULT_RETENTION: dict[str, Retention] = {
 
 
 def retention_family(key: str) -> str:
-    """`raw:market:kline_1m` -> `kline`; `raw:user` -> `user`; `raw:conn:user` -> `conn`."""
+    """`raw:market:kline_1m` -> `kline`; `raw:user` and an account's `raw:user:a1` -> `user`;
+    `raw:conn:user` -> `conn`."""
+    key = raw_account(key)[0]
     if key.startswith(CONN_PREFIX):
         return "conn"
     if key.startswith(MARKET_PREFIX):

@@ -41,21 +41,31 @@ list of problems (empty: healthy). The rules:
   IP ban (418) still running. A 429 back-off is shown, with
   its end, not judged: it lasts a minute at most.
 
+- accounts (`account_problems`): each labelled account's user stream (`raw:conn:user:{label}`)
+  by the rules above, its problems named `user stream {label}: ...`; an account the settings
+  expect (PIPELINE_ACCOUNTS) whose ingestor has never logged anything is a problem too (the
+  unlabelled account's silence is not: a deployment may have no user ingestor);
+- market shards (`shard_problems`): connections named for shard i of n (`mkt-s2of3-1`,
+  `mkt-sessions-s2of3-1`, `shard_of_name`) are open for some shards of n and none of shard i:
+  that shard's symbols get no data, which no view age shows (other symbols keep the family
+  fresh).
+
 Dead letters, pending entries and REST weight are reported, not judged: they need a human look
 but do not mean the views are wrong now.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, retention_family
-from pipeline.streams import Path, parse_stream_kind
+from pipeline.streams import SESSION_CONN_NAME, Path, parse_stream_kind
 from pipeline.weight import utc_text
-from projections.core.keys import family_of_key, is_raw
+from projections.core.keys import conn_user_key, family_of_key, is_raw
 
 # Newest value of a view family older than this (seconds) is unhealthy. None: event-driven
 # views (positions, balances) whose age says nothing about health.
@@ -135,6 +145,7 @@ class ViewFamily:
     keys: int  # keys seen (bounded by the scan)
     newest_age_s: float | None  # None: no timestamp to read
     limit_s: float | None
+    account: str | None = None  # the account of a user-data family (`P:acct:{label}:...`)
 
 
 @attrs.frozen
@@ -145,6 +156,17 @@ class Connection:
     age_s: float
     streams: int
     silent: bool = False
+    shard: str | None = None  # `2/3` for a connection of market shard 2 of 3
+
+
+# `ingest market` names a sharded connection `mkt-s{i}of{n}-{k}` (`mkt-sessions-s{i}of{n}-{k}`
+# for symbols that trade in sessions)
+_SHARD_NAME = re.compile(r"^mkt-(?:sessions-)?s(\d+)of(\d+)-\d+$")
+
+
+def shard_of_name(name: str) -> str | None:
+    m = _SHARD_NAME.match(name)
+    return f"{int(m.group(1))}/{int(m.group(2))}" if m else None
 
 
 @attrs.frozen
@@ -157,6 +179,7 @@ class Report:
     problems: tuple[str, ...] = ()
     user_stream: UserStream | None = None  # None: no user ingestor has logged anything
     outages: tuple[Outage, ...] = ()
+    accounts: tuple[AccountStatus, ...] = ()  # the labelled accounts, by label
 
     @property
     def healthy(self) -> bool:
@@ -188,8 +211,10 @@ def open_connections(entries: Iterable[ControlEntry], now: float) -> list[Connec
         if entry.ctl != "opened" or cid not in newest_of_name.values():
             continue
         body = entry.body if isinstance(entry.body, dict) else {}
-        out.append(Connection(cid, str(body.get("name", cid)), str(body.get("path", "?")),
-                              max(0.0, now - opened[cid].recv_ts), int(body.get("streams", 0))))
+        name = str(body.get("name", cid))
+        out.append(Connection(cid, name, str(body.get("path", "?")),
+                              max(0.0, now - opened[cid].recv_ts), int(body.get("streams", 0)),
+                              shard=shard_of_name(name)))
     return sorted(out, key=lambda c: (c.path, c.name))
 
 
@@ -209,12 +234,10 @@ def mark_silent(conns: Sequence[Connection], streams: Sequence[Stream],
     return out
 
 
-# Connections of symbols that trade in sessions (TradFi perpetuals): `ingest market` names them
-# so; outside a session their streams are quiet, so silence says nothing about them.
-SESSION_CONN_NAME = "mkt-sessions"
-
-
 def trades_in_sessions(conn: Connection) -> bool:
+    """A connection of symbols that trade in sessions (TradFi perpetuals; `ingest market`
+    names it `mkt-sessions-...`): outside a session its streams are quiet, so silence says
+    nothing about it."""
     return conn.name.startswith(f"{SESSION_CONN_NAME}-")
 
 
@@ -371,7 +394,20 @@ def assess(conns: Sequence[Connection], streams: Sequence[Stream],
     problems.extend(f"connection {o.name}: no working link for {o.down_s:.0f} s "
                     f"({o.failed_links} failed since, last: {o.last_reason})" for o in down)
     problems.extend(tampering(streams, retention))
+    problems.extend(shard_problems(conns))
     return problems
+
+
+def shard_problems(conns: Sequence[Connection]) -> list[str]:
+    """Shards of n with no open connection while another shard of n has one."""
+    seen: dict[int, set[int]] = {}
+    for c in conns:
+        if c.shard is not None:
+            index, count = (int(x) for x in c.shard.split("/"))
+            seen.setdefault(count, set()).add(index)
+    return [f"market shard {i}/{n}: no open connection while other shards of {n} run: its "
+            "symbols get no data" for n, found in sorted(seen.items())
+            for i in range(1, n + 1) if i not in found]
 
 
 # --- the user stream ----------------------------------------------------------------------
@@ -412,17 +448,18 @@ def user_stream_state(entries: Sequence[ControlEntry], now: float) -> UserStream
                       backoffs[-1] if backoffs else None)
 
 
-def user_stream_problems(user: UserStream | None) -> list[str]:
+def user_stream_problems(user: UserStream | None, account: str | None = None) -> list[str]:
     if user is None:
         return []
     problems = []
+    name = f"user stream {account}" if account else "user stream"
     if not user.connected:
         age = "" if user.state_age_s is None else f" for {user.state_age_s:.0f} s"
-        problems.append(f"user stream: no working connection{age} (last close: "
+        problems.append(f"{name}: no working connection{age} (last close: "
                         f"{user.last_close or 'none'})")
     elif (user.unplanned_closes >= USER_FLAPPING_CLOSES
           and (user.state_age_s or 0.0) < USER_SETTLE_S):
-        problems.append(f"user stream: {user.unplanned_closes} connections ended in the last "
+        problems.append(f"{name}: {user.unplanned_closes} connections ended in the last "
                         f"{USER_FLAPPING_WINDOW_S:.0f} s (last: {user.last_close}): "
                         "reconnecting, not working")
     ban = user.backoff
@@ -430,3 +467,25 @@ def user_stream_problems(user: UserStream | None) -> list[str]:
         problems.append(f"REST: IP banned by the exchange until {utc_text(float(ban['until']))} "
                         f"(418 on {ban.get('method', '')} {ban.get('path', '')})")
     return problems
+
+
+# --- accounts -----------------------------------------------------------------------------------
+
+@attrs.frozen
+class AccountStatus:
+    """One labelled account: what its `raw:conn:user:{label}` and `raw:user:{label}` say."""
+
+    account: str
+    user_stream: UserStream | None  # None: its ingestor never logged anything
+    weight_used_1m: int | None = None  # of its newest REST snapshot
+    expected: bool = False  # named by PIPELINE_ACCOUNTS
+
+
+def account_problems(status: AccountStatus) -> list[str]:
+    if status.user_stream is None:
+        if status.expected:
+            return [f"user stream {status.account}: nothing logged in "
+                    f"{conn_user_key(status.account)} (no `ingest user` with "
+                    f"PIPELINE_ACCOUNT={status.account} has run)"]
+        return []
+    return user_stream_problems(status.user_stream, status.account)

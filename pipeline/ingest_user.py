@@ -34,6 +34,16 @@ connection the server ended is therefore followed by a POST for the account's li
 the reconnect (with the connection's backoff), and the reconnect reconciles, searching the
 orders of the outage (`Reconciler.note_outage`).
 
+Several accounts: one process per account. `PIPELINE_ACCOUNT=a1` (with that account's API key
+and secret) logs to `raw:user:a1` and `raw:conn:user:a1`, reconciles against the open orders of
+`P:acct:a1:...` (`projections.core.keys`), names its connection `usr-a1` and labels its
+metrics and log lines with the account; unset, every name is as it always was. Binance's
+combined `/private/stream` would carry several accounts' `listenKey`/`events` pairs on one
+connection, but then one process would hold every account's secret, one connection's fate
+(a 4001, a ban, a crash) would be every account's, and `/healthz` could not say which account
+is down. One process each keeps an account's key, listenKey, connection, REST budget and
+failure to itself.
+
 SIGINT/SIGTERM: the connection closes (its `closed` entry), the writer gets up to
 `LogWriter.final_flush_timeout` s for what is buffered, and the command exits 0. The key is
 left to live out its hour (other processes may be using it) unless `--close-listen-key` asks
@@ -61,6 +71,7 @@ from pipeline.backoff import Backoff
 from pipeline.config import Secret, Settings, redact_url
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.listenkey import DEFAULT_KEEPALIVE_S, ListenKeys
+from pipeline.logs import label_lines
 from pipeline.reconcile import Reconciler
 from pipeline.redisconn import connect_checked, make_client
 from pipeline.rest import BackoffNotice, BadAnswer, RateLimited, RestClient
@@ -75,7 +86,7 @@ from pipeline.signing import (
 from pipeline.weight import WeightBudget
 from pipeline.writer import LogWriter
 from pipeline.wsconn import ConnSpec, Timing, WsConnection
-from projections.core.keys import KEY_CONN_USER, KEY_USER
+from projections.core.keys import Keys
 
 log = logging.getLogger("pipeline.ingest_user")
 
@@ -91,7 +102,7 @@ USER_EVENTS = (
 DEFAULT_RECONCILE_S = 300.0
 DEFAULT_START_RETRY_S = 300.0
 DEFAULT_OUTAGE_LOOKBACK_S = 86_400.0
-CONN_NAME = "usr"
+CONN_NAME = "usr"  # an account's connection: `usr-{label}`
 CLOSE_KEY_TIMEOUT_S = 5.0
 # an outage is searched from a little before the stream last showed it was up: a dead
 # connection is noticed late, and the clocks of the two ends differ by up to this
@@ -155,7 +166,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     api_key, api_secret = settings.require_api_key()
     signer = make_signer(api_secret)
     opts = UserOptions.from_args(args)
-    client = connect_checked(settings.redis_url, name="ingest-user")
+    role = f"ingest-user-{settings.account}" if settings.account else "ingest-user"
+    client = connect_checked(settings.redis_url, name=role)
+    metrics.describe("ingest-user", account=settings.account)
+    if settings.account:
+        label_lines(account=settings.account)
     running: list[UserIngest] = []
     server = metrics.serve(settings.metrics_port, lambda: bool(running) and running[0].healthy()
                            ) if settings.metrics_port > 0 else None
@@ -350,29 +365,32 @@ class _Session:
         self.settings = settings
         self.api = api
         self.writer = writer
+        self.names = Keys(settings.view_prefix, account=settings.account)
+        self.raw_key = self.names.raw_user()
         self.keys = ListenKeys(api, keepalive_every=opts.keepalive_every)
         self.reconciler = Reconciler(api, views, settings.view_prefix, self._append,
-                                     symbols=settings.symbols or ())
+                                     symbols=settings.symbols or (), account=settings.account)
         self.expired = trio.Event()
         self.stale: Secret | None = None  # a key the stream said is expired, until replaced
         self.renew_key = False  # the last link ended by the server's doing: POST first
         self.last_frame_ms: int | None = None  # exchange clock, the newest frame's receipt
         self.connection = WsConnection(ConnSpec(
-            name=CONN_NAME, path="private", url=self._url, route=self._route,
+            name=conn_name(settings.account), path="private", url=self._url, route=self._route,
             on_connected=self._on_connected, silence_timeout=None,
             rotate_after=settings.rotate_after, streams=1,
             # a quiet account may send nothing for hours: hand over as soon as the new
             # connection is up; both carry every event meanwhile, so none is missed
             handover_on_connect=True),
-            _FrameTap(writer, self.on_frame, self.on_lifecycle), conn_key=KEY_CONN_USER,
-            timing=timing)
+            _FrameTap(writer, self.on_frame, self.on_lifecycle),
+            conn_key=self.names.raw_conn_user(), timing=timing)
 
     def _append(self, ctl: str, body: Mapping[str, Any]) -> None:
-        self.writer.append_control(KEY_USER, ctl, body)
+        self.writer.append_control(self.raw_key, ctl, body)
 
     def rest_backoff(self, notice: BackoffNotice) -> None:
         """A 429/418 answer: recorded where `pipeline status` reads the user ingestor."""
-        self.writer.append_control(KEY_CONN_USER, "rest_backoff", notice.to_json())
+        self.writer.append_control(self.names.raw_conn_user(), "rest_backoff",
+                                   notice.to_json())
 
     async def _url(self) -> str:
         if self.stale is not None:
@@ -409,7 +427,7 @@ class _Session:
                         extra={"error": str(exc)})
 
     def _route(self, frame: bytes) -> str:
-        return KEY_USER
+        return self.raw_key
 
     def on_frame(self, frame: bytes) -> bytes:
         """Sees each frame before it is logged: notes the symbols the account trades, notices
@@ -461,6 +479,11 @@ class _Session:
         link = self.connection.current
         if link is not None:
             link.close(reason)
+
+
+def conn_name(account: str | None) -> str:
+    """`usr`, or `usr-a1` for account `a1`: its connection ids are `usr-a1-{6 hex}`."""
+    return f"{CONN_NAME}-{account}" if account else CONN_NAME
 
 
 def rest_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None,

@@ -81,6 +81,25 @@ class TextFormatter(logging.Formatter):
         return scrub(line)
 
 
+class _Label(logging.Filter):
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self.fields.items():
+            if not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
+def label_lines(**fields: str) -> None:
+    """Every line this process logs from now on carries `fields` (an ingestor's `account` or
+    `shard`), so the lines of several processes in one place can be told apart."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Label(fields))
+
+
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

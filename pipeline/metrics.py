@@ -55,6 +55,23 @@ UNKNOWN_EVENTS = Counter(
     "pipeline_unknown_events", "Events of a type this version does not know", ["type"])
 REST_WEIGHT = Gauge(
     "pipeline_rest_weight_used_1m", "Last X-MBX-USED-WEIGHT-1M reported by the exchange")
+# What this process serves, so every other series of it can be joined to an account or a
+# shard (`* on(instance) group_left(account) pipeline_process_info`): a user ingestor serves one
+# account, a market ingestor one shard; "" for none.
+PROCESS_INFO = Gauge(
+    "pipeline_process_info", "1, labelled with the process's role, account label and market "
+    "shard", ["role", "account", "shard"])
+RECONCILIATIONS = Counter(
+    "pipeline_reconciliations", "REST reconciliations of the user stream, by account and "
+    "outcome (complete; partial: a call failed and the next run tries again)",
+    ["account", "outcome"])
+LISTING_CHANGES = Counter(
+    "pipeline_listing_changes", "Symbols subscribed (listed) or unsubscribed (delisted) while "
+    "running, from exchangeInfo", ["change"])
+
+
+def describe(role: str, *, account: str | None = None, shard: str | None = None) -> None:
+    PROCESS_INFO.labels(role, account or "", shard or "").set(1)
 
 
 def serve(port: int, health: Callable[[], bool] = lambda: True,

@@ -48,6 +48,11 @@ call that would pass 80 % of the minute's limit. Without a symbol, openOrders an
 openAlgoOrders cost 40 each; positionRisk and balance 5; each final-state lookup 1;
 allOrders and userTrades 5 per symbol and window. A body that is not the JSON a call returns
 (cut short, empty, `{}` where a list belongs) is a failed call, never a snapshot.
+
+Accounts: a reconciler serves one account (`account`, the ingestor's PIPELINE_ACCOUNT): it reads
+that account's open-order views (`P:acct:{label}:open_orders:*`, `projections.core.keys`) and
+its entries go to that account's `raw:user:{label}`; each run is counted in
+`pipeline_reconciliations_total{account,outcome}` and its log line names the account.
 """
 
 from __future__ import annotations
@@ -212,10 +217,12 @@ class Reconciler:
     """Runs one reconciliation at a time (connect, periodic and expiry may ask together)."""
 
     def __init__(self, api: SignedRest, views: redis.Redis, view_prefix: str,
-                 append: Append, *, symbols: Iterable[str] = ()) -> None:
+                 append: Append, *, symbols: Iterable[str] = (),
+                 account: str | None = None) -> None:
         self.api = api
         self.views = views
-        self.keys = Keys(view_prefix)
+        self.account = account
+        self.keys = Keys(view_prefix, account=account)
         self.append = append
         self.runs = 0
         self.traded: set[str] = set(symbols)  # symbols the outage search covers
@@ -267,7 +274,10 @@ class Reconciler:
             self.runs += 1
             result = ReconcileResult(snapshots, finals, self.api.rest.budget.used,
                                      tuple(failed), unknown, found, complete)
+            metrics.RECONCILIATIONS.labels(
+                self.account or "", "complete" if not failed and complete else "partial").inc()
             log.info("reconciled", extra={
+                "account": self.account or "-",
                 "reason": reason, "snapshots": snapshots, "final_states": finals,
                 "not_found": unknown, "failed": ",".join(failed),
                 "outage_orders": "-" if found is None else found,

@@ -9,6 +9,12 @@ each connection stream (`raw:conn:market`, `raw:conn:user`) and of `raw:user`,
 that make it unhealthy are in `pipeline.health`; the retention they compare the streams with
 is this command's own `PIPELINE_RETENTION`, so it must be the one the writers were given.
 
+Accounts: every labelled account found in the log (`raw:conn:user:{label}`, `raw:user:{label}`)
+or expected by PIPELINE_ACCOUNTS is reported on its own (its user stream, REST weight, views,
+its orders stream's groups) and judged by `pipeline.health.account_problems`. Market shards:
+each connection shows the shard its name carries (`mkt-s2of3-1`), and a shard with no open
+connection while the others run is a problem.
+
 Exit codes: 0 healthy, 1 unhealthy, 2 Redis unreachable (a bad REDIS_URL, like every command).
 `--json` prints one JSON document (same facts, for scripts); otherwise rich tables.
 """
@@ -19,7 +25,7 @@ import argparse
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import orjson
@@ -32,12 +38,14 @@ from pipeline.errors import RedisUnavailable, SettingsError
 from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, decode_entry
 from pipeline.health import (
     VIEW_LIMITS,
+    AccountStatus,
     Connection,
     Group,
     Report,
     Stream,
     UserStream,
     ViewFamily,
+    account_problems,
     assess,
     mark_silent,
     open_connections,
@@ -50,10 +58,11 @@ from pipeline.weight import utc_text
 from projections.core.keys import (
     CONN_KEYS,
     DLQ_PATTERN,
-    KEY_CONN_USER,
-    KEY_USER,
     RAW_PATTERN,
     Keys,
+    conn_user_key,
+    raw_account,
+    user_key,
 )
 
 SCAN_CAP = 50_000  # keys looked at per SCAN pattern: a bound on the cost of one status call
@@ -79,7 +88,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         with redis_errors():
             report = collect(client, prefix=settings.view_prefix, max_lag=args.max_lag,
                              silence_timeout=settings.silence_timeout, sample=args.sample,
-                             retention=settings.retention)
+                             retention=settings.retention, accounts=settings.accounts)
     except RedisUnavailable as exc:
         raise SettingsError("REDIS_URL", f"{redact_url(settings.redis_url)}: {exc}") from None
     finally:
@@ -97,18 +106,22 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: float,
             sample: int = 50, clock: Callable[[], float] = time.time,
-            retention: Mapping[str, Retention] = DEFAULT_RETENTION) -> Report:
+            retention: Mapping[str, Retention] = DEFAULT_RETENTION,
+            accounts: Sequence[str | None] = (None,)) -> Report:
     """Everything status reports, in one pass. `clock` is the local clock (recv_ts, event
-    times); stream ids are compared with Redis's own clock, which wrote them."""
+    times); stream ids are compared with Redis's own clock, which wrote them. `accounts`: the
+    labels the deployment should run (PIPELINE_ACCOUNTS), besides those found in the log."""
     seconds, micros = client.time()
     server_ms = seconds * 1000 + micros // 1000
     now = clock()
-    orders = Keys(prefix).orders_stream()
     keys = sorted(_scan(client, RAW_PATTERN, "stream"))
-    if client.exists(orders):
-        keys.append(orders)  # the listener's groups: reported, not judged
+    labels = account_labels(keys, accounts)
+    for account in (None, *labels):
+        orders = Keys(prefix, account=account).orders_stream()
+        if client.exists(orders):
+            keys.append(orders)  # the listener's groups: reported, not judged
     streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
-    lifecycle = _conn_entries(client)
+    lifecycle = _conn_entries(client, (*CONN_KEYS, *(conn_user_key(a) for a in labels)))
     conns = mark_silent(open_connections(lifecycle, now), streams, silence_timeout)
     down = outages(lifecycle, now, silence_timeout)
     views = read_views(client, prefix, sample, now)
@@ -116,8 +129,18 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     problems = assess(conns, streams, views, max_lag=max_lag, retention=retention, down=down)
     user = read_user_stream(client, now)
     problems += user_stream_problems(user)
+    by_account = tuple(AccountStatus(a, read_user_stream(client, now, a),
+                                     read_weight(client, a), a in accounts) for a in labels)
+    for status in by_account:
+        problems += account_problems(status)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
-                  tuple(problems), user, tuple(down))
+                  tuple(problems), user, tuple(down), by_account)
+
+
+def account_labels(raw_keys: Sequence[str], expected: Sequence[str | None]) -> list[str]:
+    """The labelled accounts of the log's user streams and of the settings, sorted."""
+    found = {raw_account(k)[1] for k in raw_keys}
+    return sorted({a for a in (*found, *expected) if a})
 
 
 def _scan(client: redis.Redis, match: str, type_: str) -> Iterator[str]:
@@ -163,11 +186,11 @@ def read_group(client: redis.Redis, key: str, info: dict, max_lag: int) -> Group
     return Group(key, name, int(info["consumers"]), int(info["pending"]), int(lag), exact)
 
 
-def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
-    """The lifecycle entries of both ingestors, oldest first: the two streams' ids come from
+def _conn_entries(client: redis.Redis, conn_keys: Sequence[str]) -> list[ControlEntry]:
+    """The lifecycle entries of every ingestor, oldest first: the streams' ids come from
     one server clock, so merging by id keeps their order in time."""
     out = []
-    raw = [e for key in CONN_KEYS for e in _newest(client, key, CONN_ENTRIES)]
+    raw = [e for key in conn_keys for e in _newest(client, key, CONN_ENTRIES)]
     for entry_id, fields in sorted(raw, key=lambda e: _id_order(e[0])):
         try:
             entry = decode_entry(entry_id, fields)
@@ -178,10 +201,11 @@ def _conn_entries(client: redis.Redis) -> list[ControlEntry]:
     return out
 
 
-def read_user_stream(client: redis.Redis, now: float) -> UserStream | None:
-    """The user ingestor's lifecycle and REST back-off entries, judged by `health`."""
+def read_user_stream(client: redis.Redis, now: float,
+                     account: str | None = None) -> UserStream | None:
+    """An account's user ingestor's lifecycle and REST back-off entries, judged by `health`."""
     entries = []
-    for entry_id, fields in reversed(_newest(client, KEY_CONN_USER, CONN_ENTRIES)):
+    for entry_id, fields in reversed(_newest(client, conn_user_key(account), CONN_ENTRIES)):
         try:
             entry = decode_entry(entry_id, fields)
         except ValueError:
@@ -201,14 +225,15 @@ def read_views(client: redis.Redis, prefix: str, sample: int, now: float) -> lis
     keys = Keys(prefix)
     out = []
     for type_ in ("string", "hash", "list", "stream"):
-        by_family: dict[str, list[str]] = defaultdict(list)
+        by_family: dict[tuple[str, str], list[str]] = defaultdict(list)
         for key in _scan(client, keys.pattern(), type_):
             family = keys.family_of(key)
             if family is not None:
-                by_family[family].append(key)
-        for family, names in sorted(by_family.items()):
+                by_family[(keys.account_of(key) or "", family)].append(key)
+        for (account, family), names in sorted(by_family.items()):
             age = _newest_age(client, names[:sample], now) if type_ == "string" else None
-            out.append(ViewFamily(family, type_, len(names), age, VIEW_LIMITS.get(family)))
+            out.append(ViewFamily(family, type_, len(names), age, VIEW_LIMITS.get(family),
+                                  account or None))
     return out
 
 
@@ -224,9 +249,9 @@ def _newest_age(client: redis.Redis, keys: list[str], now: float) -> float | Non
     return None if newest is None else max(0.0, now - newest)
 
 
-def read_weight(client: redis.Redis) -> int | None:
-    """The `weight_used_1m` of the newest REST snapshot the user ingestor logged."""
-    for entry_id, fields in _newest(client, KEY_USER, USER_ENTRIES):
+def read_weight(client: redis.Redis, account: str | None = None) -> int | None:
+    """The `weight_used_1m` of the newest REST snapshot an account's user ingestor logged."""
+    for entry_id, fields in _newest(client, user_key(account), USER_ENTRIES):
         if b"frame" in fields or fields.get(b"ctl") != b"snapshot":
             continue
         try:
@@ -271,6 +296,12 @@ def render(report: Report, console: Console) -> None:
     console.print(f"dead letters: {dead}    REST weight used (1 min): {weight}")
     if report.user_stream is not None:
         console.print(_user_line(report.user_stream))
+    for acct in report.accounts:
+        weight = "-" if acct.weight_used_1m is None else f"{acct.weight_used_1m} / 2400"
+        line = (_user_line(acct.user_stream) if acct.user_stream is not None
+                else "user stream: [red]nothing logged[/]" if acct.expected
+                else "user stream: nothing logged")
+        console.print(f"account {acct.account}: {line}; REST weight used (1 min): {weight}")
     if report.healthy:
         console.print("[bold green]healthy[/]")
     else:
@@ -294,10 +325,10 @@ def _user_line(user: UserStream) -> str:
 
 def _connections_table(conns: tuple[Connection, ...]) -> Table:
     t = Table(title="connections (open)", title_justify="left")
-    for col in ("id", "path", "streams", "age", "state"):
+    for col in ("id", "path", "shard", "streams", "age", "state"):
         t.add_column(col)
     for c in conns:
-        t.add_row(c.id, c.path, str(c.streams), _age(c.age_s),
+        t.add_row(c.id, c.path, c.shard or "-", str(c.streams), _age(c.age_s),
                   "[red]silent[/]" if c.silent else "ok")
     return t
 
@@ -320,12 +351,12 @@ def _streams_table(streams: tuple[Stream, ...]) -> Table:
 
 def _views_table(views: tuple[ViewFamily, ...]) -> Table:
     t = Table(title="views", title_justify="left")
-    for col in ("family", "type", "keys", "newest", "limit"):
+    for col in ("account", "family", "type", "keys", "newest", "limit"):
         t.add_column(col)
     for v in views:
         stale = v.limit_s is not None and v.newest_age_s is not None and \
             v.newest_age_s > v.limit_s
         newest = f"[red]{_age(v.newest_age_s)}[/]" if stale else _age(v.newest_age_s)
-        t.add_row(v.family, v.kind, str(v.keys), newest,
+        t.add_row(v.account or "-", v.family, v.kind, str(v.keys), newest,
                   "-" if v.limit_s is None else f"{v.limit_s:g} s")
     return t

@@ -10,6 +10,8 @@ the private stream. Everything that differs is in the `ConnSpec`:
                                          # logged and recorded only through redact_url
         route=route_frame,               # frame bytes -> raw key (e.g. lambda f: KEY_USER)
         subscribe=("ethusdt@aggTrade",), # SUBSCRIBEd after connect, paced (may be empty)
+        streams_now=None,                # or () -> every stream it carries now, for a
+                                         # connection whose streams change while it runs
         params_per_message=200,          # streams per SUBSCRIBE message
         on_connected=hook,               # async (conn_id) -> None, after each (re)connect once
                                          # the subscriptions are acknowledged; runs next to the
@@ -22,6 +24,14 @@ the private stream. Everything that differs is in the `ConnSpec`:
 
 `conn_key` is the stream the connection's lifecycle entries go to: one per ingestor role
 (`raw:conn:market`, `raw:conn:user`), so that no role can write another's.
+
+Streams that change while the connection runs (a listing, a delisting): the caller keeps the
+list `streams_now()` returns (its URL factory names the first ones), changes it, then calls
+`change_streams(added, removed)`, which sends SUBSCRIBE/UNSUBSCRIBE on every open link. A link
+that opens later SUBSCRIBEs what its URL did not name and UNSUBSCRIBEs what it named and is no
+longer carried. Every control message of a link, at connect or live, goes through one paced
+sender (`control_interval` apart: 5 a second against Binance's 10), and a live change waits for
+a link's own initial SUBSCRIBEs, so the two cannot cross.
 
 What one connection does (`_run_link`): connect under a timeout, append an `opened` control
 entry to `conn_key`, send the SUBSCRIBE messages (at most 5 a second, 200 streams each; Binance
@@ -76,7 +86,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 import orjson
@@ -122,6 +132,9 @@ class ConnSpec:
     route: Callable[[bytes], str]
     subscribe: Sequence[str] = ()
     params_per_message: int = PARAMS_PER_MESSAGE  # streams per SUBSCRIBE message
+    # the streams carried now, for a connection whose streams change while it runs (module
+    # doc); when set, `subscribe` is not used and `streams` is its length
+    streams_now: Callable[[], Sequence[str]] | None = None
     on_connected: Callable[[str], Awaitable[None]] | None = None
     silence_timeout: float | None = None
     rotate_after: float | None = None
@@ -167,6 +180,10 @@ class _Link:
     bad: int = 0
     others: int = 0  # frames routed to raw:market:other (replies, bad frames)
     judged: int = 0  # data frames already seen by the health check
+    url: str = ""
+    ws: trio_websocket.WebSocketConnection | None = None  # once open
+    control: trio.Lock = attrs.field(factory=trio.Lock)  # one control message at a time
+    last_control: float = float("-inf")  # trio clock
 
     def close(self, reason: str) -> None:
         """Stop reading and close gracefully (the websocket close handshake still runs)."""
@@ -342,6 +359,7 @@ class WsConnection:
                     raise trio_websocket.ConnectionTimeout from None
                 except OSError as exc:  # DNS, refused, unreachable, TLS
                     raise trio_websocket.HandshakeError from exc
+                link.url, link.ws = url, ws
                 self._opened(link, url)
                 try:
                     await self._use(ws, link)
@@ -379,10 +397,12 @@ class WsConnection:
         link.opened_at = trio.current_time()
         self.links_opened += 1
         safe = redact_url(url)
+        now = self.spec.streams_now
+        streams = len(now()) if now is not None else self.spec.streams
         log.info("connected", extra={"conn": link.id, "path": self.spec.path, "url": safe,
-                                     "streams": self.spec.streams})
+                                     "streams": streams})
         self.writer.append_control(self.conn_key, "opened", {
-            "path": self.spec.path, "url": safe, "streams": self.spec.streams,
+            "path": self.spec.path, "url": safe, "streams": streams,
             "name": self.spec.name}, link.id)
         metrics.CONNECTIONS.labels(self.spec.path).inc()
 
@@ -449,16 +469,17 @@ class WsConnection:
             link.delivered.set()
 
     async def _subscribe(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> None:
-        names, per_message = list(self.spec.subscribe), self.spec.params_per_message
         try:
-            for i in range(0, len(names), per_message):
-                if i:
-                    await trio.sleep(self.timing.control_interval)
-                self._next_msg_id += 1
-                link.pending.add(self._next_msg_id)
-                await ws.send_message(orjson.dumps({
-                    "method": "SUBSCRIBE", "params": names[i:i + per_message],
-                    "id": self._next_msg_id}).decode())
+            async with link.control:
+                if self.spec.streams_now is None:
+                    await self._send_control(ws, link, "SUBSCRIBE", self.spec.subscribe, True)
+                else:
+                    carried = list(self.spec.streams_now())
+                    named = _url_streams(link.url)
+                    await self._send_control(ws, link, "SUBSCRIBE",
+                                             [n for n in carried if n not in named], True)
+                    await self._send_control(ws, link, "UNSUBSCRIBE",
+                                             sorted(named - set(carried)), True)
         except trio_websocket.ConnectionClosed:
             return  # the reader sees the close too
         if link.pending:
@@ -471,6 +492,41 @@ class WsConnection:
             self._set_connected(link)
         if self.spec.on_connected is not None:
             await self.spec.on_connected(link.id)
+
+    async def _send_control(self, ws: trio_websocket.WebSocketConnection, link: _Link,
+                            method: str, names: Sequence[str], acked: bool = False) -> None:
+        """`method` for `names`, `params_per_message` a message, each at least
+        `control_interval` after the link's previous control message. Hold `link.control`.
+        `acked`: the link counts as subscribed once these are answered."""
+        per_message = self.spec.params_per_message
+        for i in range(0, len(names), per_message):
+            wait = link.last_control + self.timing.control_interval - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._next_msg_id += 1
+            if acked:
+                link.pending.add(self._next_msg_id)
+            link.last_control = trio.current_time()
+            await ws.send_message(orjson.dumps({
+                "method": method, "params": list(names[i:i + per_message]),
+                "id": self._next_msg_id}).decode())
+
+    async def change_streams(self, added: Sequence[str], removed: Sequence[str]) -> None:
+        """SUBSCRIBE `added` and UNSUBSCRIBE `removed` on every open link (module doc: the
+        caller has changed what `streams_now` returns first). A link that closes meanwhile
+        is skipped: its successor subscribes from `streams_now`."""
+        for link in list(self._links):
+            ws = link.ws
+            if ws is None or link.done.is_set() or link.retire.is_set():
+                continue
+            try:
+                async with link.control:
+                    await self._send_control(ws, link, "SUBSCRIBE", added)
+                    await self._send_control(ws, link, "UNSUBSCRIBE", removed)
+            except trio_websocket.ConnectionClosed:
+                continue
+            log.info("streams changed", extra={"conn": link.id, "subscribed": len(added),
+                                               "unsubscribed": len(removed)})
 
     async def _retire_when_asked(self, ws: trio_websocket.WebSocketConnection,
                                  link: _Link) -> None:
@@ -547,6 +603,14 @@ async def _send_close(ws: trio_websocket.WebSocketConnection) -> None:
         await send(CloseConnection(code=1000, reason="rotated"))
     except trio_websocket.ConnectionClosed:
         pass
+
+
+def _url_streams(url: str) -> set[str]:
+    """The streams a combined-stream URL names (`...?streams=a/b`)."""
+    for name, value in parse_qsl(urlsplit(url).query):
+        if name == "streams":
+            return set(filter(None, value.split("/")))
+    return set()
 
 
 def _target(url: str) -> tuple[str, int, str, ssl.SSLContext | None]:

@@ -32,17 +32,23 @@ ROLES = ("ingest_market", "ingest_user", "projector", "reader", "listener", "sta
 MARK = b'{"stream":"btcusdt@markPrice@1s","data":{"e":"markPriceUpdate","E":1,"s":"BTCUSDT"}}'
 
 
-def render_acl(folder: Path, prefix: str = "websocket") -> Path:
+ACCOUNTS = ("a1", "a2")  # the module's server also has the users of two labelled accounts
+
+
+def render_acl(folder: Path, prefix: str = "websocket", accounts: tuple[str, ...] = ()) -> Path:
+    """The ACL file compose's redis service renders, from secret files `pw-{role}` (with
+    `accounts`, PIPELINE_ACCOUNTS, also each account's `ingest_user_{a}`, `listener_{a}`)."""
     secrets = folder / "secrets"
     secrets.mkdir(parents=True)
-    for role in ROLES:
+    roles = [*ROLES, *(f"{r}_{a}" for a in accounts for r in ("ingest_user", "listener"))]
+    for role in roles:
         (secrets / f"redis_password_{role}").write_text(f"pw-{role}\n")
     out = folder / "users.acl"
     subprocess.run(
         ["sh", str(ROOT / "deploy/redis/render-acl.sh"),
          str(ROOT / "deploy/redis/users.acl.template"), str(out)],
         env={"PATH": "/usr/bin:/bin", "SECRETS_DIR": str(secrets),
-             "PIPELINE_VIEW_PREFIX": prefix},
+             "PIPELINE_VIEW_PREFIX": prefix, "PIPELINE_ACCOUNTS": ",".join(accounts)},
         check=True, timeout=10)
     return out
 
@@ -50,7 +56,8 @@ def render_acl(folder: Path, prefix: str = "websocket") -> Path:
 @pytest.fixture(scope="module")
 def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     folder = tmp_path_factory.mktemp("acl")
-    server = LocalRedis(folder / "redis", args=["--aclfile", str(render_acl(folder))]).start()
+    acl = render_acl(folder, accounts=ACCOUNTS)
+    server = LocalRedis(folder / "redis", args=["--aclfile", str(acl)]).start()
     try:
         yield server
     finally:
@@ -82,6 +89,10 @@ def admin(as_role: Callable[[str], redis.Redis]) -> redis.Redis:
     client.set("websocket:mark_price:btcusdt", b'{"timestamp": 1}')
     client.hset("websocket:open_orders:btcusdt", "42", b'{"orderId": 42}')
     client.xadd("websocket:orders", {"order_id": "42", "status": "NEW", "data": "{}"})
+    for account in ACCOUNTS:  # each labelled account's own keys (projections/core/keys.py)
+        client.set(f"websocket:acct:{account}:position:btcusdt", b'{"timestamp": 1}')
+        client.hset(f"websocket:acct:{account}:open_orders:btcusdt", "7", b'{"orderId": 7}')
+        client.xadd(f"websocket:acct:{account}:orders", {"order_id": "7", "status": "NEW"})
     return client
 
 
@@ -466,3 +477,84 @@ def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
     assert not [name for name, text in logs.items() if "NOPERM" in text or "no permissions"
                 in text], logs
     assert logs["project.log"].count(functions.MISSING_LINE) == 1
+
+
+# --- the users of one labelled account (deploy/redis/account.acl.template) ----------------------
+
+def test_an_account_listener_reads_and_consumes_its_own_account_and_nothing_of_another(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    from projections.client import OrderEvent, OrdersConsumer, open_orders
+    from projections.client.views import MarketReader
+
+    listener = as_role("listener-a1")
+    seen: list[OrderEvent] = []
+    consumer = OrdersConsumer(listener, group="desk", consumer="c1", handler=seen.append,
+                              block_ms=10, start_id="0", account="a1")
+    assert consumer.poll_once() == 1 and [e.order_id for e in seen] == ["7"]
+    assert open_orders(listener, account="a1") == [{"orderId": 7}]
+    reader = MarketReader(listener, fallback=False, account="a1")
+    assert reader.position("BTCUSDT") == {"timestamp": 1}
+    # account a2's keys, the unlabelled account's and the market's: refused
+    assert refused(lambda: open_orders(listener, account="a2"))
+    assert refused(lambda: listener.get("websocket:acct:a2:position:btcusdt"))
+    assert refused(lambda: OrdersConsumer(listener, group="desk", handler=seen.append,
+                                          account="a2"))
+    assert refused(lambda: listener.xrange("websocket:acct:a2:orders"))
+    assert refused(lambda: listener.xreadgroup("desk", "c1", {"websocket:orders": ">"}))
+    assert refused(lambda: listener.hgetall("websocket:open_orders:btcusdt"))
+    assert refused(lambda: listener.get("websocket:mark_price:btcusdt"))
+    # and it writes nothing, not even in its own account
+    assert refused(lambda: listener.xadd("websocket:acct:a1:orders", {"order_id": "8"}))
+    assert refused(lambda: listener.hset("websocket:acct:a1:open_orders:btcusdt", "8", "{}"))
+    assert refused(lambda: listener.xgroup_destroy("websocket:acct:a1:orders", "desk"))
+    assert refused(lambda: listener.xtrim("websocket:acct:a1:orders", maxlen=0))
+
+
+def test_an_account_user_ingestor_appends_to_its_own_log_and_reads_its_own_open_orders(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    ing = as_role("ingest-user-a2")
+    ing.xadd("raw:user:a2", frame_entry(b'{"e":"ORDER_TRADE_UPDATE"}', 3.0, "usr-a2-1", 1))
+    ing.xadd("raw:conn:user:a2", control_entry("opened", {"path": "private"}, 3.0, "usr-a2-1"))
+    keys = list(ing.scan_iter(match="websocket:acct:a2:open_orders:*", count=100))
+    assert keys == [b"websocket:acct:a2:open_orders:btcusdt"]
+    assert ing.hgetall(keys[0]) == {b"7": b'{"orderId": 7}'}
+    for other in ("raw:user", "raw:user:a1", "raw:conn:user", "raw:conn:user:a1",
+                  "raw:market:depth"):
+        assert refused(lambda key=other: ing.xadd(key, {"frame": b"{}"})), other
+    assert refused(lambda: ing.hgetall("websocket:acct:a1:open_orders:btcusdt"))
+    assert refused(lambda: ing.hgetall("websocket:open_orders:btcusdt"))
+    assert refused(lambda: ing.xrange("raw:user:a2"))
+    assert refused(lambda: ing.hset("websocket:acct:a2:open_orders:btcusdt", "8", "{}"))
+    # the unlabelled account's user ingestor cannot write account a2's log either
+    assert refused(lambda: as_role("ingest-user").xadd("raw:user:a2", {"frame": b"{}"}))
+
+
+def test_acl_renderer_refuses_a_bad_account_label_and_a_missing_account_secret(
+    tmp_path: Path,
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for role in ROLES:
+        (secrets / f"redis_password_{role}").write_text(f"pw-{role}")
+
+    def render(accounts: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", str(ROOT / "deploy/redis/render-acl.sh"),
+             str(ROOT / "deploy/redis/users.acl.template"), str(tmp_path / "users.acl")],
+            env={"PATH": "/usr/bin:/bin", "SECRETS_DIR": str(secrets),
+                 "PIPELINE_ACCOUNTS": accounts}, capture_output=True, text=True, timeout=10)
+
+    for bad in ("A1", "a*", "-x", "a" * 33):
+        done = render(bad)
+        assert done.returncode == 2 and "label" in done.stderr, bad
+    done = render("-,b1")
+    assert done.returncode == 2 and "redis_password_ingest_user_b1" in done.stderr
+    assert not (tmp_path / "users.acl").exists() and not (tmp_path / "users.acl.tmp").exists()
+    (secrets / "redis_password_ingest_user_b1").write_text("pw-i")
+    (secrets / "redis_password_listener_b1").write_text("pw-l")
+    assert render("-,b1").returncode == 0
+    users = [line.split()[1] for line in (tmp_path / "users.acl").read_text().splitlines()]
+    assert users == ["default", "ingest-market", "ingest-user", "projector", "reader",
+                     "listener", "status", "admin", "ingest-user-b1", "listener-b1"]

@@ -154,7 +154,8 @@ def test_redis_gets_only_the_files_its_entrypoint_reads_and_no_data(
     mounts = redis_bind_mounts(compose)
     entry = (DEPLOY / "redis" / "entrypoint.sh").read_text()
     read = {"entrypoint.sh", *re.findall(r'"\$here/([\w.-]+)"', entry)}
-    assert read == {"entrypoint.sh", "render-acl.sh", "users.acl.template", "redis.conf"}
+    assert read == {"entrypoint.sh", "render-acl.sh", "users.acl.template",
+                    "account.acl.template", "redis.conf"}
     assert mounts == {f"/etc/pipeline-redis/{name}": f"./deploy/redis/{name}" for name in read}
     assert all((ROOT / source).is_file() for source in mounts.values())
     # the data lives in the named volume, where redis.conf points the server

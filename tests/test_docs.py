@@ -157,6 +157,7 @@ def test_the_architecture_cites_the_new_layout() -> None:
 # --- the contract's keys are the keys the code builds ------------------------------------
 
 K = Keys("P")
+A = Keys("P", account="{account}")  # a labelled account's keys
 # Keys method -> the keys it builds, with the contract's placeholders as arguments
 BUILT: dict[str, list[str]] = {
     "mark_price": [K.mark_price("{symbol}")],
@@ -165,16 +166,18 @@ BUILT: dict[str, list[str]] = {
     "klines": [K.klines("{symbol}", "{interval}")],
     "last_price": [K.last_price("{symbol}")],
     "book_ticker": [K.book_ticker("{symbol}")],
-    "position": [K.position("{symbol}"), K.position("{symbol}", "long"),
-                 K.position("{symbol}", "short")],
-    "balance": [K.balance("{asset}")],
-    "order_state": [K.order_state("{symbol}"), K.order_state("{symbol}", "algo")],
-    "open_orders": [K.open_orders("{symbol}"), K.open_orders("{symbol}", "algo")],
-    "orders_stream": [K.orders_stream(), K.orders_stream("{symbol}")],
+    "position": [k.position("{symbol}", *side) for k in (K, A)
+                 for side in ((), ("long",), ("short",))],
+    "balance": [K.balance("{asset}"), A.balance("{asset}")],
+    "order_state": [k.order_state("{symbol}", kind) for k in (K, A) for kind in ("order", "algo")],
+    "open_orders": [k.open_orders("{symbol}", kind) for k in (K, A) for kind in ("order", "algo")],
+    "orders_stream": [k.orders_stream(*s) for k in (K, A) for s in ((), ("{symbol}",))],
+    "raw_user": [K.raw_user(), A.raw_user()],
+    "raw_conn_user": [K.raw_conn_user(), A.raw_conn_user()],
 }
-# helpers of Keys that build no key of their own (patterns, parsing, argument lists)
+# helpers of Keys that build no key of their own (patterns, parsing, argument lists, names)
 KEYS_HELPERS = {"view", "view_head", "pattern", "family_of", "parts_of", "held_orders",
-                "order_keys"}
+                "order_keys", "account_of", "projection"}
 OTHER_KEYS = [market_key("{family}"), KEY_OTHER, KEY_USER, KEY_CONN_MARKET, KEY_CONN_USER,
               KEY_DEPTH_SNAPSHOTS, dlq_key("{projection}"),
               lease_key("{projection}")]

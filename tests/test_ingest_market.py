@@ -206,7 +206,9 @@ async def test_streams_beyond_the_url_are_subscribed_paced_and_their_replies_log
     async with simulated(SimConfig(symbols=symbols)) as sim:
         settings = settings_for(NO_REDIS, sim.ws_url, PIPELINE_SYMBOLS=",".join(symbols))
         spec, = market_specs(settings, symbols, url_streams=1, params_per_message=1)
-        assert spec.subscribe == ("ethusdt@aggTrade", "solusdt@aggTrade")
+        assert spec.streams_now is not None and spec.streams_now() == (
+            "btcusdt@aggTrade", "ethusdt@aggTrade", "solusdt@aggTrade")
+        assert spec.url() == f"{sim.ws_url}/market/stream?streams=btcusdt@aggTrade"
         async with connected(spec, rec):
             await rec.until(lambda: {orjson.loads(f.frame)["stream"]
                                      for f in rec.frames("raw:market:aggTrade")} == {

@@ -16,7 +16,9 @@ here=$(dirname "$0")
 secrets="${SECRETS_DIR:-/run/secrets}"
 run_dir="${REDIS_RUN_DIR:-/run/redis-acl}"
 mkdir -p "$run_dir"
-sh "$here/render-acl.sh" "$here/users.acl.template" "$run_dir/users.acl"
+# PIPELINE_ACCOUNTS (a comma list of account labels) adds the users of each account
+sh "$here/render-acl.sh" "$here/users.acl.template" "$run_dir/users.acl" \
+  "$here/account.acl.template"
 fsync="${REDIS_APPENDFSYNC:-everysec}"
 case "$fsync" in
   everysec|always|no) ;;

@@ -9,6 +9,11 @@ Three things, all reading the views that `pipeline project` keeps (see docs/arch
 - `OrdersConsumer`: the order listener's loop over `P:orders` with `XREADGROUP`, acknowledging
   after the handler returns and taking over what a dead consumer left pending.
 
+Several accounts: every reader takes `account=` (the label an account's ingestor runs with,
+`PIPELINE_ACCOUNT`; None, the default, is the unlabelled account). It picks that account's
+positions, open orders and orders stream (`P:acct:{label}:...`); market views are shared by
+every account and read the same whatever the label.
+
 Example (the analyzer)::
 
     import redis
@@ -61,11 +66,14 @@ class MarketReader:
     `X-MBX-USED-WEIGHT-1M`), the reader does not call: it returns the stale view if there is one,
     else None, and logs it. A REST answer carries `"source": "rest"`.
 
+    `account`: whose positions `position` reads (market views are every account's).
+
     Example::
 
         reader = MarketReader(r, rest_url="https://fapi.binance.com")
         book = reader.order_book("ETHUSDT", depth=20, max_age=2)
         best_bid = book["bids"][0][0] if book else None
+        hedge = MarketReader(r, account="a2").position("BTCUSDT")  # account a2's position
     """
 
     def __init__(
@@ -78,9 +86,10 @@ class MarketReader:
         http: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
         budget: WeightBudget | None = None,
+        account: str | None = None,
     ) -> None:
         self.r = r
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix, account=account)
         self.fallback = fallback
         self.clock = clock
         self.budget = budget or WeightBudget()
@@ -184,29 +193,35 @@ def _hash_values(r: redis.Redis, pattern: str, key: str | None) -> list[dict[str
 
 
 def open_orders(r: redis.Redis, symbol: str | None = None, *,
-                prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
+                prefix: str = DEFAULT_PREFIX, account: str | None = None
+                ) -> list[dict[str, Any]]:
     """The open orders, shaped as `GET /fapi/v1/openOrders` (and `futures_get_open_orders()`)
     returns them, read from `P:open_orders:{symbol}` with no REST call. Sorted by orderId.
+    `account="a1"`: that account's (`P:acct:a1:open_orders:{symbol}`), none of another's.
 
     Example::
 
         for o in open_orders(r, "BTCUSDT"):
             print(o["orderId"], o["status"], o["executedQty"])
+        strategy_b = open_orders(r, account="b")
     """
-    keys = Keys(prefix)
+    keys = Keys(prefix, account=account)
     key = keys.open_orders(symbol) if symbol else None
     orders = _hash_values(r, keys.pattern("open_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("orderId", 0)))
 
 
 def open_algo_orders(r: redis.Redis, symbol: str | None = None, *,
-                     prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
+                     prefix: str = DEFAULT_PREFIX, account: str | None = None
+                     ) -> list[dict[str, Any]]:
     """The open conditional orders (STOP_MARKET, TAKE_PROFIT_MARKET, ...), shaped as
-    `GET /fapi/v1/openAlgoOrders` returns them, from `P:open_algo_orders:{symbol}`.
+    `GET /fapi/v1/openAlgoOrders` returns them, from `P:open_algo_orders:{symbol}`
+    (`account="a1"`: `P:acct:a1:open_algo_orders:{symbol}`).
 
-    Example: `stops = [o for o in open_algo_orders(r) if o["orderType"] == "STOP_MARKET"]`
+    Example: `stops = [o for o in open_algo_orders(r) if o["orderType"] == "STOP_MARKET"]`;
+    `open_algo_orders(r, "ETHUSDT", account="a1")`
     """
-    keys = Keys(prefix)
+    keys = Keys(prefix, account=account)
     key = keys.open_orders(symbol, "algo") if symbol else None
     orders = _hash_values(r, keys.pattern("open_algo_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("algoId", 0)))
@@ -306,7 +321,9 @@ class OrdersConsumer:
     has been idle `claim_idle_ms`. Delivery is therefore at-least-once: handlers should be
     idempotent (key on `event.entry_id` or on order id + status).
 
-    The client is used as redis-py makes it by default (RESP2 replies).
+    The client is used as redis-py makes it by default (RESP2 replies). `account="a1"`
+    consumes that account's stream, `P:acct:a1:orders` (a group there is that account's own:
+    the ACL user `listener-a1` may run groups on it and read nothing of another account).
 
     Example (see examples/order_listener.py)::
 
@@ -315,6 +332,7 @@ class OrdersConsumer:
                 print("filled", ev.symbol, ev.order_id, ev.filled_qty, "at", ev.avg_price)
 
         OrdersConsumer(r, group="listener", handler=on_order).run()
+        OrdersConsumer(r, group="listener", handler=on_order, account="a1").run()
     """
 
     def __init__(
@@ -329,12 +347,13 @@ class OrdersConsumer:
         block_ms: int = 1_000,
         count: int = 100,
         start_id: str = "$",
+        account: str | None = None,
     ) -> None:
         self.r = r
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.handler = handler
-        self.stream = Keys(prefix).orders_stream()
+        self.stream = Keys(prefix, account=account).orders_stream()
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
         self.count = count

@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from pipeline.eventlog import ControlEntry, FrameEntry
-from projections.core.keys import KEY_USER, Keys
+from projections.core.keys import Keys
 from projections.core.outputs import Entry, Output, PoisonEntry, ViewWrite
 from projections.core.plausible import Bounds, check_fields, present
 from projections.core.userevents import AccountUpdate, BadEvent, decode_frame, parse_user_event
@@ -120,15 +120,18 @@ def balance_from_rest(row: Mapping[str, Any]) -> dict[str, Any]:
 
 class AccountProjection:
     """Folds ACCOUNT_UPDATE and the positionRisk/balance snapshots into position and balance
-    views. Exclusive: it remembers the last `cr` per position, which REST does not give."""
+    views. Exclusive: it remembers the last `cr` per position, which REST does not give.
+    `account`: the account label whose `raw:user:{label}` it folds (as `account@{label}`) into
+    that account's position and balance keys; None: `raw:user`, `account`."""
 
-    name = "account"
-    sources = (KEY_USER,)
     exclusive = True
 
     def __init__(self, prefix: str = "websocket", *, ttl_s: float = DEFAULT_TTL_S,
-                 bounds: Bounds | None = None, **_unused: object) -> None:
-        self.keys = Keys(prefix)
+                 bounds: Bounds | None = None, account: str | None = None,
+                 **_unused: object) -> None:
+        self.keys = Keys(prefix, account=account)
+        self.name = self.keys.projection("account")
+        self.sources = (self.keys.raw_user(),)
         self.bounds = bounds or Bounds()
         self.ttl_ms = int(ttl_s * 1000)
         self._cr: dict[str, Any] = {}  # position key -> last accumulated realized seen

@@ -15,9 +15,22 @@ tags) is made here and nowhere else; every other module asks this one. Two kinds
   `dlq:{projection}` and `lease:{projection}`.
 
 `Keys(prefix)` holds the prefix; the raw keys do not depend on it.
+
+Several accounts (`PIPELINE_ACCOUNT`, a label such as `a1`): the account scope is a property of
+a view family. The families in `ACCOUNT_FAMILIES` hold one account's user data (positions,
+balances, order state, open orders, the orders streams, and every user-data family added
+later: it joins the set and is scoped with no other change); with a label they live under
+`P:acct:{label}:` (`websocket:acct:a1:open_orders:btcusdt`, `websocket:acct:a1:orders`), while
+every other family (the market's) stays shared (`websocket:mark_price:btcusdt`). The raw keys of
+an account are `raw:user:{label}` and `raw:conn:user:{label}`; the projections folding them are
+named `{name}@{label}` (`orders@a1`: its consumer group, `dlq:orders@a1`, `lease:orders@a1`).
+`Keys(prefix, account=label)` builds all of them; without a label (None) every name is today's,
+byte for byte. `family_of`, `account_of` and `parts_of` read the `acct:{label}` segment back.
 """
 
 from __future__ import annotations
+
+import re
 
 import attrs
 
@@ -38,6 +51,58 @@ DEFAULT_PREFIX = "websocket"
 
 # the view families that are hashes of open orders (orderId / algoId -> the REST row)
 OPEN_ORDER_VIEWS = ("open_orders", "open_algo_orders")
+
+# --- accounts -----------------------------------------------------------------------------------
+# The view families of one account's user data: with an account label, under `P:acct:{label}:`.
+# The last three are issue #13's user-data views, scoped here so that their builders need no
+# account logic of their own. No family may be named `acct` (the segment that opens a scope).
+ACCOUNT_FAMILIES = frozenset({
+    "position", "balance", "order_state", "algo_order_state", "open_orders",
+    "open_algo_orders", "orders", "account_events", "leverage", "position_events",
+})
+ACCOUNT_SEGMENT = "acct"
+# lower case, digits, `_` and `-`, at most 32: safe in key names, SCAN and ACL patterns, ACL
+# user names and secret file names
+ACCOUNT_LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+PROJECTION_ACCOUNT_SEP = "@"  # `orders@a1`
+
+
+def check_account(label: str) -> str:
+    """`label` when it is a valid account label, else ValueError saying what is allowed."""
+    if not ACCOUNT_LABEL.fullmatch(label):
+        raise ValueError(f"{label[:40]!r} is not an account label: 1 to 32 of a-z 0-9 _ -, "
+                         "starting with a letter or digit")
+    return label
+
+
+def user_key(account: str | None = None) -> str:
+    """`raw:user`, or `raw:user:{account}`: the account's user frames and REST snapshots."""
+    return f"{KEY_USER}:{account}" if account else KEY_USER
+
+
+def conn_user_key(account: str | None = None) -> str:
+    """`raw:conn:user`, or `raw:conn:user:{account}`: its user ingestor's lifecycle."""
+    return f"{KEY_CONN_USER}:{account}" if account else KEY_CONN_USER
+
+
+def raw_account(raw_key: str) -> tuple[str, str | None]:
+    """`raw:user:a1` -> ("raw:user", "a1"); `raw:conn:user:a1` -> ("raw:conn:user", "a1");
+    any other key -> (the key, None)."""
+    for base in (KEY_USER, KEY_CONN_USER):
+        if raw_key.startswith(base + ":"):
+            return base, raw_key[len(base) + 1:]
+    return raw_key, None
+
+
+def projection_name(base: str, account: str | None = None) -> str:
+    """`orders` for the unlabelled account, `orders@a1` for account `a1`."""
+    return f"{base}{PROJECTION_ACCOUNT_SEP}{account}" if account else base
+
+
+def projection_base(name: str) -> tuple[str, str | None]:
+    """`orders@a1` -> ("orders", "a1"); `orders` -> ("orders", None)."""
+    base, sep, account = name.partition(PROJECTION_ACCOUNT_SEP)
+    return (base, account) if sep and account else (name, None)
 
 
 def market_key(family: str) -> str:
@@ -68,36 +133,79 @@ DLQ_PATTERN = DLQ_PREFIX + "*"
 
 @attrs.frozen
 class Keys:
-    """The view keys of one deployment (one view prefix)."""
+    """The keys of one deployment (one view prefix) as one account sees them: its own user data
+    (`account`: a label, or None for the unlabelled account) and the shared market views."""
 
     prefix: str = DEFAULT_PREFIX
+    account: str | None = None
+
+    def _family_head(self, family: str) -> str:
+        if self.account and family in ACCOUNT_FAMILIES:
+            return f"{self.prefix}:{ACCOUNT_SEGMENT}:{self.account}:{family}"
+        return f"{self.prefix}:{family}"
 
     def view(self, family: str, *parts: str) -> str:
-        """`view("orderbook", "BTCUSDT", "20")` -> `websocket:orderbook:btcusdt:20`."""
-        return ":".join((self.prefix, family, *(p.lower() for p in parts)))
+        """`view("orderbook", "BTCUSDT", "20")` -> `websocket:orderbook:btcusdt:20`; with
+        account `a1`, `view("open_orders", "BTCUSDT")` ->
+        `websocket:acct:a1:open_orders:btcusdt`."""
+        return ":".join((self._family_head(family), *(p.lower() for p in parts)))
 
     def view_head(self, family: str) -> str:
         """`websocket:mark_price:`: what a hot-path fold appends the lower-cased symbol to."""
-        return f"{self.prefix}:{family}:"
+        return self._family_head(family) + ":"
 
     def pattern(self, family: str = "*", *parts: str) -> str:
-        """A SCAN pattern: `pattern("open_orders")` -> `websocket:open_orders:*`;
-        `pattern("orderbook", "*", "20")` -> `websocket:orderbook:*:20`; `pattern()` every
-        view. The prefix holds no glob character (settings refuse one)."""
-        return ":".join((self.prefix, family, *(parts or ("*",)))) if family != "*" \
+        """A SCAN pattern: `pattern("open_orders")` -> `websocket:open_orders:*` (with account
+        `a1`: `websocket:acct:a1:open_orders:*`); `pattern("orderbook", "*", "20")` ->
+        `websocket:orderbook:*:20`; `pattern()` every view key under the prefix, every
+        account's included. The prefix and the label hold no glob character (settings refuse
+        one)."""
+        return ":".join((self._family_head(family), *(parts or ("*",)))) if family != "*" \
             else f"{self.prefix}:*"
 
-    def family_of(self, key: str) -> str | None:
-        """`websocket:orderbook:btcusdt:20` -> `orderbook`; None for a key of another prefix."""
+    def _scoped(self, key: str) -> tuple[str | None, str] | None:
+        """(account label or None, the key after it and the prefix), None for another prefix."""
         head = self.prefix + ":"
         if not key.startswith(head):
             return None
-        return key[len(head):].split(":", 1)[0]
+        rest = key[len(head):]
+        if rest.startswith(ACCOUNT_SEGMENT + ":"):
+            parts = rest.split(":", 2)
+            if len(parts) == 3 and parts[1]:
+                return parts[1], parts[2]
+        return None, rest
+
+    def family_of(self, key: str) -> str | None:
+        """`websocket:orderbook:btcusdt:20` -> `orderbook`, and
+        `websocket:acct:a1:open_orders:btcusdt` -> `open_orders` (whichever account, see
+        `account_of`); None for a key of another prefix."""
+        scoped = self._scoped(key)
+        return None if scoped is None else scoped[1].split(":", 1)[0]
+
+    def account_of(self, key: str) -> str | None:
+        """`websocket:acct:a1:open_orders:btcusdt` -> `a1`; None for a key of no account."""
+        scoped = self._scoped(key)
+        return None if scoped is None else scoped[0]
 
     def parts_of(self, key: str, family: str) -> list[str] | None:
-        """The parts after `P:{family}:` (`["btcusdt", "20"]`), None for another family."""
+        """The parts after `P:{family}:` (`["btcusdt", "20"]`) of this account's (or a shared)
+        family, None for another family or another account's key."""
         head = self.view_head(family)
         return key[len(head):].split(":") if key.startswith(head) else None
+
+    # --- the raw keys and projection names of this account -----------------------------------
+
+    def raw_user(self) -> str:
+        """`raw:user` or `raw:user:{account}`."""
+        return user_key(self.account)
+
+    def raw_conn_user(self) -> str:
+        """`raw:conn:user` or `raw:conn:user:{account}`."""
+        return conn_user_key(self.account)
+
+    def projection(self, base: str) -> str:
+        """The name of a user-data projection for this account: `orders`, `orders@a1`."""
+        return projection_name(base, self.account)
 
     # --- the views other services read -----------------------------------------------------
 

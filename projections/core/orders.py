@@ -53,7 +53,7 @@ from typing import Any
 import attrs
 
 from pipeline.eventlog import ControlEntry, FrameEntry
-from projections.core.keys import KEY_USER
+from projections.core.keys import projection_name, user_key
 from projections.core.orderwrites import (
     DEFAULT_ORDERS_MAX_AGE_S,
     DEFAULT_SYMBOL_MAXLEN,
@@ -195,6 +195,7 @@ class OrderSettings:
     prefix: str = "websocket"
     symbol_maxlen: int = DEFAULT_SYMBOL_MAXLEN
     orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S
+    account: str | None = None  # the account label whose keys the writes go to
 
 
 def order_write_from_event(ev: OrderTradeUpdate, cfg: OrderSettings) -> OrderWrite | None:
@@ -212,7 +213,7 @@ def order_write_from_event(ev: OrderTradeUpdate, cfg: OrderSettings) -> OrderWri
         rest=order_rest_row(raw) if o.status in OPEN_ORDER_STATUSES else None,
         quote_add=dec_str(quote), profit_add=dec_str(_dec(o.realized_profit)),
         created_ms=o.update_time if o.execution_type == "NEW" else 0,
-        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
+        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s, account=cfg.account)
 
 
 def algo_write_from_event(ev: AlgoUpdate, cfg: OrderSettings) -> AlgoOrderWrite | None:
@@ -226,7 +227,7 @@ def algo_write_from_event(ev: AlgoUpdate, cfg: OrderSettings) -> AlgoOrderWrite 
         fields=dict(raw),
         rest=algo_rest_row(raw, ev.transaction_time) if o.status in OPEN_ALGO_STATUSES else None,
         created_ms=ev.transaction_time if o.status == "NEW" else 0,
-        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
+        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s, account=cfg.account)
 
 
 def order_write_from_rest(row: Mapping[str, Any], cfg: OrderSettings) -> OrderWrite | None:
@@ -247,7 +248,7 @@ def order_write_from_rest(row: Mapping[str, Any], cfg: OrderSettings) -> OrderWr
         rest=rest if status in OPEN_ORDER_STATUSES else None, source="reconciliation",
         quote_set=str(row["cumQuote"]) if "cumQuote" in row else None,
         created_ms=int(row.get("time") or 0),
-        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
+        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s, account=cfg.account)
 
 
 def algo_write_from_rest(row: Mapping[str, Any], cfg: OrderSettings) -> AlgoOrderWrite | None:
@@ -266,7 +267,7 @@ def algo_write_from_rest(row: Mapping[str, Any], cfg: OrderSettings) -> AlgoOrde
         fields=algo_fields_from_rest(row),
         rest=rest if status in OPEN_ALGO_STATUSES else None, source="reconciliation",
         created_ms=int(row.get("createTime") or 0),
-        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
+        symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s, account=cfg.account)
 
 
 def not_found_write(body: Mapping[str, Any], cfg: OrderSettings
@@ -283,14 +284,15 @@ def not_found_write(body: Mapping[str, Any], cfg: OrderSettings
             version=(at, ALGO_RANK[NO_LONGER_KNOWN], "0"),
             allowed_from=allowed_from(ALGO_TRANSITIONS, NO_LONGER_KNOWN),
             fields={"X": NO_LONGER_KNOWN}, rest=None, source="reconciliation",
-            symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s)
+            symbol_maxlen=cfg.symbol_maxlen, orders_max_age_s=cfg.orders_max_age_s,
+            account=cfg.account)
     fields = {"X": NO_LONGER_KNOWN, **fills_of(body.get("trades"))}
     return OrderWrite(
         prefix=cfg.prefix, symbol=symbol, order_id=ident, status=NO_LONGER_KNOWN,
         version=(at, ORDER_RANK[NO_LONGER_KNOWN], str(fields.get("z", "0"))),
         allowed_from=allowed_from(ORDER_TRANSITIONS, NO_LONGER_KNOWN), fields=fields,
         rest=None, source="reconciliation", symbol_maxlen=cfg.symbol_maxlen,
-        orders_max_age_s=cfg.orders_max_age_s)
+        orders_max_age_s=cfg.orders_max_age_s, account=cfg.account)
 
 
 def fills_of(trades: Any) -> dict[str, str]:
@@ -416,17 +418,21 @@ class OrdersProjection:
     a later transition of an order before the other applies the earlier one, which the store
     then refuses as older: the listener would miss that step. One consumer applies the log in
     order. The fold itself keeps no state: the store holds it.
+
+    `account`: the account label whose log (`raw:user:{label}`) it folds into that account's
+    keys, as `orders@{label}` (`projections.core.keys`); None: `raw:user`, `orders`.
     """
 
-    name = "orders"
-    sources = (KEY_USER,)
     exclusive = True
 
     def __init__(self, prefix: str = "websocket", *,
                  symbol_maxlen: int = DEFAULT_SYMBOL_MAXLEN,
                  orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S,
-                 bounds: Bounds | None = None, **_unused: object) -> None:
-        self.cfg = OrderSettings(prefix, symbol_maxlen, orders_max_age_s)
+                 bounds: Bounds | None = None, account: str | None = None,
+                 **_unused: object) -> None:
+        self.name = projection_name("orders", account)
+        self.sources = (user_key(account),)
+        self.cfg = OrderSettings(prefix, symbol_maxlen, orders_max_age_s, account)
         self.bounds = bounds or Bounds()
 
     def apply(self, entry: Entry) -> Iterable[Output]:

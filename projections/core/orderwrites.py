@@ -39,6 +39,7 @@ class OrderWrite:
     created_ms: int = 0  # creation time when this transition knows it (NEW, REST `time`)
     symbol_maxlen: int = DEFAULT_SYMBOL_MAXLEN
     orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S
+    account: str | None = None  # whose keys it writes (`projections.core.keys`); None: unlabelled
 
 
 @attrs.frozen
@@ -57,6 +58,7 @@ class AlgoOrderWrite:
     created_ms: int = 0
     symbol_maxlen: int = DEFAULT_SYMBOL_MAXLEN
     orders_max_age_s: float = DEFAULT_ORDERS_MAX_AGE_S
+    account: str | None = None
 
 
 def script_payload(write: OrderWrite | AlgoOrderWrite) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def perform_order_write(pipe: Pipeline, write: object, bounds: Bounds = _DEFAULT
     if not isinstance(write, OrderWrite | AlgoOrderWrite):
         raise TypeError(f"not an order write: {type(write).__name__}")
     kind = "order" if isinstance(write, OrderWrite) else "algo"
-    pipe.fcall(ORDER_FN, 4, *Keys(write.prefix).order_keys(write.symbol, kind),
+    keys = Keys(write.prefix, account=write.account)
+    pipe.fcall(ORDER_FN, 4, *keys.order_keys(write.symbol, kind),
                orjson.dumps(script_payload(write)), write.symbol_maxlen,
                int(write.orders_max_age_s * 1000), bounds.max_ahead_ms)

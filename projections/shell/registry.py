@@ -7,8 +7,21 @@ an unknown name is a bad setting (exit 2).
 
 Every fold gets the plausibility bounds of the settings (`bounds_from`); the market folds also
 get the configured symbols (`PIPELINE_SYMBOLS`; `ALL`: any well-formed symbol), the only ones
-that get views. With several market ingestors on symbol shards, the projector's
-PIPELINE_SYMBOLS must name every shard's symbols (or be ALL).
+that get views. Market ingestors on shards (PIPELINE_SHARD) share the projector's
+PIPELINE_SYMBOLS: each takes its part of the same list.
+
+Accounts: the user-data projections run once per account the projector serves
+(`Settings.accounts`: PIPELINE_ACCOUNTS, else PIPELINE_ACCOUNT's one; `-` the unlabelled
+account), each as `{name}@{label}` (`orders@a1`: its group, lease and dead letters) folding
+`raw:user:{label}` into that account's keys. The list is a setting rather than discovered from
+the `raw:user:*` streams: the groups, leases and health tasks are known at start, a stray or
+mistyped stream starts nothing, and `pipeline status` can name an account that should be
+running and is not; adding an account means restarting the projector with the longer list
+(its leases are handed over, its groups resume where they were). Every user-data fold takes
+`account=` and builds its names with `projections.core.keys.Keys(prefix, account=...)`; the
+registry refuses to start a user-data fold that did not take it (it would read and write the
+unlabelled account's keys). `--only orders` picks `orders` of every account served,
+`--only orders@a1` one.
 
 The key patterns say which view keys a projection owns, for `pipeline replay --reset`. The
 diff-depth book publishes under the same key shape as the partial books
@@ -26,7 +39,7 @@ from pipeline.config import Settings
 from pipeline.errors import SettingsError
 from projections.core.account import AccountProjection
 from projections.core.depthbook import DiffBookProjection
-from projections.core.keys import Keys
+from projections.core.keys import Keys, projection_base
 from projections.core.market import (
     BookTickerProjection,
     KlineProjection,
@@ -78,28 +91,48 @@ _USER: dict[str, tuple[type, Owned]] = {
 def available(settings: Settings) -> dict[str, ProjectionSpec]:
     """Every projection that has something to read with these settings, by name."""
     families = [k.family for k in settings.market_streams]
-    prefix = settings.view_prefix
-    keys = Keys(prefix)
     bounds = bounds_from(settings)
     out: dict[str, ProjectionSpec] = {}
-    for name, (cls, owned) in {**_MARKET, **_USER}.items():
+    for name, (cls, owned) in _MARKET.items():
         # market folds take the configured families and symbols; every fold the bounds
-        options: dict[str, object] = (
-            {"families": families, "book_depth": BOOK_DEPTH, "symbols": settings.symbols,
-             "bounds": bounds} if name in _MARKET else {"bounds": bounds})
-
-        def factory(cls: type = cls, options: dict[str, object] = options) -> Projection:
-            return cls(prefix, **options)
-
-        probe = factory()
-        if not probe.sources or (name == "depth_book" and "depth" not in families):
+        options: dict[str, object] = {"families": families, "book_depth": BOOK_DEPTH,
+                                      "symbols": settings.symbols, "bounds": bounds}
+        if name == "depth_book" and "depth" not in families:
             continue
         if name == "orderbook":
             owned = tuple(("orderbook", "*", f[len("depth"):]) for f in families
                           if f in ("depth5", "depth10", "depth20"))
-        out[name] = ProjectionSpec(name, factory, bool(probe.exclusive),
-                                   tuple(keys.pattern(*parts) for parts in owned), bounds)
+        spec = _spec(settings, name, cls, owned, options, Keys(settings.view_prefix))
+        if spec is not None:
+            out[spec.name] = spec
+    for account in settings.accounts:
+        keys = Keys(settings.view_prefix, account=account)
+        for name, (cls, owned) in _USER.items():
+            spec = _spec(settings, name, cls, owned, {"bounds": bounds, "account": account},
+                         keys)
+            if spec is not None:
+                out[spec.name] = spec
     return out
+
+
+def _spec(settings: Settings, name: str, cls: type, owned: Owned,
+          options: dict[str, object], keys: Keys) -> ProjectionSpec | None:
+    """The spec of one fold with its options; None when it has nothing to read."""
+    prefix = settings.view_prefix
+
+    def factory(cls: type = cls, options: dict[str, object] = options) -> Projection:
+        return cls(prefix, **options)
+
+    probe = factory()
+    if not probe.sources:
+        return None
+    if "account" in options and (probe.name != keys.projection(name)
+                                 or list(probe.sources) != [keys.raw_user()]):
+        raise TypeError(f"the user-data fold {cls.__name__} did not take account="
+                        f"{options['account']!r}: it would fold another account's log")
+    return ProjectionSpec(probe.name, factory, bool(probe.exclusive),
+                          tuple(keys.pattern(*parts) for parts in owned),
+                          bounds_from(settings))
 
 
 def choose(settings: Settings, only: str | Sequence[str] | None) -> list[ProjectionSpec]:
@@ -109,8 +142,15 @@ def choose(settings: Settings, only: str | Sequence[str] | None) -> list[Project
         return list(specs.values())
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only)
              if n.strip()]
-    unknown = [n for n in names if n not in specs]
+    picked: dict[str, ProjectionSpec] = {}
+    unknown = []
+    for n in names:
+        # a name, or a user-data projection's base name for every account served
+        matched = [s for s in specs.values() if n in (s.name, projection_base(s.name)[0])]
+        if not matched:
+            unknown.append(n)
+        picked.update((s.name, s) for s in matched)
     if unknown or not names:
         raise SettingsError("--only", f"unknown projection {', '.join(unknown) or '(none)'}; "
                                       f"available: {', '.join(specs)}")
-    return [specs[n] for n in dict.fromkeys(names)]
+    return list(picked.values())
