@@ -13,6 +13,8 @@
 # Comment and blank lines are dropped: Redis ACL files have no comments. Exits 2 naming the
 # missing secret, a bad prefix or a bad label.
 set -eu
+# no pathname expansion: an account label like `a*` must be refused, not matched against files
+set -f
 template="$1"
 output="$2"
 account_template="${3:-$(dirname "$template")/account.acl.template}"
