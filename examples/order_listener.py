@@ -49,13 +49,16 @@ def main() -> None:
     parser.add_argument("--group", default="listener")
     parser.add_argument("--consumer", default=None)
     parser.add_argument("--prefix", default="websocket")
+    parser.add_argument("--account", default=None,
+                        help="the account label (PIPELINE_ACCOUNT of its `ingest user`); "
+                             "none: the unlabelled account")
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
     args = parser.parse_args()
     # one line per event as it comes, also when stdout is a pipe or a file
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     consumer = OrdersConsumer(redis.Redis.from_url(args.redis_url), group=args.group,
                               consumer=args.consumer, prefix=args.prefix, handler=on_order,
-                              claim_idle_ms=args.claim_idle_ms)
+                              claim_idle_ms=args.claim_idle_ms, account=args.account)
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
     try:
         consumer.run()
