@@ -59,6 +59,8 @@ COMMON_FLAGS: dict[str, str] = {
     "--all-accounts": "PIPELINE_ACCOUNTS",
     "--shard": "PIPELINE_SHARD",
     "--listings-every": "PIPELINE_LISTINGS_EVERY",
+    "--kline-history": "PIPELINE_KLINE_HISTORY",
+    "--events-max-age": "PIPELINE_EVENTS_MAX_AGE_S",
 }
 
 

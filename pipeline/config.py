@@ -116,6 +116,8 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_ACCOUNTS": "",  # empty: PIPELINE_ACCOUNT alone
     "PIPELINE_SHARD": "",  # empty: one market ingestor covers every symbol
     "PIPELINE_LISTINGS_EVERY": "300",  # with PIPELINE_SYMBOLS=ALL: re-read exchangeInfo
+    "PIPELINE_KLINE_HISTORY": "500",  # closed candles from REST per kline stream; 0: none
+    "PIPELINE_EVENTS_MAX_AGE_S": "604800",  # P:account_events, P:position_events: 7 days
 }
 
 
@@ -145,6 +147,8 @@ class Settings:
     accounts: tuple[str | None, ...] = (None,)
     shard: Shard | None = None  # this market ingestor's part of the symbols; None: all
     listings_every: float = 300.0
+    kline_history: int = 500
+    events_max_age_s: float = 604_800.0
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -203,6 +207,9 @@ BOUNDS: dict[str, Bound] = {
     "PIPELINE_REPAIR_SLACK_S": Bound(0, 3600.0),
     # exchangeInfo weighs 1: once a second at most is still far below any budget
     "PIPELINE_LISTINGS_EVERY": Bound(1.0, 86_400.0),
+    # GET /fapi/v1/klines answers at most 1500 rows, the last of them the open candle
+    "PIPELINE_KLINE_HISTORY": Bound(0, 1499, integer=True, why="0: no history from REST"),
+    "PIPELINE_EVENTS_MAX_AGE_S": Bound(60, 10 * 365 * 86_400.0),
 }
 
 
@@ -317,6 +324,8 @@ def load_settings(
         accounts=account_labels(merged["PIPELINE_ACCOUNTS"], account),
         shard=parse_shard(merged["PIPELINE_SHARD"]),
         listings_every=_number("PIPELINE_LISTINGS_EVERY", merged),
+        kline_history=int(_number("PIPELINE_KLINE_HISTORY", merged)),
+        events_max_age_s=_number("PIPELINE_EVENTS_MAX_AGE_S", merged),
     )
 
 

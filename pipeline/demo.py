@@ -12,9 +12,14 @@ With `--metrics-port N` (or PIPELINE_METRICS_PORT=N) the ingestors and the proje
 /metrics and /healthz on N, N+1 and N+2, and the demo prints the three URLs; by default none
 does, so two demos (or a demo next to a deployment) never fight over a port.
 
-Then it shows a live view (mark prices, top of book, open orders, recent order events, group
-lag, frames per second) until Ctrl-C or SIGTERM, or for `--seconds N` and prints a plain
-summary. Either way it stops every child: each runs in a process group of its own, gets
+Then it shows a live view (mark prices, top of book, open orders, recent order events,
+position events with their cause, account events, leverage, the 1m candles held, group lag,
+frames per second) until Ctrl-C or SIGTERM, or for `--seconds N` and prints a plain summary.
+The scripted account places, fills and stops out orders by itself; every 10 s the demo also
+asks the simulator for what it does not do by itself (a leverage change, a margin call), so
+account events show too.
+
+Either way it stops every child: each runs in a process group of its own, gets
 SIGTERM, and SIGKILL if it is still there after a grace period; on Linux a child also gets
 SIGTERM from the kernel if the demo itself dies (PR_SET_PDEATHSIG), so none is left behind.
 Child logs go to files in the temporary folder; the tail of a child that died is printed.
@@ -35,11 +40,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
 import attrs
+import httpx
 import redis
 from rich.console import Console
 from rich.live import Live
@@ -302,14 +308,28 @@ def _run(settings: Settings, args: argparse.Namespace, children: Children, redis
         console.print(f"demo: metrics of {name} at http://127.0.0.1:{port}/metrics")
     try:
         return _watch(client, settings.view_prefix, symbols, children, args.seconds, stop,
-                      console)
+                      console, lambda n: _nudge_account(rest, symbols, n))
     finally:
         client.close()
 
 
+def _nudge_account(rest: str, symbols: Sequence[str], n: int) -> None:
+    """The `n`-th of the account events the scripted account does not make itself: a
+    leverage change, then a margin call on its open positions (none open: the simulator says
+    so, and nothing happens)."""
+    name, body = (("leverage", {"symbol": symbols[0], "leverage": 5 + 5 * (n // 2 % 4)})
+                  if n % 2 == 0 else ("margin_call", {}))
+    try:
+        httpx.post(f"{rest}/sim/account/{name}", json=body, timeout=2.0)
+    except httpx.HTTPError:
+        pass  # the simulator is going: the demo ends anyway
+
+
 def _watch(client: redis.Redis, prefix: str, symbols: Sequence[str], children: Children,
-           seconds: float | None, stop: threading.Event, console: Console) -> Snapshot:
-    """Refresh the view twice a second until stopped or `seconds` have passed."""
+           seconds: float | None, stop: threading.Event, console: Console,
+           nudge: Callable[[int], None] = lambda n: None) -> Snapshot:
+    """Refresh the view twice a second until stopped or `seconds` have passed; every 10 s
+    (from 4 s on, the user stream up by then) `nudge` the account."""
     end = None if seconds is None else time.monotonic() + seconds
     rate = _Rate()
     with redis_errors():
@@ -325,6 +345,8 @@ def _watch(client: redis.Redis, prefix: str, symbols: Sequence[str], children: C
                 snap = read_snapshot(client, prefix, symbols)
             fps = rate.update(snap.frames_total)
             ticks += 1
+            if ticks % 20 == 8:
+                nudge(ticks // 20)
             for c in children.died():
                 if c.name not in reported:
                     reported.add(c.name)

@@ -1,5 +1,7 @@
 """What `pipeline demo` shows: one snapshot of the views, read from Redis the way a reader
-would (GET, HGETALL, XREVRANGE), then drawn as a rich layout or written as a plain summary.
+would (GET, HGETALL, XREVRANGE, LLEN), then drawn as a rich layout or written as a plain
+summary: prices and books, open orders and order events, position events, account events,
+leverage and the candles held.
 
 `read_snapshot` is the only function here that touches Redis; the rest turns a `Snapshot`
 into text.
@@ -55,6 +57,42 @@ class OrderEvent:
 
 
 @attrs.frozen
+class PositionLine:
+    """One entry of P:position_events, as the demo shows it."""
+
+    entry_id: str
+    symbol: str
+    kind: str
+    before: str
+    after: str
+    cause: str  # the algo type behind the order, else the order id, else the reason
+    profit: str
+    source: str
+
+
+@attrs.frozen
+class AccountLine:
+    """One entry of P:account_events, as the demo shows it."""
+
+    entry_id: str
+    type: str
+    symbol: str
+    detail: str
+
+
+@attrs.frozen
+class Account:
+    """The account's events and settings (issue #13), newest first."""
+
+    positions: tuple[PositionLine, ...] = ()
+    position_events: int = 0  # entries on P:position_events
+    events: tuple[AccountLine, ...] = ()
+    account_events: int = 0  # entries on P:account_events
+    leverage: Mapping[str, int] = attrs.field(factory=dict)  # symbol -> leverage
+    klines: Mapping[str, int] = attrs.field(factory=dict)  # symbol -> closed 1m candles held
+
+
+@attrs.frozen
 class Snapshot:
     marks: tuple[Mark, ...]
     tops: tuple[Top, ...]
@@ -65,6 +103,7 @@ class Snapshot:
     frames_logged: Mapping[str, int]  # raw key -> entries ever added (XINFO entries-added)
     lag: Mapping[str, int]  # group -> entries not yet delivered, summed over its raw keys
     views: Mapping[str, int]  # view family -> keys
+    account: Account = attrs.field(factory=Account)
 
     @property
     def frames_total(self) -> int:
@@ -102,7 +141,56 @@ def read_snapshot(client: redis.Redis, prefix: str, symbols: Sequence[str],
     events = tuple(_event(eid, fields) for eid, fields in replies[-2])
     frames, lag = _log_counts(client)
     return Snapshot(tuple(marks), tuple(tops), tuple(orders), tuple(algos), events,
-                    int(replies[-1]), frames, lag, _view_counts(client, prefix))
+                    int(replies[-1]), frames, lag, _view_counts(client, prefix),
+                    read_account(client, keys, syms))
+
+
+def read_account(client: redis.Redis, keys: Keys, syms: Sequence[str]) -> Account:
+    """The newest position and account events, each symbol's leverage and 1m candles."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.xrevrange(keys.position_events(), count=EVENTS_SHOWN)
+        pipe.xlen(keys.position_events())
+        pipe.xrevrange(keys.account_events(), count=EVENTS_SHOWN)
+        pipe.xlen(keys.account_events())
+        for s in syms:
+            pipe.get(keys.leverage(s))
+            pipe.llen(keys.klines(s, "1m"))
+        replies = pipe.execute()
+    leverage: dict[str, int] = {}
+    klines: dict[str, int] = {}
+    for i, s in enumerate(syms):
+        lev, candles = replies[4 + 2 * i: 6 + 2 * i]
+        if (v := parse_view(lev)) is not None and isinstance(v.get("leverage"), int):
+            leverage[s.upper()] = v["leverage"]
+        klines[s.upper()] = int(candles)
+    return Account(tuple(_position(eid, f) for eid, f in replies[0]), int(replies[1]),
+                   tuple(_account_event(eid, f) for eid, f in replies[2]), int(replies[3]),
+                   leverage, klines)
+
+
+def _position(entry_id: bytes, fields: Mapping[bytes, bytes]) -> PositionLine:
+    d = parse_view(fields.get(b"data")) or {}
+    cause = d.get("algo_type") or (f"order {d['order_id']}" if d.get("order_id") else
+                                   str(d.get("reason", "")))
+    return PositionLine(entry_id.decode(), str(d.get("symbol", "")), str(d.get("kind", "")),
+                        str(d.get("amount_before")), str(d.get("amount_after")), cause,
+                        str(d.get("realized_profit") or "-"), str(d.get("source", "")))
+
+
+def _account_event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> AccountLine:
+    d = parse_view(fields.get(b"data")) or {}
+    ac, ai = d.get("ac"), d.get("ai")
+    if isinstance(ac, dict):
+        detail = f"leverage {ac.get('l')}"
+    elif isinstance(ai, dict):
+        detail = f"multi-assets {ai.get('j')}"
+    elif isinstance(d.get("p"), list):
+        detail = ", ".join(f"{p.get('s')} {p.get('pa')} mm {p.get('mm')}" for p in d["p"]
+                           if isinstance(p, dict))
+    else:
+        detail = ""
+    return AccountLine(entry_id.decode(), fields.get(b"type", b"").decode(),
+                       fields.get(b"symbol", b"-").decode(), detail)
 
 
 def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> OrderEvent:
@@ -178,11 +266,38 @@ def _events_table(snap: Snapshot) -> Table:
     return t
 
 
+def _positions_table(snap: Snapshot) -> Table:
+    acct = snap.account
+    t = Table(title=f"position events ({acct.position_events} on the stream)",
+              title_justify="left")
+    for col in ("entry", "symbol", "kind", "amount", "cause", "profit", "from"):
+        t.add_column(col)
+    for p in acct.positions:
+        t.add_row(p.entry_id, p.symbol, p.kind, f"{p.before} -> {p.after}", p.cause,
+                  p.profit, p.source)
+    return t
+
+
+def _account_table(snap: Snapshot) -> Table:
+    acct = snap.account
+    lev = ", ".join(f"{s} {n}x" for s, n in acct.leverage.items()) or "-"
+    t = Table(title=f"account events ({acct.account_events} on the stream); leverage {lev}",
+              title_justify="left")
+    for col in ("entry", "type", "symbol", "detail"):
+        t.add_column(col)
+    for e in acct.events:
+        t.add_row(e.entry_id, e.type, e.symbol, e.detail)
+    return t
+
+
 def render_live(snap: Snapshot, fps: float, processes: str) -> RichGroup:
     lag = max(snap.lag.values(), default=0)
+    candles = ", ".join(f"{s} {n}" for s, n in snap.account.klines.items())
     footer = Text(f"frames logged {snap.frames_total}   {fps:,.0f} frames/s   "
-                  f"max group lag {lag}   Ctrl-C stops everything\n{processes}")
-    return RichGroup(_market_table(snap), _orders_table(snap), _events_table(snap), footer)
+                  f"max group lag {lag}   1m candles {candles}   Ctrl-C stops everything\n"
+                  f"{processes}")
+    return RichGroup(_market_table(snap), _orders_table(snap), _events_table(snap),
+                     _positions_table(snap), _account_table(snap), footer)
 
 
 def summary_lines(snap: Snapshot) -> list[str]:
@@ -199,4 +314,21 @@ def summary_lines(snap: Snapshot) -> list[str]:
         + (", ".join(f"{s} {n}" for s, n in statuses.items()) or "none") + ")",
         f"open orders: {len(snap.open_orders)}, open algo orders: {len(snap.open_algo_orders)}",
         "group lag: " + (", ".join(f"{g} {n}" for g, n in sorted(snap.lag.items())) or "none"),
+        *account_lines(snap.account),
+    ]
+
+
+def account_lines(acct: Account) -> list[str]:
+    kinds = Counter(p.kind for p in acct.positions)
+    stops = sum(1 for p in acct.positions if p.kind == "closed" and p.cause in (
+        "STOP_MARKET", "STOP"))
+    types = Counter(e.type for e in acct.events)
+    return [
+        f"position events seen: {acct.position_events} (latest: "
+        + (", ".join(f"{k} {n}" for k, n in kinds.items()) or "none")
+        + f"; closed by a stop-loss {stops})",
+        f"account events seen: {acct.account_events} (latest: "
+        + (", ".join(f"{k} {n}" for k, n in types.items()) or "none") + ")",
+        "leverage: " + (", ".join(f"{s} {n}" for s, n in acct.leverage.items()) or "none"),
+        "1m candles held: " + (", ".join(f"{s} {n}" for s, n in acct.klines.items()) or "none"),
     ]

@@ -28,7 +28,10 @@ per connection (`WsConnection.change_streams`: 5 a second, Binance's limit being
 are left to expire as usual.
 
 Then one task per connection (`pipeline.wsconn.WsConnection`, all taking their connection
-attempts from one bucket, `pipeline.pacing`) and the writer task (`pipeline.writer.LogWriter`).
+attempts from one bucket, `pipeline.pacing`), the writer task (`pipeline.writer.LogWriter`)
+and, with kline streams and PIPELINE_KLINE_HISTORY > 0, the kline history
+(`pipeline.klinehistory`: the last closed candles of each kline stream from REST, at start and
+after each reconnect of its connection or frames dropped).
 /healthz is 503 while Redis has been away for long or any connection is not working
 (`MarketIngest.healthy`).
 SIGINT/SIGTERM stop the connections (each appends its `closed` entry), the writer then gets up
@@ -50,6 +53,7 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ExchangeError, SettingsError
 from pipeline.eventlog import route_stream, stream_name
+from pipeline.klinehistory import KlineHistory, kline_names
 from pipeline.logs import label_lines
 from pipeline.pacing import connect_pacer
 from pipeline.redisconn import connect_checked
@@ -171,20 +175,29 @@ def market_plan(settings: Settings, symbols: Sequence[str],
 
 def conn_spec(settings: Settings, planned: PlannedConnection, *,
               url_streams: int = URL_STREAMS,
-              params_per_message: int = PARAMS_PER_MESSAGE) -> ConnSpec:
+              params_per_message: int = PARAMS_PER_MESSAGE,
+              history: KlineHistory | None = None) -> ConnSpec:
     """The spec of a planned connection: the first `url_streams` streams it carries at each
     connect in the URL, the rest SUBSCRIBEd, `params_per_message` a message; the silence rule
     only where a stream ticks at least once a second, and never on the connections of
-    symbols that trade in sessions (module doc)."""
+    symbols that trade in sessions (module doc); a connection carrying kline streams makes
+    them due in `history` on every (re)connect."""
     base = f"{settings.ws_url}/{planned.path.value}/stream?streams="
 
     def url() -> str:
         return base + "/".join(planned.names[:url_streams])
 
     watched = planned.ticks and not planned.sessions
+
+    async def connected(conn_id: str) -> None:  # the klines it carries at this connect
+        if history is not None:
+            history.request(kline_names(planned.names))
+
+    klines = history is not None and kline_names(planned.names)
     return ConnSpec(
         name=planned.name, path=planned.path.value, url=url, route=cached_router(),
         streams_now=planned.carried, params_per_message=params_per_message,
+        on_connected=connected if klines else None,
         silence_timeout=settings.silence_timeout if watched else None,
         rotate_after=settings.rotate_after, streams=len(planned.names))
 
@@ -200,6 +213,20 @@ def market_connections(settings: Settings, symbols: Sequence[str], sink: FrameSi
     return [WsConnection(spec, sink, conn_key=KEY_CONN_MARKET, timing=timing or Timing(),
                          pacer=pacer)
             for spec in market_specs(settings, symbols, max_per_connection, session_symbols)]
+
+
+def kline_history(settings: Settings, plan: MarketPlan, sink: FrameSink
+                  ) -> KlineHistory | None:
+    """The kline history of these settings for the streams of `plan` (this shard's); None
+    without kline streams or with PIPELINE_KLINE_HISTORY 0."""
+    if settings.kline_history <= 0:
+        return None
+    streams = [n for c in plan.connections for n in kline_names(c.names)]
+    if not streams:
+        return None
+    rest = RestClient(settings.rest_url,
+                      budget=WeightBudget.for_limit(settings.rest_weight_limit))
+    return KlineHistory(rest, sink, streams, settings.kline_history)
 
 
 def cached_router(limit: int = 4096) -> Callable[[bytes], str]:
@@ -231,6 +258,7 @@ class MarketIngest:
         self.plan = plan
         self.connections: list[WsConnection] = []
         self.listings: Listings | None = None
+        self.history: KlineHistory | None = None
         self._readers = readers
         self._make = make
         self._scopes: dict[str, trio.CancelScope] = {}
@@ -289,9 +317,11 @@ async def run_market_ingest(
     plan = market_plan(settings, symbols, max_per_connection, session_symbols)
     pacer = connect_pacer(trio.current_time)
 
+    history = kline_history(settings, plan, writer)
+
     def make(planned: PlannedConnection) -> WsConnection:
-        return WsConnection(conn_spec(settings, planned), writer, conn_key=KEY_CONN_MARKET,
-                            timing=timing or Timing(), pacer=pacer)
+        return WsConnection(conn_spec(settings, planned, history=history), writer,
+                            conn_key=KEY_CONN_MARKET, timing=timing or Timing(), pacer=pacer)
 
     follow = settings.symbols is None
     own_rest = follow and rest is None
@@ -304,9 +334,12 @@ async def run_market_ingest(
     try:
         async with trio.open_nursery() as top:
             await top.start(writer.run)
+            if history is not None:
+                top.start_soon(history.serve, writer.buffer.drops)
             try:
                 async with trio.open_nursery() as readers:
                     ingest = MarketIngest(writer, plan, readers, make)
+                    ingest.history = history
                     for planned in plan.connections:
                         ingest.start(planned)
                     if rest is not None and follow:
@@ -382,6 +415,8 @@ class Listings:
                     self.ingest.start(planned)  # its URL and SUBSCRIBEs carry them
                 else:
                     changes.setdefault(planned.name, ([], []))[0].extend(names)
+                if self.ingest.history is not None and kline_names(names):
+                    self.ingest.history.request(kline_names(names))  # a new list: its history
             self._record("listed", symbol, [(c, n) for c, n, _ in placed])
         for symbol in removed:
             taken = self.ingest.plan.remove(symbol)

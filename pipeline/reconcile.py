@@ -8,6 +8,9 @@ projectors (and any later replay) see exactly the same answer:
     ctl=snapshot     {"kind": "openOrders"|"openAlgoOrders"|"positionRisk"|"balance",
                       "symbol": null, "fetched_at_ms": ..., "weight_used_1m": ...,
                       "response": <parsed JSON>}
+                     and, at start and after every outage, "kind": "symbolConfig"
+                     (GET /fapi/v1/symbolConfig: every symbol's leverage) and
+                     "multiAssetsMargin" (GET /fapi/v1/multiAssetsMargin)
     ctl=final_state  {"kind": "order"|"algoOrder", "symbol": S, "fetched_at_ms": ...,
                       "weight_used_1m": ..., "response": <GET /fapi/v1/order or algoOrder>}
                      an order row found by allOrders instead adds "via": "allOrders" and
@@ -43,10 +46,16 @@ for every symbol the account trades, the orders created since then
 symbols of the views' open orders, of open positions, and of every order event seen on the
 stream by this process.
 
+The account's settings (leverage per symbol, the Multi-Assets mode) change only by the
+account's own hand, and every change while the stream is up comes as ACCOUNT_CONFIG_UPDATE; so
+`symbolConfig` and `multiAssetsMargin` are fetched only at start and after an outage
+(`note_outage`), until both were logged, not every period.
+
 Weight: every call goes through `pipeline.rest.RestClient`, whose `WeightBudget` waits before a
 call that would pass 80 % of the minute's limit. Without a symbol, openOrders and
 openAlgoOrders cost 40 each; positionRisk and balance 5; each final-state lookup 1;
-allOrders and userTrades 5 per symbol and window. A body that is not the JSON a call returns
+allOrders and userTrades 5 per symbol and window; symbolConfig 5 and multiAssetsMargin 30
+(start and outages only). A body that is not the JSON a call returns
 (cut short, empty, `{}` where a list belongs) is a failed call, never a snapshot.
 
 Accounts: a reconciler serves one account (`account`, the ingestor's PIPELINE_ACCOUNT): it reads
@@ -82,6 +91,13 @@ SNAPSHOTS: tuple[tuple[str, str, int], ...] = (
     ("openAlgoOrders", "/fapi/v1/openAlgoOrders", open_orders_weight(None)),
     ("positionRisk", "/fapi/v3/positionRisk", 5),
     ("balance", "/fapi/v2/balance", 5),
+)
+
+# kind -> (path, weight, the JSON type of its answer): the account's settings, fetched at start
+# and after an outage only (module docstring)
+CONFIG_SNAPSHOTS: tuple[tuple[str, str, int, type], ...] = (
+    ("symbolConfig", "/fapi/v1/symbolConfig", 5, list),
+    ("multiAssetsMargin", "/fapi/v1/multiAssetsMargin", 30, dict),
 )
 
 # view hash (after the prefix) -> (final_state kind, id field, creation-time field)
@@ -230,6 +246,7 @@ class Reconciler:
         self.outage_since_ms: int | None = None
         self._stream_down = False  # searched only once the stream is back: nothing escapes
         self._told_unknown: set[tuple[str, str]] = set()  # (kind, id) logged as notFound
+        self.config_due = True  # the settings snapshots: at start, and after each outage
         self._lock = trio.Lock()
 
     def note_outage(self, since_ms: int) -> None:
@@ -238,6 +255,7 @@ class Reconciler:
         if self.outage_since_ms is None or since_ms < self.outage_since_ms:
             self.outage_since_ms = since_ms
         self._stream_down = True
+        self.config_due = True
 
     def stream_up(self) -> None:
         self._stream_down = False
@@ -249,21 +267,12 @@ class Reconciler:
             since_ms = None if self._stream_down else self.outage_since_ms
             held = await self._held_open()
             listed: dict[str, set[str]] = {}
-            failed: list[str] = []
-            snapshots = 0
-            for kind, path, weight in SNAPSHOTS:
-                try:
-                    response = await self._fetch(path, {}, weight, list)
-                except _Failed:
-                    failed.append(kind)
-                    continue
-                self._log("snapshot", kind, None, response)
-                snapshots += 1
-                if kind in LISTS:
-                    held_kind, id_field = LISTS[kind]
-                    listed[held_kind] = listed_ids(response, id_field)
-                elif kind == "positionRisk":
-                    self.traded |= position_symbols(response)
+            failed = await self._snapshots(listed)
+            tried = len(SNAPSHOTS)
+            if self.config_due:
+                tried += len(CONFIG_SNAPSHOTS)
+                failed += await self._config_snapshots()
+            snapshots = tried - len(failed)
             done: set[str] = set()  # order ids given a final state in this run
             finals, unknown = await self._final_states(vanished(held or (), listed), listed,
                                                        done)
@@ -291,6 +300,38 @@ class Reconciler:
 
     def saw_symbol(self, symbol: str) -> None:
         self.traded.add(symbol.upper())
+
+    async def _snapshots(self, listed: dict[str, set[str]]) -> list[str]:
+        """Log the four snapshots; `listed` gets the ids each open-order list names. Returns
+        the kinds that failed."""
+        failed: list[str] = []
+        for kind, path, weight in SNAPSHOTS:
+            try:
+                response = await self._fetch(path, {}, weight, list)
+            except _Failed:
+                failed.append(kind)
+                continue
+            self._log("snapshot", kind, None, response)
+            if kind in LISTS:
+                held_kind, id_field = LISTS[kind]
+                listed[held_kind] = listed_ids(response, id_field)
+            elif kind == "positionRisk":
+                self.traded |= position_symbols(response)
+        return failed
+
+    async def _config_snapshots(self) -> list[str]:
+        """Log the account's settings (leverage per symbol, the Multi-Assets mode); due again
+        until both were logged. Returns the kinds that failed."""
+        failed: list[str] = []
+        for kind, path, weight, expect in CONFIG_SNAPSHOTS:
+            try:
+                response = await self._fetch(path, {}, weight, expect)
+            except _Failed:
+                failed.append(kind)
+                continue
+            self._log("snapshot", kind, None, response)
+        self.config_due = bool(failed)
+        return failed
 
     # --- final states ---------------------------------------------------------------------
 

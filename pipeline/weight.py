@@ -54,6 +54,11 @@ def depth_weight(limit: int) -> int:
     return 2 if limit <= 50 else 5 if limit <= 100 else 10 if limit <= 500 else 20
 
 
+def klines_weight(limit: int) -> int:
+    """`GET /fapi/v1/klines`: 1 below 100 rows, 2 below 500, 5 up to 1000, 10 above."""
+    return 1 if limit < 100 else 2 if limit < 500 else 5 if limit <= 1000 else 10
+
+
 def open_orders_weight(symbol: str | None) -> int:
     """`GET /fapi/v1/openOrders` and `openAlgoOrders`: 1 for one symbol, 40 for all."""
     return 1 if symbol else 40

@@ -137,8 +137,11 @@ def test_the_projector_runs_the_user_data_projections_once_per_account() -> None
     assert (orders.name, list(orders.sources)) == ("orders@a2", ["raw:user:a2"])
     assert specs["orders@a2"].exclusive
     assert "websocket:acct:a2:open_orders:*" in specs["orders@a2"].key_patterns
-    assert specs["account@a1"].key_patterns == ("websocket:acct:a1:position:*",
-                                                "websocket:acct:a1:balance:*")
+    assert specs["account@a1"].key_patterns == (
+        "websocket:acct:a1:position:*", "websocket:acct:a1:balance:*",
+        "websocket:acct:a1:leverage:*", "websocket:acct:a1:multi_assets_margin")
+    events = specs["account_events@a1"].factory()
+    assert (events.name, list(events.sources)) == ("account_events@a1", ["raw:user:a1"])
     # a base name picks that projection of every account; a full name one
     assert [s.name for s in choose(settings, "orders")] == ["orders@a1", "orders@a2"]
     assert [s.name for s in choose(settings, "account@a2,mark_price")] == [

@@ -236,6 +236,49 @@ def test_listener_reads_views_and_consumes_the_orders_stream_with_its_group(
     assert listener.xack("websocket:orders", "listener", entry_id) == 1
 
 
+def test_projector_appends_the_account_streams_and_merges_kline_history_under_its_user(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    """The writes of issue #13 go through the library's functions with the projector's own
+    rights: an exactly-once append (XREVRANGE, XRANGE, XADD with MINID) and the list merge
+    (LRANGE, DEL, LPUSH)."""
+    from projections.core.outputs import ListMerge, StreamAppend
+    from projections.shell.viewstore import ViewStore, write_results
+
+    proj = as_role("projector")
+    now_ms = int(time.time() * 1000)
+    append = StreamAppend("websocket:position_events", now_ms, "k1",
+                          (("kind", b"opened"), ("data", b"{}")), 86_400_000)
+    merge = ListMerge("websocket:klines:btcusdt:1m", (b'{"open_time":60000,"timestamp":60.0}',
+                                                     b'{"open_time":0,"timestamp":0.0}'),
+                      "open_time", 500, 60.0)
+    store = ViewStore(proj)
+    with proj.pipeline(transaction=False) as pipe:
+        plan = store.queue_all(pipe, [merge, append, append])
+        results = write_results(plan, pipe.execute(raise_on_error=False))
+    assert results == [1, 1, 0]
+    assert admin.xlen("websocket:position_events") == 1
+    assert admin.lrange("websocket:klines:btcusdt:1m", 0, -1) == [
+        b'{"open_time":60000,"timestamp":60.0}', b'{"open_time":0,"timestamp":0.0}']
+
+
+def test_listener_consumes_the_account_and_position_event_streams_with_its_groups(
+    as_role: Callable[[str], redis.Redis], admin: redis.Redis,
+) -> None:
+    listener, proj = as_role("listener"), as_role("projector")
+    for stream in ("websocket:account_events", "websocket:position_events"):
+        proj.xadd(stream, {"type": "MARGIN_CALL", "data": "{}"})
+        listener.xgroup_create(stream, "risk", id="0")
+        got = listener.xreadgroup("risk", "l1", {stream: ">"}, count=10)
+        entry_id = got[0][1][0][0]
+        assert listener.xack(stream, "risk", entry_id) == 1
+        assert refused(lambda s=stream: listener.xadd(s, {"type": "fake"}))
+        assert refused(lambda s=stream: listener.xtrim(s, maxlen=0))
+        assert refused(lambda s=stream: listener.xgroup_destroy(s, "risk"))
+    assert refused(lambda: listener.xgroup_create("websocket:leverage:btcusdt", "g", id="0",
+                                                  mkstream=True))
+
+
 def test_reader_is_refused_every_write_and_the_raw_log(
     as_role: Callable[[str], redis.Redis],
 ) -> None:
@@ -393,12 +436,21 @@ def _wait(condition: Callable[[], object], timeout: float = 25.0) -> None:
 
 
 def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
-    """Ingestors, projector (with the diff-depth book's snapshot entries), status, replay
-    --reset, the listener's and the reader's library run against the simulator with the ACL
-    on, and no log line says NOPERM. The projector starts before the admin loaded the function
-    library: it says what to run in one line, waits, and works with its own rights once it is
-    loaded."""
-    from projections.client import MarketReader, OrdersConsumer, open_orders
+    """Ingestors (with the kline history), projector (with the diff-depth book's snapshot
+    entries, the account's event streams), status, replay --reset, the listener's and the
+    reader's library run against the simulator with the ACL on, and no log line says NOPERM.
+    The projector starts before the admin loaded the function library: it says what to run in
+    one line, waits, and works with its own rights once it is loaded."""
+    import httpx
+
+    from projections.client import (
+        AccountEventsConsumer,
+        AccountReader,
+        MarketReader,
+        OrdersConsumer,
+        PositionEventsConsumer,
+        open_orders,
+    )
 
     server = LocalRedis(tmp_path / "redis", args=["--aclfile", str(render_acl(tmp_path))]).start()
 
@@ -424,7 +476,7 @@ def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
         ws, rest = re.findall(r"(?:ws|rest)=(\S+)", sim.stdout.readline())
         env = {**base, "BINANCE_WS_URL": ws, "BINANCE_REST_URL": rest,
                "PIPELINE_SYMBOLS": "BTCUSDT,ETHUSDT",
-               "PIPELINE_MARKET_STREAMS": "markPrice@1s,depth@100ms,aggTrade,bookTicker"}
+               "PIPELINE_MARKET_STREAMS": "markPrice@1s,depth@100ms,aggTrade,bookTicker,kline_1m"}
         start("ingest-market", ["ingest", "market"], {**env, "REDIS_URL": url("ingest-market")})
         start("ingest-user", ["ingest", "user"], {
             **env, "REDIS_URL": url("ingest-user"), "BINANCE_API_KEY": "sim-api-key",
@@ -447,14 +499,23 @@ def test_every_command_does_its_job_under_its_own_user(tmp_path: Path) -> None:
         assert any(f.get(b"ctl") == b"snapshot" for _, f in snapshots)  # the projector's XADD
         assert admin.xlen("raw:conn:market") and admin.xlen("raw:conn:user")
 
+        httpx.post(f"{rest}/sim/account/leverage", json={"symbol": "BTCUSDT", "leverage": 7},
+                   timeout=5).raise_for_status()
+        _wait(lambda: admin.llen("websocket:klines:btcusdt:1m") >= 400
+              and admin.xlen("websocket:account_events") > 0
+              and admin.xlen("websocket:position_events") > 0)
+
         listener = connect_checked(url("listener"))
         events: list[object] = []
-        consumer = OrdersConsumer(listener, group="listener", handler=events.append,
-                                  start_id="0", block_ms=100)
-        assert consumer.poll_once() > 0 and events
+        for make in (OrdersConsumer, AccountEventsConsumer, PositionEventsConsumer):
+            consumer = make(listener, group="listener", handler=events.append, start_id="0",
+                            block_ms=100)
+            assert consumer.poll_once() > 0
         listener.close()
         reader = connect_checked(url("reader"))
         assert MarketReader(reader, fallback=False).mark_price("BTCUSDT", max_age=60)
+        assert len(MarketReader(reader, fallback=False).klines("BTCUSDT", "1m", 400)) == 400
+        assert AccountReader(reader).leverage("BTCUSDT") is not None
         open_orders(reader)  # SCAN + HVALS of the open-order views
         reader.close()
 

@@ -53,6 +53,11 @@ def test_demo_from_a_clean_state_shows_prices_books_and_order_events_then_stops_
     assert re.fullmatch(r"(\w+ [\d.]+, ){2}\w+ [\d.]+", facts["mark prices"]), facts
     assert "BTCUSDT bid" in facts["order books"] and "ask" in facts["order books"]
     assert int(facts["order events seen"].split()[0]) > 0
+    # issue #13: the account's views, the candles from the first seconds on
+    assert int(facts["position events seen"].split()[0]) > 0
+    assert int(facts["account events seen"].split()[0]) > 0
+    assert re.fullmatch(r"BTCUSDT \d+, ETHUSDT \d+, SOLUSDT \d+", facts["leverage"]), facts
+    assert [int(n) for n in re.findall(r"\w+ (\d+)", facts["1m candles held"])] == [500] * 3
     assert "mark_price 3" in facts["views found"] and "orderbook 3" in facts["views found"]
     frames = int(facts["frames logged"].split()[0])
     assert frames > 100

@@ -174,6 +174,10 @@ BUILT: dict[str, list[str]] = {
     "orders_stream": [k.orders_stream(*s) for k in (K, A) for s in ((), ("{symbol}",))],
     "raw_user": [K.raw_user(), A.raw_user()],
     "raw_conn_user": [K.raw_conn_user(), A.raw_conn_user()],
+    "account_events": [k.account_events() for k in (K, A)],
+    "position_events": [k.position_events() for k in (K, A)],
+    "leverage": [k.leverage("{symbol}") for k in (K, A)],
+    "multi_assets_margin": [k.multi_assets_margin() for k in (K, A)],
 }
 # helpers of Keys that build no key of their own (patterns, parsing, argument lists, names)
 KEYS_HELPERS = {"view", "view_head", "pattern", "family_of", "parts_of", "held_orders",

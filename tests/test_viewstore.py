@@ -11,7 +11,13 @@ import orjson
 import pytest
 import redis
 
-from projections.core.outputs import WRITE_TYPES, ListPushIfNewer, ViewWrite, check_output
+from projections.core.outputs import (
+    WRITE_TYPES,
+    ListMerge,
+    ListPushIfNewer,
+    ViewWrite,
+    check_output,
+)
 from projections.core.plausible import Bounds
 from projections.shell.viewstore import PERFORMERS, ViewStore, write_results
 
@@ -128,7 +134,7 @@ def test_an_output_type_nothing_performs_fails_its_entry_not_the_batch(r: redis.
 
 
 def test_every_write_type_of_the_core_has_a_performer() -> None:
-    assert {ViewWrite, ListPushIfNewer} | set(PERFORMERS) >= WRITE_TYPES
+    assert {ViewWrite, ListPushIfNewer, ListMerge} | set(PERFORMERS) >= WRITE_TYPES
 
 
 # --- views that cannot be right: refused, or repaired instead of obeyed ------------------------

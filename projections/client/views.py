@@ -1,13 +1,16 @@
-"""The consumer library: what the analyzer and the order listener call. Plain redis-py, no Trio.
+"""The analyzer's reads: market views with a freshness limit, and the open orders. Plain
+redis-py, no Trio.
 
-Three things, all reading the views that `pipeline project` keeps (see docs/architecture.md):
+Both read the views that `pipeline project` keeps (see docs/contract.md):
 
-- `MarketReader`: mark price, order book and last price with a freshness limit, falling back to
-  REST (httpx) when the view is stale or missing, within the exchange's request weight.
+- `MarketReader`: mark price, order book, last price, best bid/ask and closed candles with a
+  freshness limit, falling back to REST (httpx) when the view is stale or missing, within the
+  exchange's request weight.
 - `open_orders()` / `open_algo_orders()`: what `futures_get_open_orders()` and the algo
   equivalent return, from the views, with no REST call.
-- `OrdersConsumer`: the order listener's loop over `P:orders` with `XREADGROUP`, acknowledging
-  after the handler returns and taking over what a dead consumer left pending.
+
+The account's views are `projections.client.account`'s, the listeners' consumers
+`projections.client.consumers`'.
 
 Several accounts: every reader takes `account=` (the label an account's ingestor runs with,
 `PIPELINE_ACCOUNT`; None, the default, is the unlabelled account). It picks that account's
@@ -28,23 +31,27 @@ Example (the analyzer)::
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 import httpx
 import orjson
 import redis
 
-from pipeline.redisconn import error_code
-from pipeline.weight import WeightBudget, depth_weight
+from pipeline.weight import WeightBudget, depth_weight, klines_weight
 from projections.core.keys import DEFAULT_PREFIX, Keys
 
 log = logging.getLogger("projections.client")
 
 _DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
+_INTERVAL_S = {"m": 60, "h": 3_600, "d": 86_400, "w": 7 * 86_400, "M": 31 * 86_400}
+KLINES_MAX = 1499  # GET /fapi/v1/klines gives 1500 rows at most, the last one still open
+
+
+def interval_seconds(interval: str) -> int:
+    """`1m` -> 60, `4h` -> 14400, `1M` -> 31 days (the longest month)."""
+    return int(interval[:-1]) * _INTERVAL_S[interval[-1]]
 
 
 def parse_view(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -120,9 +127,41 @@ class MarketReader:
         return self._read(self.keys.last_price(symbol), max_age,
                           lambda: self._rest_last_price(symbol))
 
+    def book_ticker(self, symbol: str, max_age: float = 5.0) -> dict[str, Any] | None:
+        """`{"bid", "bid_qty", "ask", "ask_qty", "update_id", "timestamp", "source"}`, or None;
+        REST fallback `GET /fapi/v1/ticker/bookTicker`. Example:
+        `t = reader.book_ticker("BTCUSDT"); spread = Decimal(t["ask"]) - Decimal(t["bid"])`."""
+        return self._read(self.keys.book_ticker(symbol), max_age,
+                          lambda: self._rest_book_ticker(symbol))
+
+    def klines(self, symbol: str, interval: str, n: int = 500,
+               max_age: float | None = None) -> list[dict[str, Any]]:
+        """The last `n` closed candles, oldest first, each `{"open_time", "close_time", "open",
+        "high", "low", "close", "volume", "quote_volume", "trades", "closed", "event_time",
+        "timestamp", "source"}` (`source` "websocket", or "rest" for a candle from the
+        history the ingestor fetched). Fresh when the newest closed within one interval plus
+        `max_age` s (default 60); else, or when there is none, REST `GET /fapi/v1/klines`
+        (weight 1 to 10 by `n`), and the view's candles when that fails. Example::
+
+            closes = [Decimal(k["close"]) for k in reader.klines("BTCUSDT", "1m", 200)]
+        """
+        n = max(1, min(n, KLINES_MAX))
+        rows = [v for raw in self.r.lrange(self.keys.klines(symbol, interval), 0, n - 1)
+                if (v := parse_view(raw)) is not None]
+        rows.reverse()
+        slack = 60.0 if max_age is None else max_age
+        limit_s = interval_seconds(interval) + slack
+        if rows and self.clock() - rows[-1].get("close_time", 0) / 1000 <= limit_s:
+            return rows
+        if not self.fallback:
+            return rows
+        fresh = self._rest_klines(symbol, interval, n)
+        return fresh if fresh else rows
+
     def position(self, symbol: str, side: str | None = None) -> dict[str, Any] | None:
         """The position view (`side` "long"/"short" in hedge mode); no REST fallback because it
-        would need the account's keys. Example: `reader.position("BTCUSDT")["pa"]`."""
+        would need the account's keys. Example: `reader.position("BTCUSDT")["pa"]`.
+        `projections.client.AccountReader.position` adds a freshness limit."""
         return parse_view(self.r.get(self.keys.position(symbol, side)))
 
     # --- machinery ------------------------------------------------------------------------
@@ -170,6 +209,24 @@ class MarketReader:
         return {"bids": body["bids"][:depth], "asks": body["asks"][:depth],
                 "timestamp": body.get("E", self.clock() * 1000) / 1000,
                 "last_update_id": body["lastUpdateId"], "source": "rest"}
+
+    def _rest_book_ticker(self, symbol: str) -> dict[str, Any] | None:
+        body = self._get("/fapi/v1/ticker/bookTicker", {"symbol": symbol.upper()}, 2)
+        if not isinstance(body, dict):
+            return None
+        return {"bid": body["bidPrice"], "bid_qty": body["bidQty"], "ask": body["askPrice"],
+                "ask_qty": body["askQty"], "update_id": body.get("lastUpdateId"),
+                "timestamp": body.get("time", 0) / 1000, "source": "rest"}
+
+    def _rest_klines(self, symbol: str, interval: str, n: int) -> list[dict[str, Any]]:
+        body = self._get("/fapi/v1/klines", {"symbol": symbol.upper(), "interval": interval,
+                                             "limit": n + 1}, klines_weight(n + 1))
+        if not isinstance(body, list):
+            return []
+        return [{"open_time": r[0], "close_time": r[6], "open": r[1], "high": r[2],
+                 "low": r[3], "close": r[4], "volume": r[5], "quote_volume": r[7],
+                 "trades": r[8], "closed": True, "event_time": r[6], "timestamp": r[6] / 1000,
+                 "source": "rest"} for r in body[:-1]]  # the last row: the candle still open
 
     def _rest_last_price(self, symbol: str) -> dict[str, Any] | None:
         body = self._get("/fapi/v1/ticker/price", {"symbol": symbol.upper()}, 1)
@@ -225,189 +282,3 @@ def open_algo_orders(r: redis.Redis, symbol: str | None = None, *,
     key = keys.open_orders(symbol, "algo") if symbol else None
     orders = _hash_values(r, keys.pattern("open_algo_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("algoId", 0)))
-
-
-# --- the order listener's consumer ------------------------------------------------------------
-
-@attrs.frozen
-class OrderEvent:
-    """One entry of `P:orders`: an order or algo order changed state.
-
-    `data` is the order's whole state after the change, as the projector stores it (JSON):
-    `status`, `symbol`, `source`, `update_time` and `created_time` (ms), `version`, and `o`, the
-    order's fields under Binance's ORDER_TRADE_UPDATE / ALGO_UPDATE names (`o["q"]` quantity,
-    `o["p"]` price, `o["l"]`/`o["L"]` last fill, ...; after a reconciliation, the REST row's
-    fields under those names). An order's state adds `cum_filled`, `avg_price`, `cum_quote`
-    and `realized_profit`; an algo order's adds `actual_order_id` (the matching-engine order it
-    placed when triggered, "" before). The properties below read these. Quantities and prices
-    are the strings Binance sent (`Decimal(ev.filled_qty)` for arithmetic).
-
-    Example::
-
-        def on_order(ev: OrderEvent) -> None:
-            if ev.kind == "order" and ev.status in ("PARTIALLY_FILLED", "FILLED"):
-                print(ev.order_id, ev.filled_qty, "filled at", ev.avg_price,
-                      "last", ev.last_filled_qty, "@", ev.last_filled_price)
-            elif ev.kind == "algo" and ev.status == "TRIGGERED":
-                print("stop", ev.order_id, "placed order", ev.actual_order_id)
-    """
-
-    entry_id: str
-    order_id: str
-    status: str
-    symbol: str
-    kind: str  # "order" or "algo"
-    source: str  # "stream" or "reconciliation"
-    data: dict[str, Any]
-
-    @classmethod
-    def from_entry(cls, entry_id: bytes, fields: dict[bytes, bytes]) -> OrderEvent:
-        def text(name: str) -> str:
-            return fields.get(name.encode(), b"").decode()
-
-        return cls(entry_id.decode(), text("order_id"), text("status"), text("symbol"),
-                   text("kind") or "order", text("source") or "stream",
-                   parse_view(fields.get(b"data")) or {})
-
-    @property
-    def fields(self) -> dict[str, Any]:
-        """The order's fields under Binance's event names (`data["o"]`). Example:
-        `ev.fields.get("S")` is the side, "BUY" or "SELL"."""
-        o = self.data.get("o")
-        return o if isinstance(o, dict) else {}
-
-    @property
-    def filled_qty(self) -> str | None:
-        """An order's cumulative filled quantity ("0" before any fill); None for an algo
-        order. Example: `Decimal(ev.filled_qty) == Decimal(ev.fields["q"])` once FILLED."""
-        return self._text(self.data.get("cum_filled"))
-
-    @property
-    def avg_price(self) -> str | None:
-        """An order's average fill price ("0" before any fill); None for an algo order.
-        Example: `print(f"{ev.filled_qty} @ {ev.avg_price}")`."""
-        return self._text(self.data.get("avg_price"))
-
-    @property
-    def last_filled_qty(self) -> str | None:
-        """The quantity of the fill this event reports (`o["l"]`); None when the event came
-        from a REST reconciliation, which reports totals only. Example: `ev.last_filled_qty`."""
-        return self._text(self.fields.get("l")) if self.source == "stream" else None
-
-    @property
-    def last_filled_price(self) -> str | None:
-        """The price of the fill this event reports (`o["L"]`); None as `last_filled_qty`.
-        Example: `ev.last_filled_price`."""
-        return self._text(self.fields.get("L")) if self.source == "stream" else None
-
-    @property
-    def actual_order_id(self) -> str | None:
-        """For a triggered algo order, the id of the order it placed (follow that order's own
-        events); None before the trigger and for plain orders. Example:
-        `if ev.kind == "algo" and ev.actual_order_id: watch(ev.actual_order_id)`."""
-        return self._text(self.data.get("actual_order_id")) or None
-
-    @staticmethod
-    def _text(value: object) -> str | None:
-        return None if value is None else str(value)
-
-
-class OrdersConsumer:
-    """Consume `P:orders` in a consumer group: the order listener's replacement for polling.
-
-    Each entry is handed to `handler(event)`; it is acknowledged only after the handler
-    returns. A handler that raises leaves the entry pending: this consumer retries it on its
-    next poll, and if this process dies, another consumer of the group takes it over once it
-    has been idle `claim_idle_ms`. Delivery is therefore at-least-once: handlers should be
-    idempotent (key on `event.entry_id` or on order id + status).
-
-    The client is used as redis-py makes it by default (RESP2 replies). `account="a1"`
-    consumes that account's stream, `P:acct:a1:orders` (a group there is that account's own:
-    the ACL user `listener-a1` may run groups on it and read nothing of another account).
-
-    Example (see examples/order_listener.py)::
-
-        def on_order(ev: OrderEvent) -> None:
-            if ev.status == "FILLED":
-                print("filled", ev.symbol, ev.order_id, ev.filled_qty, "at", ev.avg_price)
-
-        OrdersConsumer(r, group="listener", handler=on_order).run()
-        OrdersConsumer(r, group="listener", handler=on_order, account="a1").run()
-    """
-
-    def __init__(
-        self,
-        r: redis.Redis,
-        *,
-        group: str,
-        handler: Callable[[OrderEvent], object],
-        consumer: str | None = None,
-        prefix: str = DEFAULT_PREFIX,
-        claim_idle_ms: int = 30_000,
-        block_ms: int = 1_000,
-        count: int = 100,
-        start_id: str = "$",
-        account: str | None = None,
-    ) -> None:
-        self.r = r
-        self.group = group
-        self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
-        self.handler = handler
-        self.stream = Keys(prefix, account=account).orders_stream()
-        self.claim_idle_ms = claim_idle_ms
-        self.block_ms = block_ms
-        self.count = count
-        self._stopped = False
-        self._ensure_group(start_id)
-
-    def _ensure_group(self, start_id: str) -> None:
-        try:
-            self.r.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
-        except redis.ResponseError as exc:
-            if error_code(exc) != "BUSYGROUP":
-                raise
-
-    def stop(self) -> None:
-        """Ask `run()` to return after the current poll (callable from a signal handler)."""
-        self._stopped = True
-
-    def run(self) -> None:
-        while not self._stopped:
-            self.poll_once()
-
-    def poll_once(self) -> int:
-        """Handle what is due now: taken-over entries, our own pending ones, then new ones
-        (waiting up to `block_ms`). Returns how many entries were acknowledged."""
-        done = self._handle(self._claim_abandoned())
-        done += self._handle(self._read("0"))
-        done += self._handle(self._read(">", block=self.block_ms))
-        return done
-
-    def _claim_abandoned(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply: Any = self.r.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
-                                  "0-0", count=self.count)
-        return [(eid, fields) for eid, fields in reply[1] if fields]
-
-    def _read(
-        self, start: str, block: int | None = None
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply: Any = self.r.xreadgroup(self.group, self.consumer, {self.stream: start},
-                                  count=self.count, block=block)
-        if not reply:
-            return []
-        return [(eid, fields) for eid, fields in reply[0][1] if fields]
-
-    def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
-        done = 0
-        for entry_id, fields in entries:
-            event = OrderEvent.from_entry(entry_id, fields)
-            try:
-                self.handler(event)
-            except Exception:
-                # Not acknowledged: stays pending and is delivered again (here or elsewhere).
-                log.exception("order handler failed; entry stays pending",
-                              extra={"entry": event.entry_id, "order_id": event.order_id})
-                continue
-            self.r.xack(self.stream, self.group, entry_id)
-            done += 1
-        return done

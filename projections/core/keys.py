@@ -59,6 +59,7 @@ OPEN_ORDER_VIEWS = ("open_orders", "open_algo_orders")
 ACCOUNT_FAMILIES = frozenset({
     "position", "balance", "order_state", "algo_order_state", "open_orders",
     "open_algo_orders", "orders", "account_events", "leverage", "position_events",
+    "multi_assets_margin",
 })
 ACCOUNT_SEGMENT = "acct"
 # lower case, digits, `_` and `-`, at most 32: safe in key names, SCAN and ACL patterns, ACL
@@ -248,6 +249,23 @@ class Keys:
         """KEYS of orders.lua: state hash, open hash, per-symbol stream, all-orders stream."""
         return [self.order_state(symbol, kind), self.open_orders(symbol, kind),
                 self.orders_stream(symbol), self.orders_stream()]
+
+    # --- the account's events and settings (issue #13) -----------------------------------
+
+    def account_events(self) -> str:
+        """`P:account_events`: MARGIN_CALL, ACCOUNT_CONFIG_UPDATE, STRATEGY_UPDATE, ... ."""
+        return self.view("account_events")
+
+    def position_events(self) -> str:
+        """`P:position_events`: a position opened, grown, reduced, flipped or closed."""
+        return self.view("position_events")
+
+    def leverage(self, symbol: str) -> str:
+        return self.view("leverage", symbol)
+
+    def multi_assets_margin(self) -> str:
+        """`P:multi_assets_margin`: the account's Multi-Assets mode."""
+        return self.view("multi_assets_margin")
 
     def held_orders(self, key: str) -> tuple[str, str] | None:
         """`P:open_orders:btcusdt` -> ("open_orders", "BTCUSDT"); None for any other key."""

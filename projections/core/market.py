@@ -11,8 +11,9 @@ for books and tickers, aggregate trade id for trades) and expires a fixed time a
 was *received* (`recv_ts`), so replaying old frames brings back no stale key.
 
 Symbols are lower case in keys. Prices and quantities are the strings Binance sent. Control
-entries (connection opened/closed, gaps, snapshots) do not concern these folds; frames of
-another event type (a SUBSCRIBE reply, an event Binance adds one day) give no write.
+entries (connection opened/closed, gaps) do not concern these folds, except the kline
+history snapshots the market ingestor logs (`KlineProjection`); frames of another event type
+(a SUBSCRIBE reply, an event Binance adds one day) give no write.
 
 Pre-coalescing (`last_value_key`): the views here hold only the newest event of a stream, so
 of the frames of one stream in a batch only the last matters; the shell
@@ -54,12 +55,13 @@ from typing import Any
 
 import orjson
 
-from pipeline.eventlog import FrameEntry
+from pipeline.eventlog import ControlEntry, FrameEntry
 from pipeline.streams import KLINE_INTERVALS, PARTIAL_DEPTHS
 from projections.core import frames
 from projections.core.keys import Keys, market_key
 from projections.core.outputs import (
     Entry,
+    ListMerge,
     ListPushIfNewer,
     Output,
     PoisonEntry,
@@ -298,17 +300,58 @@ _KLINE_VALUE = _value_re("open", "high", "low", "close", "volume", "quote_volume
 
 class KlineProjection(LastValueFold):
     """`P:kline:{symbol}:{interval}` (the latest candle, versioned by event time) and, for
-    each closed candle, `P:klines:{symbol}:{interval}` (newest first, capped at 500,
-    versioned by open time)."""
+    each closed candle, `P:klines:{symbol}:{interval}` (newest first, capped at 500 or
+    `kline_history` if more, versioned by open time).
+
+    History: the market ingestor logs the last closed candles of each kline stream from REST
+    (`GET /fapi/v1/klines`) at start and after a gap, as a `snapshot` control entry in the
+    stream's raw key (`symbol`, `interval`, `fetched_at_ms`, `weight_used_1m`, `response`: the
+    rows as REST sent them, oldest first, the last one the candle still open). Its closed rows
+    are merged into the list (`ListMerge`): those the list lacks land in order, none twice, so
+    the list is whole within seconds of start and across a gap, and a replay rebuilds it from
+    the log alone. A row becomes the candle JSON a closed stream frame gives, with
+    `event_time` its close time and `source: "rest"`. Poison: a symbol that is not configured
+    or not well-formed, an interval the fold does not read, rows that are not Binance's 12
+    fields (integer times and count, decimal strings), a candle longer than its interval or
+    closing after the entry's receipt time + PIPELINE_MAX_CLOCK_AHEAD_S."""
 
     name = "kline"
     view = "kline"
     foldable = tuple(f"kline_{i}" for i in KLINE_INTERVALS)
     event = "kline"
 
-    def __init__(self, prefix: str, **options: Any) -> None:
+    def __init__(self, prefix: str, *, kline_history: int = KLINE_LIST_CAP,
+                 **options: Any) -> None:
         super().__init__(prefix, **options)
         self._closed = Keys(prefix).view_head("klines")
+        self.cap = max(KLINE_LIST_CAP, kline_history)
+        self._intervals = frozenset(src[len(market_key("kline_")):] for src in self.sources)
+
+    def apply(self, entry: Entry) -> list[Output]:
+        if type(entry) is ControlEntry:
+            return self._history(entry) if entry.ctl == "snapshot" else []
+        return super().apply(entry)
+
+    def _history(self, entry: ControlEntry) -> list[Output]:
+        """A REST history snapshot -> one ListMerge of its closed candles (class docstring)."""
+        body = entry.body
+        if not isinstance(body, dict) or body.get("kind") != "klines":
+            return []
+        symbol, interval, rows = body.get("symbol"), body.get("interval"), body.get("response")
+        if interval not in self._intervals:
+            raise PoisonEntry(f"kline history: interval {str(interval)[:20]!r} not folded here")
+        if not isinstance(symbol, str) or not self.configured(symbol):
+            raise PoisonEntry(f"kline history: symbol {str(symbol)[:40]!r} is not configured")
+        if not isinstance(rows, list) or len(rows) > 1500:
+            raise PoisonEntry("kline history: response is not a list of at most 1500 rows")
+        limit_ms = int(entry.recv_ts * 1000) + self._ahead_ms
+        span = interval_ms(interval)
+        values = [history_candle(row, span, limit_ms) for row in rows[:-1]]  # last: still open
+        if not values:
+            return []
+        newest = max(orjson.loads(v)["close_time"] for v in values) / 1000
+        return [ListMerge(f"{self._closed}{symbol.lower()}:{interval}", tuple(values),
+                          "open_time", self.cap, newest)]
 
     @staticmethod
     def last_value_key(frame: bytes) -> bytes | None:
@@ -344,8 +387,30 @@ class KlineProjection(LastValueFold):
                                        _expiry(entry, ttl), ts)]
         if closed:
             out.append(ListPushIfNewer(self._closed + suffix, value, open_time, "open_time",
-                                       KLINE_LIST_CAP, ts))
+                                       self.cap, ts))
         return out
+
+
+def history_candle(row: Any, span_ms: int, limit_ms: int) -> bytes:
+    """One closed `GET /fapi/v1/klines` row as the candle JSON of `P:klines` (open time, open,
+    high, low, close, volume, close time, quote volume, trades, ...), or PoisonEntry."""
+    if not isinstance(row, list) or len(row) < 9:
+        raise PoisonEntry("kline history: a row is not a list of Binance's kline fields")
+    open_time, close_time, trades = row[0], row[6], row[8]
+    if not (type(open_time) is int and type(close_time) is int and type(trades) is int
+            and 0 < open_time < close_time < open_time + span_ms and close_time <= limit_ms
+            and trades >= 0):
+        raise PoisonEntry(f"kline history: row {str(row)[:80]} has implausible times")
+    value = orjson.dumps({
+        "open_time": open_time, "close_time": close_time, "open": row[1], "high": row[2],
+        "low": row[3], "close": row[4], "volume": row[5], "quote_volume": row[7],
+        "trades": trades, "closed": True, "event_time": close_time,
+        "timestamp": close_time / 1000, "source": "rest",
+    })
+    if _KLINE_VALUE.match(value) is None:
+        raise PoisonEntry(bad_field("kline history", {"o": row[1], "h": row[2], "l": row[3],
+                                                      "c": row[4], "v": row[5], "q": row[7]}))
+    return value
 
 
 _TRADE_VALUE = _value_re("price", "qty")

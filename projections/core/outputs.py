@@ -61,6 +61,40 @@ class ListPushIfNewer:
 
 
 @attrs.frozen
+class ListMerge:
+    """Merge the JSON `values` (any order) into the capped list `key`, kept newest first by
+    the number in each element's `version_field`: an element whose version the list already
+    holds is not added again, the rest go where their version puts them, the list is cut to
+    the `cap` newest. For kline history from REST: rows older than the list's head must land
+    in order, without a duplicate of a candle the stream already pushed. `event_s`: the event
+    time of the newest value (seconds)."""
+
+    key: str
+    values: tuple[bytes, ...]
+    version_field: str
+    cap: int
+    event_s: float = 0.0
+
+
+@attrs.frozen
+class StreamAppend:
+    """XADD `fields` to the stream `key` exactly once, with entry id `{at_ms}-{seq}`.
+
+    `event_key` names the event (a duplicate frame, a redelivery or a replay gives the same
+    key): the store appends nothing when an entry with that key is already there, or when
+    `at_ms` is older than `max_age_ms` by the server's clock (the stream is trimmed to that
+    age, `MINID`). Entry ids follow event times; an event older than the stream's last entry is
+    appended after it (ids only grow) and still found as a duplicate later. The store adds the
+    field `event_key` itself."""
+
+    key: str
+    at_ms: int  # event time in ms: the entry id's time part
+    event_key: str
+    fields: tuple[tuple[str, bytes], ...]
+    max_age_ms: int
+
+
+@attrs.frozen
 class NeedSnapshot:
     """A sequencer needs a REST snapshot for `symbol` (diff depth). The shell fetches it and
     appends it to the log as a `snapshot` control entry; the projection applies it from there,
@@ -87,12 +121,13 @@ class Unrecognized:
     event_type: str
 
 
-Output = (ViewWrite | ListPushIfNewer | NeedSnapshot | LogGap | Unrecognized | OrderWrite
-          | AlgoOrderWrite)
+Output = (ViewWrite | ListPushIfNewer | ListMerge | StreamAppend | NeedSnapshot | LogGap
+          | Unrecognized | OrderWrite | AlgoOrderWrite)
 # What the shell writes (`projections.shell.viewstore` has a performer for each), what it acts
 # on itself, and what it only counts. Any other output is a programming error: the entry that
 # produced it fails (and is dead-lettered) instead of the batch.
-WRITE_TYPES: frozenset[type] = frozenset((ViewWrite, ListPushIfNewer, OrderWrite, AlgoOrderWrite))
+WRITE_TYPES: frozenset[type] = frozenset((ViewWrite, ListPushIfNewer, ListMerge, StreamAppend,
+                                          OrderWrite, AlgoOrderWrite))
 EFFECT_TYPES: frozenset[type] = frozenset((NeedSnapshot, LogGap))
 OUTPUT_TYPES = WRITE_TYPES | EFFECT_TYPES | {Unrecognized}
 

@@ -113,17 +113,56 @@ class TradeLite:
 
 @attrs.frozen
 class MarginCall:
-    event_time: int = 0  # E
+    """The account is close to liquidation: `p` lists the positions at risk."""
+
+    event_time: int  # E
+    cross_wallet: str = ""  # cw
+    positions: tuple[Mapping[str, Any], ...] = ()  # p
+    raw: Mapping[str, Any] = _raw()
+
+
+@attrs.frozen
+class LeverageChange:
+    """`ac` of ACCOUNT_CONFIG_UPDATE: a symbol's new leverage."""
+
+    symbol: str  # s
+    raw: Mapping[str, Any] = _raw()  # `l` is read from here: it must be an integer as sent
+
+
+@attrs.frozen
+class MultiAssetsChange:
+    """`ai` of ACCOUNT_CONFIG_UPDATE: the Multi-Assets margin mode."""
+
+    raw: Mapping[str, Any] = _raw()  # `j`, a boolean as sent
 
 
 @attrs.frozen
 class AccountConfigUpdate:
-    event_time: int = 0  # E
+    event_time: int  # E
+    transaction_time: int = 0  # T
+    leverage: LeverageChange | None = None  # ac
+    multi_assets: MultiAssetsChange | None = None  # ai
+    raw: Mapping[str, Any] = _raw()
 
 
 @attrs.frozen
 class StrategyUpdate:
-    event_time: int = 0  # E
+    event_time: int  # E
+    raw: Mapping[str, Any] = _raw()  # `su`: si, st, ss, s, ut, c
+
+
+@attrs.frozen
+class GridUpdate:
+    event_time: int  # E
+    raw: Mapping[str, Any] = _raw()  # `gu`: si, st, ss, s, r, up, uq, uf, mp, ut
+
+
+@attrs.frozen
+class TriggerReject:
+    """CONDITIONAL_ORDER_TRIGGER_REJECT (deprecated by Binance on 2025-12-15)."""
+
+    event_time: int  # E
+    raw: Mapping[str, Any] = _raw()  # `or`: s, i, r
 
 
 @attrs.frozen
@@ -139,7 +178,8 @@ class UnknownEvent:
 
 
 UserEvent = (OrderTradeUpdate | AlgoUpdate | AccountUpdate | TradeLite | MarginCall
-             | AccountConfigUpdate | StrategyUpdate | ListenKeyExpired | UnknownEvent)
+             | AccountConfigUpdate | StrategyUpdate | GridUpdate | TriggerReject
+             | ListenKeyExpired | UnknownEvent)
 
 EVENT_TAGS: dict[type, str] = {
     OrderTradeUpdate: "ORDER_TRADE_UPDATE",
@@ -149,6 +189,8 @@ EVENT_TAGS: dict[type, str] = {
     MarginCall: "MARGIN_CALL",
     AccountConfigUpdate: "ACCOUNT_CONFIG_UPDATE",
     StrategyUpdate: "STRATEGY_UPDATE",
+    GridUpdate: "GRID_UPDATE",
+    TriggerReject: "CONDITIONAL_ORDER_TRIGGER_REJECT",
     ListenKeyExpired: "listenKeyExpired",
     UnknownEvent: "",
 }
@@ -165,9 +207,14 @@ _RENAMES: dict[type, dict[str, str]] = {
     AccountData: {"reason": "m", "balances": "B", "positions": "P"},
     AccountUpdate: {"event_time": "E", "transaction_time": "T", "account": "a"},
     TradeLite: {"event_time": "E", "symbol": "s"},
-    MarginCall: {"event_time": "E"},
-    AccountConfigUpdate: {"event_time": "E"},
+    MarginCall: {"event_time": "E", "cross_wallet": "cw", "positions": "p"},
+    LeverageChange: {"symbol": "s"},
+    MultiAssetsChange: {},
+    AccountConfigUpdate: {"event_time": "E", "transaction_time": "T", "leverage": "ac",
+                          "multi_assets": "ai"},
     StrategyUpdate: {"event_time": "E"},
+    GridUpdate: {"event_time": "E"},
+    TriggerReject: {"event_time": "E"},
     ListenKeyExpired: {"event_time": "E"},
     UnknownEvent: {"event_type": "e"},
 }
@@ -209,7 +256,8 @@ def parse_user_event(payload: Any) -> UserEvent:
         raise BadEvent("not a user-data event object")
     try:
         event: UserEvent = CONVERTER.structure(payload, UserEvent)  # type: ignore[arg-type]
-    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
+    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError,
+            AttributeError) as exc:  # AttributeError: a list or text where an object belongs
         raise BadEvent(f"{payload.get('e')}: {type(exc).__name__}: {exc}") from None
     return event
 

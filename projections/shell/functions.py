@@ -6,13 +6,13 @@ library and no other Lua: no `EVAL`, `EVALSHA` or `SCRIPT` (deploy/redis/users.a
 With EVAL it could run any code (`EVAL "while true do end" 0` made every client BUSY until an
 admin ran SCRIPT KILL, and Redis's Lua CVEs all need EVAL).
 
-The library (Redis 7 `FUNCTION LOAD`) is lua/views.lua, lua/orders.lua and lua/lease.lua. Its
-name carries its version, the first 12 hex digits of the SHA-1 of its code
+The library (Redis 7 `FUNCTION LOAD`) is lua/views.lua, lua/orders.lua, lua/streams.lua and
+lua/lease.lua. Its name carries its version, the first 12 hex digits of the SHA-1 of its code
 (`pipeline_<version>`), and so does each function (`pipeline_<version>_views`, `..._order`,
-`..._lease_acquire`, `..._lease_renew`, `..._version`). A projector therefore calls only the
-code it was built with: a library of another version on the server is not its own, so it is
-found missing (and loaded, or reported), never silently used; during a rolling upgrade old and
-new projectors each call their own.
+`..._append`, `..._lease_acquire`, `..._lease_renew`, `..._version`). A projector therefore
+calls only the code it was built with: a library of another version on the server is not its
+own, so it is found missing (and loaded, or reported), never silently used; during a rolling
+upgrade old and new projectors each call their own.
 
 Loading:
 - `pipeline functions load` (the admin user, at deployment; the compose deployment runs it as a
@@ -43,10 +43,10 @@ from projections.shell.health import ProjectorHealth
 
 log = logging.getLogger("pipeline.project")
 
-_PARTS = ("views.lua", "orders.lua", "lease.lua")
+_PARTS = ("views.lua", "orders.lua", "streams.lua", "lease.lua")
 # function name suffix -> the Lua local that implements it
-_FUNCTIONS = {"views": "views_write", "order": "order_write", "lease_acquire": "lease_acquire",
-              "lease_renew": "lease_renew"}
+_FUNCTIONS = {"views": "views_write", "order": "order_write", "append": "stream_append",
+              "lease_acquire": "lease_acquire", "lease_renew": "lease_renew"}
 _REGISTER = "redis.register_function('@LIB@_{name}', {local})\n"
 _REGISTER_VERSION = ("redis.register_function{function_name='@LIB@_version', "
                      "callback=function() return '@VERSION@' end, flags={'no-writes'}}\n")
@@ -67,6 +67,7 @@ CODE = f"#!lua name={LIBRARY}\n" + _TEMPLATE.replace("@LIB@", LIBRARY).replace(
 
 VIEWS_FN = f"{LIBRARY}_views"
 ORDER_FN = f"{LIBRARY}_order"
+APPEND_FN = f"{LIBRARY}_append"
 LEASE_ACQUIRE_FN = f"{LIBRARY}_lease_acquire"
 LEASE_RENEW_FN = f"{LIBRARY}_lease_renew"
 VERSION_FN = f"{LIBRARY}_version"

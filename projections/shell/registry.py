@@ -1,9 +1,9 @@
 """Which projections exist for the configured streams: name -> factory and view key patterns.
 
 A market projection exists when at least one of the families it folds is configured
-(PIPELINE_MARKET_STREAMS); the user-data projections (`orders`, `account`) always exist, as
-they read the one key `raw:user` (idle when no user ingestor runs). `--only a,b` picks some;
-an unknown name is a bad setting (exit 2).
+(PIPELINE_MARKET_STREAMS); the user-data projections (`orders`, `account`, `account_events`)
+always exist, as they read the one key `raw:user` (idle when no user ingestor runs).
+`--only a,b` picks some; an unknown name is a bad setting (exit 2).
 
 Every fold gets the plausibility bounds of the settings (`bounds_from`); the market folds also
 get the configured symbols (`PIPELINE_SYMBOLS`; `ALL`: any well-formed symbol), the only ones
@@ -23,6 +23,10 @@ registry refuses to start a user-data fold that did not take it (it would read a
 unlabelled account's keys). `--only orders` picks `orders` of every account served,
 `--only orders@a1` one.
 
+The market folds also take the kline history's length (`PIPELINE_KLINE_HISTORY`: `P:klines`
+keeps at least that many candles); the user-data folds the age the account's event streams
+keep (`PIPELINE_EVENTS_MAX_AGE_S`).
+
 The key patterns say which view keys a projection owns, for `pipeline replay --reset`. The
 diff-depth book publishes under the same key shape as the partial books
 (`P:orderbook:{symbol}:{depth}`), so when both are configured at depth 20 they share keys; both
@@ -38,6 +42,7 @@ import attrs
 from pipeline.config import Settings
 from pipeline.errors import SettingsError
 from projections.core.account import AccountProjection
+from projections.core.accountevents import AccountEventsProjection
 from projections.core.depthbook import DiffBookProjection
 from projections.core.keys import Keys, projection_base
 from projections.core.market import (
@@ -84,7 +89,9 @@ _USER: dict[str, tuple[type, Owned]] = {
     # P:orders and P:orders:{symbol} are the listener's streams: never deleted by a reset
     "orders": (OrdersProjection, (("order_state",), ("algo_order_state",), ("open_orders",),
                                   ("open_algo_orders",))),
-    "account": (AccountProjection, (("position",), ("balance",))),
+    # P:position_events and P:account_events, like P:orders, are listeners' streams
+    "account": (AccountProjection, (("position",), ("balance",), ("leverage",))),
+    "account_events": (AccountEventsProjection, ()),
 }
 
 
@@ -96,7 +103,8 @@ def available(settings: Settings) -> dict[str, ProjectionSpec]:
     for name, (cls, owned) in _MARKET.items():
         # market folds take the configured families and symbols; every fold the bounds
         options: dict[str, object] = {"families": families, "book_depth": BOOK_DEPTH,
-                                      "symbols": settings.symbols, "bounds": bounds}
+                                      "symbols": settings.symbols, "bounds": bounds,
+                                      "kline_history": settings.kline_history}
         if name == "depth_book" and "depth" not in families:
             continue
         if name == "orderbook":
@@ -108,10 +116,15 @@ def available(settings: Settings) -> dict[str, ProjectionSpec]:
     for account in settings.accounts:
         keys = Keys(settings.view_prefix, account=account)
         for name, (cls, owned) in _USER.items():
-            spec = _spec(settings, name, cls, owned, {"bounds": bounds, "account": account},
-                         keys)
-            if spec is not None:
-                out[spec.name] = spec
+            spec = _spec(settings, name, cls, owned,
+                         {"bounds": bounds, "account": account,
+                          "events_max_age_s": settings.events_max_age_s}, keys)
+            if spec is None:
+                continue
+            if name == "account":  # one key, no family of its own: its own pattern
+                spec = attrs.evolve(spec, key_patterns=(*spec.key_patterns,
+                                                        keys.multi_assets_margin()))
+            out[spec.name] = spec
     return out
 
 

@@ -10,6 +10,8 @@ versions inside Redis:
   replay of old frames brings back no stale key); else SET + PXAT only when the stored JSON's
   `version_field` is lower or the key is missing.
 - `ListPushIfNewer`: LPUSH + LTRIM only when newer than the list's head.
+- `ListMerge`: the values the list lacks (by version) merged in, newest first, capped (the
+  kline history REST gives: candles older than the head land in order, none twice).
 - both: a held value whose version cannot be right is overwritten instead of obeyed, and an id
   that jumps further than any stream can is refused (views.lua, `projections.core.plausible`).
 
@@ -17,7 +19,9 @@ Results, per write (`write_results`): 1 written, 2 written over a held value tha
 obeyed, 0 not newer, -1 expired, -2 refused as implausible (the loop dead-letters the entry
 that produced it), or the error Redis answered for the command that carried it.
 
-User-data writes (projections.shell.orderstore) have their own function; `PERFORMERS` maps each
+User-data writes have their own functions: the order writes (projections.shell.orderstore),
+and `StreamAppend` (the account's event streams: `lua/streams.lua`, exactly once per event
+key, 1 appended, 0 a duplicate, -1 too old for the stream's age limit). `PERFORMERS` maps each
 write type to the function that queues it. An output of any other type is a programming error
 and raises TypeError (`projections.core.outputs.check_output` already failed the entry that
 produced it, and the loop dead-letters it).
@@ -28,22 +32,34 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import orjson
 import redis
 import redis.client
 
 from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
-from projections.core.outputs import ListPushIfNewer, Output, ViewWrite
+from projections.core.outputs import ListMerge, ListPushIfNewer, Output, StreamAppend, ViewWrite
 from projections.core.plausible import Bounds
 from projections.shell import functions
 from projections.shell.orderstore import perform_order_write
 
 Performer = Callable[[redis.client.Pipeline, Any, Bounds], None]
 
+
+def perform_stream_append(pipe: redis.client.Pipeline, write: object, bounds: Bounds) -> None:
+    """Queue one exactly-once append (`StreamAppend`) on `pipe`."""
+    if not isinstance(write, StreamAppend):
+        raise TypeError(f"not a stream append: {type(write).__name__}")
+    flat = [part for pair in write.fields for part in pair]
+    pipe.fcall(functions.APPEND_FN, 1, write.key, write.at_ms, write.event_key,
+               write.max_age_ms, *flat)
+
+
 # write type -> function queuing it on a pipeline (the shell knows its performers; the pure
 # folds that produce these values never import Redis)
 PERFORMERS: dict[type, Performer] = {
     OrderWrite: perform_order_write,
     AlgoOrderWrite: perform_order_write,
+    StreamAppend: perform_stream_append,
 }
 
 REFUSED = -2  # the views function's answer to an implausible id
@@ -100,6 +116,11 @@ class ViewStore:
                 keys.append(w.key)
                 args += ("lpush", w.value, _num(w.version), w.version_field, w.cap,
                          _num(w.event_s))
+            elif kind is ListMerge:
+                w = out
+                keys.append(w.key)
+                args += ("merge", orjson.dumps([v.decode() for v in w.values]), 0,
+                         w.version_field, w.cap, _num(w.event_s))
             else:
                 performer = PERFORMERS.get(kind)
                 if performer is None:

@@ -7,10 +7,12 @@
 --   op       "set": SET the JSON value when its version (a time) is newer than the stored one
 --            "seti": the same for a version that is an id (a book's u, a trade id)
 --            "lpush": LPUSH onto a capped list when newer than the list's head
+--            "merge": merge a JSON array of JSON values into a capped list kept newest first
+--                     by `field`, adding only the versions it does not hold (kline history)
 --   value    the JSON value
 --   version  its version (a number)
 --   field    the top-level JSON field of a stored value that holds its version
---   extra    set: expire_at_ms (0: no expiry); lpush: the cap
+--   extra    set: expire_at_ms (0: no expiry); lpush, merge: the cap
 --   ts       the value's event time in seconds (every view holds it as `timestamp`); 0: none
 --
 -- Returns one number per write: 1 written, 2 written over a held value that was not obeyed
@@ -86,6 +88,43 @@ local function push_if_newer(key, value, version, field, cap, ts, ctx)
   return verdict
 end
 
+-- The held elements (minus any whose event time is ahead of the server's clock, and minus a
+-- second copy of a version) and the new ones the list lacks, sorted newest first, cut to
+-- `cap`. Rewritten with DEL + LPUSH (oldest first, so the newest ends at the head) only when
+-- something changed: 1 written, 0 nothing new.
+local function merge_into_list(key, value, field, cap, ctx)
+  local held = redis.call('LRANGE', key, 0, -1)
+  local by_version, versions, dropped = {}, {}, false
+  local function take(raw)
+    local v = held_number(raw, field)
+    if v == nil or by_version[v] then return false end
+    by_version[v] = raw
+    versions[#versions + 1] = v
+    return true
+  end
+  for _, raw in ipairs(held) do
+    local ts = held_number(raw, 'timestamp')
+    if (ts and ts > ctx.now_s() + ctx.ahead_s) or not take(raw) then dropped = true end
+  end
+  local added = 0
+  for _, raw in ipairs(cjson.decode(value)) do
+    if take(raw) then added = added + 1 end
+  end
+  if added == 0 and not dropped then return 0 end
+  table.sort(versions, function(a, b) return a > b end)
+  local n = math.min(#versions, cap)
+  redis.call('DEL', key)
+  local chunk = {}
+  for i = n, 1, -1 do
+    chunk[#chunk + 1] = by_version[versions[i]]
+    if #chunk == 500 or i == 1 then
+      redis.call('LPUSH', key, unpack(chunk))
+      chunk = {}
+    end
+  end
+  return 1
+end
+
 local function views_write(keys, args)
   local now = nil
   local ctx = {ahead_s = tonumber(args[1]) / 1000, slack_s = tonumber(args[2]) / 1000,
@@ -107,6 +146,8 @@ local function views_write(keys, args)
       out[i] = set_if_newer(keys[i], value, version, field, extra, ts, op == 'seti', ctx)
     elseif op == 'lpush' then
       out[i] = push_if_newer(keys[i], value, version, field, extra, ts, ctx)
+    elseif op == 'merge' then
+      out[i] = merge_into_list(keys[i], value, field, extra, ctx)
     else
       return redis.error_reply('views: unknown operation ' .. tostring(op))
     end
