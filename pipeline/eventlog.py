@@ -50,11 +50,13 @@ import orjson
 from pipeline.errors import SettingsError
 from projections.core.keys import (
     CONN_PREFIX,
+    KEY_DEPTH_SNAPSHOTS,
     KEY_OTHER,
     MARKET_PREFIX,
     RAW_PREFIX,
     market_key,
     raw_account,
+    strip_tag,
 )
 
 # Binance's combined form: `{"stream":"<name>","data":<payload>}`, "stream" always first.
@@ -223,8 +225,10 @@ def retention_family(key: str) -> str:
     if key.startswith(CONN_PREFIX):
         return "conn"
     if key.startswith(MARKET_PREFIX):
-        fam = key[len(MARKET_PREFIX):]
+        fam = strip_tag(key[len(MARKET_PREFIX):])  # cluster mode: `raw:market:{book}:depth20`
         return "kline" if fam.startswith("kline_") else fam
+    if key.startswith(KEY_DEPTH_SNAPSHOTS + ":"):  # cluster mode: `raw:depth_snapshots:{depth}`
+        return KEY_DEPTH_SNAPSHOTS[len(RAW_PREFIX):]
     return key[len(RAW_PREFIX):]
 
 

@@ -167,7 +167,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     signer = make_signer(api_secret)
     opts = UserOptions.from_args(args)
     role = f"ingest-user-{settings.account}" if settings.account else "ingest-user"
-    client = connect_checked(settings.redis_url, name=role)
+    client = connect_checked(settings.redis_url, name=role,
+                             cluster=settings.redis_cluster)
     metrics.describe("ingest-user", account=settings.account)
     if settings.account:
         label_lines(account=settings.account)

@@ -83,7 +83,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("--max-lag", f"{args.max_lag} is below 0")
     if not 1 <= args.sample <= SCAN_CAP:
         raise SettingsError("--sample", f"{args.sample} is not between 1 and {SCAN_CAP}")
-    client = connect_checked(settings.redis_url, name="pipeline-status")
+    client = connect_checked(settings.redis_url, name="pipeline-status",
+                             cluster=settings.redis_cluster)
     try:
         with redis_errors():
             report = collect(client, prefix=settings.view_prefix, max_lag=args.max_lag,
