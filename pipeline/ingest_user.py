@@ -508,7 +508,7 @@ async def run_user_ingest(
     """Ingest the user stream until `UserIngest.stop()` (or cancel); then write what is
     buffered (and DELETE the key with `opts.close_listen_key`)."""
     writer = LogWriter(client, settings.retention, bound=settings.buffer_frames,
-                       max_bytes=settings.buffer_bytes)
+                       max_bytes=settings.buffer_bytes, user_wait_ms=settings.user_wait_ms)
     notices: list[Callable[[BackoffNotice], None]] = []
     rest = rest_client(settings, transport, on_backoff=lambda n: [f(n) for f in notices])
     api = SignedRest(rest, api_key, signer, recv_window_ms=opts.recv_window_ms)
