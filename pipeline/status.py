@@ -53,7 +53,7 @@ from pipeline.health import (
     user_stream_problems,
     user_stream_state,
 )
-from pipeline.redisconn import connect_checked, redis_errors
+from pipeline.redisconn import connect_checked, is_cluster, redis_errors
 from pipeline.weight import utc_text
 from projections.core.keys import (
     CONN_KEYS,
@@ -118,9 +118,9 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     keys = sorted(_scan(client, RAW_PATTERN, "stream"))
     labels = account_labels(keys, accounts)
     for account in (None, *labels):
-        orders = Keys(prefix, account=account).orders_stream()
-        if client.exists(orders):
-            keys.append(orders)  # the listener's groups: reported, not judged
+        for orders in Keys(prefix, account=account).orders_partitions():
+            if client.exists(orders):
+                keys.append(orders)  # the listener's groups: reported, not judged
     streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
     lifecycle = _conn_entries(client, (*CONN_KEYS, *(conn_user_key(a) for a in labels)))
     conns = mark_silent(open_connections(lifecycle, now), streams, silence_timeout)
@@ -240,7 +240,9 @@ def read_views(client: redis.Redis, prefix: str, sample: int, now: float) -> lis
 
 def _newest_age(client: redis.Redis, keys: list[str], now: float) -> float | None:
     newest = None
-    for raw in client.mget(keys):
+    # cluster mode: the keys spread over slots, MGET needs one: one MGET per slot
+    values = client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys)  # type: ignore[attr-defined]
+    for raw in values:
         try:
             ts = float(orjson.loads(raw)["timestamp"]) if raw else None
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
