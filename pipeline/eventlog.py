@@ -225,9 +225,9 @@ def retention_family(key: str) -> str:
     if key.startswith(CONN_PREFIX):
         return "conn"
     if key.startswith(MARKET_PREFIX):
-        fam = strip_tag(key[len(MARKET_PREFIX):])  # cluster mode: `raw:market:{book}:depth20`
+        fam = strip_tag(key[len(MARKET_PREFIX):])  # cluster mode: `raw:market:{partial}:depth20`
         return "kline" if fam.startswith("kline_") else fam
-    if key.startswith(KEY_DEPTH_SNAPSHOTS + ":"):  # cluster mode: `raw:depth_snapshots:{depth}`
+    if key.startswith(KEY_DEPTH_SNAPSHOTS + ":"):  # cluster mode: `raw:depth_snapshots:{diff}`
         return KEY_DEPTH_SNAPSHOTS[len(RAW_PREFIX):]
     return key[len(RAW_PREFIX):]
 

@@ -39,6 +39,7 @@ from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, decode
 from pipeline.health import (
     VIEW_LIMITS,
     AccountStatus,
+    ClusterNode,
     Connection,
     Group,
     Report,
@@ -48,6 +49,7 @@ from pipeline.health import (
     account_problems,
     assess,
     mark_silent,
+    node_problems,
     open_connections,
     outages,
     user_stream_problems,
@@ -134,8 +136,47 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
                                      read_weight(client, a), a in accounts) for a in labels)
     for status in by_account:
         problems += account_problems(status)
+    nodes = read_nodes(client) if is_cluster(client) else []
+    problems += node_problems(nodes)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
-                  tuple(problems), user, tuple(down), by_account)
+                  tuple(problems), user, tuple(down), by_account, tuple(nodes))
+
+
+def read_nodes(client: Any) -> list[ClusterNode]:
+    """Redis Cluster: every node the client knows, its role, the slots it serves and how many
+    replicas the slot map lists for it, its keys and memory (per node: DBSIZE, INFO)."""
+    slots: dict[tuple[str, int], int] = defaultdict(int)
+    replicas: dict[tuple[str, int], int] = {}
+    ranges: Any = None
+    for node in client.get_nodes():
+        try:
+            ranges = node.redis_connection.execute_command("CLUSTER", "SLOTS")
+            break
+        except (redis.RedisError, OSError):
+            continue
+    for row in ranges or ():
+        lo, hi, master, *others = row
+        addr = (_text(master[0]), int(master[1]))
+        slots[addr] += int(hi) - int(lo) + 1
+        replicas[addr] = len(others)
+    out = []
+    for node in sorted(client.get_nodes(), key=lambda n: (n.host, n.port)):
+        addr = (node.host, int(node.port))
+        try:
+            r = node.redis_connection
+            role = _text(r.execute_command("ROLE")[0])
+            keys: int | None = int(r.execute_command("DBSIZE"))
+            memory: int | None = int(r.info("memory").get("used_memory", 0))
+        except (redis.RedisError, OSError):
+            role, keys, memory = "unreachable", None, None
+        out.append(ClusterNode(node.host, int(node.port),
+                               "replica" if role == "slave" else role,
+                               slots.get(addr, 0), replicas.get(addr, 0), keys, memory))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def account_labels(raw_keys: Sequence[str], expected: Sequence[str | None]) -> list[str]:
@@ -291,6 +332,8 @@ def _bytes(n: int | None) -> str:
 
 
 def render(report: Report, console: Console) -> None:
+    if report.nodes:
+        console.print(_nodes_table(report.nodes))
     console.print(_connections_table(report.connections))
     console.print(_streams_table(report.streams))
     console.print(_views_table(report.views))
@@ -311,6 +354,20 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[bold red]UNHEALTHY[/] ({len(report.problems)})")
         for p in report.problems:
             console.print(f"  [red]-[/] {p}")
+
+
+def _nodes_table(nodes: Sequence[ClusterNode]) -> Table:
+    table = Table(title="redis cluster nodes")
+    for col in ("node", "role", "slots", "replicas", "keys", "memory"):
+        table.add_column(col)
+    for n in nodes:
+        table.add_row(f"{n.host}:{n.port}",
+                      n.role if n.role != "unreachable" else "[red]unreachable[/]",
+                      str(n.slots) if n.role == "master" else "-",
+                      str(n.replicas) if n.role == "master" else "-",
+                      "-" if n.keys is None else str(n.keys),
+                      "-" if n.used_memory is None else _bytes(n.used_memory))
+    return table
 
 
 def _user_line(user: UserStream) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 import redis
 
-from pipeline.redisconn import error_code
+from pipeline.redisconn import error_code, is_cluster
 from projections.client.views import parse_view
 from projections.core.keys import DEFAULT_PREFIX, Keys
 
@@ -374,13 +374,49 @@ class OrdersConsumer(StreamConsumer[OrderEvent]):
     `account="a1"` consumes that account's stream, `P:acct:a1:orders` (a group there is that
     account's own: the ACL user `listener-a1` may run groups on it and read nothing of another
     account). The client is used as redis-py makes it by default (RESP2 replies).
+
+    Redis Cluster (`r` a `redis.cluster.RedisCluster`): the orders stream is partitioned
+    (`P:orders:{o0}` ... `P:orders:{o3}`, a symbol's events all in one partition), and this
+    consumer runs the group on every partition: each poll takes what each partition has
+    without waiting, and waits (`block_ms` shared out between the partitions) only when none
+    had anything. Events of one symbol arrive in order; events of two symbols in different
+    partitions may arrive in another order than the projector wrote them.
     """
 
     def __init__(self, r: redis.Redis, *, group: str, handler: Callable[[OrderEvent], object],
                  prefix: str = DEFAULT_PREFIX, account: str | None = None,
                  **options: Any) -> None:
-        super().__init__(r, Keys(prefix, account=account).orders_stream(),
-                         OrderEvent.from_entry, group=group, handler=handler, **options)
+        streams = Keys(prefix, account=account, cluster=is_cluster(r)).orders_partitions()
+        super().__init__(r, streams[0], OrderEvent.from_entry, group=group, handler=handler,
+                         **options)
+        # one consumer (same name) per further partition: the group's name is one per stream
+        self._others = [StreamConsumer(r, s, OrderEvent.from_entry, group=group,
+                                       handler=handler, **{**options,
+                                                           "consumer": self.consumer})
+                        for s in streams[1:]]
+
+    @property
+    def streams(self) -> list[str]:
+        """The streams this consumer reads: `[P:orders]`, or every partition's."""
+        return [self.stream, *(p.stream for p in self._others)]
+
+    def poll_once(self) -> int:
+        if not self._others:
+            return super().poll_once()
+        parts: list[StreamConsumer[OrderEvent]] = [self, *self._others]
+        done = 0
+        for p in parts:
+            done += p._handle(p._claim_abandoned())
+            done += p._handle(p._read("0"))
+            done += p._handle(p._read(">"))
+        if done:
+            return done
+        share = max(1, self.block_ms // len(parts))
+        for p in parts:
+            done += p._handle(p._read(">", block=share))
+            if done:
+                break
+        return done
 
 
 class AccountEventsConsumer(StreamConsumer[AccountEvent]):

@@ -34,9 +34,11 @@ every name is the single-node one, byte for byte. On, only the keys that a multi
 command or function call writes or reads together carry a hash tag (`{...}`, Redis hashes
 only that part), so that they share one slot:
 - the market log, one tag per projection's sources (`XREADGROUP` reads them in one call):
-  `raw:market:{book}:depth20` (depth5/10/20), `raw:market:{kline}:kline_1m` (every kline
-  interval), `raw:market:{depth}:depth` with the depth book's own `raw:depth_snapshots:{depth}`,
-  and one tag per other family (`raw:market:{markPrice}:markPrice`);
+  `raw:market:{partial}:depth20` (depth5/10/20), `raw:market:{candles}:kline_1m` (every
+  kline interval), `raw:market:{diff}:depth` with the depth book's own
+  `raw:depth_snapshots:{diff}`, `raw:market:{mark}:markPrice`, and the family's own name for
+  the others (`raw:market:{aggTrade}:aggTrade`); the tags are chosen so that the heavy
+  streams fall on different masters of an evenly split cluster (`_SOURCE_TAGS`);
 - one account's orders: a symbol belongs to one of `ORDER_PARTITIONS` partitions
   (`order_partition`, CRC-32 of the symbol), and orders.lua writes its state hash, open-orders
   hash, per-symbol stream and the partition's stream in one call, so all four carry the
@@ -128,14 +130,14 @@ def projection_base(name: str) -> tuple[str, str | None]:
 
 
 def market_key(family: str) -> str:
-    """`depth20` -> `raw:market:depth20` (cluster mode: `raw:market:{book}:depth20`)."""
+    """`depth20` -> `raw:market:depth20` (cluster mode: `raw:market:{partial}:depth20`)."""
     if _layout["cluster"]:
         return f"{MARKET_PREFIX}{{{source_tag(family)}}}:{family}"
     return MARKET_PREFIX + family
 
 
 def family_of_key(raw_key: str) -> str | None:
-    """`raw:market:depth20` (or `raw:market:{book}:depth20`) -> `depth20`; None for a key
+    """`raw:market:depth20` (or `raw:market:{partial}:depth20`) -> `depth20`; None for a key
     outside `raw:market:`."""
     if not raw_key.startswith(MARKET_PREFIX):
         return None
@@ -170,14 +172,20 @@ def cluster_layout() -> bool:
     return _layout["cluster"]
 
 
+# Tags whose slots (CRC16 % 16384) fall in different thirds of the slot space, so that on the
+# default even split over three (or six) masters the heavy streams (diff depth, partial books,
+# trades) land on different masters: diff 15157, mark 16377, partial 8083, candles 8278,
+# aggTrade 5107. Other families keep their own name as tag.
+_SOURCE_TAGS = {"markPrice": "mark", "depth": "diff", "depth5": "partial",
+                "depth10": "partial", "depth20": "partial"}
+
+
 def source_tag(family: str) -> str:
     """The hash tag of a market family's raw key in cluster mode: the families one projection
-    reads together share one (`depth20` -> `book`, `kline_1m` -> `kline`)."""
-    if family in ("depth5", "depth10", "depth20"):
-        return "book"
+    reads together share one (`depth20` -> `partial`, `kline_1m` -> `candles`)."""
     if family.startswith("kline_"):
-        return "kline"
-    return family
+        return "candles"
+    return _SOURCE_TAGS.get(family, family)
 
 
 def order_partition(symbol: str) -> int:
@@ -186,7 +194,8 @@ def order_partition(symbol: str) -> int:
 
 
 def strip_tag(rest: str) -> str:
-    """`{book}:depth20` -> `depth20`: a key's remainder without a leading hash tag segment."""
+    """`{partial}:depth20` -> `depth20`: a key's remainder without a leading hash tag
+    segment."""
     if rest.startswith("{"):
         end = rest.find("}:")
         if end > 0:
@@ -195,9 +204,9 @@ def strip_tag(rest: str) -> str:
 
 
 def depth_snapshots_key() -> str:
-    """`raw:depth_snapshots`; cluster mode: `raw:depth_snapshots:{depth}`, in the slot of
-    `raw:market:{depth}:depth` (the depth book reads both in one XREADGROUP)."""
-    return KEY_DEPTH_SNAPSHOTS + ":{depth}" if _layout["cluster"] else KEY_DEPTH_SNAPSHOTS
+    """`raw:depth_snapshots`; cluster mode: `raw:depth_snapshots:{diff}`, in the slot of
+    `raw:market:{diff}:depth` (the depth book reads both in one XREADGROUP)."""
+    return KEY_DEPTH_SNAPSHOTS + ":{diff}" if _layout["cluster"] else KEY_DEPTH_SNAPSHOTS
 DLQ_PATTERN = DLQ_PREFIX + "*"
 
 
@@ -208,6 +217,12 @@ class Keys:
 
     prefix: str = DEFAULT_PREFIX
     account: str | None = None
+    # the cluster layout (tagged order keys) or not; None: the process's (`cluster_layout`).
+    # The consumer library passes what its client is, so a reader needs no setting.
+    cluster: bool | None = None
+
+    def _in_cluster(self) -> bool:
+        return _layout["cluster"] if self.cluster is None else self.cluster
 
     def _family_head(self, family: str) -> str:
         if self.account and family in ACCOUNT_FAMILIES:
@@ -309,7 +324,7 @@ class Keys:
         return f"{{{self.account}.o{partition}}}" if self.account else f"{{o{partition}}}"
 
     def _order_view(self, family: str, symbol: str) -> str:
-        if _layout["cluster"]:
+        if self._in_cluster():
             return self.view(family, self.order_tag(order_partition(symbol)), symbol)
         return self.view(family, symbol)
 
@@ -332,7 +347,7 @@ class Keys:
     def orders_partitions(self) -> list[str]:
         """The streams that together hold every order event: `[P:orders]`; cluster mode one
         per partition, `P:orders:{o0}` ... `P:orders:{o3}`."""
-        if _layout["cluster"]:
+        if self._in_cluster():
             return [self.view("orders", self.order_tag(i)) for i in range(ORDER_PARTITIONS)]
         return [self.view("orders")]
 
@@ -340,7 +355,7 @@ class Keys:
         """KEYS of orders.lua: state hash, open hash, per-symbol stream, all-orders stream
         (cluster mode: the symbol's partition's stream)."""
         stream = (self.view("orders", self.order_tag(order_partition(symbol)))
-                  if _layout["cluster"] else self.orders_stream())
+                  if self._in_cluster() else self.orders_stream())
         return [self.order_state(symbol, kind), self.open_orders(symbol, kind),
                 self.orders_stream(symbol), stream]
 

@@ -1,0 +1,305 @@
+"""Redis Cluster (PIPELINE_REDIS_CLUSTER): the pipeline's commands on a real cluster.
+
+One cluster for the module (`pipeline.localredis.LocalCluster`: three masters with a replica
+each, in temporary folders, `redis-cli --cluster create`), emptied between tests. The
+processes run as a user starts them (`python -m pipeline ...`) against the simulator; the
+tests read what the analyzer and the listener read, through the consumer library on a
+`RedisCluster` client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+import redis.cluster
+from redis.crc import key_slot
+
+from pipeline.config import load_settings
+from pipeline.errors import SettingsError
+from pipeline.localredis import LocalCluster, LocalRedis
+from pipeline.redisconn import connect_checked
+from projections.client import MarketReader, OrderEvent, OrdersConsumer, open_orders
+from projections.core import keys as keymod
+from projections.core.keys import Keys, market_key
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+SYMBOLS = "BTCUSDT,ETHUSDT,SOLUSDT"
+STREAMS = "markPrice@1s,depth20@100ms,aggTrade,depth@100ms"
+KEY, SECRET = "ClusterKey-" + "c1Q" * 16, "ClusterSecret-" + "s9W" * 16
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def rc(cluster: LocalCluster) -> Iterator[redis.cluster.RedisCluster]:
+    """An empty cluster and a client of it (the layout of this process left single-node)."""
+    client = redis.cluster.RedisCluster.from_url(cluster.url)
+    client.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    try:
+        yield client
+    finally:
+        client.close()
+        keymod.set_cluster_layout(False)
+
+
+class Procs:
+    """The pipeline's processes of one test, each logging to a file of its own."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.base = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("PIPELINE_", "BINANCE_", "REDIS_URL"))}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str],
+              **kw: Any) -> subprocess.Popen[str]:
+        with open(self.folder / f"{name}.log", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT,
+                                    env={**self.base, **env}, stderr=err, text=True, **kw)
+        self.procs[name] = proc
+        return proc
+
+    def simulator(self) -> dict[str, str]:
+        sim = self.start("sim", ["simulate", "--symbols", SYMBOLS, "--api-key", KEY,
+                                 "--api-secret", SECRET], {}, stdout=subprocess.PIPE)
+        assert sim.stdout is not None
+        ws, rest = re.findall(r"(?:ws|rest)=(\S+)", sim.stdout.readline())
+        return {"BINANCE_WS_URL": ws, "BINANCE_REST_URL": rest, "PIPELINE_SYMBOLS": SYMBOLS,
+                "PIPELINE_MARKET_STREAMS": STREAMS}
+
+    def stop(self, name: str) -> str:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        return (self.folder / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+def wait(condition: Callable[[], object], timeout: float = 30.0) -> Any:
+    """Until `condition()` is truthy (state in other processes: nothing to await but polls)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)
+    return value
+
+
+def drained(rc: redis.cluster.RedisCluster) -> bool:
+    """Every group on every raw stream has read everything and holds nothing pending."""
+    for key in rc.scan_iter(match="raw:market:*", _type="stream"):
+        for g in rc.xinfo_groups(key):
+            if g["pending"] or g["lag"] != 0:
+                return False
+    return True
+
+
+def last_frames(rc: redis.cluster.RedisCluster, family: str) -> dict[str, dict[str, Any]]:
+    """Per symbol, the payload of the newest frame of `family` in the log."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, fields in rc.xrange(cluster_key(family)):
+        if b"frame" in fields:
+            data = orjson.loads(fields[b"frame"])["data"]
+            out[data["s"]] = data
+    return out
+
+
+def cluster_key(family: str) -> str:
+    keymod.set_cluster_layout(True)
+    try:
+        return market_key(family)
+    finally:
+        keymod.set_cluster_layout(False)
+
+
+# --- settings and detection -----------------------------------------------------------------
+
+
+def test_cluster_mode_is_detected_from_the_node_and_a_setting_that_disagrees_is_refused(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    assert load_settings(env={"PIPELINE_REDIS_CLUSTER": "1"}).redis_cluster is True
+    assert load_settings(env={}).redis_cluster is None
+    with pytest.raises(SettingsError, match="PIPELINE_REDIS_CLUSTER"):
+        load_settings(env={"PIPELINE_REDIS_CLUSTER": "maybe"})
+    try:
+        client = connect_checked(cluster.url)  # detected: cluster_enabled:1
+        assert isinstance(client, redis.cluster.RedisCluster)
+        assert keymod.cluster_layout()
+        client.close()
+        with pytest.raises(SettingsError, match="PIPELINE_REDIS_CLUSTER"):
+            connect_checked(cluster.url, cluster=False)
+        with LocalRedis(tmp_path / "one") as one:
+            with pytest.raises(SettingsError, match="PIPELINE_REDIS_CLUSTER"):
+                connect_checked(one.url, cluster=True)
+            plain = connect_checked(one.url)  # one node: today's client and key names
+            assert type(plain) is redis.Redis and not keymod.cluster_layout()
+            assert Keys().order_state("BTCUSDT") == "websocket:order_state:btcusdt"
+            plain.close()
+    finally:
+        keymod.set_cluster_layout(False)
+    done = run_cli("status", env={"REDIS_URL": cluster.url, "PIPELINE_REDIS_CLUSTER": "0"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"pipeline: bad setting PIPELINE_REDIS_CLUSTER: is 0 but {cluster.url} says "
+        "cluster_enabled:1"]
+
+
+def test_keys_written_together_share_a_slot_and_the_views_keep_their_names() -> None:
+    keymod.set_cluster_layout(True)
+    try:
+        keys = Keys()
+        # a projection's sources: one XREADGROUP
+        assert len({key_slot(market_key(f).encode())
+                    for f in ("depth5", "depth10", "depth20")}) == 1
+        assert key_slot(market_key("depth").encode()) == key_slot(
+            keymod.depth_snapshots_key().encode())
+        assert market_key("markPrice") == "raw:market:{mark}:markPrice"
+        assert market_key("kline_1m") == "raw:market:{candles}:kline_1m"
+        for symbol in ("BTCUSDT", "ETHUSDT", "SOLUSDT", "DOGEUSDT"):
+            for kind in ("order", "algo"):
+                assert len({key_slot(k.encode()) for k in keys.order_keys(symbol, kind)}) == 1
+            assert keys.order_keys(symbol, "order")[3] in keys.orders_partitions()
+            assert keys.held_orders(keys.open_orders(symbol)) == ("open_orders", symbol)
+        assert keys.mark_price("BTCUSDT") == "websocket:mark_price:btcusdt"
+        assert Keys(account="a1").orders_partitions()[2] == "websocket:acct:a1:orders:{a1.o2}"
+    finally:
+        keymod.set_cluster_layout(False)
+    assert Keys().order_keys("BTCUSDT", "order")[3] == "websocket:orders"
+    assert market_key("markPrice") == "raw:market:markPrice"
+
+
+# --- the flows end to end ----------------------------------------------------------------------
+
+
+def test_market_flow_on_a_cluster_ends_with_the_views_the_log_says(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster, procs: Procs) -> None:
+    env = {**procs.simulator(), "REDIS_URL": cluster.url, "PIPELINE_REDIS_CLUSTER": "1"}
+    procs.start("ingest", ["ingest", "market"], env)
+    procs.start("project", ["project", "--block-ms", "100"], env)
+    reader = MarketReader(rc, fallback=False)  # type: ignore[arg-type]
+    wait(lambda: all(reader.order_book(s, 20, max_age=60) for s in SYMBOLS.split(",")))
+    time.sleep(1.5)
+    log = procs.stop("ingest")
+    wait(lambda: drained(rc))
+    assert "Traceback" not in log
+    # the raw streams spread over the masters, one slot per projection's sources
+    masters = {cluster.node_of_slot(key_slot(k)).port
+               for k in rc.scan_iter(match="raw:market:*", _type="stream")}
+    assert len(masters) == 3
+    marks, books = last_frames(rc, "markPrice"), last_frames(rc, "depth20")
+    diffs = last_frames(rc, "depth")  # the depth book writes the same key: the newest wins
+    for symbol in SYMBOLS.split(","):
+        mark = reader.mark_price(symbol, max_age=60)
+        assert mark is not None and mark["mark_price"] == marks[symbol]["p"]
+        book = reader.order_book(symbol, 20, max_age=60)
+        assert book is not None
+        assert book["last_update_id"] == max(books[symbol]["u"], diffs[symbol]["u"])
+    assert not list(rc.scan_iter(match="dlq:*"))
+    assert "Traceback" not in procs.stop("project")
+
+
+def test_user_flow_on_a_cluster_orders_exactly_once_in_order_per_symbol(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster, procs: Procs) -> None:
+    sim = procs.simulator()
+    env = {**sim, "REDIS_URL": cluster.url, "BINANCE_API_KEY": KEY,
+           "BINANCE_API_SECRET": SECRET}  # cluster mode detected
+    procs.start("ingest-user", ["ingest", "user"], env)
+    procs.start("project", ["project", "--only", "orders,account", "--block-ms", "100"], env)
+    http = httpx.Client(base_url=sim["BINANCE_REST_URL"], timeout=5)
+    wait(lambda: rc.exists("websocket:balance:usdt"))
+    placed: dict[str, list[str]] = {}
+    for symbol, price in (("BTCUSDT", "50000"), ("ETHUSDT", "3000"), ("SOLUSDT", "150")):
+        for _ in range(2):
+            body = {"side": "BUY", "type": "LIMIT", "quantity": "0.010", "symbol": symbol,
+                    "price": price}
+            reply = http.post("/sim/account/place", json=body)
+            assert reply.status_code == 200, reply.text
+            placed.setdefault(symbol, []).append(str(reply.json()["orderId"]))
+    for symbol in placed:
+        assert http.post("/sim/account/fill",
+                         json={"orderId": placed[symbol][0]}).status_code == 200
+    seen: list[OrderEvent] = []
+    consumer = OrdersConsumer(rc, group="desk", consumer="c1",  # type: ignore[arg-type]
+                              handler=seen.append, start_id="0", block_ms=50)
+    assert len(consumer.streams) == keymod.ORDER_PARTITIONS
+    wait(lambda: consumer.poll_once() == 0 and len(seen) >= 9)
+    for symbol, ids in placed.items():
+        mine = [(e.order_id, e.status) for e in seen if e.symbol == symbol]
+        # exactly once per transition, in the order the exchange made them
+        assert mine == [(ids[0], "NEW"), (ids[1], "NEW"), (ids[0], "FILLED")]
+    assert len(seen) == 9
+    state = http.get("/sim/account/state").json()["openOrders"]
+    assert open_orders(rc) == state  # type: ignore[arg-type]
+    assert [o["orderId"] for o in open_orders(rc, "ETHUSDT")] == [  # type: ignore[arg-type]
+        int(placed["ETHUSDT"][1])]
+    # the user log: every append waited for a replica (WAIT 1), none was left unreplicated
+    assert rc.xlen("raw:user") > 0
+    http.close()
+    for name in ("ingest-user", "project"):
+        assert "Traceback" not in procs.stop(name)
+
+
+def test_status_reports_every_node_and_replay_rebuilds_the_views(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster, procs: Procs) -> None:
+    env = {**procs.simulator(), "REDIS_URL": cluster.url}
+    procs.start("ingest", ["ingest", "market"], env)
+    procs.start("project", ["project", "--block-ms", "100", "--only", "mark_price,orderbook"],
+                env)
+    wait(lambda: rc.get("websocket:orderbook:solusdt:20") and rc.get(
+        "websocket:mark_price:solusdt"))
+    procs.stop("ingest")
+    wait(lambda: drained(rc))
+    procs.stop("project")
+    before = {k: rc.get(k) for k in rc.scan_iter(match="websocket:*", _type="string")}
+    assert len(before) == 6
+    done = run_cli("status", "--json", env=env)
+    report = json.loads(done.stdout)
+    nodes = report["nodes"]
+    assert sorted(n["port"] for n in nodes if n["role"] == "master") == sorted(
+        n.port for n in cluster.master_nodes())
+    assert sum(n["slots"] for n in nodes if n["role"] == "master") == 16384
+    assert all(n["replicas"] == 1 for n in nodes if n["role"] == "master")
+    assert sum(n["keys"] for n in nodes if n["role"] == "master") == sum(
+        m.client().dbsize() for m in cluster.master_nodes())
+    streams = {s["key"] for s in report["streams"]}
+    assert cluster_key("depth20") in streams
+    # replay: the views deleted and rebuilt from the log, on every node
+    done = run_cli("replay", "--only", "mark_price,orderbook", "--reset", env=env)
+    assert done.returncode == 0, done.stderr
+    after = {k: rc.get(k) for k in rc.scan_iter(match="websocket:*", _type="string")}
+    assert after == before
