@@ -319,13 +319,13 @@ class Keys:
     def balance(self, asset: str) -> str:
         return self.view("balance", asset)
 
-    def order_tag(self, partition: int) -> str:
+    def _order_tag(self, partition: int) -> str:
         """Cluster mode: the hash tag of one orders partition, `{o2}` (`{a1.o2}` for a1)."""
         return f"{{{self.account}.o{partition}}}" if self.account else f"{{o{partition}}}"
 
     def _order_view(self, family: str, symbol: str) -> str:
         if self._in_cluster():
-            return self.view(family, self.order_tag(order_partition(symbol)), symbol)
+            return self.view(family, self._order_tag(order_partition(symbol)), symbol)
         return self.view(family, symbol)
 
     def order_state(self, symbol: str, kind: str = "order") -> str:
@@ -348,13 +348,13 @@ class Keys:
         """The streams that together hold every order event: `[P:orders]`; cluster mode one
         per partition, `P:orders:{o0}` ... `P:orders:{o3}`."""
         if self._in_cluster():
-            return [self.view("orders", self.order_tag(i)) for i in range(ORDER_PARTITIONS)]
+            return [self.view("orders", self._order_tag(i)) for i in range(ORDER_PARTITIONS)]
         return [self.view("orders")]
 
     def order_keys(self, symbol: str, kind: str) -> list[str]:
         """KEYS of orders.lua: state hash, open hash, per-symbol stream, all-orders stream
         (cluster mode: the symbol's partition's stream)."""
-        stream = (self.view("orders", self.order_tag(order_partition(symbol)))
+        stream = (self.view("orders", self._order_tag(order_partition(symbol)))
                   if self._in_cluster() else self.orders_stream())
         return [self.order_state(symbol, kind), self.open_orders(symbol, kind),
                 self.orders_stream(symbol), stream]
