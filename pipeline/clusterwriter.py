@@ -170,8 +170,10 @@ class ClusterRouter:
                 if error.startswith("MOVED "):
                     moved = True
                     again[j] = ""
+                    metrics.REDIRECTS.labels("moved").inc()
                 elif error.startswith("ASK "):
                     again[j] = _ask_target(error)
+                    metrics.REDIRECTS.labels("ask").inc()
                 elif error.startswith(("CLUSTERDOWN", "TRYAGAIN")):
                     refused.append((j, error))
                     unreachable = True

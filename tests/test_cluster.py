@@ -26,14 +26,17 @@ import redis
 import redis.cluster
 from redis.crc import key_slot
 
+from pipeline import metrics
+from pipeline.clusterwriter import ClusterRouter
 from pipeline.config import load_settings
 from pipeline.errors import SettingsError
-from pipeline.localredis import LocalCluster, LocalRedis
+from pipeline.localredis import LocalCluster, LocalRedis, free_port
 from pipeline.redisconn import connect_checked
 from projections.client import MarketReader, OrderEvent, OrdersConsumer, open_orders
 from projections.core import keys as keymod
 from projections.core.keys import Keys, market_key
 from tests.conftest import ROOT, run_cli
+from tests.test_metrics import wait_for as metrics_wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -305,19 +308,58 @@ def test_status_reports_every_node_and_replay_rebuilds_the_views(
     assert after == before
 
 
+def _xadd(key: str) -> bytes:
+    """One `XADD key * f v`, packed as the writer packs its entries."""
+    args = [b"XADD", key.encode(), b"*", b"f", b"v"]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def test_the_writer_follows_ask_while_a_slot_migrates_and_moved_once_it_has(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster) -> None:
+    key = "raw:market:{asktest}:x"
+    slot = key_slot(key.encode())
+    rc.xadd(key, {"f": "v"})
+    source = cluster.node_of_slot(slot)
+    target = next(n for n in cluster.master_nodes() if n.port != source.port)
+    with source.client() as src, target.client() as dst:
+        src_id, dst_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (src, dst))
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, key, 0, 5000)
+        router = ClusterRouter(rc)
+        asks = metrics.REDIRECTS.labels("ask")._value.get()
+        assert router.write([(key, _xadd(key))]) == []  # ASK: ASKING + the entry, on target
+        assert metrics.REDIRECTS.labels("ask")._value.get() == asks + 1
+        for c in (dst, src):
+            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        assert dst.xlen(key) == 2
+        assert src.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        moved = metrics.REDIRECTS.labels("moved")._value.get()
+        assert router.write([(key, _xadd(key)), ("raw:user", _xadd("raw:user"))]) == []
+        assert metrics.REDIRECTS.labels("moved")._value.get() == moved + 1
+        assert dst.xlen(key) == 3 and rc.xlen("raw:user") == 1
+    cluster.wait_ok()
+
+
 # --- failover and resharding mid-ingest (last: they change the module's cluster) -------------
 
 
-def seq_holes(rc: redis.cluster.RedisCluster, key: str) -> int:
-    """Frames missing from `key`: holes in each connection's `seq` numbers (the frames of one
-    connection on one key are numbered through the connection, so only holes between frames of
-    the same key's stream count when its frames are consecutive there; the tests' keys get
-    every frame of their connection's streams of that family)."""
+def seq_holes(rc: redis.cluster.RedisCluster, *keys: str) -> int:
+    """Frames missing from `keys`: holes in each connection's `seq` numbers. A connection
+    numbers its frames through all its streams, so `keys` must be every key its streams go to
+    (the tests' connections carry exactly the families asked for)."""
     by_conn: dict[bytes, list[int]] = {}
-    for _, fields in rc.xrange(key):
-        if b"frame" in fields:
-            by_conn.setdefault(fields[b"conn"], []).append(int(fields[b"seq"]))
+    for key in keys:
+        for _, fields in rc.xrange(key):
+            if b"frame" in fields:
+                by_conn.setdefault(fields[b"conn"], []).append(int(fields[b"seq"]))
     return sum(len(set(range(min(s), max(s) + 1))) - len(set(s)) for s in by_conn.values())
+
+
+def seq_repeats(rc: redis.cluster.RedisCluster, *keys: str) -> int:
+    """Frames logged more than once (same connection and seq)."""
+    seen = [(f[b"conn"], f[b"seq"]) for k in keys for _, f in rc.xrange(k) if b"frame" in f]
+    return len(seen) - len(set(seen))
 
 
 def test_a_master_killed_mid_ingest_is_replaced_and_ingest_and_projection_carry_on(
@@ -386,3 +428,54 @@ def _served_by_a_live_master(cluster: LocalCluster, key: str) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def test_a_reshard_mid_ingest_loses_nothing_and_leaves_nothing_stuck(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster, procs: Procs) -> None:
+    env = {**procs.simulator(), "REDIS_URL": cluster.url,
+           "PIPELINE_MARKET_STREAMS": "markPrice@1s,depth20@100ms,depth@100ms"}
+    port = free_port()
+    procs.start("ingest", ["ingest", "market"], {**env, "PIPELINE_METRICS_PORT": str(port)})
+    procs.start("project", ["project", "--block-ms", "100",
+                            "--only", "mark_price,orderbook,depth_book"], env)
+    reader = MarketReader(rc, fallback=False)  # type: ignore[arg-type]
+    wait(lambda: all(reader.order_book(s, 20, max_age=60) for s in SYMBOLS.split(",")))
+    # move every slot of the source master up to and past the partial books' slot (and the
+    # depth book's, when the same master serves it) to another master, while frames flow
+    slot = key_slot(cluster_key("depth20").encode())
+    source = cluster.node_of_slot(slot)
+    target = next(n for n in cluster.master_nodes() if n.port != source.port)
+    with source.client() as c:
+        first = min(int(lo) for lo, hi, master, *_ in c.execute_command("CLUSTER", "SLOTS")
+                    if int(master[1]) == source.port)
+        src_id = c.execute_command("CLUSTER", "MYID").decode()
+    with target.client() as c:
+        dst_id = c.execute_command("CLUSTER", "MYID").decode()
+    moved = subprocess.run(
+        ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}",
+         "--cluster-from", src_id, "--cluster-to", dst_id,
+         "--cluster-slots", str(slot - first + 1), "--cluster-yes"],
+        capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
+    assert cluster.node_of_slot(slot).port == target.port
+    written = rc.xlen(cluster_key("depth20"))
+    wait(lambda: rc.xlen(cluster_key("depth20")) > written + 15)  # still flowing, on the target
+    # the writer was told where the slot went (MOVED once it had moved; ASK while it moved)
+    scraped = metrics_wait_for(port, "/metrics",
+                               r'^pipeline_redis_redirects_total\{kind="moved"\} [1-9]')
+    assert re.search(r'^pipeline_redis_redirects_total\{kind="moved"\} [1-9]', scraped, re.M)
+    ingest_log = procs.stop("ingest")
+    wait(lambda: drained(rc), timeout=30)  # nothing stuck: every group read all, none pending
+    books = last_frames(rc, "depth20")
+    diffs = last_frames(rc, "depth")
+    for symbol in SYMBOLS.split(","):
+        book = reader.order_book(symbol, 20, max_age=60)
+        assert book is not None
+        assert book["last_update_id"] == max(books[symbol]["u"], diffs[symbol]["u"])
+    # nothing lost: every frame of the public connection is in its stream, none twice
+    public = (cluster_key("depth20"), cluster_key("depth"))
+    assert seq_holes(rc, *public) == 0
+    assert seq_repeats(rc, *public) == 0
+    assert not list(rc.scan_iter(match="dlq:*"))
+    assert "Traceback" not in ingest_log
+    assert "Traceback" not in procs.stop("project")
