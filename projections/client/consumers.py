@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -285,12 +285,14 @@ class StreamConsumer(Generic[E]):
     creation) or `0` (the whole stream). The client is used as redis-py makes it by default
     (RESP2 replies). Subclasses name the stream and the event type."""
 
-    def __init__(self, r: redis.Redis, stream: str, parse: Callable[[bytes, Fields], E], *,
+    def __init__(self, r: redis.Redis, stream: str | Sequence[str],
+                 parse: Callable[[bytes, Fields], E], *,
                  group: str, handler: Callable[[E], object], consumer: str | None = None,
                  claim_idle_ms: int = 30_000, block_ms: int = 1_000, count: int = 100,
                  start_id: str = "$") -> None:
+        streams = [stream] if isinstance(stream, str) else list(stream)
         self.r = r
-        self.stream = stream
+        self.stream = streams[0]
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.handler = handler
@@ -300,6 +302,16 @@ class StreamConsumer(Generic[E]):
         self.count = count
         self._stopped = False
         self._ensure_group(start_id)
+        # several streams (the orders partitions of a cluster): the group on each, same consumer
+        self._others = [StreamConsumer(r, s, parse, group=group, handler=handler,
+                                       consumer=self.consumer, claim_idle_ms=claim_idle_ms,
+                                       block_ms=block_ms, count=count, start_id=start_id)
+                        for s in streams[1:]]
+
+    @property
+    def streams(self) -> list[str]:
+        """The streams this consumer reads: one, or every partition's."""
+        return [self.stream, *(p.stream for p in self._others)]
 
     def _ensure_group(self, start_id: str) -> None:
         try:
@@ -319,10 +331,26 @@ class StreamConsumer(Generic[E]):
 
     def poll_once(self) -> int:
         """Handle what is due now: taken-over entries, our own pending ones, then new ones
-        (waiting up to `block_ms`). Returns how many entries were acknowledged."""
-        done = self._handle(self._claim_abandoned())
-        done += self._handle(self._read("0"))
-        done += self._handle(self._read(">", block=self.block_ms))
+        (waiting up to `block_ms`). Returns how many entries were acknowledged.
+
+        Several streams: each one's due entries without waiting, then, only when none had
+        any, a wait of `block_ms` shared out between them."""
+        if not self._others:
+            done = self._handle(self._claim_abandoned())
+            done += self._handle(self._read("0"))
+            done += self._handle(self._read(">", block=self.block_ms))
+            return done
+        parts = [self, *self._others]
+        done = 0
+        for p in parts:
+            done += p._handle(p._claim_abandoned())
+            done += p._handle(p._read("0"))
+            done += p._handle(p._read(">"))
+        share = max(1, self.block_ms // len(parts))
+        for p in parts:
+            if done:
+                break
+            done += p._handle(p._read(">", block=share))
         return done
 
     def _claim_abandoned(self) -> Entries:
@@ -387,36 +415,8 @@ class OrdersConsumer(StreamConsumer[OrderEvent]):
                  prefix: str = DEFAULT_PREFIX, account: str | None = None,
                  **options: Any) -> None:
         streams = Keys(prefix, account=account, cluster=is_cluster(r)).orders_partitions()
-        super().__init__(r, streams[0], OrderEvent.from_entry, group=group, handler=handler,
+        super().__init__(r, streams, OrderEvent.from_entry, group=group, handler=handler,
                          **options)
-        # one consumer (same name) per further partition: the group's name is one per stream
-        self._others = [StreamConsumer(r, s, OrderEvent.from_entry, group=group,
-                                       handler=handler, **{**options,
-                                                           "consumer": self.consumer})
-                        for s in streams[1:]]
-
-    @property
-    def streams(self) -> list[str]:
-        """The streams this consumer reads: `[P:orders]`, or every partition's."""
-        return [self.stream, *(p.stream for p in self._others)]
-
-    def poll_once(self) -> int:
-        if not self._others:
-            return super().poll_once()
-        parts: list[StreamConsumer[OrderEvent]] = [self, *self._others]
-        done = 0
-        for p in parts:
-            done += p._handle(p._claim_abandoned())
-            done += p._handle(p._read("0"))
-            done += p._handle(p._read(">"))
-        if done:
-            return done
-        share = max(1, self.block_ms // len(parts))
-        for p in parts:
-            done += p._handle(p._read(">", block=share))
-            if done:
-                break
-        return done
 
 
 class AccountEventsConsumer(StreamConsumer[AccountEvent]):
