@@ -185,7 +185,11 @@ class ClusterRouter:
         """WAIT 1 <wait_ms> on the connection that just wrote user entries."""
         started = time.perf_counter()
         conn.send_command("WAIT", 1, self.wait_ms, check_health=False)
-        acked = conn.read_response()
+        try:
+            acked = conn.read_response()
+        except redis.ResponseError as exc:  # NOPERM (an ACL without +wait): counted, logged
+            log.warning("WAIT refused", extra={"node": node, "error": str(exc)[:120]})
+            acked = 0
         metrics.REDIS_WAIT_SECONDS.observe(time.perf_counter() - started)
         if int(acked) < 1:
             metrics.UNREPLICATED.inc()

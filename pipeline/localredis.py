@@ -184,7 +184,7 @@ class LocalCluster:
 
     def wait_ok(self, timeout: float = 30.0, *, masters: int | None = None) -> None:
         """Until every live node says cluster_state:ok and sees `masters` (default: as many as
-        created) masters serving slots."""
+        created) masters serving slots, and every live replica's link to its master is up."""
         want = self.masters if masters is None else masters
         deadline = time.monotonic() + timeout
         while True:
@@ -208,7 +208,13 @@ class LocalCluster:
                 # every node agrees on the slot map: no slot in migration
                 nodes = c.execute_command("CLUSTER", "NODES")
                 text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
-                return "->-" not in text and "-<-" not in text
+                if "->-" in text or "-<-" in text:
+                    return False
+                # a replica is in sync with its master (WAIT 1 answers at once)
+                repl = c.info("replication")
+                if repl.get("role") == "slave":
+                    return repl.get("master_link_status") == "up"
+                return True
         except (redis.RedisError, OSError):
             return False
 

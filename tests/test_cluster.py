@@ -341,6 +341,94 @@ def test_the_writer_follows_ask_while_a_slot_migrates_and_moved_once_it_has(
     cluster.wait_ok()
 
 
+def acl_rules(line: str) -> tuple[str, list[str]]:
+    """`user NAME rule rule (selector rules) ...` -> (NAME, the ACL SETUSER arguments)."""
+    _, name, rest = line.split(" ", 2)
+    rules: list[str] = []
+    depth = 0
+    for token in rest.split(" "):
+        if depth:
+            rules[-1] += " " + token
+        else:
+            rules.append(token)
+        depth += token.count("(") - token.count(")")
+    return name, rules
+
+
+def test_each_role_works_on_every_node_with_the_cluster_acl(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster, procs: Procs,
+        tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for role in ("ingest_market", "ingest_user", "projector", "reader", "listener", "status",
+                 "admin"):
+        (secrets / f"redis_password_{role}").write_text(f"pw-{role}\n")
+    acl = tmp_path / "users.acl"
+    subprocess.run(["sh", str(ROOT / "deploy/redis/render-acl.sh"),
+                    str(ROOT / "deploy/redis/users.acl.template"), str(acl)],
+                   env={"PATH": "/usr/bin:/bin", "SECRETS_DIR": str(secrets),
+                        "PIPELINE_REDIS_CLUSTER": "1"}, check=True, timeout=10)
+    for node in cluster.nodes:  # the same users on every node, masters and replicas
+        with node.client() as c:
+            for line in acl.read_text().splitlines():
+                name, rules = acl_rules(line)
+                if name != "default":
+                    c.execute_command("ACL", "SETUSER", name, "reset", *rules)
+
+    def url(role: str) -> str:
+        return cluster.url.replace("redis://", f"redis://{role}:pw-{role.replace('-', '_')}@")
+
+    # what the deployment does once: the admin loads the function library on every master
+    rc.function_flush()
+    loaded = run_cli("functions", "load", env={"REDIS_URL": url("admin")})
+    assert loaded.returncode == 0, loaded.stderr
+    for master in cluster.master_nodes():
+        with master.client() as c:
+            assert len(c.function_list()) == 1
+
+    env = procs.simulator()
+    procs.start("ingest", ["ingest", "market"], {**env, "REDIS_URL": url("ingest-market")})
+    procs.start("ingest-user", ["ingest", "user"], {
+        **env, "REDIS_URL": url("ingest-user"), "BINANCE_API_KEY": KEY,
+        "BINANCE_API_SECRET": SECRET, "PIPELINE_LOG_FORMAT": "json"})
+    procs.start("project", ["project", "--block-ms", "100", "--only",
+                            "mark_price,orderbook,depth_book,orders,account"],
+                {**env, "REDIS_URL": url("projector")})
+    reader_client = redis.cluster.RedisCluster.from_url(url("reader"))
+    listener_client = redis.cluster.RedisCluster.from_url(url("listener"))
+    http = httpx.Client(base_url=env["BINANCE_REST_URL"], timeout=5)
+    try:
+        reader = MarketReader(reader_client, fallback=False)  # type: ignore[arg-type]
+        wait(lambda: all(reader.order_book(s, 20, max_age=60) and reader.mark_price(
+            s, max_age=60) for s in SYMBOLS.split(",")))
+        wait(lambda: rc.exists("websocket:balance:usdt"))
+        reply = http.post("/sim/account/place", json={
+            "side": "BUY", "type": "LIMIT", "quantity": "0.010", "symbol": "SOLUSDT",
+            "price": "150"})
+        assert reply.status_code == 200, reply.text
+        seen: list[OrderEvent] = []
+        consumer = OrdersConsumer(listener_client, group="desk",  # type: ignore[arg-type]
+                                  handler=seen.append, start_id="0", block_ms=50)
+        wait(lambda: consumer.poll_once() >= 0 and len(seen) >= 1)
+        assert [(e.symbol, e.status) for e in seen] == [("SOLUSDT", "NEW")]
+        assert [o["symbol"] for o in open_orders(listener_client)] == [  # type: ignore[arg-type]
+            "SOLUSDT"]
+        done = run_cli("status", "--json", env={**env, "REDIS_URL": url("status")})
+        report = json.loads(done.stdout)
+        assert len([n for n in report["nodes"] if n["role"] == "master"]) == 3, done.stderr
+        assert all(n["keys"] is not None for n in report["nodes"])
+    finally:
+        http.close()
+        reader_client.close()
+        listener_client.close()
+    user_log = procs.stop("ingest-user")
+    # every raw:user batch waited for a replica, and WAIT was allowed
+    assert "WAIT refused" not in user_log and "no replica acknowledged" not in user_log
+    for name in ("ingest", "project"):
+        assert "NOPERM" not in procs.stop(name)
+    assert "NOPERM" not in user_log
+
+
 # --- failover and resharding mid-ingest (last: they change the module's cluster) -------------
 
 
