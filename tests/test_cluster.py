@@ -24,6 +24,7 @@ import orjson
 import pytest
 import redis
 import redis.cluster
+import trio
 from redis.crc import key_slot
 
 from pipeline import metrics
@@ -32,6 +33,7 @@ from pipeline.config import load_settings
 from pipeline.errors import SettingsError
 from pipeline.localredis import LocalCluster, LocalRedis, free_port
 from pipeline.redisconn import connect_checked
+from pipeline.writer import LogWriter
 from projections.client import MarketReader, OrderEvent, OrdersConsumer, open_orders
 from projections.core import keys as keymod
 from projections.core.keys import Keys, market_key
@@ -499,6 +501,39 @@ def test_a_master_killed_mid_ingest_is_replaced_and_ingest_and_projection_carry_
         rc2.close()
     assert "Traceback" not in procs.stop("project")
     victim.start()  # back as a replica of the promoted node: the module's cluster is whole
+    cluster.wait_ok()
+
+
+def test_an_acknowledged_user_event_survives_the_loss_of_its_master(
+        cluster: LocalCluster, rc: redis.cluster.RedisCluster) -> None:
+    client = connect_checked(cluster.url, name="ingest-user")
+    writer = LogWriter(client, user_wait_ms=2000)
+    victim = cluster.node_of_slot(key_slot(b"raw:user"))
+    waits = metrics.REDIS_WAIT_SECONDS._sum.get()  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for seq in range(200):
+                writer.append_frame("raw:user", b'{"e":"ORDER_TRADE_UPDATE"}', time.time(),
+                                    "usr-test", seq)
+                if seq % 20 == 19:
+                    await writer.flush()  # acknowledged: on the master and a replica
+            victim.kill()  # at once: no time for replication to catch up afterwards
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        client.close()
+        keymod.set_cluster_layout(False)
+    assert metrics.REDIS_WAIT_SECONDS._sum.get() > waits  # type: ignore[attr-defined]
+    wait(lambda: victim.port not in {n.port for n in cluster.master_nodes()}
+         and _served_by_a_live_master(cluster, "raw:user"), timeout=30)
+    with cluster.node_of_slot(key_slot(b"raw:user")).client() as promoted:
+        seqs = [int(f[b"seq"]) for _, f in promoted.xrange("raw:user")]
+    assert seqs == list(range(200))  # every acknowledged event is on the promoted replica
+    victim.start()
     cluster.wait_ok()
 
 
