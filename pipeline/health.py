@@ -218,6 +218,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         doc = attrs.asdict(self, recurse=True)
         doc["healthy"] = self.healthy
+        if not self.nodes:  # one Redis: the report as it was before cluster mode
+            del doc["nodes"]
         return doc
 
 
