@@ -27,6 +27,18 @@ serves the projector's commands decides where the writer's go:
   that no replica answers in time is counted (`pipeline_unreplicated_total`) and logged; the
   entries stay written on the master (sending them again would not make a replica appear).
 
+- failover loss: replication is asynchronous, so a master can acknowledge entries and die
+  before its replica has them. The router keeps, per master, the entries it acknowledged in
+  the last `ACK_HORIZON_S` (references to the packed bytes, no copy); when a master stops
+  answering, those become suspects. Once a later call wrote without any master unreachable,
+  each suspect key is read back around the suspects' time (`XRANGE`, from whichever master
+  serves it now) and every suspect frame whose connection and `seq` are not there is
+  reported to `on_lost`: the writer records it in its drop ledger, so the log gets a `gap`
+  entry (reason `failover`) with the count, and `pipeline_failover_lost_total` counts it.
+  A master that was only briefly unreachable still has them: nothing is reported. Control
+  entries (no `seq`) are not checked. The window assumes the clocks of this host and of
+  Redis differ by less than `CLOCK_SLACK_S`.
+
 Entries of one key keep their order: a key has one slot, a slot one master at a time, and one
 connection carries them in order. Across a redirect, the entries redirected are re-sent after
 the ones that were written, in their batch order.
@@ -36,9 +48,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
+import hiredis
 import redis
 from redis.crc import key_slot
 
@@ -51,17 +65,27 @@ log = logging.getLogger("pipeline.writer")
 
 MAX_REDIRECTS = 5  # rounds of MOVED/ASK one call follows before answering TRYAGAIN
 UNREACHABLE = "TRYAGAIN cluster node unreachable"
+ACK_HORIZON_S = 2.0  # acknowledged entries kept per master: far beyond a replica's usual lag
+CLOCK_SLACK_S = 5.0
 Item = tuple[str, bytes]
+Acked = tuple[float, str, bytes]  # (acknowledged at, key, packed XADD)
+# (key, receipt time, connection) of a frame a failover lost
+OnLost = Callable[[str, float, str], None]
 
 
 class ClusterRouter:
     def __init__(self, client: Any, *, wait_keys: Callable[[str], bool] | Collection[str] = (),
-                 wait_ms: int = 0) -> None:
+                 wait_ms: int = 0, on_lost: OnLost | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._slots: dict[str, int] = {}
         self._wait = wait_keys if callable(wait_keys) else frozenset(wait_keys).__contains__
         self.wait_ms = wait_ms
         self._unreplicated_logged = 0.0
+        self.on_lost = on_lost
+        self.clock = clock
+        self._acked: dict[str, deque[Acked]] = {}  # node name -> recently acknowledged
+        self._suspects: dict[str, list[Acked]] = {}  # node name -> acked when it went away
 
     def _slot(self, key: str) -> int:
         slot = self._slots.get(key)
@@ -95,6 +119,8 @@ class ClusterRouter:
         else:
             refused += [(i, UNREACHABLE) for i in todo]
         refused.sort()
+        if self._suspects and not any(e == UNREACHABLE for _, e in refused):
+            self._check_suspects()
         return refused
 
     def _round(self, batch: list[Item], todo: list[int], asks: dict[int, str]
@@ -137,6 +163,7 @@ class ClusterRouter:
                     pool.release(conn)
                 refused += [(i, UNREACHABLE) for i in idx]
                 unreachable = True
+                self._went_away(name)
         moved = False
         again: dict[int, str] = {}
         for name, pool, conn, idx in sent:
@@ -152,8 +179,10 @@ class ClusterRouter:
                 pool.release(conn)
                 refused += [(i, UNREACHABLE) for i in idx]
                 unreachable = True
+                self._went_away(name)
                 continue
             pool.release(conn)
+            self._remember(name, batch, idx, asked, errors)
             if not errors:
                 continue
             # reply positions -> batch indices (an ASKING adds one reply before its entry)
@@ -181,6 +210,66 @@ class ClusterRouter:
                     refused.append((j, error))
         return moved or unreachable, again, refused
 
+    def _remember(self, name: str, batch: list[Item], idx: list[int], asked: list[bool],
+                  errors: list[tuple[int, str]]) -> None:
+        """Keep the entries `name` acknowledged (for `ACK_HORIZON_S`): suspects if it dies."""
+        now = self.clock()
+        acked = self._acked.get(name)
+        if acked is None:
+            acked = self._acked[name] = deque()
+        if errors:
+            failed = {p for p, _ in errors}
+            pos = 0
+            for i, a in zip(idx, asked, strict=True):
+                pos += a
+                if pos not in failed:
+                    acked.append((now, batch[i][0], batch[i][1]))
+                pos += 1
+        else:
+            acked.extend([(now, batch[i][0], batch[i][1]) for i in idx])
+        horizon = now - ACK_HORIZON_S
+        while acked and acked[0][0] < horizon:
+            acked.popleft()
+
+    def _went_away(self, name: str) -> None:
+        acked = self._acked.pop(name, None)
+        if acked:
+            self._suspects.setdefault(name, []).extend(acked)
+
+    def _check_suspects(self) -> None:
+        """Read back what the masters that went away had acknowledged; report what is gone."""
+        by_key: dict[str, list[tuple[float, dict[bytes, bytes]]]] = {}
+        for entries in self._suspects.values():
+            for at, key, command in entries:
+                fields = _fields(command)
+                if b"seq" in fields and b"conn" in fields:
+                    by_key.setdefault(key, []).append((at, fields))
+        lost = 0
+        try:
+            for key, items in by_key.items():
+                lo = min(at for at, _ in items) - CLOCK_SLACK_S
+                hi = max(at for at, _ in items) + CLOCK_SLACK_S
+                with redis_errors():
+                    rows: Any = self._client.xrange(key, f"{int(lo * 1000)}", f"{int(hi * 1000)}")
+                there = {(f.get(b"conn"), f.get(b"seq")) for _, f in rows if f}
+                for _, fields in items:
+                    if (fields[b"conn"], fields[b"seq"]) not in there:
+                        lost += 1
+                        metrics.FAILOVER_LOST.labels(key).inc()
+                        if self.on_lost is not None:
+                            self.on_lost(key, float(fields.get(b"recv_ts", b"0")),
+                                         fields[b"conn"].decode())
+        except (RedisUnavailable, redis.RedisError) as exc:
+            log.warning("failover check postponed", extra={"error": str(exc)[:120]})
+            return  # not readable yet: the next call that writes everything tries again
+        self._suspects.clear()
+        if lost:
+            log.error("entries a master acknowledged were lost in a failover: gap recorded",
+                      extra={"lost": lost, "keys": len(by_key)})
+        else:
+            log.warning("failover: every entry the lost master acknowledged is on its replica",
+                        extra={"checked": sum(map(len, by_key.values()))})
+
     def _wait_replica(self, conn: Any, node: str) -> None:
         """WAIT 1 <wait_ms> on the connection that just wrote user entries."""
         started = time.perf_counter()
@@ -198,6 +287,17 @@ class ClusterRouter:
                 self._unreplicated_logged = now
                 log.warning("user entries written on a master that no replica acknowledged in "
                             "time", extra={"node": node, "wait_ms": self.wait_ms})
+
+
+def _fields(command: bytes) -> dict[bytes, bytes]:
+    """The field/value pairs of one packed `XADD key [trim] * f v ...`."""
+    reader = hiredis.Reader()
+    reader.feed(command)
+    args = reader.gets()
+    if not isinstance(args, list) or b"*" not in args[2:]:
+        return {}
+    start = args.index(b"*", 2) + 1
+    return dict(zip(args[start::2], args[start + 1::2], strict=False))
 
 
 def _ask_target(error: str) -> str:

@@ -140,6 +140,9 @@ def control_entry(ctl: str, body: Mapping[str, Any], recv_ts: float, conn: str =
 
 
 GAP_BUFFER_FULL = "buffer_full"
+# Redis Cluster: entries a master acknowledged and its promoted replica never received
+# (pipeline.clusterwriter checks after a failover)
+GAP_FAILOVER = "failover"
 GAP_REFUSED = "refused: "  # + Redis's error reply, as Redis wrote it
 MAX_REASON_CHARS = 200
 

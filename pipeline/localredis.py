@@ -161,6 +161,13 @@ class LocalCluster:
                 "--cluster-require-full-coverage", "no", *self.args]
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # no node left running after a failed start
+            raise
+
+    def _start(self, timeout: float) -> LocalCluster:
         count = self.masters * (1 + self.replicas)
         for i in range(count):
             for attempt in range(5):
@@ -243,6 +250,20 @@ class LocalCluster:
                 if int(lo) <= slot <= int(hi) and int(master[1]) in by_port:
                     return by_port[int(master[1])]
         raise RuntimeError(f"no live master serves slot {slot}")
+
+    def replicas_of(self, master: LocalRedis) -> list[LocalRedis]:
+        """The live replicas of `master`."""
+        by_port = {n.port: n for n in self.nodes if n.proc is not None}
+        with master.client(socket_timeout=2) as c:
+            myid = c.execute_command("CLUSTER", "MYID")
+            rows = c.execute_command("CLUSTER", "REPLICAS", myid)
+        out = []
+        for row in rows:
+            text = row.decode() if isinstance(row, bytes) else str(row)
+            port = int(text.split()[1].split("@")[0].rsplit(":", 1)[1])
+            if port in by_port:
+                out.append(by_port[port])
+        return out
 
     def stop(self) -> None:
         for n in self.nodes:

@@ -42,6 +42,9 @@ REDIS_WAIT_SECONDS = Histogram(
 REDIRECTS = Counter("pipeline_redis_redirects",
                     "Entries Redis Cluster redirected (MOVED, ASK) and the writer sent again",
                     ["kind"])
+FAILOVER_LOST = Counter("pipeline_failover_lost",
+                        "Entries a cluster master acknowledged that its promoted replica lacked",
+                        ["key"])
 UNREPLICATED = Counter("pipeline_unreplicated",
                        "Batches of raw:user entries no replica acknowledged within the WAIT")
 BUFFER_FILL = Gauge("pipeline_buffer_fill",

@@ -77,6 +77,7 @@ from pipeline.clusterwriter import ClusterRouter
 from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import (
     DEFAULT_RETENTION,
+    GAP_FAILOVER,
     Retention,
     control_entry,
     refused_reason,
@@ -145,7 +146,8 @@ class LogWriter:
         self._client = client
         # Redis Cluster: the round trip is routed per node (`pipeline.clusterwriter`); with
         # `user_wait_ms`, raw:user appends wait for a replica
-        self._router = ClusterRouter(client, wait_keys=_is_user_key, wait_ms=user_wait_ms) \
+        self._router = ClusterRouter(client, wait_keys=_is_user_key, wait_ms=user_wait_ms,
+                                     on_lost=self._lost_in_failover, clock=clock) \
             if is_cluster(client) else None
         self._retention = retention
         self._trim_cache: dict[str, tuple[int | None, float | None]] = {}
@@ -589,6 +591,12 @@ class LogWriter:
         self.settled += n
         if self._flush_waiters:
             self._on_trio(self._notify_progress)
+
+    def _lost_in_failover(self, key: str, recv_ts: float, conn: str) -> None:
+        """Writer thread, cluster mode: an acknowledged entry its master's replica lacked
+        after a failover; the next round trip reports it in a `gap` entry."""
+        self.buffer.drops.add(key, GAP_FAILOVER, recv_ts, conn)
+        metrics.FRAMES_DROPPED.labels(key).inc()
 
     def _give_up(self, lost: list[tuple[Item, str]], full: bool) -> None:
         """Entries Redis keeps refusing: dropped, and recorded with Redis's error as the
