@@ -307,6 +307,7 @@ def test_status_reports_every_node_and_replay_rebuilds_the_views(
         m.client().dbsize() for m in cluster.master_nodes())
     streams = {s["key"] for s in report["streams"]}
     assert cluster_key("depth20") in streams
+    assert not [p for p in report["problems"] if p.startswith(("redis node", "redis cluster"))]
     # replay: the views deleted and rebuilt from the log, on every node
     done = run_cli("replay", "--only", "mark_price,orderbook", "--reset", env=env)
     assert done.returncode == 0, done.stderr
@@ -507,6 +508,14 @@ def test_a_master_killed_mid_ingest_is_replaced_and_ingest_and_projection_carry_
     finally:
         rc2.close()
     assert "Traceback" not in procs.stop("project")
+    # status: the promoted replica is a master with no replica of its own now
+    done = run_cli("status", "--json", env={"REDIS_URL": cluster.master_nodes()[0].url})
+    problems = json.loads(done.stdout)["problems"]
+    promoted = cluster.node_of_slot(key_slot(cluster_key("depth20").encode()))
+    assert done.returncode == 1
+    assert [p for p in problems if p.startswith("redis node")] == [
+        f"redis node 127.0.0.1:{promoted.port}: master of {_slots_of(promoted)} slots with "
+        "no replica"]
     victim.start()  # back as a replica of the promoted node: the module's cluster is whole
     cluster.wait_ok()
 
@@ -592,6 +601,12 @@ def test_entries_a_dead_master_acknowledged_and_its_replica_never_got_are_in_a_g
     assert [(g["reason"], g["by_conn"]) for g in gaps] == [("failover", {"mkt-t": len(missing)})]
     master.start()  # back, as a replica of the promoted node
     cluster.wait_ok()
+
+
+def _slots_of(node: LocalRedis) -> int:
+    with node.client() as c:
+        return sum(int(hi) - int(lo) + 1 for lo, hi, master, *_ in
+                   c.execute_command("CLUSTER", "SLOTS") if int(master[1]) == node.port)
 
 
 def _xlen(cluster: LocalCluster, key: str) -> int:
