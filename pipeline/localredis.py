@@ -238,18 +238,32 @@ class LocalCluster:
         return out
 
     def node_of_slot(self, slot: int) -> LocalRedis:
-        """The live master serving `slot`."""
-        by_port = {n.port: n for n in self.nodes if n.proc is not None}
-        for n in by_port.values():
+        """The live master serving `slot`, as the masters themselves say (each one's own line
+        of CLUSTER NODES: another node's view may lag behind a reshard or a failover); of two
+        claims (a restarted old master that has not yet heard), the newer config epoch."""
+        claims: list[tuple[int, LocalRedis]] = []
+        for n in self.nodes:
+            if n.proc is None:
+                continue
             try:
                 with n.client(socket_timeout=2) as c:
-                    ranges = c.execute_command("CLUSTER", "SLOTS")
+                    raw = c.execute_command("CLUSTER", "NODES")
             except (redis.RedisError, OSError):
                 continue
-            for lo, hi, master, *_ in ranges:
-                if int(lo) <= slot <= int(hi) and int(master[1]) in by_port:
-                    return by_port[int(master[1])]
-        raise RuntimeError(f"no live master serves slot {slot}")
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) < 8 or "myself" not in parts[2] or "master" not in parts[2]:
+                    continue
+                for rng in parts[8:]:
+                    if rng.startswith("["):
+                        continue  # a slot being migrated or imported
+                    lo, _, hi = rng.partition("-")
+                    if int(lo) <= slot <= int(hi or lo):
+                        claims.append((int(parts[6]), n))
+        if not claims:
+            raise RuntimeError(f"no live master serves slot {slot}")
+        return max(claims, key=lambda c: c[0])[1]
 
     def replicas_of(self, master: LocalRedis) -> list[LocalRedis]:
         """The live replicas of `master`."""
