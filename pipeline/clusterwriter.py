@@ -66,7 +66,8 @@ log = logging.getLogger("pipeline.writer")
 MAX_REDIRECTS = 5  # rounds of MOVED/ASK one call follows before answering TRYAGAIN
 UNREACHABLE = "TRYAGAIN cluster node unreachable"
 ACK_HORIZON_S = 2.0  # acknowledged entries kept per master: far beyond a replica's usual lag
-CLOCK_SLACK_S = 5.0
+CLOCK_SLACK_S = 1.0
+READ_BACK_PAGE = 5_000
 Item = tuple[str, bytes]
 Acked = tuple[float, str, bytes]  # (acknowledged at, key, packed XADD)
 # (key, receipt time, connection) of a frame a failover lost
@@ -249,9 +250,7 @@ class ClusterRouter:
             for key, items in by_key.items():
                 lo = min(at for at, _ in items) - CLOCK_SLACK_S
                 hi = max(at for at, _ in items) + CLOCK_SLACK_S
-                with redis_errors():
-                    rows: Any = self._client.xrange(key, f"{int(lo * 1000)}", f"{int(hi * 1000)}")
-                there = {(f.get(b"conn"), f.get(b"seq")) for _, f in rows if f}
+                there = self._read_back(key, lo, hi)
                 for _, fields in items:
                     if (fields[b"conn"], fields[b"seq"]) not in there:
                         lost += 1
@@ -269,6 +268,20 @@ class ClusterRouter:
         else:
             log.warning("failover: every entry the lost master acknowledged is on its replica",
                         extra={"checked": sum(map(len, by_key.values()))})
+
+    def _read_back(self, key: str, lo: float, hi: float) -> set[tuple[Any, Any]]:
+        """(conn, seq) of the frames `key` holds between the times `lo` and `hi` (s), read in
+        pages of `READ_BACK_PAGE` entries so that a busy stream costs no big reply."""
+        there: set[tuple[Any, Any]] = set()
+        start, end = f"{int(lo * 1000)}", f"{int(hi * 1000)}"
+        while True:
+            with redis_errors():
+                rows: Any = self._client.xrange(key, start, end, count=READ_BACK_PAGE)
+            there.update((f.get(b"conn"), f.get(b"seq")) for _, f in rows if f)
+            if len(rows) < READ_BACK_PAGE:
+                return there
+            last = rows[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
     def _wait_replica(self, conn: Any, node: str) -> None:
         """WAIT 1 <wait_ms> on the connection that just wrote user entries."""
