@@ -13,6 +13,9 @@ Against the compose deployment, connect as its `reader` user (README.md, "Readin
 It prints one line per event, e.g. `fill BTCUSDT 8 PARTIALLY_FILLED filled=0.005 avg=50000
 last=0.005@50000 (stream)`.
 
+On a Redis Cluster add `--cluster` (any one node's URL): it then reads every partition of the
+orders stream (docs/contract.md section 5.13).
+
 Each order or algo-order change arrives once per state change, from the user-data stream or,
 after an outage, from reconciliation. The handler is acknowledged only after it returns; kill
 this process mid-handler and the entry is delivered again (here or to another consumer of the
@@ -26,6 +29,7 @@ import signal
 import sys
 
 import redis
+import redis.cluster
 
 from projections.client import OrderEvent, OrdersConsumer
 
@@ -53,10 +57,14 @@ def main() -> None:
                         help="the account label (PIPELINE_ACCOUNT of its `ingest user`); "
                              "none: the unlabelled account")
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
+    parser.add_argument("--cluster", action="store_true",
+                        help="--redis-url names a node of a Redis Cluster")
     args = parser.parse_args()
     # one line per event as it comes, also when stdout is a pipe or a file
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    consumer = OrdersConsumer(redis.Redis.from_url(args.redis_url), group=args.group,
+    client = (redis.cluster.RedisCluster.from_url(args.redis_url) if args.cluster
+              else redis.Redis.from_url(args.redis_url))
+    consumer = OrdersConsumer(client, group=args.group,  # type: ignore[arg-type]
                               consumer=args.consumer, prefix=args.prefix, handler=on_order,
                               claim_idle_ms=args.claim_idle_ms, account=args.account)
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())

@@ -61,6 +61,8 @@ COMMON_FLAGS: dict[str, str] = {
     "--listings-every": "PIPELINE_LISTINGS_EVERY",
     "--kline-history": "PIPELINE_KLINE_HISTORY",
     "--events-max-age": "PIPELINE_EVENTS_MAX_AGE_S",
+    "--redis-cluster": "PIPELINE_REDIS_CLUSTER",
+    "--user-wait-ms": "PIPELINE_USER_WAIT_MS",
 }
 
 

@@ -118,6 +118,9 @@ DEFAULTS: dict[str, str] = {
     "PIPELINE_LISTINGS_EVERY": "300",  # with PIPELINE_SYMBOLS=ALL: re-read exchangeInfo
     "PIPELINE_KLINE_HISTORY": "500",  # closed candles from REST per kline stream; 0: none
     "PIPELINE_EVENTS_MAX_AGE_S": "604800",  # P:account_events, P:position_events: 7 days
+    # Redis Cluster: empty = as the node in REDIS_URL says (INFO cluster); 1/0 must agree
+    "PIPELINE_REDIS_CLUSTER": "",
+    "PIPELINE_USER_WAIT_MS": "1000",  # cluster mode: WAIT 1 <ms> after raw:user appends
 }
 
 
@@ -149,6 +152,8 @@ class Settings:
     listings_every: float = 300.0
     kline_history: int = 500
     events_max_age_s: float = 604_800.0
+    redis_cluster: bool | None = None  # None: as the node in REDIS_URL says
+    user_wait_ms: int = 1000  # cluster mode: a replica's acknowledgement of raw:user appends
 
     def require_api_key(self) -> tuple[Secret, Secret]:
         if self.api_key is None:
@@ -210,6 +215,7 @@ BOUNDS: dict[str, Bound] = {
     # GET /fapi/v1/klines answers at most 1500 rows, the last of them the open candle
     "PIPELINE_KLINE_HISTORY": Bound(0, 1499, integer=True, why="0: no history from REST"),
     "PIPELINE_EVENTS_MAX_AGE_S": Bound(60, 10 * 365 * 86_400.0),
+    "PIPELINE_USER_WAIT_MS": Bound(0, 60_000, integer=True, why="0: no WAIT"),
 }
 
 
@@ -326,7 +332,22 @@ def load_settings(
         listings_every=_number("PIPELINE_LISTINGS_EVERY", merged),
         kline_history=int(_number("PIPELINE_KLINE_HISTORY", merged)),
         events_max_age_s=_number("PIPELINE_EVENTS_MAX_AGE_S", merged),
+        redis_cluster=parse_cluster(merged["PIPELINE_REDIS_CLUSTER"]),
+        user_wait_ms=int(_number("PIPELINE_USER_WAIT_MS", merged)),
     )
+
+
+def parse_cluster(value: str) -> bool | None:
+    """PIPELINE_REDIS_CLUSTER: `1`/`true`/`yes` cluster, `0`/`false`/`no` one node, empty:
+    as the node in REDIS_URL says."""
+    v = value.strip().lower()
+    if v == "":
+        return None
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise SettingsError("PIPELINE_REDIS_CLUSTER", f"{value[:20]!r} is not 1 or 0 (or empty)")
 
 
 # --- several accounts, market shards, listings --------------------------------------------------

@@ -50,11 +50,13 @@ import orjson
 from pipeline.errors import SettingsError
 from projections.core.keys import (
     CONN_PREFIX,
+    KEY_DEPTH_SNAPSHOTS,
     KEY_OTHER,
     MARKET_PREFIX,
     RAW_PREFIX,
     market_key,
     raw_account,
+    strip_tag,
 )
 
 # Binance's combined form: `{"stream":"<name>","data":<payload>}`, "stream" always first.
@@ -138,6 +140,9 @@ def control_entry(ctl: str, body: Mapping[str, Any], recv_ts: float, conn: str =
 
 
 GAP_BUFFER_FULL = "buffer_full"
+# Redis Cluster: entries a master acknowledged and its promoted replica never received
+# (pipeline.clusterwriter checks after a failover)
+GAP_FAILOVER = "failover"
 GAP_REFUSED = "refused: "  # + Redis's error reply, as Redis wrote it
 MAX_REASON_CHARS = 200
 
@@ -223,8 +228,10 @@ def retention_family(key: str) -> str:
     if key.startswith(CONN_PREFIX):
         return "conn"
     if key.startswith(MARKET_PREFIX):
-        fam = key[len(MARKET_PREFIX):]
+        fam = strip_tag(key[len(MARKET_PREFIX):])  # cluster mode: `raw:market:{partial}:depth20`
         return "kline" if fam.startswith("kline_") else fam
+    if key.startswith(KEY_DEPTH_SNAPSHOTS + ":"):  # cluster mode: `raw:depth_snapshots:{diff}`
+        return KEY_DEPTH_SNAPSHOTS[len(RAW_PREFIX):]
     return key[len(RAW_PREFIX):]
 
 

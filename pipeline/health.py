@@ -170,6 +170,35 @@ def shard_of_name(name: str) -> str | None:
 
 
 @attrs.frozen
+class ClusterNode:
+    """One node of a Redis Cluster as `pipeline status` saw it."""
+
+    host: str
+    port: int
+    role: str  # master, replica, or unreachable
+    slots: int  # hash slots it serves (masters)
+    replicas: int  # replicas the slot map lists for it (masters)
+    keys: int | None
+    used_memory: int | None
+
+
+def node_problems(nodes: Iterable[ClusterNode]) -> list[str]:
+    """A node that does not answer, a master with no replica (its loss would lose its slots'
+    data and stop the cluster), slots no master serves."""
+    out = []
+    for n in nodes:
+        if n.role == "unreachable":
+            out.append(f"redis node {n.host}:{n.port}: not answering")
+        elif n.role == "master" and n.slots and n.replicas == 0:
+            out.append(f"redis node {n.host}:{n.port}: master of {n.slots} slots with no "
+                       "replica")
+    served = sum(n.slots for n in nodes if n.role == "master")
+    if nodes and served < 16384:
+        out.append(f"redis cluster: {16384 - served} hash slots served by no master")
+    return out
+
+
+@attrs.frozen
 class Report:
     connections: tuple[Connection, ...]
     streams: tuple[Stream, ...]
@@ -180,6 +209,7 @@ class Report:
     user_stream: UserStream | None = None  # None: no user ingestor has logged anything
     outages: tuple[Outage, ...] = ()
     accounts: tuple[AccountStatus, ...] = ()  # the labelled accounts, by label
+    nodes: tuple[ClusterNode, ...] = ()  # Redis Cluster: every node; one node: none
 
     @property
     def healthy(self) -> bool:
@@ -188,6 +218,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         doc = attrs.asdict(self, recurse=True)
         doc["healthy"] = self.healthy
+        if not self.nodes:  # one Redis: the report as it was before cluster mode
+            del doc["nodes"]
         return doc
 
 

@@ -100,7 +100,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                            ) if settings.metrics_port > 0 else None
     client = None
     try:
-        client = connect_checked(settings.redis_url, name="ingest-market")
+        client = connect_checked(settings.redis_url, name="ingest-market",
+                                 cluster=settings.redis_cluster)
         symbols, sessions = trio.run(resolve_market, settings)
         if settings.shard is not None and not settings.shard.take(symbols):
             log.warning("no symbol of the list falls in this shard: only listings (with ALL) "

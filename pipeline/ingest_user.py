@@ -167,7 +167,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     signer = make_signer(api_secret)
     opts = UserOptions.from_args(args)
     role = f"ingest-user-{settings.account}" if settings.account else "ingest-user"
-    client = connect_checked(settings.redis_url, name=role)
+    client = connect_checked(settings.redis_url, name=role,
+                             cluster=settings.redis_cluster)
     metrics.describe("ingest-user", account=settings.account)
     if settings.account:
         label_lines(account=settings.account)
@@ -507,7 +508,7 @@ async def run_user_ingest(
     """Ingest the user stream until `UserIngest.stop()` (or cancel); then write what is
     buffered (and DELETE the key with `opts.close_listen_key`)."""
     writer = LogWriter(client, settings.retention, bound=settings.buffer_frames,
-                       max_bytes=settings.buffer_bytes)
+                       max_bytes=settings.buffer_bytes, user_wait_ms=settings.user_wait_ms)
     notices: list[Callable[[BackoffNotice], None]] = []
     rest = rest_client(settings, transport, on_backoff=lambda n: [f(n) for f in notices])
     api = SignedRest(rest, api_key, signer, recv_window_ms=opts.recv_window_ms)

@@ -35,6 +35,18 @@ REDIS_WRITE_SECONDS = Histogram(
 RECONNECTS = Counter(
     "pipeline_reconnects", "Websocket reconnects", ["reason"])
 GAPS = Counter("pipeline_gaps", "Gaps recorded in the log", ["key"])
+# Redis Cluster: WAIT after user-data appends (pipeline.clusterwriter)
+REDIS_WAIT_SECONDS = Histogram(
+    "pipeline_redis_wait_seconds", "Time of one WAIT for a replica after raw:user appends",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
+REDIRECTS = Counter("pipeline_redis_redirects",
+                    "Entries Redis Cluster redirected (MOVED, ASK) and the writer sent again",
+                    ["kind"])
+FAILOVER_LOST = Counter("pipeline_failover_lost",
+                        "Entries a cluster master acknowledged that its promoted replica lacked",
+                        ["key"])
+UNREPLICATED = Counter("pipeline_unreplicated",
+                       "Batches of raw:user entries no replica acknowledged within the WAIT")
 BUFFER_FILL = Gauge("pipeline_buffer_fill",
                     "Entries the ingest buffer holds (waiting, or sent and not yet accepted)")
 BUFFER_BYTES = Gauge("pipeline_buffer_bytes", "Bytes of the entries the ingest buffer holds")

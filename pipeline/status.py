@@ -39,6 +39,7 @@ from pipeline.eventlog import DEFAULT_RETENTION, ControlEntry, Retention, decode
 from pipeline.health import (
     VIEW_LIMITS,
     AccountStatus,
+    ClusterNode,
     Connection,
     Group,
     Report,
@@ -48,12 +49,13 @@ from pipeline.health import (
     account_problems,
     assess,
     mark_silent,
+    node_problems,
     open_connections,
     outages,
     user_stream_problems,
     user_stream_state,
 )
-from pipeline.redisconn import connect_checked, redis_errors
+from pipeline.redisconn import connect_checked, is_cluster, redis_errors
 from pipeline.weight import utc_text
 from projections.core.keys import (
     CONN_KEYS,
@@ -83,7 +85,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("--max-lag", f"{args.max_lag} is below 0")
     if not 1 <= args.sample <= SCAN_CAP:
         raise SettingsError("--sample", f"{args.sample} is not between 1 and {SCAN_CAP}")
-    client = connect_checked(settings.redis_url, name="pipeline-status")
+    client = connect_checked(settings.redis_url, name="pipeline-status",
+                             cluster=settings.redis_cluster)
     try:
         with redis_errors():
             report = collect(client, prefix=settings.view_prefix, max_lag=args.max_lag,
@@ -117,9 +120,9 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
     keys = sorted(_scan(client, RAW_PATTERN, "stream"))
     labels = account_labels(keys, accounts)
     for account in (None, *labels):
-        orders = Keys(prefix, account=account).orders_stream()
-        if client.exists(orders):
-            keys.append(orders)  # the listener's groups: reported, not judged
+        for orders in Keys(prefix, account=account).orders_partitions():
+            if client.exists(orders):
+                keys.append(orders)  # the listener's groups: reported, not judged
     streams = [read_stream(client, k, server_ms, max_lag) for k in keys]
     lifecycle = _conn_entries(client, (*CONN_KEYS, *(conn_user_key(a) for a in labels)))
     conns = mark_silent(open_connections(lifecycle, now), streams, silence_timeout)
@@ -133,8 +136,47 @@ def collect(client: redis.Redis, *, prefix: str, max_lag: int, silence_timeout: 
                                      read_weight(client, a), a in accounts) for a in labels)
     for status in by_account:
         problems += account_problems(status)
+    nodes = read_nodes(client) if is_cluster(client) else []
+    problems += node_problems(nodes)
     return Report(tuple(conns), tuple(streams), tuple(views), dead, read_weight(client),
-                  tuple(problems), user, tuple(down), by_account)
+                  tuple(problems), user, tuple(down), by_account, tuple(nodes))
+
+
+def read_nodes(client: Any) -> list[ClusterNode]:
+    """Redis Cluster: every node the client knows, its role, the slots it serves and how many
+    replicas the slot map lists for it, its keys and memory (per node: DBSIZE, INFO)."""
+    slots: dict[tuple[str, int], int] = defaultdict(int)
+    replicas: dict[tuple[str, int], int] = {}
+    ranges: Any = None
+    for node in client.get_nodes():
+        try:
+            ranges = node.redis_connection.execute_command("CLUSTER", "SLOTS")
+            break
+        except (redis.RedisError, OSError):
+            continue
+    for row in ranges or ():
+        lo, hi, master, *others = row
+        addr = (_text(master[0]), int(master[1]))
+        slots[addr] += int(hi) - int(lo) + 1
+        replicas[addr] = len(others)
+    out = []
+    for node in sorted(client.get_nodes(), key=lambda n: (n.host, n.port)):
+        addr = (node.host, int(node.port))
+        try:
+            r = node.redis_connection
+            role = _text(r.execute_command("ROLE")[0])
+            keys: int | None = int(r.execute_command("DBSIZE"))
+            memory: int | None = int(r.info("memory").get("used_memory", 0))
+        except (redis.RedisError, OSError):
+            role, keys, memory = "unreachable", None, None
+        out.append(ClusterNode(node.host, int(node.port),
+                               "replica" if role == "slave" else role,
+                               slots.get(addr, 0), replicas.get(addr, 0), keys, memory))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def account_labels(raw_keys: Sequence[str], expected: Sequence[str | None]) -> list[str]:
@@ -239,7 +281,9 @@ def read_views(client: redis.Redis, prefix: str, sample: int, now: float) -> lis
 
 def _newest_age(client: redis.Redis, keys: list[str], now: float) -> float | None:
     newest = None
-    for raw in client.mget(keys):
+    # cluster mode: the keys spread over slots, MGET needs one: one MGET per slot
+    values = client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys)  # type: ignore[attr-defined]
+    for raw in values:
         try:
             ts = float(orjson.loads(raw)["timestamp"]) if raw else None
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -288,6 +332,8 @@ def _bytes(n: int | None) -> str:
 
 
 def render(report: Report, console: Console) -> None:
+    if report.nodes:
+        console.print(_nodes_table(report.nodes))
     console.print(_connections_table(report.connections))
     console.print(_streams_table(report.streams))
     console.print(_views_table(report.views))
@@ -308,6 +354,20 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[bold red]UNHEALTHY[/] ({len(report.problems)})")
         for p in report.problems:
             console.print(f"  [red]-[/] {p}")
+
+
+def _nodes_table(nodes: Sequence[ClusterNode]) -> Table:
+    table = Table(title="redis cluster nodes")
+    for col in ("node", "role", "slots", "replicas", "keys", "memory"):
+        table.add_column(col)
+    for n in nodes:
+        table.add_row(f"{n.host}:{n.port}",
+                      n.role if n.role != "unreachable" else "[red]unreachable[/]",
+                      str(n.slots) if n.role == "master" else "-",
+                      str(n.replicas) if n.role == "master" else "-",
+                      "-" if n.keys is None else str(n.keys),
+                      "-" if n.used_memory is None else _bytes(n.used_memory))
+    return table
 
 
 def _user_line(user: UserStream) -> str:

@@ -73,16 +73,19 @@ import trio
 from pipeline import metrics
 from pipeline.backoff import Backoff, BatchRetry
 from pipeline.buffer import DropRecord, FrameBuffer
+from pipeline.clusterwriter import ClusterRouter
 from pipeline.errors import RedisUnavailable
 from pipeline.eventlog import (
     DEFAULT_RETENTION,
+    GAP_FAILOVER,
     Retention,
     control_entry,
     refused_reason,
     retention_family,
 )
-from pipeline.redisconn import SERVER_REFUSALS, redis_errors, reply_code
+from pipeline.redisconn import SERVER_REFUSALS, is_cluster, redis_errors, reply_code
 from pipeline.replies import read_replies
+from projections.core.keys import KEY_USER, raw_account
 
 log = logging.getLogger("pipeline.writer")
 
@@ -138,8 +141,14 @@ class LogWriter:
         final_flush_timeout: float = FINAL_FLUSH_TIMEOUT_S,
         linger: float = LINGER_S,
         unhealthy_after: float = UNHEALTHY_AFTER_S,
+        user_wait_ms: int = 0,
     ) -> None:
         self._client = client
+        # Redis Cluster: the round trip is routed per node (`pipeline.clusterwriter`); with
+        # `user_wait_ms`, raw:user appends wait for a replica
+        self._router = ClusterRouter(client, wait_keys=_is_user_key, wait_ms=user_wait_ms,
+                                     on_lost=self._lost_in_failover, clock=clock) \
+            if is_cluster(client) else None
         self._retention = retention
         self._trim_cache: dict[str, tuple[int | None, float | None]] = {}
         self._prefixes: dict[tuple[str, int], bytes] = {}
@@ -451,6 +460,8 @@ class LogWriter:
     def _write_sync(self, batch: Batch, sent: float) -> tuple[list[tuple[int, str]], int]:
         """Worker thread: the batch's XADDs in one pipelined round trip."""
         started = time.perf_counter()
+        if self._router is not None:
+            return self._write_cluster(batch, sent, started)
         payload = b"".join(map(_command_of, batch))
         self._in_flight = (sent, stall_limit(len(payload)))
         self._sent = False
@@ -472,6 +483,24 @@ class LogWriter:
             self._in_flight = None
         self._count(batch, refused, time.perf_counter() - started)
         return refused, len(payload)
+
+    def _write_cluster(self, batch: Batch, sent: float, started: float
+                       ) -> tuple[list[tuple[int, str]], int]:
+        """Worker thread, cluster mode: one pipelined round trip per master. An unreachable
+        master's entries come back refused (TRYAGAIN), the rest settle."""
+        assert self._router is not None
+        nbytes = sum(map(len, map(_command_of, batch)))
+        self._in_flight = (sent, stall_limit(nbytes))
+        self._sent = True
+        try:
+            refused = self._router.write(batch)
+        finally:
+            self._in_flight = None
+        if len(refused) == len(batch) and refused and all(
+                e.startswith("TRYAGAIN cluster node") for _, e in refused):
+            raise RedisUnavailable("redis cluster unavailable: no node reached")
+        self._count(batch, refused, time.perf_counter() - started)
+        return refused, nbytes
 
     def _pack(self, key: str, fields: Mapping[bytes, bytes]) -> bytes:
         return self._prefix(key, 2 * len(fields)) + b"".join(
@@ -563,6 +592,12 @@ class LogWriter:
         if self._flush_waiters:
             self._on_trio(self._notify_progress)
 
+    def _lost_in_failover(self, key: str, recv_ts: float, conn: str) -> None:
+        """Writer thread, cluster mode: an acknowledged entry its master's replica lacked
+        after a failover; the next round trip reports it in a `gap` entry."""
+        self.buffer.drops.add(key, GAP_FAILOVER, recv_ts, conn)
+        metrics.FRAMES_DROPPED.labels(key).inc()
+
     def _give_up(self, lost: list[tuple[Item, str]], full: bool) -> None:
         """Entries Redis keeps refusing: dropped, and recorded with Redis's error as the
         reason of the gap that will report them."""
@@ -580,6 +615,11 @@ class LogWriter:
             "why": "buffer full" if full else f"refused {MAX_REFUSALS} times"})
         if self._flush_waiters:
             self._on_trio(self._notify_progress)
+
+
+def _is_user_key(key: str) -> bool:
+    """`raw:user` and an account's `raw:user:{label}`: appends a replica must hold too."""
+    return raw_account(key)[0] == KEY_USER
 
 
 def pause_after(rate: float, batch_len: int, max_batch: int, linger: float) -> float:

@@ -172,6 +172,7 @@ BUILT: dict[str, list[str]] = {
     "order_state": [k.order_state("{symbol}", kind) for k in (K, A) for kind in ("order", "algo")],
     "open_orders": [k.open_orders("{symbol}", kind) for k in (K, A) for kind in ("order", "algo")],
     "orders_stream": [k.orders_stream(*s) for k in (K, A) for s in ((), ("{symbol}",))],
+    "orders_partitions": [s for k in (K, A) for s in k.orders_partitions()],
     "raw_user": [K.raw_user(), A.raw_user()],
     "raw_conn_user": [K.raw_conn_user(), A.raw_conn_user()],
     "account_events": [k.account_events() for k in (K, A)],

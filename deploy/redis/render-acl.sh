@@ -63,6 +63,25 @@ for label in $(echo "$accounts" | tr ',' ' '); do
     "s/@ACCOUNT@/$label/g;s/@PREFIX@/$prefix/g;s/@HASH_INGEST_USER@/$ingest/g;s/@HASH_LISTENER@/$listener/g" \
     >> "$output.tmp"
 done
+# Redis Cluster (PIPELINE_REDIS_CLUSTER=1; docs/contract.md 5.13): every service user may read
+# the slot map (CLUSTER SLOTS/SHARDS), the key positions of commands (COMMAND: redis-py asks
+# once), INFO (cluster mode detected) and ASKING (a slot being
+# migrated); the user ingestors WAIT for a replica; the projector appends to the depth book's
+# tagged stream; the listeners run groups on the orders partitions; status reads each node's
+# ROLE and DBSIZE. Load the same file on every node.
+case "${PIPELINE_REDIS_CLUSTER:-}" in
+  1|true|yes)
+    groups='+xreadgroup +xack +xgroup|create +xautoclaim +xclaim +xpending +xinfo'
+    sed -i \
+      -e '/^user default /b' -e '/^user admin /b' \
+      -e 's/$/ +cluster|slots +cluster|shards +info +asking +command/' \
+      -e '/^user ingest-user/s/$/ +wait/' \
+      -e '/^user projector /s/$/ (%W~raw:depth_snapshots:{diff} +xadd)/' \
+      -e "s/^user listener .*\$/& (~$prefix:orders:{o[0-9]} $groups)/" \
+      -e "s/^user listener-\([a-z0-9_-]*\) .*\$/& (~$prefix:acct:\\1:orders:{\\1.o[0-9]} $groups)/" \
+      -e '/^user status /s/$/ +role +dbsize/' \
+      "$output.tmp" ;;
+esac
 if grep -q '@[A-Z_]*@' "$output.tmp"; then
   echo "render-acl: unreplaced placeholder in $template" >&2
   exit 2

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from pipeline.redisconn import is_cluster
 from projections.client.views import parse_view
 from projections.core.keys import DEFAULT_PREFIX, Keys
 
@@ -41,7 +42,7 @@ class AccountReader:
     def __init__(self, r: redis.Redis, *, prefix: str = DEFAULT_PREFIX,
                  account: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self.r = r
-        self.keys = Keys(prefix, account=account)
+        self.keys = Keys(prefix, account=account, cluster=is_cluster(r))
         self.clock = clock
 
     def position(self, symbol: str, side: str | None = None,

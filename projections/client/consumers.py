@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
 import redis
 
-from pipeline.redisconn import error_code
+from pipeline.redisconn import error_code, is_cluster
 from projections.client.views import parse_view
 from projections.core.keys import DEFAULT_PREFIX, Keys
 
@@ -285,12 +285,14 @@ class StreamConsumer(Generic[E]):
     creation) or `0` (the whole stream). The client is used as redis-py makes it by default
     (RESP2 replies). Subclasses name the stream and the event type."""
 
-    def __init__(self, r: redis.Redis, stream: str, parse: Callable[[bytes, Fields], E], *,
+    def __init__(self, r: redis.Redis, stream: str | Sequence[str],
+                 parse: Callable[[bytes, Fields], E], *,
                  group: str, handler: Callable[[E], object], consumer: str | None = None,
                  claim_idle_ms: int = 30_000, block_ms: int = 1_000, count: int = 100,
                  start_id: str = "$") -> None:
+        streams = [stream] if isinstance(stream, str) else list(stream)
         self.r = r
-        self.stream = stream
+        self.stream = streams[0]
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.handler = handler
@@ -300,6 +302,16 @@ class StreamConsumer(Generic[E]):
         self.count = count
         self._stopped = False
         self._ensure_group(start_id)
+        # several streams (the orders partitions of a cluster): the group on each, same consumer
+        self._others = [StreamConsumer(r, s, parse, group=group, handler=handler,
+                                       consumer=self.consumer, claim_idle_ms=claim_idle_ms,
+                                       block_ms=block_ms, count=count, start_id=start_id)
+                        for s in streams[1:]]
+
+    @property
+    def streams(self) -> list[str]:
+        """The streams this consumer reads: one, or every partition's."""
+        return [self.stream, *(p.stream for p in self._others)]
 
     def _ensure_group(self, start_id: str) -> None:
         try:
@@ -319,10 +331,26 @@ class StreamConsumer(Generic[E]):
 
     def poll_once(self) -> int:
         """Handle what is due now: taken-over entries, our own pending ones, then new ones
-        (waiting up to `block_ms`). Returns how many entries were acknowledged."""
-        done = self._handle(self._claim_abandoned())
-        done += self._handle(self._read("0"))
-        done += self._handle(self._read(">", block=self.block_ms))
+        (waiting up to `block_ms`). Returns how many entries were acknowledged.
+
+        Several streams: each one's due entries without waiting, then, only when none had
+        any, a wait of `block_ms` shared out between them."""
+        if not self._others:
+            done = self._handle(self._claim_abandoned())
+            done += self._handle(self._read("0"))
+            done += self._handle(self._read(">", block=self.block_ms))
+            return done
+        parts = [self, *self._others]
+        done = 0
+        for p in parts:
+            done += p._handle(p._claim_abandoned())
+            done += p._handle(p._read("0"))
+            done += p._handle(p._read(">"))
+        share = max(1, self.block_ms // len(parts))
+        for p in parts:
+            if done:
+                break
+            done += p._handle(p._read(">", block=share))
         return done
 
     def _claim_abandoned(self) -> Entries:
@@ -374,13 +402,21 @@ class OrdersConsumer(StreamConsumer[OrderEvent]):
     `account="a1"` consumes that account's stream, `P:acct:a1:orders` (a group there is that
     account's own: the ACL user `listener-a1` may run groups on it and read nothing of another
     account). The client is used as redis-py makes it by default (RESP2 replies).
+
+    Redis Cluster (`r` a `redis.cluster.RedisCluster`): the orders stream is partitioned
+    (`P:orders:{o0}` ... `P:orders:{o3}`, a symbol's events all in one partition), and this
+    consumer runs the group on every partition: each poll takes what each partition has
+    without waiting, and waits (`block_ms` shared out between the partitions) only when none
+    had anything. Events of one symbol arrive in order; events of two symbols in different
+    partitions may arrive in another order than the projector wrote them.
     """
 
     def __init__(self, r: redis.Redis, *, group: str, handler: Callable[[OrderEvent], object],
                  prefix: str = DEFAULT_PREFIX, account: str | None = None,
                  **options: Any) -> None:
-        super().__init__(r, Keys(prefix, account=account).orders_stream(),
-                         OrderEvent.from_entry, group=group, handler=handler, **options)
+        streams = Keys(prefix, account=account, cluster=is_cluster(r)).orders_partitions()
+        super().__init__(r, streams, OrderEvent.from_entry, group=group, handler=handler,
+                         **options)
 
 
 class AccountEventsConsumer(StreamConsumer[AccountEvent]):

@@ -39,6 +39,7 @@ import httpx
 import orjson
 import redis
 
+from pipeline.redisconn import is_cluster
 from pipeline.weight import WeightBudget, depth_weight, klines_weight
 from projections.core.keys import DEFAULT_PREFIX, Keys
 
@@ -96,7 +97,7 @@ class MarketReader:
         account: str | None = None,
     ) -> None:
         self.r = r
-        self.keys = Keys(prefix, account=account)
+        self.keys = Keys(prefix, account=account, cluster=is_cluster(r))
         self.fallback = fallback
         self.clock = clock
         self.budget = budget or WeightBudget()
@@ -262,7 +263,7 @@ def open_orders(r: redis.Redis, symbol: str | None = None, *,
             print(o["orderId"], o["status"], o["executedQty"])
         strategy_b = open_orders(r, account="b")
     """
-    keys = Keys(prefix, account=account)
+    keys = Keys(prefix, account=account, cluster=is_cluster(r))
     key = keys.open_orders(symbol) if symbol else None
     orders = _hash_values(r, keys.pattern("open_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("orderId", 0)))
@@ -278,7 +279,7 @@ def open_algo_orders(r: redis.Redis, symbol: str | None = None, *,
     Example: `stops = [o for o in open_algo_orders(r) if o["orderType"] == "STOP_MARKET"]`;
     `open_algo_orders(r, "ETHUSDT", account="a1")`
     """
-    keys = Keys(prefix, account=account)
+    keys = Keys(prefix, account=account, cluster=is_cluster(r))
     key = keys.open_orders(symbol, "algo") if symbol else None
     orders = _hash_values(r, keys.pattern("open_algo_orders"), key)
     return sorted(orders, key=lambda o: int(o.get("algoId", 0)))

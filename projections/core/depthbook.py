@@ -67,7 +67,7 @@ import orjson
 
 from pipeline.eventlog import ControlEntry, FrameEntry
 from projections.core import frames
-from projections.core.keys import KEY_DEPTH_SNAPSHOTS, Keys, market_key
+from projections.core.keys import KEY_DEPTH_SNAPSHOTS, Keys, depth_snapshots_key, market_key
 from projections.core.market import SOURCE, STREAM_CACHE_MAX, TTL_MS
 from projections.core.outputs import (
     Entry,
@@ -282,7 +282,8 @@ class DiffBookProjection:
     def __init__(self, prefix: str, *, book_depth: int = 20,
                  buffer_limit: int = DEFAULT_BUFFER_LIMIT, symbols: Iterable[str] | None = None,
                  bounds: Bounds | None = None, **_unused: object) -> None:
-        self.sources = [RAW_KEY, SNAPSHOT_KEY]
+        # the cluster layout tags both (`keys.depth_snapshots_key`): built when the fold is
+        self.sources = [market_key("depth"), depth_snapshots_key()]
         self.book_depth = book_depth
         self.buffer_limit = buffer_limit
         self.bounds = bounds or Bounds()
@@ -354,7 +355,7 @@ class DiffBookProjection:
             book.bids.update(ev.bids)
             book.asks.update(ev.asks)
         if step.gap is not None:
-            out.append(LogGap(SNAPSHOT_KEY, step.gap))
+            out.append(LogGap(self.sources[1], step.gap))
         if step.need_snapshot is not None:
             out.append(NeedSnapshot(symbol, step.need_snapshot))
         seq = self.sequencers[symbol]

@@ -26,11 +26,34 @@ an account are `raw:user:{label}` and `raw:conn:user:{label}`; the projections f
 named `{name}@{label}` (`orders@a1`: its consumer group, `dlq:orders@a1`, `lease:orders@a1`).
 `Keys(prefix, account=label)` builds all of them; without a label (None) every name is today's,
 byte for byte. `family_of`, `account_of` and `parts_of` read the `acct:{label}` segment back.
+
+Redis Cluster (`PIPELINE_REDIS_CLUSTER`, docs/contract.md "Cluster mode"): the layout is a
+property of the process, chosen once at start (`set_cluster_layout(True)`, by
+`pipeline.redisconn.connect_checked`) before any fold or store is built. Off (the default),
+every name is the single-node one, byte for byte. On, only the keys that a multi-key
+command or function call writes or reads together carry a hash tag (`{...}`, Redis hashes
+only that part), so that they share one slot:
+- the market log, one tag per projection's sources (`XREADGROUP` reads them in one call):
+  `raw:market:{partial}:depth20` (depth5/10/20), `raw:market:{candles}:kline_1m` (every
+  kline interval), `raw:market:{diff}:depth` with the depth book's own
+  `raw:depth_snapshots:{diff}`, `raw:market:{mark}:markPrice`, and the family's own name for
+  the others (`raw:market:{aggTrade}:aggTrade`); the tags are chosen so that the heavy
+  streams fall on different masters of an evenly split cluster (`_SOURCE_TAGS`);
+- one account's orders: a symbol belongs to one of `ORDER_PARTITIONS` partitions
+  (`order_partition`, CRC-32 of the symbol), and orders.lua writes its state hash, open-orders
+  hash, per-symbol stream and the partition's stream in one call, so all four carry the
+  partition's tag: `P:order_state:{o2}:btcusdt`, `P:open_orders:{o2}:btcusdt`,
+  `P:orders:{o2}:btcusdt`, `P:orders:{o2}` (with an account label `{a1.o2}`). `P:orders`
+  itself is not written: a listener reads the partitions (`orders_partitions`), each in order,
+  and a symbol's events are all in one partition.
+Every other key (the market views the analyzer reads with one GET, `raw:user`, the dead letters,
+the leases) keeps its single-node name: the projector splits a batch's views call per slot.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 
 import attrs
 
@@ -107,13 +130,18 @@ def projection_base(name: str) -> tuple[str, str | None]:
 
 
 def market_key(family: str) -> str:
-    """`depth20` -> `raw:market:depth20`."""
+    """`depth20` -> `raw:market:depth20` (cluster mode: `raw:market:{partial}:depth20`)."""
+    if _layout["cluster"]:
+        return f"{MARKET_PREFIX}{{{source_tag(family)}}}:{family}"
     return MARKET_PREFIX + family
 
 
 def family_of_key(raw_key: str) -> str | None:
-    """`raw:market:depth20` -> `depth20`; None for a key outside `raw:market:`."""
-    return raw_key[len(MARKET_PREFIX):] if raw_key.startswith(MARKET_PREFIX) else None
+    """`raw:market:depth20` (or `raw:market:{partial}:depth20`) -> `depth20`; None for a key
+    outside `raw:market:`."""
+    if not raw_key.startswith(MARKET_PREFIX):
+        return None
+    return strip_tag(raw_key[len(MARKET_PREFIX):])
 
 
 def is_raw(key: str) -> bool:
@@ -129,6 +157,56 @@ def lease_key(projection: str) -> str:
 
 
 RAW_PATTERN = RAW_PREFIX + "*"
+
+# --- Redis Cluster layout ------------------------------------------------------------------------
+ORDER_PARTITIONS = 4  # fixed: a symbol's partition must not move while its stream is read
+_layout = {"cluster": False}
+
+
+def set_cluster_layout(on: bool) -> None:
+    """Choose the process's key layout: the Redis Cluster names (on) or the single-node ones."""
+    _layout["cluster"] = bool(on)
+
+
+def cluster_layout() -> bool:
+    return _layout["cluster"]
+
+
+# Tags whose slots (CRC16 % 16384) fall in different thirds of the slot space, so that on the
+# default even split over three (or six) masters the heavy streams (diff depth, partial books,
+# trades) land on different masters: diff 15157, mark 16377, partial 8083, candles 8278,
+# aggTrade 5107. Other families keep their own name as tag.
+_SOURCE_TAGS = {"markPrice": "mark", "depth": "diff", "depth5": "partial",
+                "depth10": "partial", "depth20": "partial"}
+
+
+def source_tag(family: str) -> str:
+    """The hash tag of a market family's raw key in cluster mode: the families one projection
+    reads together share one (`depth20` -> `partial`, `kline_1m` -> `candles`)."""
+    if family.startswith("kline_"):
+        return "candles"
+    return _SOURCE_TAGS.get(family, family)
+
+
+def order_partition(symbol: str) -> int:
+    """The orders partition of `symbol` (cluster mode): CRC-32 of its upper-case name."""
+    return zlib.crc32(symbol.upper().encode()) % ORDER_PARTITIONS
+
+
+def strip_tag(rest: str) -> str:
+    """`{partial}:depth20` -> `depth20`: a key's remainder without a leading hash tag
+    segment."""
+    if rest.startswith("{"):
+        end = rest.find("}:")
+        if end > 0:
+            return rest[end + 2:]
+    return rest
+
+
+def depth_snapshots_key() -> str:
+    """`raw:depth_snapshots`; cluster mode: `raw:depth_snapshots:{diff}`, in the slot of
+    `raw:market:{diff}:depth` (the depth book reads both in one XREADGROUP)."""
+    return KEY_DEPTH_SNAPSHOTS + ":{diff}" if _layout["cluster"] else KEY_DEPTH_SNAPSHOTS
 DLQ_PATTERN = DLQ_PREFIX + "*"
 
 
@@ -139,6 +217,12 @@ class Keys:
 
     prefix: str = DEFAULT_PREFIX
     account: str | None = None
+    # the cluster layout (tagged order keys) or not; None: the process's (`cluster_layout`).
+    # The consumer library passes what its client is, so a reader needs no setting.
+    cluster: bool | None = None
+
+    def _in_cluster(self) -> bool:
+        return _layout["cluster"] if self.cluster is None else self.cluster
 
     def _family_head(self, family: str) -> str:
         if self.account and family in ACCOUNT_FAMILIES:
@@ -235,20 +319,45 @@ class Keys:
     def balance(self, asset: str) -> str:
         return self.view("balance", asset)
 
+    def _order_tag(self, partition: int) -> str:
+        """Cluster mode: the hash tag of one orders partition, `{o2}` (`{a1.o2}` for a1)."""
+        return f"{{{self.account}.o{partition}}}" if self.account else f"{{o{partition}}}"
+
+    def _order_view(self, family: str, symbol: str) -> str:
+        if self._in_cluster():
+            return self.view(family, self._order_tag(order_partition(symbol)), symbol)
+        return self.view(family, symbol)
+
     def order_state(self, symbol: str, kind: str = "order") -> str:
-        return self.view("order_state" if kind == "order" else "algo_order_state", symbol)
+        return self._order_view("order_state" if kind == "order" else "algo_order_state",
+                                symbol)
 
     def open_orders(self, symbol: str, kind: str = "order") -> str:
-        return self.view("open_orders" if kind == "order" else "open_algo_orders", symbol)
+        return self._order_view("open_orders" if kind == "order" else "open_algo_orders",
+                                symbol)
 
     def orders_stream(self, symbol: str | None = None) -> str:
-        """`P:orders` (every order event) or `P:orders:{symbol}`."""
-        return self.view("orders", symbol) if symbol else self.view("orders")
+        """`P:orders` (every order event) or `P:orders:{symbol}`; cluster mode: the symbol's
+        partition's `P:orders:{o2}` (no symbol: partition 0's, see `orders_partitions`) or
+        `P:orders:{o2}:{symbol}`."""
+        if symbol:
+            return self._order_view("orders", symbol)
+        return self.orders_partitions()[0]
+
+    def orders_partitions(self) -> list[str]:
+        """The streams that together hold every order event: `[P:orders]`; cluster mode one
+        per partition, `P:orders:{o0}` ... `P:orders:{o3}`."""
+        if self._in_cluster():
+            return [self.view("orders", self._order_tag(i)) for i in range(ORDER_PARTITIONS)]
+        return [self.view("orders")]
 
     def order_keys(self, symbol: str, kind: str) -> list[str]:
-        """KEYS of orders.lua: state hash, open hash, per-symbol stream, all-orders stream."""
+        """KEYS of orders.lua: state hash, open hash, per-symbol stream, all-orders stream
+        (cluster mode: the symbol's partition's stream)."""
+        stream = (self.view("orders", self._order_tag(order_partition(symbol)))
+                  if self._in_cluster() else self.orders_stream())
         return [self.order_state(symbol, kind), self.open_orders(symbol, kind),
-                self.orders_stream(symbol), self.orders_stream()]
+                self.orders_stream(symbol), stream]
 
     # --- the account's events and settings (issue #13) -----------------------------------
 
@@ -273,6 +382,8 @@ class Keys:
         if family not in OPEN_ORDER_VIEWS:
             return None
         parts = self.parts_of(key, family)
+        if parts and len(parts) == 2 and parts[0].startswith("{") and parts[0].endswith("}"):
+            parts = parts[1:]  # cluster mode: `P:open_orders:{o2}:btcusdt`
         if not parts or len(parts) != 1 or not parts[0]:
             return None
         return family, parts[0].upper()

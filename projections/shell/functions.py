@@ -35,10 +35,11 @@ import threading
 from importlib import resources
 
 import redis
+import redis.cluster
 
 from pipeline.config import Settings
 from pipeline.errors import RedisUnavailable
-from pipeline.redisconn import connect_checked, redis_errors
+from pipeline.redisconn import connect_checked, is_cluster, redis_errors
 from projections.shell.health import ProjectorHealth
 
 log = logging.getLogger("pipeline.project")
@@ -86,8 +87,19 @@ def function_missing(exc: BaseException) -> bool:
 
 
 def load(client: redis.Redis) -> None:
-    """FUNCTION LOAD REPLACE of this version's library (redis-py errors pass through)."""
+    """FUNCTION LOAD REPLACE of this version's library (redis-py errors pass through); in
+    cluster mode on every master (RedisCluster sends FUNCTION LOAD to all of them)."""
     client.function_load(CODE, replace=True)
+
+
+def _check_version(client: redis.Redis) -> None:
+    """FCALL_RO of the version function: on one node, or on every master of a cluster (a
+    function is per node: the slot of a key decides which node runs it)."""
+    if is_cluster(client):
+        client.execute_command("FCALL_RO", VERSION_FN, 0,
+                               target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    else:
+        client.fcall_ro(VERSION_FN, 0)
 
 
 class FunctionLibrary:
@@ -105,7 +117,7 @@ class FunctionLibrary:
         away or refuses for now."""
         with redis_errors():
             try:
-                client.fcall_ro(VERSION_FN, 0)
+                _check_version(client)
             except redis.ResponseError as exc:
                 if not function_missing(exc):
                     raise
@@ -148,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    client = connect_checked(settings.redis_url, name="functions")
+    client = connect_checked(settings.redis_url, name="functions",
+                             cluster=settings.redis_cluster)
     try:
         load(client)
     except redis.exceptions.NoPermissionError:

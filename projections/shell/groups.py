@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import redis
 
-from pipeline.redisconn import error_code, redis_errors
+from pipeline.redisconn import error_code, is_cluster, redis_errors
 from projections.core.batch import RawEntry
 from projections.core.keys import dlq_key
 
@@ -46,12 +46,24 @@ def parse_xreadgroup(response: Sequence[Any] | None, **_options: object) -> list
     return out
 
 
+def from_parsed(response: Any) -> list[RawEntry]:
+    """Cluster mode: XREADGROUP as redis-py's own parser left it (`[[key, [(id, {f: v})]]]`:
+    a RedisCluster applies a response callback only after its node's parser ran) as RawEntry."""
+    out: list[RawEntry] = []
+    for key, entries in response or ():
+        skey = key.decode() if isinstance(key, bytes) else key
+        out += [(skey, eid, fields or {}) for eid, fields in entries]
+    return out
+
+
 class GroupIO:
     """One projection's group on its source keys, for one consumer."""
 
     def __init__(self, client: redis.Redis, group: str, keys: Sequence[str], consumer: str):
         self.client = client
-        client.set_response_callback("XREADGROUP", parse_xreadgroup)
+        self.cluster = is_cluster(client)
+        if not self.cluster:
+            client.set_response_callback("XREADGROUP", parse_xreadgroup)
         self.group = group
         self.keys = list(keys)
         self.consumer = consumer
@@ -81,7 +93,11 @@ class GroupIO:
         with redis_errors():
             reply: Any = self.client.xreadgroup(self.group, self.consumer, dict(ids),  # type: ignore[arg-type]
                                                 count=count, block=block_ms)
-        return cast(list[RawEntry], reply)
+        return self.entries(reply)
+
+    def entries(self, reply: Any) -> list[RawEntry]:
+        """The RawEntry list of an XREADGROUP reply read through this client."""
+        return from_parsed(reply) if self.cluster else cast(list[RawEntry], reply)
 
     def queue_read(self, pipe: Any, count: int) -> None:
         """Queue a non-blocking read of new entries (`>`) on `pipe` (the loop's read-ahead)."""

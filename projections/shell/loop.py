@@ -229,7 +229,7 @@ class ProjectionLoop:
         if ahead:
             got = results.pop()
             # an error reply (NOGROUP): the next plain read meets it again and handles it
-            self._prefetched = got if isinstance(got, list) and got else None
+            self._prefetched = self.io.entries(got) if isinstance(got, list) and got else None
         errors = [r for r in results if isinstance(r, Exception)]
         if any(functions.function_missing(e) for e in errors):
             self.store.forget_loaded()  # Redis restarted: load the library, write again

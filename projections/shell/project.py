@@ -32,7 +32,7 @@ from pipeline.eventlog import retention_family
 from pipeline.redisconn import MAX_BLOCK_MS, connect_checked, make_client
 from pipeline.rest import RestClient
 from pipeline.weight import WeightBudget
-from projections.core.depthbook import SNAPSHOT_KEY
+from projections.core.keys import depth_snapshots_key
 from projections.shell.consumers import REAP_IDLE_S, remove_idle_consumers_every
 from projections.shell.functions import FunctionLibrary
 from projections.shell.health import ProjectorHealth
@@ -131,8 +131,9 @@ async def run(settings: Settings, specs: Sequence[ProjectionSpec], opts: RunOpti
     sys.setswitchinterval(min(switch, GIL_SWITCH_S))
     try:
         async with trio.open_nursery() as nursery:
-            ret = settings.retention.get(retention_family(SNAPSHOT_KEY))
-            snapshots = Snapshotter(client, nursery, rest, raw_key=SNAPSHOT_KEY,
+            snapshot_key = depth_snapshots_key()
+            ret = settings.retention.get(retention_family(snapshot_key))
+            snapshots = Snapshotter(client, nursery, rest, raw_key=snapshot_key,
                                     maxlen=ret.maxlen if ret is not None else None,
                                     health=health)
             nursery.start_soon(ensure_library, client, library)
@@ -198,7 +199,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     health = ProjectorHealth()
     if settings.metrics_port > 0:  # first: a port already taken stops it before it connects
         metrics.serve(settings.metrics_port, health.healthy)
-    connect_checked(settings.redis_url, name="project").close()
+    connect_checked(settings.redis_url, name="project",
+                             cluster=settings.redis_cluster).close()
     log.info("projector starting", extra={"consumer": opts.consumer,
                                           "projections": ",".join(s.name for s in specs)})
     trio.run(_main_async, settings, specs, opts, health)

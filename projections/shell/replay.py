@@ -316,7 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     specs = choose(settings, args.only)
     start = parse_from(args.from_)
-    client = connect_checked(settings.redis_url, name="replay")
+    client = connect_checked(settings.redis_url, name="replay",
+                             cluster=settings.redis_cluster)
     try:
         with redis_errors():
             check_start(client, specs, start, args.from_)

@@ -35,7 +35,9 @@ from typing import Any
 import orjson
 import redis
 import redis.client
+from redis.crc import key_slot
 
+from pipeline.redisconn import is_cluster
 from projections.core.orderwrites import AlgoOrderWrite, OrderWrite
 from projections.core.outputs import ListMerge, ListPushIfNewer, Output, StreamAppend, ViewWrite
 from projections.core.plausible import Bounds
@@ -43,6 +45,9 @@ from projections.shell import functions
 from projections.shell.orderstore import perform_order_write
 
 Performer = Callable[[redis.client.Pipeline, Any, Bounds], None]
+# per queued command: how many writes it carries (in the order queued), or, in cluster mode,
+# the positions of the writes it carries (a views call carries one slot's writes)
+Plan = list[int | tuple[int, ...]]
 
 
 def perform_stream_append(pipe: redis.client.Pipeline, write: object, bounds: Bounds) -> None:
@@ -78,6 +83,11 @@ class ViewStore:
     writes costs one command instead of 50. The function returns one result per write, in
     order. `bounds`: the settings' plausibility bounds, sent with every call; `library`: who
     makes sure the function library is on the server (one per process).
+
+    Redis Cluster: a function call's keys must share a slot, and the views keep their
+    single-node names (`websocket:mark_price:btcusdt`), so the run of writes is split into one
+    call per slot (the cluster pipeline sends each to its master; the calls of one master go
+    in one round trip), and the plan names the positions each call carries.
     """
 
     def __init__(self, client: redis.Redis, per_call: int = 500, bounds: Bounds | None = None,
@@ -89,21 +99,25 @@ class ViewStore:
                       _num(self.bounds.max_id_rate))
         self.library = library or functions.DEFAULT
         self._loaded = False
+        self._cluster = is_cluster(client)
+        self._slots: dict[str, int] = {}
+        self._pos = 0  # cluster mode: position of the next write in the queue_all call
 
     def forget_loaded(self) -> None:
         """After a call found the library missing (Redis restarted): check (and load) it again
         before the next use."""
         self._loaded = False
 
-    def queue(self, pipe: redis.client.Pipeline, out: Output) -> list[int]:
+    def queue(self, pipe: redis.client.Pipeline, out: Output) -> Plan:
         return self.queue_all(pipe, (out,))
 
-    def queue_all(self, pipe: redis.client.Pipeline, outputs: Iterable[Output]) -> list[int]:
+    def queue_all(self, pipe: redis.client.Pipeline, outputs: Iterable[Output]) -> Plan:
         """Queue every write in order; returns, per queued command, how many writes it carries
         (the plan `write_results` reads the replies by)."""
         keys: list[str] = []
         args: list[Any] = []
-        plan: list[int] = []
+        plan: Plan = []
+        self._pos = 0
         for out in outputs:
             kind = type(out)
             if kind is ViewWrite:
@@ -128,7 +142,11 @@ class ViewStore:
                 self._flush(pipe, keys, args, plan)
                 self._ensure()
                 performer(pipe, out, self.bounds)
-                plan.append(1)
+                if self._cluster:
+                    plan.append((self._pos,))
+                    self._pos += 1
+                else:
+                    plan.append(1)
                 continue
             if len(keys) >= self.per_call:
                 self._flush(pipe, keys, args, plan)
@@ -141,22 +159,57 @@ class ViewStore:
             self._loaded = True
 
     def _flush(self, pipe: redis.client.Pipeline, keys: list[str], args: list[Any],
-               plan: list[int]) -> None:
+               plan: Plan) -> None:
         if not keys:
             return
         self._ensure()
-        pipe.fcall(functions.VIEWS_FN, len(keys), *keys, *self._head, *args)
-        plan.append(len(keys))
+        if self._cluster:
+            self._flush_per_slot(pipe, keys, args, plan)
+        else:
+            pipe.fcall(functions.VIEWS_FN, len(keys), *keys, *self._head, *args)
+            plan.append(len(keys))
         keys.clear()
         args.clear()
 
+    def _flush_per_slot(self, pipe: redis.client.Pipeline, keys: list[str], args: list[Any],
+                        plan: Plan) -> None:
+        """Cluster mode: one views call per slot of the run's keys, in first-seen order."""
+        width = len(args) // len(keys)  # every write carries the same number of arguments
+        by_slot: dict[int, list[int]] = {}
+        slots = self._slots
+        for i, key in enumerate(keys):
+            slot = slots.get(key)
+            if slot is None:
+                if len(slots) > 100_000:
+                    slots.clear()
+                slot = slots[key] = key_slot(key.encode())
+            by_slot.setdefault(slot, []).append(i)
+        base = self._pos
+        for idx in by_slot.values():
+            call_args = [a for i in idx for a in args[i * width:(i + 1) * width]]
+            pipe.fcall(functions.VIEWS_FN, len(idx), *[keys[i] for i in idx], *self._head,
+                       *call_args)
+            plan.append(tuple(base + i for i in idx))
+        self._pos += len(keys)
 
-def write_results(plan: Sequence[int], replies: Sequence[Any]) -> list[Any]:
+
+def write_results(plan: Sequence[int | tuple[int, ...]], replies: Sequence[Any]) -> list[Any]:
     """One result per write, in the order queued: the replies of the commands `plan`
     describes (a list for a views call, one number for an order write); an error reply
-    stands for every write its command carried."""
+    stands for every write its command carried. (Cluster mode: a plan item names the
+    positions of its writes.)"""
+    if plan and isinstance(plan[0], tuple):
+        placed: dict[int, Any] = {}
+        for positions, reply in zip(plan, replies, strict=False):
+            assert isinstance(positions, tuple)
+            if isinstance(reply, list):
+                placed.update(zip(positions, reply, strict=False))
+            else:
+                placed.update((p, reply) for p in positions)
+        return [placed.get(i) for i in range(len(placed))]
     out: list[Any] = []
     for n, reply in zip(plan, replies, strict=False):
+        assert isinstance(n, int)
         if isinstance(reply, list):
             out += reply
         else:
