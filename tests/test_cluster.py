@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -265,6 +266,7 @@ def test_user_flow_on_a_cluster_orders_exactly_once_in_order_per_symbol(
                               handler=seen.append, start_id="0", block_ms=50)
     assert len(consumer.streams) == keymod.ORDER_PARTITIONS
     wait(lambda: consumer.poll_once() == 0 and len(seen) >= 9)
+    consumer.close()
     for symbol, ids in placed.items():
         mine = [(e.order_id, e.status) for e in seen if e.symbol == symbol]
         # exactly once per transition, in the order the exchange made them
@@ -281,6 +283,33 @@ def test_user_flow_on_a_cluster_orders_exactly_once_in_order_per_symbol(
     assert "no replica acknowledged" not in user_log and "WAIT refused" not in user_log
     for log in (user_log, procs.stop("project")):
         assert "Traceback" not in log
+
+
+def test_the_order_listener_waits_on_every_partition_at_once(
+        rc: redis.cluster.RedisCluster) -> None:
+    """An event on the last partition is handled as it comes, not after the waits of the
+    partitions before it: with a 20 s wait, a poll that read the partitions one after the
+    other would return only after 15 s."""
+    seen: list[OrderEvent] = []
+    consumer = OrdersConsumer(rc, group="desk", consumer="c1",  # type: ignore[arg-type]
+                              handler=seen.append, block_ms=20_000)
+    last = consumer.streams[-1]
+
+    def append() -> None:
+        time.sleep(0.3)
+        rc.xadd(last, {"order_id": "7", "status": "NEW", "symbol": "BTCUSDT", "kind": "order",
+                       "source": "stream", "data": "{}"})
+
+    writer = threading.Thread(target=append)
+    started = time.monotonic()
+    writer.start()
+    handled = consumer.poll_once()
+    took = time.monotonic() - started
+    writer.join()
+    assert handled == 1 and [(e.order_id, e.status) for e in seen] == [("7", "NEW")]
+    assert took < 10, f"the poll waited {took:.1f} s for partitions that had nothing"
+    consumer.close()
+    assert rc.xpending(last, "desk")["pending"] == 0  # handled and acknowledged
 
 
 def test_status_reports_every_node_and_replay_rebuilds_the_views(
@@ -417,6 +446,7 @@ def test_each_role_works_on_every_node_with_the_cluster_acl(
         consumer = OrdersConsumer(listener_client, group="desk",  # type: ignore[arg-type]
                                   handler=seen.append, start_id="0", block_ms=50)
         wait(lambda: consumer.poll_once() >= 0 and len(seen) >= 1)
+        consumer.close()
         assert [(e.symbol, e.status) for e in seen] == [("SOLUSDT", "NEW")]
         assert [o["symbol"] for o in open_orders(listener_client)] == [  # type: ignore[arg-type]
             "SOLUSDT"]

@@ -23,6 +23,7 @@ Example (see examples/position_listener.py)::
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -301,6 +302,8 @@ class StreamConsumer(Generic[E]):
         self.block_ms = block_ms
         self.count = count
         self._stopped = False
+        self._waits: concurrent.futures.ThreadPoolExecutor | None = None
+        self._waiting: dict[int, concurrent.futures.Future[Entries]] = {}
         self._ensure_group(start_id)
         # several streams (the orders partitions of a cluster): the group on each, same consumer
         self._others = [StreamConsumer(r, s, parse, group=group, handler=handler,
@@ -325,16 +328,29 @@ class StreamConsumer(Generic[E]):
         self._stopped = True
 
     def run(self) -> None:
-        """Poll until `stop()`."""
-        while not self._stopped:
-            self.poll_once()
+        """Poll until `stop()`, then `close()`."""
+        try:
+            while not self._stopped:
+                self.poll_once()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Wait for the reads still out (several streams: at most `block_ms`) and end their
+        threads. What they delivered and nobody handled stays pending for this consumer."""
+        if self._waits is not None:
+            self._waits.shutdown(wait=True)
+            self._waits = None
+        self._waiting.clear()
 
     def poll_once(self) -> int:
         """Handle what is due now: taken-over entries, our own pending ones, then new ones
         (waiting up to `block_ms`). Returns how many entries were acknowledged.
 
-        Several streams: each one's due entries without waiting, then, only when none had
-        any, a wait of `block_ms` shared out between them."""
+        Several streams (the orders partitions of a cluster, each in its own slot, so no one
+        XREADGROUP reads them all): each one's due entries without waiting, then, only when
+        none had any, a blocking read on every partition at once, each in a thread of its
+        own (`_wait_all`), so an entry on any partition is handled as soon as it comes."""
         if not self._others:
             done = self._handle(self._claim_abandoned())
             done += self._handle(self._read("0"))
@@ -342,15 +358,36 @@ class StreamConsumer(Generic[E]):
             return done
         parts = [self, *self._others]
         done = 0
-        for p in parts:
+        for i, p in enumerate(parts):
+            if i in self._waiting:  # a read of it is still out: its entries come from there
+                continue
             done += p._handle(p._claim_abandoned())
             done += p._handle(p._read("0"))
             done += p._handle(p._read(">"))
-        share = max(1, self.block_ms // len(parts))
-        for p in parts:
-            if done:
-                break
-            done += p._handle(p._read(">", block=share))
+        if done:
+            return done
+        return self._wait_all(parts)
+
+    def _wait_all(self, parts: list[StreamConsumer[E]]) -> int:
+        """A blocking read on each partition that has none out, then the entries of the first
+        ones to answer, in the caller's thread. A read still out when this returns stays out:
+        its entries (already delivered to this consumer) are handled by a later poll, before
+        that partition is read again, so a partition's entries keep their order and none is
+        handled twice. Entries of reads left out when the process stops stay pending for
+        this consumer and are delivered again (`_read("0")`) or taken over by another."""
+        if self._waits is None:
+            self._waits = concurrent.futures.ThreadPoolExecutor(
+                max_workers=len(parts), thread_name_prefix="stream-consumer")
+        for i, p in enumerate(parts):
+            if i not in self._waiting:
+                self._waiting[i] = self._waits.submit(p._read, ">", self.block_ms)
+        finished, _ = concurrent.futures.wait(
+            list(self._waiting.values()), timeout=self.block_ms / 1000 + 1.0,
+            return_when=concurrent.futures.FIRST_COMPLETED)
+        done = 0
+        for i in [i for i, f in self._waiting.items() if f in finished]:
+            future = self._waiting.pop(i)
+            done += parts[i]._handle(future.result())
         return done
 
     def _claim_abandoned(self) -> Entries:
@@ -406,9 +443,11 @@ class OrdersConsumer(StreamConsumer[OrderEvent]):
     Redis Cluster (`r` a `redis.cluster.RedisCluster`): the orders stream is partitioned
     (`P:orders:{o0}` ... `P:orders:{o3}`, a symbol's events all in one partition), and this
     consumer runs the group on every partition: each poll takes what each partition has
-    without waiting, and waits (`block_ms` shared out between the partitions) only when none
-    had anything. Events of one symbol arrive in order; events of two symbols in different
-    partitions may arrive in another order than the projector wrote them.
+    without waiting, and only when none had anything waits on all of them at once (a
+    blocking read per partition, each in a thread: an event on any partition is handled as
+    soon as it comes, in the thread that called `poll_once`). Events of one symbol arrive in
+    order; events of two symbols in different partitions may arrive in another order than the
+    projector wrote them.
     """
 
     def __init__(self, r: redis.Redis, *, group: str, handler: Callable[[OrderEvent], object],
