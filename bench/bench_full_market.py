@@ -83,8 +83,7 @@ MARKET_SIZE = 550
 TOP = 50
 MARKET_STREAMS = "markPrice@1s,kline_1m,aggTrade"
 BOOK_STREAMS = "depth20@100ms"
-ALL_STREAMS = f"{MARKET_STREAMS},{BOOK_STREAMS}"
-FAMILIES = ("markPrice", "kline_1m", "aggTrade", "depth20", "other")
+FAMILIES = ("markPrice", "kline_1m", "aggTrade", "depth20", "other", "markPrice_arr")
 RAW_KEYS = [market_key(f) for f in FAMILIES]
 CONN_KEY = "raw:conn:market"
 COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq
@@ -186,6 +185,78 @@ def mem_mb(pid: int) -> tuple[float, float]:
     return vals.get("VmRSS:", 0.0), vals.get("VmHWM:", 0.0)
 
 
+# --- the observer: when frames leave the simulator -------------------------------------------
+
+OBSERVED = 12  # symbols spread over the listing whose markPrice@1s and aggTrade it reads
+
+
+class Observer:
+    """A bare reader on its own thread: a raw socket (no websocket library) subscribed to the
+    markPrice@1s and aggTrade of `OBSERVED` symbols spread over the listing, recording for each
+    frame (receipt time - E). It shows how late the simulator itself sends a frame after its
+    `E` (making a tick's events, a whole second's 550 mark prices at once, takes it time), the
+    part of the receive leg that is not the pipeline's."""
+
+    def __init__(self, ws_url: str, symbols: tuple[str, ...]) -> None:
+        step = max(1, len(symbols) // OBSERVED)
+        picked = [s.lower() for s in symbols[::step][:OBSERVED]]
+        self.names = [f"{s}@{k}" for s in picked for k in ("markPrice@1s", "aggTrade")]
+        self.ws_url = ws_url
+        self.rows: list[tuple[float, str, float]] = []  # (received, kind, received - E in ms)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        import trio
+
+        from bench.bench_simulator import raw_socket, subscribe
+
+        async def main() -> None:
+            stream = await raw_socket(self.ws_url, "/market/ws")
+            await subscribe(stream, self.names)
+            buf = bytearray()
+            while not self.stop.is_set():
+                with trio.move_on_after(0.5):
+                    data = await stream.receive_some(1 << 16)
+                    if not data:
+                        return
+                    now = time.time()
+                    buf += data
+                    self._frames(buf, now)
+            await stream.aclose()
+
+        trio.run(main)
+
+    def _frames(self, buf: bytearray, now: float) -> None:
+        """Cut whole server frames (unmasked, RFC 6455 5.2) off `buf` and record them."""
+        while len(buf) >= 2:
+            n, at = buf[1] & 0x7F, 2
+            if n == 126:
+                if len(buf) < 4:
+                    return
+                n, at = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                if len(buf) < 10:
+                    return
+                n, at = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < at + n:
+                return
+            payload = bytes(buf[at:at + n])
+            del buf[:at + n]
+            i = payload.find(b'"E":')
+            if i >= 0:
+                e = float(payload[i + 4:payload.find(b",", i)])
+                kind = "markPrice" if b"markPrice" in payload[:60] else "aggTrade"
+                self.rows.append((now, kind, now * 1000 - e))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path, server: LocalRedis) -> None:
         self.args, self.tmp, self.server = args, tmp, server
@@ -210,10 +281,16 @@ class Bench:
         base = {"REDIS_URL": self.server.url, "BINANCE_WS_URL": self.ws,
                 "BINANCE_REST_URL": self.rest, "PIPELINE_KLINE_HISTORY": "0"}
         self.symbols = market_symbols(SimConfig().symbols, MARKET_SIZE)
-        self.procs["ingest_market"] = start(
-            [py, "-m", "pipeline", "ingest", "market"],
-            clean_env(**base, PIPELINE_SYMBOLS="ALL", PIPELINE_MARKET_STREAMS=MARKET_STREAMS),
-            self.tmp / "ingest_market.log")
+        streams = self.market_streams()
+        shards = self.args.shards
+        for i in range(1, shards + 1):
+            name = "ingest_market" if shards == 1 else f"ingest_market_{i}"
+            shard = {} if shards == 1 else {"PIPELINE_SHARD": f"{i}/{shards}"}
+            self.procs[name] = start(
+                [py, "-m", "pipeline", "ingest", "market"],
+                clean_env(**base, **shard, PIPELINE_SYMBOLS="ALL",
+                          PIPELINE_MARKET_STREAMS=streams),
+                self.tmp / f"{name}.log")
         self.procs["ingest_depth"] = start(
             [py, "-m", "pipeline", "ingest", "market"],
             clean_env(**base, PIPELINE_SYMBOLS=",".join(self.symbols[:TOP]),
@@ -222,7 +299,7 @@ class Bench:
         proj = start([py, str(Path(__file__).resolve()), "--projector-child",
                       str(self.samples_path)],
                      clean_env(**base, PIPELINE_SYMBOLS="ALL",
-                               PIPELINE_MARKET_STREAMS=ALL_STREAMS),
+                               PIPELINE_MARKET_STREAMS=f"{streams},{BOOK_STREAMS}"),
                      self.tmp / "projector.log")
         self.procs["projector"] = proj
         assert proj.stdout is not None
@@ -230,9 +307,19 @@ class Bench:
         self.pids = {name: p.pid for name, p in self.procs.items()}
         self.pids["redis"] = int(self.r.info("server")["process_id"])
         self.pids["bench"] = os.getpid()
+        self.observer = Observer(self.ws, self.symbols)
+        self.observer.start()
+
+    def market_streams(self) -> str:
+        if self.args.mark_arr:
+            return MARKET_STREAMS.replace("markPrice@1s", "!markPrice@arr@1s")
+        return MARKET_STREAMS
 
     def stop(self) -> None:
-        for name in ("projector", "ingest_market", "ingest_depth", "simulator"):
+        if hasattr(self, "observer"):
+            self.observer.close()
+        for name in ["projector", *(n for n in self.procs if n.startswith("ingest")),
+                     "simulator"]:
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -251,7 +338,11 @@ class Bench:
 
     # counters
     def sent(self) -> int:
-        return int(self.http.get("/sim/stats").json()["frames_total"])
+        """Frames the simulator wrote to the pipeline's connections (not the observer's)."""
+        stats = self.http.get("/sim/stats").json()
+        observer = sum(int(c["frames"]) for c in stats["connections"]
+                       if c["streams"] == len(self.observer.names))
+        return int(stats["frames_total"]) - observer
 
     def added(self) -> dict[str, int]:
         out = {}
@@ -321,9 +412,10 @@ class Bench:
         while time.time() < deadline:
             total = sum(self.added().values())
             busy = False
-            for key in RAW_KEYS[:4]:
-                for g in self.r.xinfo_groups(key):
-                    busy |= bool(g["pending"]) or bool(g.get("lag"))
+            for key in RAW_KEYS:
+                if key != market_key("other") and self.r.exists(key):
+                    for g in self.r.xinfo_groups(key):
+                        busy |= bool(g["pending"]) or bool(g.get("lag"))
             stable = stable + 1 if total == last and not busy else 0
             if stable >= 4:
                 return self.sent()
@@ -396,6 +488,10 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
             in_phase = sorted(a for a, when in ids if t0 <= when < t1)
             if in_phase:
                 holes_trades += in_phase[-1] - in_phase[0] + 1 - len(set(in_phase))
+        observed: dict[str, list[float]] = defaultdict(list)
+        for when, kind, lag in b.observer.rows:
+            if t0 <= when < t1:
+                observed[kind].append(lag)
         p50, p99, mx = quantiles(lat)
         a50, a99, amax = quantiles(ph["mark_ages"])
         cpu = {n: (c1["cpu"][n] - c0["cpu"][n]) for n in c0["cpu"]}
@@ -416,6 +512,8 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
                       "recv_p50": quantiles(by_family_recv[fam])[0],
                       "recv_p99": quantiles(by_family_recv[fam])[1], "frames": len(v)}
                 for fam, v in sorted(by_family.items())},
+            "sim_send_lag_ms": {kind: {"p50": quantiles(v)[0], "p99": quantiles(v)[1],
+                                       "frames": len(v)} for kind, v in observed.items()},
             "mark_age_s": {"p50": a50, "p99": a99, "max": amax, "reads": len(ph["mark_ages"])},
             "cpu_ms_per_1000_frames": {n: 1e6 * v / sent if sent else float("nan")
                                        for n, v in cpu.items()},
@@ -475,10 +573,11 @@ def scan_log(r: Any) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"\nwhole market, {results['symbols']} symbols ({MARKET_STREAMS}) + top {TOP} "
+    print(f"\nwhole market, {results['symbols']} symbols ({results['streams']}, "
+          f"{results['shards']} ingestor(s)) + top {TOP} "
           f"{BOOK_STREAMS}; load average {results['load_before']:.2f} before, "
           f"{results['load_after']:.2f} after")
-    names = ("simulator", "ingest_market", "ingest_depth", "projector", "redis", "bench")
+    names = results["processes"]
     for ph in results["phases"]:
         lat, age = ph["latency_ms"], ph["mark_age_s"]
         print(f"\n[{ph['phase']} x{ph['multiplier']:g}] {ph['seconds']:.0f} s, load "
@@ -494,6 +593,8 @@ def report(results: dict[str, Any]) -> None:
         print("  by family, E->view p50/p99 (recv_ts->view p50/p99) ms: " + ", ".join(
             f"{fam} {v['E_p50']:.2f}/{v['E_p99']:.2f} ({v['recv_p50']:.2f}/"
             f"{v['recv_p99']:.2f})" for fam, v in ph["latency_by_family_ms"].items()))
+        print("  the simulator's own lag (E -> a bare raw-socket reader) p50/p99 ms: " + ", ".join(
+            f"{k} {v['p50']:.2f}/{v['p99']:.2f}" for k, v in ph["sim_send_lag_ms"].items()))
         print(f"  mark-price view age p50 {age['p50']:.3f} / p99 {age['p99']:.3f} / max "
               f"{age['max']:.3f} s over {age['reads']:,} reads")
         print("  " + "  ".join(
@@ -524,6 +625,10 @@ def main() -> int:
     ap.add_argument("--step-s", type=float, default=15.0, help="seconds per headroom step")
     ap.add_argument("--steps", default="10,20,40,80", help="headroom multipliers, in order")
     ap.add_argument("--no-headroom", action="store_true")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="market ingestors for the ALL streams (PIPELINE_SHARD i/n each)")
+    ap.add_argument("--mark-arr", action="store_true",
+                    help="!markPrice@arr@1s (one frame a second) instead of markPrice@1s")
     ap.add_argument("--quick", action="store_true",
                     help="10 s steady, 8 s crash, headroom x10 and x20 of 6 s")
     args = ap.parse_args()
@@ -559,6 +664,8 @@ def main() -> int:
             conn_names = (b.samples_path.with_suffix(".conns")).read_text().split()
             results: dict[str, Any] = {
                 "symbols": len(b.symbols), "load_before": load_before,
+                "processes": list(b.pids), "streams": b.market_streams(),
+                "shards": args.shards,
                 "load_after": os.getloadavg()[0],
                 "phases": analyse(b, phases, samples, log),
                 "memory": memory, "totals": totals(sent, samples, log, conn_names)}
