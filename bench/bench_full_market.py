@@ -22,7 +22,8 @@ What runs, each its own process on this machine:
 
 Phases, back to back after a warm-up: `steady` (no crash), `crash` (trades, book changes and
 book tickers x5), then, unless `--no-headroom`, `headroom` steps with the crash multiplier
-raised (x10, x20, x40, ...) until a step loses a frame or its frame->view p99 passes 10 ms.
+raised (x10, x20, x40, ...). Headroom: the last multiplier with no frame lost, and the last whose
+frame->view p99 stayed within 10 ms, each with the first that failed and its busiest process.
 
 Per phase it reports:
 - frames/s the simulator wrote (`GET /sim/stats` frames_total), the entries the log got
@@ -499,6 +500,8 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
             "phase": ph["name"], "multiplier": ph.get("multiplier", 1.0),
             "seconds": wall, "load_avg": ph["load"],
             "sent_per_s": sent / wall, "sent": sent, "logged": logged, "folded": folded,
+            "logged_per_s_by_key": {k: (c1["added"][k] - c0["added"][k]) / wall
+                                    for k in c0["added"] if c1["added"][k] > c0["added"][k]},
             "seq_holes": seq_holes(window_rows(samples, conn_names, log["other"], t0, t1)),
             "trade_id_holes": holes_trades,
             "conn_events": dict(ph["conn_events"]),
@@ -572,6 +575,36 @@ def scan_log(r: Any) -> dict[str, Any]:
     return {"kinds": kinds, "other": other, "trades": trades}
 
 
+def busiest(ph: dict[str, Any]) -> str:
+    name, cores = max(ph["cpu_cores"].items(), key=lambda kv: kv[1])
+    return f"{name} {cores:.2f} cores"
+
+
+def headroom(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The multipliers reached in order (steady x1, crash x5, the steps): the last one with no
+    frame lost, and the last whose frame->view p99 stayed within 10 ms, each with the first
+    one that was not and the busiest process there."""
+    out: dict[str, Any] = {}
+    for what, bad in (
+            ("lossless", lambda p: p["seq_holes"] or p["trade_id_holes"]),
+            ("p99_within_10ms", lambda p: p["latency_ms"]["p99"] > P99_LIMIT_MS)):
+        last, first_bad = None, None
+        for p in phases:
+            if bad(p):
+                first_bad = p
+                break
+            last = p["multiplier"]
+        out[what] = {"last_good": last,
+                     "first_bad": None if first_bad is None else {
+                         "multiplier": first_bad["multiplier"],
+                         "frames_per_s": first_bad["sent_per_s"],
+                         "p99_ms": first_bad["latency_ms"]["p99"],
+                         "seq_holes": first_bad["seq_holes"],
+                         "trade_id_holes": first_bad["trade_id_holes"],
+                         "busiest": busiest(first_bad)}}
+    return out
+
+
 def report(results: dict[str, Any]) -> None:
     print(f"\nwhole market, {results['symbols']} symbols ({results['streams']}, "
           f"{results['shards']} ingestor(s)) + top {TOP} "
@@ -590,6 +623,8 @@ def report(results: dict[str, Any]) -> None:
               f"{lat['receive_p50']:.2f}/{lat['receive_p99']:.2f}, log {lat['log_p50']:.2f}/"
               f"{lat['log_p99']:.2f}, project {lat['project_p50']:.2f}/"
               f"{lat['project_p99']:.2f}")
+        print("  logged/s by key: " + ", ".join(
+            f"{k.rsplit(':', 1)[1]} {v:,.0f}" for k, v in ph["logged_per_s_by_key"].items()))
         print("  by family, E->view p50/p99 (recv_ts->view p50/p99) ms: " + ", ".join(
             f"{fam} {v['E_p50']:.2f}/{v['E_p99']:.2f} ({v['recv_p50']:.2f}/"
             f"{v['recv_p99']:.2f})" for fam, v in ph["latency_by_family_ms"].items()))
@@ -611,9 +646,14 @@ def report(results: dict[str, Any]) -> None:
           f"raw:market:other = {t['folded_frames'] + t['other_frames']:,}; gap entries "
           f"{t['gap_entries']}, seq holes {t['seq_holes']}, aggTrade id holes "
           f"{t['trade_id_holes']}; control entries {t['control_entries']}")
-    if results.get("headroom") is not None:
-        print(f"headroom: last good multiplier x{results['headroom']['last_good']:g} "
-              f"({results['headroom']['why']})")
+    for what, h in (results.get("headroom") or {}).items():
+        bad = h["first_bad"]
+        good = "none" if h["last_good"] is None else f"x{h['last_good']:g}"
+        print(f"headroom, {what}: last good multiplier {good}; "
+              + ("no step failed" if bad is None else
+                 f"first failing x{bad['multiplier']:g} ({bad['frames_per_s']:,.0f} frames/s, "
+                 f"p99 {bad['p99_ms']:.1f} ms, seq holes {bad['seq_holes']}, aggTrade id holes "
+                 f"{bad['trade_id_holes']}, busiest: {bad['busiest']})"))
 
 
 def main() -> int:
@@ -671,16 +711,7 @@ def main() -> int:
                 "memory": memory, "totals": totals(sent, samples, log, conn_names)}
         finally:
             b.stop()
-    hr = [p for p in results["phases"] if p["phase"] != "steady"]
-    last_good, why = 1.0, "no step failed"
-    for p in hr:
-        bad = p["seq_holes"] or p["trade_id_holes"] or p["latency_ms"]["p99"] > P99_LIMIT_MS
-        if bad:
-            why = (f"x{p['multiplier']:g}: p99 {p['latency_ms']['p99']:.2f} ms, seq holes "
-                   f"{p['seq_holes']}, trade id holes {p['trade_id_holes']}")
-            break
-        last_good = p["multiplier"]
-    results["headroom"] = None if args.no_headroom else {"last_good": last_good, "why": why}
+    results["headroom"] = None if args.no_headroom else headroom(results["phases"])
     report(results)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
