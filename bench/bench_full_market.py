@@ -469,6 +469,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
         sent = c1["sent"] - c0["sent"]
         logged = sum(c1["added"].values()) - sum(c0["added"].values())
         lat: list[float] = []
+        after_recv: list[float] = []
         legs: tuple[list[float], list[float], list[float]] = ([], [], [])
         folded = 0
         by_family: dict[str, list[float]] = defaultdict(list)
@@ -478,6 +479,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
                 folded += 1
                 fam = FAMILIES[int(k)]
                 by_family_recv[fam].append(w * 1000 - recv * 1000)
+                after_recv.append(w * 1000 - recv * 1000)
                 if e > 0:
                     by_family[fam].append(w * 1000 - e)
                     lat.append(w * 1000 - e)
@@ -506,6 +508,8 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
             "trade_id_holes": holes_trades,
             "conn_events": dict(ph["conn_events"]),
             "latency_ms": {"p50": p50, "p99": p99, "max": mx, "frames": len(lat),
+                           "from_recv_p50": quantiles(after_recv)[0],
+                           "from_recv_p99": quantiles(after_recv)[1],
                            **{f"{leg}_{q}": v for leg, vals in
                               zip(("receive", "log", "project"), legs, strict=True)
                               for q, v in zip(("p50", "p99"), quantiles(vals)[:2],
@@ -619,7 +623,9 @@ def report(results: dict[str, Any]) -> None:
               f"{ph['seq_holes']}, aggTrade id holes {ph['trade_id_holes']}; "
               f"connection entries {ph['conn_events']}")
         print(f"  frame->view p50 {lat['p50']:.2f} / p99 {lat['p99']:.2f} / max "
-              f"{lat['max']:.1f} ms over {lat['frames']:,} frames; legs p50/p99: receive "
+              f"{lat['max']:.1f} ms over {lat['frames']:,} frames (from the ingestor's "
+              f"recv_ts: p50 {lat['from_recv_p50']:.2f} / p99 {lat['from_recv_p99']:.2f}); "
+              f"legs p50/p99: receive "
               f"{lat['receive_p50']:.2f}/{lat['receive_p99']:.2f}, log {lat['log_p50']:.2f}/"
               f"{lat['log_p99']:.2f}, project {lat['project_p50']:.2f}/"
               f"{lat['project_p99']:.2f}")
