@@ -84,8 +84,13 @@ MARKET_SIZE = 550
 TOP = 50
 MARKET_STREAMS = "markPrice@1s,kline_1m,aggTrade"
 BOOK_STREAMS = "depth20@100ms"
-FAMILIES = ("markPrice", "kline_1m", "aggTrade", "depth20", "other", "markPrice_arr")
+# --all-families: every other family too, on the top symbols' second ingestor (bytes per entry)
+EVERY_BOOK_STREAM = ("depth5@100ms,depth10@100ms,depth20@100ms,depth@100ms,bookTicker,"
+                     "forceOrder,kline_1h")
+FAMILIES = ("markPrice", "kline_1m", "aggTrade", "depth20", "other", "markPrice_arr",
+            "depth5", "depth10", "depth", "bookTicker", "forceOrder", "kline_1h")
 RAW_KEYS = [market_key(f) for f in FAMILIES]
+UNPROJECTED = (market_key("other"), market_key("forceOrder"))  # logged, folded by nobody
 CONN_KEY = "raw:conn:market"
 COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq
 P99_LIMIT_MS = 10.0
@@ -295,12 +300,12 @@ class Bench:
         self.procs["ingest_depth"] = start(
             [py, "-m", "pipeline", "ingest", "market"],
             clean_env(**base, PIPELINE_SYMBOLS=",".join(self.symbols[:TOP]),
-                      PIPELINE_MARKET_STREAMS=BOOK_STREAMS),
+                      PIPELINE_MARKET_STREAMS=self.book_streams()),
             self.tmp / "ingest_depth.log")
         proj = start([py, str(Path(__file__).resolve()), "--projector-child",
                       str(self.samples_path)],
                      clean_env(**base, PIPELINE_SYMBOLS="ALL",
-                               PIPELINE_MARKET_STREAMS=f"{streams},{BOOK_STREAMS}"),
+                               PIPELINE_MARKET_STREAMS=f"{streams},{self.book_streams()}"),
                      self.tmp / "projector.log")
         self.procs["projector"] = proj
         assert proj.stdout is not None
@@ -310,6 +315,9 @@ class Bench:
         self.pids["bench"] = os.getpid()
         self.observer = Observer(self.ws, self.symbols)
         self.observer.start()
+
+    def book_streams(self) -> str:
+        return EVERY_BOOK_STREAM if self.args.all_families else BOOK_STREAMS
 
     def market_streams(self) -> str:
         if self.args.mark_arr:
@@ -396,7 +404,7 @@ class Bench:
     def memory(self) -> dict[str, Any]:
         info = self.r.info("memory")
         per: dict[str, Any] = {}
-        for key in [*RAW_KEYS, CONN_KEY]:
+        for key in [*RAW_KEYS, CONN_KEY, "raw:depth_snapshots"]:
             n = self.r.xlen(key)
             if n:
                 usage = int(self.r.memory_usage(key, samples=0) or 0)
@@ -414,7 +422,7 @@ class Bench:
             total = sum(self.added().values())
             busy = False
             for key in RAW_KEYS:
-                if key != market_key("other") and self.r.exists(key):
+                if key not in UNPROJECTED and self.r.exists(key):
                     for g in self.r.xinfo_groups(key):
                         busy |= bool(g["pending"]) or bool(g.get("lag"))
             stable = stable + 1 if total == last and not busy else 0
@@ -548,9 +556,9 @@ def totals(sent: int, samples: list[tuple[float, ...]], log: dict[str, Any],
 
 
 def scan_log(r: Any) -> dict[str, Any]:
-    """One pass over every raw key: frame and control entries per key, the (conn, seq, recv_ts)
-    of `raw:market:other`'s frames, and per symbol the (aggregate trade id, recv_ts) of every
-    logged aggTrade frame."""
+    """One pass over every raw key: frame and control entries per key, the (recv_ts, conn, seq)
+    of the frames no projection reads (`raw:market:other`, `raw:market:forceOrder`), and per
+    symbol the (aggregate trade id, recv_ts) of every logged aggTrade frame."""
     kinds: dict[str, Counter[str]] = {}
     other: list[tuple[float, str, int]] = []
     trades: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -569,7 +577,7 @@ def scan_log(r: Any) -> dict[str, Any]:
                     count["ctl:" + f.get(b"ctl", b"?").decode()] += 1
                     continue
                 count["frame"] += 1
-                if key == market_key("other"):
+                if key in UNPROJECTED:
                     other.append((float(f[b"recv_ts"]), f[b"conn"].decode(), int(f[b"seq"])))
                 elif key == market_key("aggTrade"):
                     d = orjson.loads(frame)["data"]
@@ -612,7 +620,7 @@ def headroom(phases: list[dict[str, Any]]) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     print(f"\nwhole market, {results['symbols']} symbols ({results['streams']}, "
           f"{results['shards']} ingestor(s)) + top {TOP} "
-          f"{BOOK_STREAMS}; load average {results['load_before']:.2f} before, "
+          f"{results['book_streams']}; load average {results['load_before']:.2f} before, "
           f"{results['load_after']:.2f} after")
     names = results["processes"]
     for ph in results["phases"]:
@@ -649,7 +657,7 @@ def report(results: dict[str, Any]) -> None:
     t = results["totals"]
     print(f"\ntotals after silence and drain: sent {t['sent']:,}, frames in the log "
           f"{t['logged_frames']:,}, folded {t['folded_frames']:,} + {t['other_frames']:,} in "
-          f"raw:market:other = {t['folded_frames'] + t['other_frames']:,}; gap entries "
+          f"raw:market:other/forceOrder = {t['folded_frames'] + t['other_frames']:,}; gap entries "
           f"{t['gap_entries']}, seq holes {t['seq_holes']}, aggTrade id holes "
           f"{t['trade_id_holes']}; control entries {t['control_entries']}")
     for what, h in (results.get("headroom") or {}).items():
@@ -673,6 +681,9 @@ def main() -> int:
     ap.add_argument("--no-headroom", action="store_true")
     ap.add_argument("--shards", type=int, default=1,
                     help="market ingestors for the ALL streams (PIPELINE_SHARD i/n each)")
+    ap.add_argument("--all-families", action="store_true",
+                    help="the top symbols' ingestor also takes depth5, depth10, diff depth, "
+                         "bookTicker, forceOrder and kline_1h (bytes per entry of every family)")
     ap.add_argument("--mark-arr", action="store_true",
                     help="!markPrice@arr@1s (one frame a second) instead of markPrice@1s")
     ap.add_argument("--quick", action="store_true",
@@ -711,6 +722,7 @@ def main() -> int:
             results: dict[str, Any] = {
                 "symbols": len(b.symbols), "load_before": load_before,
                 "processes": list(b.pids), "streams": b.market_streams(),
+                "book_streams": b.book_streams(),
                 "shards": args.shards,
                 "load_after": os.getloadavg()[0],
                 "phases": analyse(b, phases, samples, log),
