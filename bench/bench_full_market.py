@@ -670,9 +670,57 @@ def report(results: dict[str, Any]) -> None:
                  f"{bad['trade_id_holes']}, busiest: {bad['busiest']})"))
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The figures as markdown tables (for docs/benchmarks.md)."""
+    names = results["processes"]
+    lines = ["| phase | frames/s | sent / logged / folded | lost | frame->view p50 / p99 ms "
+             "| from recv_ts p50 / p99 | legs p99: receive / log / project | simulator lag p99 "
+             "(markPrice, aggTrade) | mark-price age p50 / p99 s | load |",
+             "|---|---:|---|---|---|---|---|---|---|---|"]
+    for ph in results["phases"]:
+        lat, lag = ph["latency_ms"], ph["sim_send_lag_ms"]
+        lost = ph["seq_holes"] + ph["trade_id_holes"]
+        lines.append(
+            f"| {ph['phase']} x{ph['multiplier']:g} | {ph['sent_per_s']:,.0f} | "
+            f"{ph['sent']:,} / {ph['logged']:,} / {ph['folded']:,} | **{lost:,}** | "
+            f"{lat['p50']:.1f} / **{lat['p99']:.1f}** | {lat['from_recv_p50']:.1f} / "
+            f"{lat['from_recv_p99']:.1f} | {lat['receive_p99']:.1f} / {lat['log_p99']:.1f} / "
+            f"{lat['project_p99']:.1f} | "
+            f"{lag.get('markPrice', {}).get('p99', float('nan')):.1f}, "
+            f"{lag.get('aggTrade', {}).get('p99', float('nan')):.1f} | "
+            f"{ph['mark_age_s']['p50']:.3f} / **{ph['mark_age_s']['p99']:.3f}** | "
+            f"{ph['load_avg']:.2f} |")
+    lines += ["", "| phase | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for ph in results["phases"]:
+        lines.append(f"| {ph['phase']} x{ph['multiplier']:g}: CPU ms per 1,000 frames "
+                     f"(cores) | " + " | ".join(
+                         f"{ph['cpu_ms_per_1000_frames'][n]:.1f} ({ph['cpu_cores'][n]:.2f})"
+                         for n in names) + " |")
+    last = results["phases"][-1]
+    lines.append("| RSS at the end (peak) MB | " + " | ".join(
+        f"{last['rss_mb'][n]:.0f} ({last['hwm_mb'][n]:.0f})" for n in names) + " |")
+    lines += ["", "| phase | E->view p50 / p99 ms by family (from recv_ts p50 / p99) |",
+              "|---|---|"]
+    for ph in results["phases"]:
+        lines.append(f"| {ph['phase']} x{ph['multiplier']:g} | " + "; ".join(
+            f"{fam} {v['E_p50']:.1f} / {v['E_p99']:.1f} ({v['recv_p50']:.1f} / "
+            f"{v['recv_p99']:.1f})" for fam, v in ph["latency_by_family_ms"].items()) + " |")
+    for when, mem in results["memory"].items():
+        lines += ["", f"Redis at the end of {when}: used_memory "
+                      f"{mem['used_memory'] / 2**20:.1f} MiB", "",
+                  "| key | entries | MiB | bytes per entry |", "|---|---:|---:|---:|"]
+        for key, m in mem["keys"].items():
+            lines.append(f"| `{key}` | {m['entries']:,} | {m['bytes'] / 2**20:.1f} | "
+                         f"{m['bytes_per_entry']:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--projector-child", metavar="FILE", help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", metavar="JSON", help="print the tables of a results file and "
+                                                       "exit (bench/results/full_market.json)")
     ap.add_argument("--steady-s", type=float, default=60.0)
     ap.add_argument("--crash-s", type=float, default=30.0)
     ap.add_argument("--warmup-s", type=float, default=10.0)
@@ -691,6 +739,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.projector_child:
         return projector_child(args.projector_child)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     if args.quick:
         args.steady_s, args.crash_s, args.warmup_s, args.step_s = 10.0, 8.0, 6.0, 6.0
         args.steps = "10,20"
