@@ -22,7 +22,8 @@ What runs, each its own process on this machine:
 
 Phases, back to back after a warm-up: `steady` (no crash), `crash` (trades, book changes and
 book tickers x5), then, unless `--no-headroom`, `headroom` steps with the crash multiplier
-raised (x10, x20, x40, ...). Headroom: the last multiplier with no frame lost, and the last whose
+raised (x10, x20, x40, ..., no further once the simulator used more than 0.9 of a core: one
+thread, it cannot make more). Headroom: the last multiplier with no frame lost, and the last whose
 frame->view p99 stayed within 10 ms, each with the first that failed and its busiest process.
 
 Per phase it reports:
@@ -94,6 +95,7 @@ UNPROJECTED = (market_key("other"), market_key("forceOrder"))  # logged, folded 
 CONN_KEY = "raw:conn:market"
 COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq
 P99_LIMIT_MS = 10.0
+SIM_SATURATED = 0.9  # cores: the simulator (one thread) cannot make more; stop raising
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -283,7 +285,7 @@ class Bench:
         ready = sim.stdout.readline().split()
         self.ws = next(w[3:] for w in ready if w.startswith("ws="))
         self.rest = next(w[5:] for w in ready if w.startswith("rest="))
-        self.http = httpx.Client(base_url=self.rest, timeout=10)
+        self.http = httpx.Client(base_url=self.rest, timeout=120)  # a saturated simulator is slow
         base = {"REDIS_URL": self.server.url, "BINANCE_WS_URL": self.ws,
                 "BINANCE_REST_URL": self.rest, "PIPELINE_KLINE_HISTORY": "0"}
         self.symbols = market_symbols(SimConfig().symbols, MARKET_SIZE)
@@ -413,7 +415,7 @@ class Bench:
                 "used_memory_dataset": int(self.r.info("memory").get("used_memory_dataset", 0)),
                 "keys": per}
 
-    def drain(self, timeout: float = 30.0) -> int:
+    def drain(self, timeout: float = 180.0) -> int:
         """Silence the simulator; wait until the log stops growing and every group is done."""
         self.http.post("/sim/silence", json={"on": True}).raise_for_status()
         deadline = time.time() + timeout
@@ -763,6 +765,13 @@ def main() -> int:
                 b.crash(True, m)
                 phases.append(b.run_phase("headroom", args.step_s))
                 phases[-1]["multiplier"] = m
+                c0, c1 = phases[-1]["c0"], phases[-1]["c1"]
+                sim_cores = (c1["cpu"]["simulator"] - c0["cpu"]["simulator"]) / (
+                    c1["t"] - c0["t"])
+                if sim_cores > SIM_SATURATED:
+                    print(f"x{m:g}: the simulator used {sim_cores:.2f} cores: no further step",
+                          flush=True)
+                    break
             b.crash(False)
             memory["end"] = b.memory()
             sent = b.drain()
