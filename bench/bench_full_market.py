@@ -22,9 +22,10 @@ What runs, each its own process on this machine:
 
 Phases, back to back after a warm-up: `steady` (no crash), `crash` (trades, book changes and
 book tickers x5), then, unless `--no-headroom`, `headroom` steps with the crash multiplier
-raised (x10, x20, x40, ..., no further once the simulator used more than 0.9 of a core: one
-thread, it cannot make more). Headroom: the last multiplier with no frame lost, and the last whose
-frame->view p99 stayed within 10 ms, each with the first that failed and its busiest process.
+raised (x10, x20, x40, ...; no further once the simulator used more than 0.9 of a core: it is
+saturated and cannot make more). Headroom: the last multiplier with no frame lost, and the last
+whose frame->view p99 stayed within 10 ms, each with the first that failed and its busiest
+process.
 
 Per phase it reports:
 - frames/s the simulator wrote (`GET /sim/stats` frames_total), the entries the log got
@@ -95,7 +96,7 @@ UNPROJECTED = (market_key("other"), market_key("forceOrder"))  # logged, folded 
 CONN_KEY = "raw:conn:market"
 COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq
 P99_LIMIT_MS = 10.0
-SIM_SATURATED = 0.9  # cores: the simulator (one thread) cannot make more; stop raising
+SIM_SATURATED = 0.9  # cores: the simulator is saturated and cannot make more; stop raising
 
 
 def clean_env(**extra: str) -> dict[str, str]:
