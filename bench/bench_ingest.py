@@ -90,6 +90,42 @@ def bare_main(url: str, seconds: float, warmup: float) -> None:
     print(json.dumps(trio.run(run)), flush=True)
 
 
+# --- the reader's own work per frame, in a tight loop ----------------------------------------
+
+MICRO_FRAME = (b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1764603000123,'
+               b'"a":123456789,"s":"BTCUSDT","p":"91234.50","q":"0.012","nq":"0.012","f":370000001,'
+               b'"l":370000002,"T":1764603000122,"m":true}}').decode()
+
+
+def micro(n: int = 100_000) -> dict[str, float]:
+    """µs a frame of what `_read` does besides trio-websocket, best of 5, in one thread: the
+    clock and the encode; + routing (`cached_router`); + `LogWriter.append_frame` (packing
+    the XADD and keeping it in the buffer; nothing is sent)."""
+    from pipeline.ingest_market import cached_router
+    from pipeline.writer import LogWriter
+
+    writer = LogWriter(redis.Redis(port=1))  # never connects: nothing is sent
+    route, append, buf = cached_router(), writer.append_frame, writer.buffer
+
+    def run(level: int) -> float:
+        key = "raw:market:aggTrade"
+        t = time.perf_counter()
+        for i in range(n):
+            ts = time.time()
+            data = MICRO_FRAME.encode()
+            if level >= 1:
+                key = route(data)
+            if level >= 2:
+                append(key, data, ts, "mkt-1-abcdef", i)
+        took = time.perf_counter() - t
+        items = buf.take(n)
+        buf.release(len(items), sum(len(p) for _k, p in items))
+        return took / n * 1e6
+
+    names = ("clock + encode", "+ route", "+ append_frame")
+    return {name: min(run(level) for _ in range(5)) for level, name in enumerate(names)}
+
+
 # --- helpers ------------------------------------------------------------------------------------
 
 def clean_env() -> dict[str, str]:
@@ -443,11 +479,17 @@ def main() -> int:
     parser.add_argument("--prelude", default="",
                         help="Python code the ingestor's process runs before it starts, for "
                              "ablations, e.g. 'import gc; gc.disable()'")
+    parser.add_argument("--micro", action="store_true",
+                        help="only the reader's own work per frame in a tight loop (no I/O)")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
         bare_main(args.bare, args.seconds, args.warmup)
+        return 0
+    if args.micro:
+        for name, us in micro().items():
+            print(f"{name:<20}{us:>8.3f} µs a frame")
         return 0
     global FEED_CPU, READER_CPU, PRELUDE
     PRELUDE = args.prelude
