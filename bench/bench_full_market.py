@@ -3,6 +3,13 @@
     .venv/bin/python bench/bench_full_market.py              # 60 s steady, 30 s crash, headroom
     .venv/bin/python bench/bench_full_market.py --quick      # ~1 minute, for a smoke test
     .venv/bin/python bench/bench_full_market.py --steady-s 20 --crash-s 10 --no-headroom
+    .venv/bin/python bench/bench_full_market.py --all-families --mark-arr ...  # every family
+    .venv/bin/python bench/bench_full_market.py --markdown bench/results/full_market.json
+
+Variants: `--mark-arr` (`!markPrice@arr@1s` instead of 550 markPrice@1s streams), `--shards N`
+(N market ingestors, `PIPELINE_SHARD` i/N), `--all-families` (the top symbols' ingestor also
+takes depth5, depth10, diff depth, bookTicker, forceOrder, kline_1h: bytes per entry of every
+family).
 
 What runs, each its own process on this machine:
 - redis-server (`pipeline.localredis.LocalRedis`, a temporary folder);
@@ -37,13 +44,18 @@ Per phase it reports:
   close, and per symbol the aggTrade ids `a` (consecutive at the exchange) may have no hole:
   that also catches frames the exchange dropped for a slow reader. After the last phase the
   simulator is silenced, everything drains, and the totals must agree exactly: frames sent =
-  frame entries in the log = frame entries folded (+ those of `raw:market:other`, which no
-  projection reads);
-- mark-price view age over all symbols: every 0.5 s all `mark_price` views are read (MGET) and
-  now - timestamp (the event time) taken; p50/p99 over all reads of the phase;
+  frame entries in the log = frame entries folded (+ those of `raw:market:other` and
+  `raw:market:forceOrder`, which no projection reads);
+- mark-price view age over all symbols: every 0.25-0.75 s (random, so the reads fall anywhere
+  in the second) all `mark_price` views are read (MGET) and now - timestamp (the event time)
+  taken; p50/p99 over all reads of the phase;
 - frame->view latency p50/p99 (bench_projector.py's method: the instant right after the batch's
   write + ack returned minus the frame's `E`; coalesced frames count, their view was written
-  with the same or a newer value), with the receive / log / project legs;
+  with the same or a newer value), with the receive / log / project legs, by family, and from
+  the ingestor's `recv_ts` (the pipeline after receipt);
+- the simulator's own lag: an observer thread (a raw socket, no websocket library, on
+  markPrice@1s and aggTrade of 12 symbols) notes receipt time - `E`: in cadence mode `E` is
+  the tick an event was made in, and how late the simulator sends it is not the pipeline's;
 - CPU ms per 1,000 frames per process (utime + stime from /proc/<pid>/stat) and RSS (VmRSS,
   and VmHWM at the end);
 - at the end of the steady phase and at the end: Redis `used_memory`, and per raw key
