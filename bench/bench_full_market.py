@@ -429,7 +429,10 @@ class Bench:
                 "keys": per}
 
     def drain(self, timeout: float = 180.0) -> int:
-        """Silence the simulator; wait until the log stops growing and every group is done."""
+        """Silence the simulator; wait until the log stops growing and every group is done.
+        (Silenced, the simulator drops what it made and had not sent yet: trade ids received
+        after `silenced_at` may have holes that are no loss.)"""
+        self.silenced_at = time.time()
         self.http.post("/sim/silence", json={"on": True}).raise_for_status()
         deadline = time.time() + timeout
         last, stable = -1, 0
@@ -555,7 +558,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
 
 
 def totals(sent: int, samples: list[tuple[float, ...]], log: dict[str, Any],
-           conn_names: list[str]) -> dict[str, Any]:
+           conn_names: list[str], until: float) -> dict[str, Any]:
     kinds = log["kinds"]
     rows = [(conn_names[int(s[5])], int(s[6])) for s in samples]
     rows += [(c, q) for _r, c, q in log["other"]]
@@ -565,9 +568,18 @@ def totals(sent: int, samples: list[tuple[float, ...]], log: dict[str, Any],
                                 for key, c in kinds.items()},
             "gap_entries": sum(c["ctl:gap"] for c in kinds.values()),
             "seq_holes": seq_holes(rows),
-            "trade_id_holes": sum(max(a for a, _ in ids) - min(a for a, _ in ids) + 1
-                                  - len({a for a, _ in ids})
-                                  for ids in log["trades"].values() if ids)}
+            "trade_id_holes": holes(log["trades"], until),
+            "trade_id_holes_after_silence_included": holes(log["trades"], None)}
+
+
+def holes(trades: dict[str, list[tuple[int, float]]], until: float | None) -> int:
+    """Missing aggregate trade ids per symbol among those received before `until`."""
+    total = 0
+    for rows in trades.values():
+        ids = {a for a, when in rows if until is None or when < until}
+        if ids:
+            total += max(ids) - min(ids) + 1 - len(ids)
+    return total
 
 
 def scan_log(r: Any) -> dict[str, Any]:
@@ -674,7 +686,7 @@ def report(results: dict[str, Any]) -> None:
           f"{t['logged_frames']:,}, folded {t['folded_frames']:,} + {t['other_frames']:,} in "
           f"raw:market:other/forceOrder = {t['folded_frames'] + t['other_frames']:,}; gap entries "
           f"{t['gap_entries']}, seq holes {t['seq_holes']}, aggTrade id holes "
-          f"{t['trade_id_holes']}; control entries {t['control_entries']}")
+          f"{t['trade_id_holes']} before the silence; control entries {t['control_entries']}")
     for what, h in (results.get("headroom") or {}).items():
         bad = h["first_bad"]
         good = "none" if h["last_good"] is None else f"x{h['last_good']:g}"
@@ -799,7 +811,7 @@ def main() -> int:
                 "shards": args.shards,
                 "load_after": os.getloadavg()[0],
                 "phases": analyse(b, phases, samples, log),
-                "memory": memory, "totals": totals(sent, samples, log, conn_names)}
+                "memory": memory, "totals": totals(sent, samples, log, conn_names, b.silenced_at)}
         finally:
             b.stop()
     results["headroom"] = None if args.no_headroom else headroom(results["phases"])
