@@ -677,7 +677,8 @@ def report(results: dict[str, Any]) -> None:
             f"{n}: {ph['cpu_ms_per_1000_frames'][n]:.1f} ms/1k ({ph['cpu_cores'][n]:.2f} "
             f"cores, {ph['rss_mb'][n]:.0f} MB)" for n in names))
     for when, mem in results["memory"].items():
-        print(f"\nRedis at the end of {when}: used_memory {mem['used_memory'] / 2**20:.1f} MiB")
+        label = {"steady": "the steady phase", "end": "the run"}.get(when, when)
+        print(f"\nRedis at the end of {label}: used_memory {mem['used_memory'] / 2**20:.1f} MiB")
         for key, m in mem["keys"].items():
             print(f"  {key:24} {m['entries']:>9,} entries {m['bytes'] / 2**20:8.1f} MiB "
                   f"{m['bytes_per_entry']:7.0f} B/entry")
@@ -734,7 +735,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fam} {v['E_p50']:.1f} / {v['E_p99']:.1f} ({v['recv_p50']:.1f} / "
             f"{v['recv_p99']:.1f})" for fam, v in ph["latency_by_family_ms"].items()) + " |")
     for when, mem in results["memory"].items():
-        lines += ["", f"Redis at the end of {when}: used_memory "
+        label = {"steady": "the steady phase", "end": "the run"}.get(when, when)
+        lines += ["", f"Redis at the end of {label}: used_memory "
                       f"{mem['used_memory'] / 2**20:.1f} MiB", "",
                   "| key | entries | MiB | bytes per entry |", "|---|---:|---:|---:|"]
         for key, m in mem["keys"].items():
