@@ -11,7 +11,12 @@ Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a s
 2. bursts: a fresh simulator sends 50 frames/s plus 500 (then 2,000) extra frames every 100 ms;
    after `--seconds` it goes silent, the ingestor drains, and the frames logged are compared with
    the frames the simulator sent (GET /sim/stats) and checked for gap entries;
-3. the ingestor's peak resident memory (VmHWM from /proc) in every run;
+3. the ingestor's peak resident memory (VmHWM from /proc) in every run, and its CPU per frame
+   split by thread (/proc/<pid>/task: the main thread runs trio, the websocket readers, routing
+   and packing; the others are the log writer and trio's workers), with the main thread's
+   context switches; `--prelude CODE` runs Python in the ingestor's process before it starts,
+   for ablations (e.g. `import gc; gc.disable()`, or an `append_frame` that keeps one frame in
+   1,000);
 4. with `--pauses`, in each throughput round also the ingestor with the writer's pause after a
    batch forced to 0, 1 and 10 ms: what `pipeline.writer.pause_after` chooses between;
 5. with `--faults`, issue #11's fault runs scaled down: Redis out of memory (`maxmemory`
@@ -52,6 +57,7 @@ KEY_MARK = "raw:market:markPrice"
 # `--pauses`: the writer's pause after every batch, forced (seconds)
 PAUSES = {"0 (back to back)": 0.0, "1 ms": 0.001, "10 ms": 0.010}
 STREAM = "btcusdt@aggTrade"
+PRELUDE = ""  # `--prelude`: Python run in the ingestor's process before it starts (ablations)
 
 
 # --- the bare loop (runs in its own process) --------------------------------------------------
@@ -82,6 +88,42 @@ def bare_main(url: str, seconds: float, warmup: float) -> None:
                     "per_cpu_second": n / (time.process_time() - cpu)}
 
     print(json.dumps(trio.run(run)), flush=True)
+
+
+# --- the reader's own work per frame, in a tight loop ----------------------------------------
+
+MICRO_FRAME = (b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1764603000123,'
+               b'"a":123456789,"s":"BTCUSDT","p":"91234.50","q":"0.012","nq":"0.012","f":370000001,'
+               b'"l":370000002,"T":1764603000122,"m":true}}').decode()
+
+
+def micro(n: int = 100_000) -> dict[str, float]:
+    """µs a frame of what `_read` does besides trio-websocket, best of 5, in one thread: the
+    clock and the encode; + routing (`cached_router`); + `LogWriter.append_frame` (packing
+    the XADD and keeping it in the buffer; nothing is sent)."""
+    from pipeline.ingest_market import cached_router
+    from pipeline.writer import LogWriter
+
+    writer = LogWriter(redis.Redis(port=1))  # never connects: nothing is sent
+    route, append, buf = cached_router(), writer.append_frame, writer.buffer
+
+    def run(level: int) -> float:
+        key = "raw:market:aggTrade"
+        t = time.perf_counter()
+        for i in range(n):
+            ts = time.time()
+            data = MICRO_FRAME.encode()
+            if level >= 1:
+                key = route(data)
+            if level >= 2:
+                append(key, data, ts, "mkt-1-abcdef", i)
+        took = time.perf_counter() - t
+        items = buf.take(n)
+        buf.release(len(items), sum(len(p) for _k, p in items))
+        return took / n * 1e6
+
+    names = ("clock + encode", "+ route", "+ append_frame")
+    return {name: min(run(level) for _ in range(5)) for level, name in enumerate(names)}
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -148,6 +190,9 @@ class Ingestor:
                "PIPELINE_SYMBOLS": "BTCUSDT", "PIPELINE_MARKET_STREAMS": "aggTrade",
                **(settings or {})}
         cmd = [sys.executable, "-m", "pipeline", "ingest", "market"]
+        if PRELUDE:
+            cmd = [sys.executable, "-c", PRELUDE + "\nimport pipeline.cli as c; "
+                   "raise SystemExit(c.main(['ingest', 'market']))"]
         if pause is not None:
             cmd = [sys.executable, "-c", "import pipeline.writer as w, pipeline.cli as c; "
                    f"w.pause_after = lambda *a: {pause!r}; "
@@ -160,6 +205,28 @@ class Ingestor:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu(self) -> dict[int, float]:
+        """CPU seconds of each thread (tid -> utime + stime); the main thread's tid is the pid
+        (it runs trio and the websocket readers; the others: the log writer, trio's workers)."""
+        out = {}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+
+    def main_switches(self) -> tuple[int, int]:
+        """(voluntary, involuntary) context switches of the main thread so far."""
+        vals = {}
+        for line in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/status").read_text(
+                ).splitlines():
+            if line.endswith("ctxt_switches:") or "ctxt_switches" in line:
+                name, n = line.split(":")
+                vals[name.strip()] = int(n)
+        return vals.get("voluntary_ctxt_switches", 0), vals.get("nonvoluntary_ctxt_switches", 0)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -260,15 +327,23 @@ def run_ingest(sim: Sim, r: redis.Redis, url: str, seconds: float,
         wait_for(lambda: entries_added(r) > 0)
         time.sleep(1.0)  # warm-up, as in the bare loop
         n0, t0, s0 = entries_added(r), time.perf_counter(), sim.stats()["frames_total"]
-        c0 = ing.cpu_seconds()
+        c0, th0, sw0 = ing.cpu_seconds(), ing.thread_cpu(), ing.main_switches()
         time.sleep(seconds)
         n1, t1, s1 = entries_added(r), time.perf_counter(), sim.stats()["frames_total"]
-        c1 = ing.cpu_seconds()
+        c1, th1, sw1 = ing.cpu_seconds(), ing.thread_cpu(), ing.main_switches()
         peak = ing.peak_rss_mb()
     finally:
         ing.stop()
+    main_tid = ing.proc.pid
+    main_cpu = th1.get(main_tid, 0.0) - th0.get(main_tid, 0.0)
+    other_cpu = sum(v - th0.get(t, 0.0) for t, v in th1.items() if t != main_tid)
+    n = max(n1 - n0, 1)
     return {"frames": n1 - n0, "seconds": t1 - t0, "rate": (n1 - n0) / (t1 - t0),
             "per_cpu_second": (n1 - n0) / max(c1 - c0, 1e-9),
+            "us_per_frame_main_thread": 1e6 * main_cpu / n,
+            "us_per_frame_other_threads": 1e6 * other_cpu / n,
+            "main_thread_switches_per_s": [(sw1[0] - sw0[0]) / (t1 - t0),
+                                           (sw1[1] - sw0[1]) / (t1 - t0)],
             "sim_sent_rate": (s1 - s0) / (t1 - t0), "peak_rss_mb": peak}
 
 
@@ -401,13 +476,23 @@ def main() -> int:
                         help="also Redis out of memory and frozen (issue #11's runs, scaled)")
     parser.add_argument("--faults-only", action="store_true", help="only those")
     parser.add_argument("--oom-seconds", type=float, default=10.0)
+    parser.add_argument("--prelude", default="",
+                        help="Python code the ingestor's process runs before it starts, for "
+                             "ablations, e.g. 'import gc; gc.disable()'")
+    parser.add_argument("--micro", action="store_true",
+                        help="only the reader's own work per frame in a tight loop (no I/O)")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
         bare_main(args.bare, args.seconds, args.warmup)
         return 0
-    global FEED_CPU, READER_CPU
+    if args.micro:
+        for name, us in micro().items():
+            print(f"{name:<20}{us:>8.3f} µs a frame")
+        return 0
+    global FEED_CPU, READER_CPU, PRELUDE
+    PRELUDE = args.prelude
     if args.pin:
         FEED_CPU, READER_CPU = 0, 1
     if args.faults_only:
@@ -477,6 +562,15 @@ def print_table(res: dict[str, Any]) -> None:
               f"{g['per_cpu_second']:>12,.0f}   (simulator sent {g['sim_sent_rate']:,.0f}/s)")
     print(f"{'ratio (medians)':<34}{res['ratio']:>12.2f}{res['cpu_ratio']:>12.2f}"
           "   target >= 0.80")
+    bare_us = 1e6 / statistics.median(b["per_cpu_second"] for b in res["bare"])
+    main_us = statistics.median(g["us_per_frame_main_thread"] for g in res["ingest"])
+    other_us = statistics.median(g["us_per_frame_other_threads"] for g in res["ingest"])
+    print(f"CPU per frame (medians): bare loop {bare_us:.2f} µs; ingestor {main_us + other_us:.2f}"
+          f" µs = main thread (trio, websocket, routing, packing) {main_us:.2f} + other threads"
+          f" (log writer, trio workers) {other_us:.2f}; main thread context switches/s "
+          "(voluntary, involuntary): "
+          + ", ".join(f"{g['main_thread_switches_per_s'][0]:,.0f} / "
+                      f"{g['main_thread_switches_per_s'][1]:,.0f}" for g in res["ingest"]))
     for name, ratio in res["pauses"].items():
         print(f"{'writer pause ' + name:<34}{ratio:>12.2f}   (ratio of the medians)")
     print()

@@ -201,18 +201,21 @@ class Retention:
     max_age_s: float | None = None
 
 
-# Sized for the whole market (~400 symbols) on one Redis with ~8 GB: see docs/architecture.md.
+# Sized for the whole market on one Redis with ~8 GB. Bytes a retained entry takes (`MEMORY
+# USAGE` / `XLEN`, bench/bench_full_market.py, 550 symbols, docs/benchmarks.md) and what each
+# default holds: ~3.2 GB for every family with one kline interval, ~1.5 GB for markPrice@1s,
+# kline_1m, aggTrade and depth20; each further kline interval ~0.2 GB.
 DEFAULT_RETENTION: dict[str, Retention] = {
-    "markPrice": Retention(maxlen=1_000_000),  # ~40 min at 400 symbols x 1/s, ~300 B each
-    "markPrice_arr": Retention(maxlen=3_600),  # 1 h at 1/s, ~100 KB each
-    "depth5": Retention(maxlen=300_000),
-    "depth10": Retention(maxlen=300_000),
-    "depth20": Retention(maxlen=300_000),  # ~75 s of the full market at 10/s, ~2 KB each
-    "depth": Retention(maxlen=1_000_000),  # diff depth, ~500 B each
-    "aggTrade": Retention(maxlen=2_000_000),
-    "bookTicker": Retention(maxlen=1_000_000),
-    "forceOrder": Retention(maxlen=100_000),
-    "kline": Retention(maxlen=500_000),  # every kline_<interval> key
+    "markPrice": Retention(maxlen=1_000_000),  # 297 B: 297 MB, 30 min of 550 symbols x 1/s
+    "markPrice_arr": Retention(maxlen=3_600),  # 99 KB (550 symbols a frame): 356 MB, 1 h
+    "depth5": Retention(maxlen=300_000),  # 508 B: 152 MB
+    "depth10": Retention(maxlen=300_000),  # 754 B: 226 MB
+    "depth20": Retention(maxlen=300_000),  # 1,133 B: 340 MB; 10 min of 50 symbols at 10/s
+    "depth": Retention(maxlen=1_000_000),  # diff depth, 399 B: 399 MB
+    "aggTrade": Retention(maxlen=2_000_000),  # 288 B: 576 MB; ~50 min calm, ~12 min in a crash
+    "bookTicker": Retention(maxlen=1_000_000),  # 288 B: 288 MB
+    "forceOrder": Retention(maxlen=100_000),  # 330 B: 33 MB
+    "kline": Retention(maxlen=500_000),  # each kline_<interval> key, ~420-450 B: ~215 MB
     "other": Retention(maxlen=100_000),
     "conn": Retention(maxlen=100_000),  # each of raw:conn:market and raw:conn:user
     # a 1000-level snapshot is ~50 KB: ~200 MB at most, 10 snapshots of each of 400 symbols
