@@ -45,18 +45,15 @@ def make_client(url: str, *, name: str = "pipeline",
     (`connect_checked` found one) a RedisCluster, which connects to learn the slot map."""
     if cluster_layout():
         return make_cluster_client(url, name=name, socket_timeout=socket_timeout)
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=5.0,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        protocol=2,
-        legacy_responses=True,
-        decode_responses=False,
-        health_check_interval=0,
-        client_name=name,
-    )
+    return redis.Redis.from_url(url, **_pinned(name, socket_timeout))
+
+
+def _pinned(name: str, socket_timeout: float) -> dict[str, object]:
+    """The options above, the same for one node and a cluster."""
+    return {"socket_timeout": socket_timeout, "socket_connect_timeout": 5.0,
+            "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False, "protocol": 2,
+            "legacy_responses": True, "decode_responses": False,
+            "health_check_interval": 0, "client_name": name}
 
 
 def make_cluster_client(url: str, *, name: str = "pipeline",
@@ -66,18 +63,7 @@ def make_cluster_client(url: str, *, name: str = "pipeline",
     try:
         with redis_errors():
             client = redis.cluster.RedisCluster.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=5.0,
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                protocol=2,
-                legacy_responses=True,
-                decode_responses=False,
-                health_check_interval=0,
-                client_name=name,
-                require_full_coverage=False,
-            )
+                url, **_pinned(name, socket_timeout), require_full_coverage=False)
     except redis.cluster.RedisClusterException as exc:
         raise RedisUnavailable(f"redis cluster unavailable: {str(exc)[:120]}") from None
     return cast(redis.Redis, client)
