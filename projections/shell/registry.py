@@ -75,8 +75,10 @@ def bounds_from(settings: Settings) -> Bounds:
                   repair_slack_ms=int(settings.repair_slack_s * 1000))
 
 
-# name -> (fold class, the view families it owns: (family, *parts) of a SCAN pattern)
+# name -> (fold class, the views it owns: (family, *parts) of a SCAN pattern, or a family of
+# one key alone, `(family, ONE_KEY)`)
 Owned = tuple[tuple[str, ...], ...]
+ONE_KEY = ""
 _MARKET: dict[str, tuple[type, Owned]] = {
     "mark_price": (MarkPriceProjection, (("mark_price",),)),
     "orderbook": (PartialBookProjection, ()),  # per configured depth, below
@@ -90,7 +92,8 @@ _USER: dict[str, tuple[type, Owned]] = {
     "orders": (OrdersProjection, (("order_state",), ("algo_order_state",), ("open_orders",),
                                   ("open_algo_orders",))),
     # P:position_events and P:account_events, like P:orders, are listeners' streams
-    "account": (AccountProjection, (("position",), ("balance",), ("leverage",))),
+    "account": (AccountProjection, (("position",), ("balance",), ("leverage",),
+                                    ("multi_assets_margin", ONE_KEY))),
     "account_events": (AccountEventsProjection, ()),
 }
 
@@ -119,12 +122,8 @@ def available(settings: Settings) -> dict[str, ProjectionSpec]:
             spec = _spec(settings, name, cls, owned,
                          {"bounds": bounds, "account": account,
                           "events_max_age_s": settings.events_max_age_s}, keys)
-            if spec is None:
-                continue
-            if name == "account":  # one key, no family of its own: its own pattern
-                spec = attrs.evolve(spec, key_patterns=(*spec.key_patterns,
-                                                        keys.multi_assets_margin()))
-            out[spec.name] = spec
+            if spec is not None:
+                out[spec.name] = spec
     return out
 
 
@@ -144,7 +143,8 @@ def _spec(settings: Settings, name: str, cls: type, owned: Owned,
         raise TypeError(f"the user-data fold {cls.__name__} did not take account="
                         f"{options['account']!r}: it would fold another account's log")
     return ProjectionSpec(probe.name, factory, bool(probe.exclusive),
-                          tuple(keys.pattern(*parts) for parts in owned),
+                          tuple(keys.view(parts[0]) if parts[1:] == (ONE_KEY,)
+                                else keys.pattern(*parts) for parts in owned),
                           bounds_from(settings))
 
 
