@@ -12,7 +12,8 @@ named after it, on each raw key it reads. Its loop, in one Trio task:
    the last frame per stream of the batch) and coalesce;
 4. `_write`: the writes, the gap entries and the batch's XACKs in ONE pipeline, so an entry is
    acknowledged only together with its write; a stateless projection also reads its next
-   entries (non-blocking) in that pipeline;
+   entries (non-blocking) in that pipeline (on one node a `PackedPipeline`: the commands
+   packed by hiredis and sent in one write, without redis-py's pipeline layers);
 5. `_after`, on the Trio side: a fold that raised leaves its entry unacknowledged; it is read
    again from the pending list and, once it has failed on its `--max-attempts`-th delivery
    (XPENDING's delivery count), moved to `dlq:{name}`, acknowledged and counted; an entry
@@ -53,6 +54,7 @@ from projections.core.plausible import Bounds
 from projections.shell import functions
 from projections.shell.groups import GroupIO
 from projections.shell.health import ProjectorHealth
+from projections.shell.packed import PackedPipeline
 from projections.shell.snapshots import Snapshotter
 from projections.shell.viewstore import REFUSED, ViewStore, write_results
 
@@ -209,7 +211,8 @@ class ProjectionLoop:
                  and self._pending_cursor is None and self._prefetched is None
                  and not folded.effects and not folded.failures
                  and time.monotonic() < self._next_claim)
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = (self.client.pipeline(transaction=False) if self.io.cluster
+                     else PackedPipeline(self.client))
         plan = self.store.queue_all(pipe, folded.writes)
         for gap in folded.effects:
             if isinstance(gap, LogGap):
