@@ -23,9 +23,10 @@ What runs, each its own process on this machine:
   rank); `PIPELINE_KLINE_HISTORY=0`, so the start's REST history does not mix into the phases;
 - ONE projector process for all four market projections: this script started again with
   `--projector-child`, which runs `projections.shell.project.run` exactly as `pipeline project`
-  does, with an `on_written` callback that records, per frame entry, (time the view write +
-  ack round trip returned, the frame's `E`, `recv_ts`, the entry id's ms, key, connection, seq)
-  as doubles into a file, flushed every 0.5 s (so the samples do not grow its RSS).
+  does, with an `on_written` callback that records, per frame entry, only (time the view
+  write + ack round trip returned, the entry id, key) as doubles into a file, flushed every
+  0.5 s (so the samples do not grow its RSS); the frame's `E`, `recv_ts`, connection and seq
+  are joined from the log after the run, so parsing them costs the measured path nothing.
 
 Phases, back to back after a warm-up: `steady` (no crash), `crash` (trades, book changes and
 book tickers x5), then, unless `--no-headroom`, `headroom` steps with the crash multiplier
@@ -106,7 +107,8 @@ FAMILIES = ("markPrice", "kline_1m", "aggTrade", "depth20", "other", "markPrice_
 RAW_KEYS = [market_key(f) for f in FAMILIES]
 UNPROJECTED = (market_key("other"), market_key("forceOrder"))  # logged, folded by nobody
 CONN_KEY = "raw:conn:market"
-COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq
+COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq (after the join)
+RECORDED = 4  # written_at, id_ms, id_seq, key index: what the projector child records
 P99_LIMIT_MS = 10.0
 SIM_SATURATED = 0.9  # cores: the simulator is saturated and cannot make more; stop raising
 
@@ -131,36 +133,24 @@ def projector_child(out: str) -> int:
     settings = load_settings(env=dict(os.environ))
     specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
     key_index = {k.encode(): i for i, k in enumerate(RAW_KEYS)}
-    conns: dict[bytes, int] = {}
+    key_index.update({k: i for i, k in enumerate(RAW_KEYS)})  # type: ignore[dict-item]
     buf = array.array("d")
     sink = open(out, "wb")  # noqa: SIM115 - closed at exit
-    (Path(out).with_suffix(".conns")).write_text("")
     last = [time.time()]
     lock = threading.Lock()  # each projection calls back from its own worker thread
 
     def on_written(entries: list[RawEntry], folded: Folded) -> None:
+        # as little as possible here: this runs in the projector, on the path it measures;
+        # the frame's E, recv_ts, connection and seq are joined from the log after the run
         at = folded.written_at
+        row: list[float] = []
         for key, eid, fields in entries:
-            frame = fields.get(b"frame")
-            if frame is None:
-                continue
-            i = frame.find(b'"E":')
-            e = -1.0
-            if i >= 0:
-                j = frame.find(b",", i)
-                e = float(frame[i + 4:j])
-            conn = fields.get(b"conn", b"")
-            with lock:
-                ci = conns.get(conn)
-                if ci is None:
-                    ci = conns[conn] = len(conns)
-                    with open(Path(out).with_suffix(".conns"), "a") as f:
-                        f.write(conn.decode() + "\n")
-                buf.extend((at, e, float(fields[b"recv_ts"]), float(eid[:eid.index(b"-")]),
-                            key_index.get(key if isinstance(key, bytes) else key.encode(), -1),
-                            ci, float(fields.get(b"seq", b"0"))))
-        if at - last[0] > 0.5:
-            with lock:
+            if b"frame" in fields:
+                ms, _, sq = eid.partition(b"-")
+                row += (at, float(ms), float(sq), key_index.get(key, -1))
+        with lock:
+            buf.extend(row)
+            if at - last[0] > 0.5:
                 buf.tofile(sink)
                 sink.flush()
                 del buf[:]
@@ -453,11 +443,29 @@ class Bench:
 
 # --- analysis ---------------------------------------------------------------------------------
 
-def load_samples(path: Path) -> list[tuple[float, ...]]:
+def load_samples(path: Path, log: dict[str, Any]) -> list[tuple[float, ...]]:
+    """The projector child's records joined with the log (`scan_log`'s `frames`): one
+    (written_at, E, recv_ts, id_ms, key index, conn index, seq) per folded frame entry; the
+    connection names (`scan_log`'s `conns`, by index) go to `<samples>.conns`."""
+    frames = log["frames"]
     arr = array.array("d")
     data = path.read_bytes()
-    arr.frombytes(data[:len(data) // (8 * COLS) * 8 * COLS])
-    return [tuple(arr[i:i + COLS]) for i in range(0, len(arr), COLS)]
+    arr.frombytes(data[:len(data) // (8 * RECORDED) * 8 * RECORDED])
+    out: list[tuple[float, ...]] = []
+    missing = 0
+    for i in range(0, len(arr), RECORDED):
+        at, ms, sq, k = arr[i:i + RECORDED]
+        got = frames.get((int(k), int(ms), int(sq)))
+        if got is None:
+            missing += 1  # trimmed from the log before the scan: counted, not timed
+            continue
+        e, recv, ci, seq = got
+        out.append((at, e, recv, ms, k, ci, seq))
+    path.with_suffix(".conns").write_text("\n".join(log["conns"]) + "\n")
+    if missing:
+        print(f"WARNING: {missing} folded entries were no longer in the log: not timed",
+              flush=True)
+    return out
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -588,8 +596,11 @@ def scan_log(r: Any) -> dict[str, Any]:
     symbol the (aggregate trade id, recv_ts) of every logged aggTrade frame."""
     kinds: dict[str, Counter[str]] = {}
     other: list[tuple[float, str, int]] = []
+    # projected frames by (key index, id ms, id seq): (E, recv_ts, conn index, seq)
+    frames: dict[tuple[int, int, int], tuple[float, float, int, int]] = {}
+    conns: dict[bytes, int] = {}
     trades: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for key in RAW_KEYS:
+    for ki, key in enumerate(RAW_KEYS):
         count: Counter[str] = Counter()
         last = "-"
         while True:
@@ -604,6 +615,15 @@ def scan_log(r: Any) -> dict[str, Any]:
                     count["ctl:" + f.get(b"ctl", b"?").decode()] += 1
                     continue
                 count["frame"] += 1
+                ms, _, sq = _id.partition(b"-")
+                i = frame.find(b'"E":')
+                e = float(frame[i + 4:frame.find(b",", i)]) if i >= 0 else -1.0
+                conn = f.get(b"conn", b"")
+                ci = conns.get(conn)
+                if ci is None:
+                    ci = conns[conn] = len(conns)
+                frames[(ki, int(ms), int(sq))] = (e, float(f[b"recv_ts"]), ci,
+                                                  int(f.get(b"seq", b"0")))
                 if key in UNPROJECTED:
                     other.append((float(f[b"recv_ts"]), f[b"conn"].decode(), int(f[b"seq"])))
                 elif key == market_key("aggTrade"):
@@ -611,7 +631,8 @@ def scan_log(r: Any) -> dict[str, Any]:
                     trades[d["s"]].append((d["a"], float(f[b"recv_ts"])))
             last = chunk[-1][0].decode()
         kinds[key] = count
-    return {"kinds": kinds, "other": other, "trades": trades}
+    return {"kinds": kinds, "other": other, "trades": trades, "frames": frames,
+            "conns": [c.decode() for c in conns]}
 
 
 def busiest(ph: dict[str, Any]) -> str:
@@ -803,8 +824,8 @@ def main() -> int:
             memory["end"] = b.memory()
             sent = b.drain()
             b.stop()
-            samples = load_samples(b.samples_path)
             log = scan_log(b.r)
+            samples = load_samples(b.samples_path, log)
             conn_names = (b.samples_path.with_suffix(".conns")).read_text().split()
             results: dict[str, Any] = {
                 "symbols": len(b.symbols), "load_before": load_before,
