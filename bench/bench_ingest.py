@@ -4,10 +4,14 @@
                                            [--pauses]
 
 Starts its own redis-server (LocalRedis) and simulator (`pipeline simulate`, a subprocess), then:
-1. throughput: the simulator sends one stream (btcusdt@aggTrade) flat out (rate 0). Alternately,
-   a bare trio-websocket receive loop (a subprocess of this file, `--bare`) and the ingestor
-   (`pipeline ingest market`, a subprocess) read that feed for `--seconds`; the ingestor's rate
-   is what Redis took (XINFO STREAM entries-added, so trimming does not matter);
+1. throughput: the simulator sends one stream (btcusdt@aggTrade) flat out (rate 0). In turn,
+   a bare trio-websocket receive loop (`await ws.get_message()`, a subprocess of this file,
+   `--bare`), the same bare loop taking the messages where trio-websocket's reader makes them,
+   as the ingestor does (`--bare --deliver`: `pipeline.wsconn._Deliver`, and nothing else per
+   frame), and the ingestor (`pipeline ingest market`, a subprocess) read that feed for
+   `--seconds`; the ingestor's rate is what Redis took (XINFO STREAM entries-added, so
+   trimming does not matter). Ratios: to the bare loop (issue #16's figure) and to the bare
+   loop taking messages (the ingestor's own work per frame: route, pack, buffer, write);
 2. bursts: a fresh simulator sends 50 frames/s plus 500 (then 2,000) extra frames every 100 ms;
    after `--seconds` it goes silent, the ingestor drains, and the frames logged are compared with
    the frames the simulator sent (GET /sim/stats) and checked for gap entries;
@@ -62,27 +66,40 @@ PRELUDE = ""  # `--prelude`: Python run in the ingestor's process before it star
 
 # --- the bare loop (runs in its own process) --------------------------------------------------
 
-def bare_main(url: str, seconds: float, warmup: float) -> None:
+def bare_main(url: str, seconds: float, warmup: float, deliver: bool = False) -> None:
+    """`deliver`: take the messages where trio-websocket's reader makes them, as the ingestor
+    does (`pipeline.wsconn._Deliver` in place of its send channel), and do nothing else."""
     import trio
     import trio_websocket
 
-    from pipeline.wsconn import MAX_MESSAGE_SIZE, MESSAGE_QUEUE_SIZE, RECEIVE_BUFFER
+    from pipeline.wsconn import MAX_MESSAGE_SIZE, MESSAGE_QUEUE_SIZE, RECEIVE_BUFFER, _Deliver
 
     async def run() -> dict[str, float]:
         async with trio_websocket.open_websocket_url(
                 url, message_queue_size=MESSAGE_QUEUE_SIZE, max_message_size=MAX_MESSAGE_SIZE,
                 receive_buffer_size=RECEIVE_BUFFER) as ws:
             await ws.get_message()
-            end_warmup = time.perf_counter() + warmup
-            while time.perf_counter() < end_warmup:
-                await ws.get_message()
-            n, start, cpu = 0, time.perf_counter(), time.process_time()
-            end = start + seconds
-            while True:
-                await ws.get_message()
-                n += 1
-                if n % 256 == 0 and time.perf_counter() >= end:
-                    break
+            if deliver:
+                taken = [0]
+
+                def take(_msg: str | bytes) -> None:
+                    taken[0] += 1
+                ws._send_channel = _Deliver(take, ws._send_channel)  # type: ignore[assignment]
+                await trio.sleep(warmup)
+                n0, start, cpu = taken[0], time.perf_counter(), time.process_time()
+                await trio.sleep(seconds)
+                n = taken[0] - n0
+            else:
+                end_warmup = time.perf_counter() + warmup
+                while time.perf_counter() < end_warmup:
+                    await ws.get_message()
+                n, start, cpu = 0, time.perf_counter(), time.process_time()
+                end = start + seconds
+                while True:
+                    await ws.get_message()
+                    n += 1
+                    if n % 256 == 0 and time.perf_counter() >= end:
+                        break
             took = time.perf_counter() - start
             return {"frames": n, "seconds": took, "rate": n / took,
                     "per_cpu_second": n / (time.process_time() - cpu)}
@@ -310,11 +327,11 @@ def count_frames(r: redis.Redis, key: str = KEY) -> tuple[int, int]:
 
 # --- the runs -------------------------------------------------------------------------------------
 
-def run_bare(sim: Sim, seconds: float) -> dict[str, float]:
+def run_bare(sim: Sim, seconds: float, deliver: bool = False) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--bare", f"{sim.ws_url}/market/stream?streams={STREAM}",
-         "--seconds", str(seconds)], capture_output=True, text=True, check=True, cwd=ROOT,
-        preexec_fn=pinned(READER_CPU))
+         "--seconds", str(seconds), *(["--deliver"] if deliver else [])],
+        capture_output=True, text=True, check=True, cwd=ROOT, preexec_fn=pinned(READER_CPU))
     result: dict[str, float] = json.loads(out.stdout)
     return result
 
@@ -482,10 +499,11 @@ def main() -> int:
     parser.add_argument("--micro", action="store_true",
                         help="only the reader's own work per frame in a tight loop (no I/O)")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--deliver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
-        bare_main(args.bare, args.seconds, args.warmup)
+        bare_main(args.bare, args.seconds, args.warmup, args.deliver)
         return 0
     if args.micro:
         for name, us in micro().items():
@@ -508,11 +526,12 @@ def main() -> int:
             os.sched_setaffinity(server.proc.pid, {FEED_CPU})
         r = server.client()
         sim = Sim("--rate", "0")
-        bare, ingest = [], []
+        bare, taken, ingest = [], [], []
         pauses: dict[str, list[dict[str, float]]] = {p: [] for p in PAUSES} if args.pauses else {}
         try:
             for _ in range(args.rounds):
                 bare.append(run_bare(sim, args.seconds))
+                taken.append(run_bare(sim, args.seconds, deliver=True))
                 ingest.append(run_ingest(sim, r, server.url, args.seconds))
                 for name in pauses:
                     pauses[name].append(run_ingest(sim, r, server.url, args.seconds,
@@ -528,13 +547,17 @@ def main() -> int:
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "bench/bench_ingest.py " + " ".join(sys.argv[1:]),
-        "cpus": os.cpu_count(), "pinned": args.pin, "bare": bare, "ingest": ingest,
+        "cpus": os.cpu_count(), "pinned": args.pin, "bare": bare, "bare_deliver": taken,
+        "ingest": ingest,
         "bursts": bursts,
         "pauses": {name: statistics.median(run["rate"] for run in runs) / bare_rate
                    for name, runs in pauses.items()},
         "bare_rate": bare_rate, "ingest_rate": ingest_rate, "ratio": ingest_rate / bare_rate,
         "cpu_ratio": statistics.median(i["per_cpu_second"] for i in ingest)
         / statistics.median(b["per_cpu_second"] for b in bare),
+        "deliver_ratio": ingest_rate / statistics.median(b["rate"] for b in taken),
+        "deliver_cpu_ratio": statistics.median(i["per_cpu_second"] for i in ingest)
+        / statistics.median(b["per_cpu_second"] for b in taken),
         "peak_rss_mb": max([i["peak_rss_mb"] for i in ingest] + [b["peak_rss_mb"]
                                                                    for b in bursts]),
     }
@@ -555,13 +578,20 @@ def write_result(result: dict[str, Any], name: str) -> None:
 
 def print_table(res: dict[str, Any]) -> None:
     print(f"{'run':<34}{'frames/s':>12}{'per CPU-s':>12}")
-    for i, (b, g) in enumerate(zip(res["bare"], res["ingest"], strict=True), 1):
+    takes = res.get("bare_deliver") or [None] * len(res["bare"])
+    for i, (b, d, g) in enumerate(zip(res["bare"], takes, res["ingest"], strict=True), 1):
         print(f"{f'bare trio-websocket loop, round {i}':<34}{b['rate']:>12,.0f}"
               f"{b['per_cpu_second']:>12,.0f}")
+        if d is not None:
+            print(f"{f'bare loop, messages taken, round {i}':<34}{d['rate']:>12,.0f}"
+                  f"{d['per_cpu_second']:>12,.0f}")
         print(f"{f'ingestor persisted, round {i}':<34}{g['rate']:>12,.0f}"
               f"{g['per_cpu_second']:>12,.0f}   (simulator sent {g['sim_sent_rate']:,.0f}/s)")
     print(f"{'ratio (medians)':<34}{res['ratio']:>12.2f}{res['cpu_ratio']:>12.2f}"
-          "   target >= 0.80")
+          "   target >= 0.90 (issue #16)")
+    if "deliver_ratio" in res:
+        print(f"{'ratio to messages taken':<34}{res['deliver_ratio']:>12.2f}"
+              f"{res['deliver_cpu_ratio']:>12.2f}   (the ingestor's own work per frame)")
     bare_us = 1e6 / statistics.median(b["per_cpu_second"] for b in res["bare"])
     main_us = statistics.median(g["us_per_frame_main_thread"] for g in res["ingest"])
     other_us = statistics.median(g["us_per_frame_other_threads"] for g in res["ingest"])

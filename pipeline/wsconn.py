@@ -38,9 +38,12 @@ entry to `conn_key`, send the SUBSCRIBE messages (at most 5 a second, 200 stream
 drops a connection past 10 incoming messages a second), then read. Each frame is turned into
 the exact bytes the server sent (a text frame arrives as `str` decoded from valid UTF-8, so
 encoding it again gives the same bytes), numbered (`seq`, per connection) and handed to
-`LogWriter.append_frame`, which never blocks: the reader must keep draining trio-websocket's
-queue or pings stop being answered. Frames are not parsed, only routed by their first bytes,
-except the rare `{"result"...}` replies, whose id says the subscriptions were taken.
+`LogWriter.append_frame`, which never blocks: trio-websocket's reader task, which also answers
+pings, must never wait on us. That happens where the reader completes each message, with no
+task switch per frame: the link puts a `_Deliver` in place of the reader's send channel
+(`_read`; the memory channel hand-off cost a third of a bare receive loop's CPU). Frames are
+not parsed, only routed by their first bytes, except the rare `{"result"...}` replies, whose
+id says the subscriptions were taken.
 
 Frames beyond `MAX_MESSAGE_SIZE` characters make trio-websocket close the connection (1009);
 that shows as a `closed` entry with reason `message_too_big` and a reconnect. Anything smaller,
@@ -427,24 +430,55 @@ class WsConnection:
         link.done.set()
 
     async def _read(self, ws: trio_websocket.WebSocketConnection, link: _Link) -> str:
-        """The hot loop: every frame to the writer, never waiting on it. Returns why it ended."""
-        route, append, clock, cid = self.spec.route, self.writer.append_frame, self.clock, link.id
+        """The hot path: every frame to the writer, never waiting on it. Returns why the link
+        ended.
+
+        trio-websocket's reader task hands each message to `get_message` through a memory
+        channel: two checkpoints and a task switch per frame, a third of a bare receive
+        loop's CPU (docs/benchmarks.md, issue #16). Once the channel is drained, the reader's
+        send channel is replaced by a `_Deliver` that takes each message where the reader
+        made it, in order, without a switch (`_deliverer` checks the internal it replaces).
+        The reader still answers pings, closes on a message too big and sees the end of the
+        connection; it closes the real channel when it ends, which ends the wait below."""
+        deliver = self._deliverer(link)
+        channel = getattr(ws, "_recv_channel", None)
+        original = getattr(ws, "_send_channel", None)
+        if channel is not None and original is not None:
+            while True:  # what the reader queued before the switch goes first, in order
+                try:
+                    deliver(channel.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            ws._send_channel = _Deliver(deliver, original)  # type: ignore[assignment]
         try:
-            while True:
-                msg = await ws.get_message()
-                recv_ts = clock()
-                data = msg.encode() if isinstance(msg, str) else msg
-                link.seq += 1
-                key = route(data)
-                if key == KEY_OTHER:
-                    self._other_frame(link, data)
-                elif not link.has_data:
-                    link.has_data = True
-                    if link.connected.is_set():
-                        link.delivered.set()
-                append(key, data, recv_ts, cid, link.seq)
+            while True:  # messages come only through `deliver` now: this waits for the end
+                deliver(await ws.get_message())
         except trio_websocket.ConnectionClosed as exc:
             return _close_reason(exc, ws)
+        finally:
+            if original is not None:
+                # the link stopped reading (silence, rotation done, shutdown): what the reader
+                # still gets until the socket closes is queued and dropped, as before
+                ws._send_channel = original
+
+    def _deliverer(self, link: _Link) -> Callable[[str | bytes], None]:
+        """The per-frame work: exact bytes, seq, route, append; never blocks."""
+        route, append, clock, cid = self.spec.route, self.writer.append_frame, self.clock, link.id
+        other = self._other_frame
+
+        def deliver(msg: str | bytes) -> None:
+            recv_ts = clock()
+            data = msg.encode() if isinstance(msg, str) else msg
+            link.seq += 1
+            key = route(data)
+            if key == KEY_OTHER:
+                other(link, data)
+            elif not link.has_data:
+                link.has_data = True
+                if link.connected.is_set():
+                    link.delivered.set()
+            append(key, data, recv_ts, cid, link.seq)
+        return deliver
 
     def _other_frame(self, link: _Link, data: bytes) -> None:
         """A frame naming no known stream: a reply to SUBSCRIBE, or something bad."""
@@ -585,6 +619,27 @@ class WsConnection:
         self.writer.append_control(self.conn_key, "silent", {"seconds": round(seconds, 3),
                                                              "path": self.spec.path}, link.id)
         link.close("silent")
+
+
+class _Deliver:
+    """Stands in for trio-websocket's send channel (`WebSocketConnection._send_channel`, 0.12):
+    its reader task calls `await _send_channel.send(message)` for each message it completes;
+    this hands the message to the link's `deliver` and returns without a checkpoint. When the
+    connection closes, trio-websocket closes the channel (`aclose`): the real one, so the wait
+    in `_read` ends."""
+
+    __slots__ = ("channel", "deliver")
+
+    def __init__(self, deliver: Callable[[str | bytes], None],
+                 channel: trio.MemorySendChannel[Any]) -> None:
+        self.deliver = deliver
+        self.channel = channel
+
+    async def send(self, message: str | bytes) -> None:
+        self.deliver(message)
+
+    async def aclose(self) -> None:
+        await self.channel.aclose()
 
 
 async def _send_close(ws: trio_websocket.WebSocketConnection) -> None:

@@ -4,7 +4,10 @@ installed version over a real loopback connection.
 A rotation must keep reading the old connection after asking it to close, so
 `wsconn._send_close` sends the Close frame through the connection's private `_send`, judged by
 `_wsproto.state`, instead of `aclose()` (which drops the frames still queued); the same state
-tells a protocol error from the server's Close (`wsconn._close_reason`). pyproject.toml pins
+tells a protocol error from the server's Close (`wsconn._close_reason`). The link takes each
+message where the reader task makes it: `wsconn.WsConnection._read` drains `_recv_channel`,
+then puts a `_Deliver` in place of `_send_channel`, which the reader's message handler sends
+to by attribute for each message (tests/test_wsconn_delivery.py). pyproject.toml pins
 trio-websocket to the tested range; a version that moves these fails here, by name, instead of
 silently reading every retired connection for `Timing.max_overlap`.
 """
@@ -12,6 +15,7 @@ silently reading every retired connection for `Timing.max_overlap`.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -28,7 +32,8 @@ Handler = Callable[[trio_websocket.WebSocketRequest], Awaitable[None]]
 def require(condition: object, what: str) -> None:
     assert condition, (
         f"pipeline.wsconn relies on a trio-websocket internal that {VERSION} changed: {what}. "
-        "Revisit wsconn._send_close and wsconn._close_reason, then the trio-websocket pin in "
+        "Revisit wsconn._send_close, wsconn._close_reason and WsConnection._read, then the "
+        "trio-websocket pin in "
         "pyproject.toml.")
 
 
@@ -53,6 +58,17 @@ async def test_the_private_parts_wsconn_uses_are_there(nursery: trio.Nursery) ->
         require(send is not None and inspect.iscoroutinefunction(send)
                 and list(inspect.signature(send).parameters) == ["event"],
                 "WebSocketConnection._send(event) is no longer a coroutine taking a wsproto event")
+        require(isinstance(getattr(ws, "_send_channel", None), trio.MemorySendChannel)
+                and isinstance(getattr(ws, "_recv_channel", None), trio.MemoryReceiveChannel),
+                "WebSocketConnection._send_channel / _recv_channel are no longer the two ends "
+                "of a trio memory channel")
+        uses = re.findall(r"self\._send_channel\b[^\n]*", inspect.getsource(type(ws)))
+        require(sorted(set(uses)) == [
+            "self._send_channel, self._recv_channel = trio.open_memory_channel[",
+            "self._send_channel.aclose()", "self._send_channel.send(msg)",
+            "self._send_channel:"],
+            "WebSocketConnection uses _send_channel for more than `send(msg)` per message, "
+            f"`aclose()` and the reader's `async with`: {sorted(set(uses))}")
         require(proto_state(ws) is ConnectionState.OPEN,
                 "WebSocketConnection._wsproto.state is not wsproto's ConnectionState.OPEN on an "
                 "open connection")
