@@ -167,3 +167,22 @@ def test_failure_between_replies_leaves_none_unread(r: redis.Redis) -> None:
         pipe.execute()
     pipe.execute_command("GET", "k")
     assert pipe.execute() == [b"new"]  # not the stale "OK" of the batch that failed
+
+
+def test_the_loops_blocking_read_is_a_packed_read(r: redis.Redis) -> None:
+    """`GroupIO.read` on one node: a blocking XREADGROUP on its own, the same entries as
+    redis-py's read, and NOGROUP raised as the ResponseError the loop recreates groups on."""
+    client = make_client(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}")
+    io = GroupIO(client, "g", ["raw:a", "raw:b"], "c1")
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        io.read({"raw:a": ">", "raw:b": ">"}, 10, 10)
+    io.ensure_groups()
+    started = time.monotonic()
+    assert io.read({"raw:a": ">", "raw:b": ">"}, 10, 50) == []  # blocked 50 ms, nothing came
+    assert time.monotonic() - started >= 0.04
+    a = r.xadd("raw:a", {b"frame": b"1"})
+    b = r.xadd("raw:b", {b"frame": b"2"})
+    got = io.read({"raw:a": ">", "raw:b": ">"}, 10, 50)
+    assert got == [("raw:a", a, {b"frame": b"1"}), ("raw:b", b, {b"frame": b"2"})]
+    assert io.read({"raw:a": "0", "raw:b": "0"}, 10, None) == got  # our pending, re-read
+    client.close()

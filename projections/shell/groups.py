@@ -22,6 +22,7 @@ import redis
 from pipeline.redisconn import error_code, is_cluster, redis_errors
 from projections.core.batch import RawEntry
 from projections.core.keys import dlq_key
+from projections.shell.packed import PackedPipeline
 
 log = logging.getLogger("pipeline.project")
 
@@ -89,10 +90,15 @@ class GroupIO:
 
     def read(self, ids: Mapping[str, bytes | str], count: int,
              block_ms: int | None) -> list[RawEntry]:
-        """XREADGROUP over the keys at once: `>` for new entries, an id for our own pending."""
+        """XREADGROUP over the keys at once: `>` for new entries, an id for our own pending.
+        (One node: packed by hiredis, `projections.shell.packed`, as the write round trip.)"""
         with redis_errors():
-            reply: Any = self.client.xreadgroup(self.group, self.consumer, dict(ids),  # type: ignore[arg-type]
-                                                count=count, block=block_ms)
+            if self.cluster:
+                reply: Any = self.client.xreadgroup(self.group, self.consumer, dict(ids),  # type: ignore[arg-type]
+                                                    count=count, block=block_ms)
+            else:
+                reply, = PackedPipeline(self.client).xreadgroup(
+                    self.group, self.consumer, ids, count=count, block=block_ms).execute()
         return self.entries(reply)
 
     def entries(self, reply: Any) -> list[RawEntry]:

@@ -8,6 +8,8 @@ sent in one write on one pooled connection, replies read one by one.
     results = pipe.execute(raise_on_error=False)   # one reply per command; an error reply
                                                    # is its ResponseError, in its place
 
+The loop's own reads (`GroupIO.read`, with BLOCK) go the same way, one command each.
+
 Why (issue #16, docs/benchmarks.md "The projector's write round trip"): a batch is one views
 call carrying up to 500 writes of 6 arguments each, and redis-py's `Pipeline` costs ~3 µs of
 CPU a write to pack it (its per-argument checks in Python, then hiredis) and more per command
@@ -70,11 +72,14 @@ class PackedPipeline:
         return self.execute_command("XADD", name, "*", *flat)
 
     def xreadgroup(self, groupname: str, consumername: str, streams: Mapping[str, Any],
-                   count: int | None = None) -> PackedPipeline:
-        """A non-blocking read (no BLOCK: a blocking one would hold the batch's replies)."""
+                   count: int | None = None, block: int | None = None) -> PackedPipeline:
+        """`block` (ms) only for a read on its own: in a batch, a blocking read would hold back
+        the replies of every command after it."""
         args: list[Any] = ["XREADGROUP", "GROUP", groupname, consumername]
         if count is not None:
             args += ["COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
         args.append("STREAMS")
         args += list(streams)
         args += list(streams.values())
