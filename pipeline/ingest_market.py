@@ -192,11 +192,12 @@ def conn_spec(settings: Settings, planned: PlannedConnection, *,
 
     async def connected(conn_id: str) -> None:  # the klines it carries at this connect
         if history is not None:
-            history.request(kline_names(planned.names))
+            history.connected(kline_names(planned.names))
 
     klines = history is not None and kline_names(planned.names)
     return ConnSpec(
-        name=planned.name, path=planned.path.value, url=url, route=cached_router(),
+        name=planned.name, path=planned.path.value, url=url,
+        route=cached_router(history=history if klines else None),
         streams_now=planned.carried, params_per_message=params_per_message,
         on_connected=connected if klines else None,
         silence_timeout=settings.silence_timeout if watched else None,
@@ -230,15 +231,23 @@ def kline_history(settings: Settings, plan: MarketPlan, sink: FrameSink
     return KlineHistory(rest, sink, streams, settings.kline_history)
 
 
-def cached_router(limit: int = 4096) -> Callable[[bytes], str]:
+def cached_router(limit: int = 4096, history: KlineHistory | None = None
+                  ) -> Callable[[bytes], str]:
     """`route_frame` with a cache keyed on the stream name: the key depends on nothing else, and
-    a dict lookup costs less than decoding the name and matching its family again."""
+    a dict lookup costs less than decoding the name and matching its family again. With
+    `history`, the first frame of a kline stream after its connect also goes to
+    `history.first_frame` (`pipeline.klinehistory`: it decides whether the history is whole);
+    otherwise a frame costs one test of an empty set."""
     cache: dict[bytes, str] = {}
+    awaiting: set[bytes] = history.awaiting if history is not None else set()
+    first_frame = history.first_frame if history is not None else None
 
     def routed(frame: bytes) -> str:
         name = stream_name(frame)
         if name is None:
             return KEY_OTHER
+        if awaiting and name in awaiting and first_frame is not None:
+            first_frame(name, frame)
         key = cache.get(name)
         if key is None:
             key = route_stream(name)
@@ -417,7 +426,8 @@ class Listings:
                 else:
                     changes.setdefault(planned.name, ([], []))[0].extend(names)
                 if self.ingest.history is not None and kline_names(names):
-                    self.ingest.history.request(kline_names(names))  # a new list: its history
+                    # a new list: its history, judged again by the stream's first frame
+                    self.ingest.history.connected(kline_names(names))
             self._record("listed", symbol, [(c, n) for c, n, _ in placed])
         for symbol in removed:
             taken = self.ingest.plan.remove(symbol)

@@ -22,6 +22,24 @@ When: a stream is due at start and again after anything that may have cost it ca
 Due streams are fetched one at a time, each call through the weight budget (`RestClient` waits
 before passing 80 % of PIPELINE_REST_WEIGHT_LIMIT: the whole market's history is paced over
 minutes instead of tripping a 429); a failed call is retried with a backoff of 1 s to 60 s.
+
+The first frame after a (re)connect (or a SUBSCRIBE of a listed symbol) decides whether the
+answer was enough. The stream sends the close (`"x":true`) only of a candle it showed: its
+first frame on a connection shows candle C, and from there on every candle comes. REST gives
+every candle closed when it answered, the last row (the one still open then, O) left out.
+The REST call is made at connect, typically before the stream's first frame (streams named in
+the URL need no acknowledgement), so a candle that closes between the two (O < C) is in
+neither: a hole for good, one candle wide, at start as after a reconnect, more likely the
+slower the connect or the call. So the ingestor's router hands each stream's first frame after
+a connect to `first_frame`, which keeps its candle's open time C; the history is whole once
+an answer's open row O is not older than C (O >= C: REST gave every candle before C). When it
+is older, the stream is due again, at once if no call is under way; a call that was under way
+is judged when it answers (and the stream fetched again after the backoff). A call made after
+the first frame always has O >= C (the exchange answers after it sent that frame), so it takes
+at most one more call, and only when a candle closed in that window. Chosen over always
+fetching again after the first closed candle (twice the weight of every reconnect, and a wait
+of a whole interval) and over keeping the answer's last row when its close time has passed
+(at O's answer it had not: the window is after the answer).
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
+import orjson
 import trio
 
 from pipeline.backoff import Backoff
@@ -67,6 +86,25 @@ def kline_names(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(n for n in names if n.partition("@")[2].startswith("kline_"))
 
 
+def frame_candle(frame: bytes) -> int | None:
+    """The open time (`k.t`) of the candle a combined kline frame shows; None if it shows
+    none (not a kline event)."""
+    try:
+        t = orjson.loads(frame)["data"]["k"]["t"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
+    return t if type(t) is int else None
+
+
+def answer_open_row(rows: object) -> int | None:
+    """The open time of the last row of a `GET /fapi/v1/klines` answer (the candle open when
+    REST answered); None when the answer has no such row."""
+    if isinstance(rows, list) and rows and isinstance(rows[-1], list) and rows[-1]:
+        t = rows[-1][0]
+        return t if type(t) is int else None
+    return None
+
+
 class KlineHistory:
     """Fetches and logs the history of due kline streams (module docstring)."""
 
@@ -81,6 +119,12 @@ class KlineHistory:
         self.backoff = backoff or Backoff(1.0, 60.0, random.random)
         self.due: set[str] = set()
         self.logged = 0  # snapshot entries handed to the writer
+        # the first frame after a connect decides (module docstring): the stream names whose
+        # first frame the routers hand to `first_frame` (one set, changed in place: every
+        # router holds it), the candle each such frame showed, each answer's open row
+        self.awaiting: set[bytes] = set()
+        self.shown: dict[str, int] = {}
+        self.open_rows: dict[str, int] = {}
         self._wake = trio.Event()
 
     def request(self, streams: Iterable[str] | None = None) -> None:
@@ -92,14 +136,44 @@ class KlineHistory:
         self.due.update(self.streams if streams is None else streams)
         self._wake.set()
 
+    def connected(self, streams: Iterable[str]) -> None:
+        """`streams` were (re)connected or SUBSCRIBEd: due now, and each stream's next frame
+        goes to `first_frame` (module docstring)."""
+        names = tuple(streams)
+        for name in names:
+            self.shown.pop(name, None)
+            self.awaiting.add(name.encode())
+        self.request(names)
+
     def on_connected(self, streams: Iterable[str]) -> Callable[[str], Awaitable[None]]:
         """The `ConnSpec.on_connected` hook of a connection carrying `streams`."""
         names = tuple(streams)
 
         async def connected(conn_id: str) -> None:
-            self.request(names)
+            self.connected(names)
 
         return connected
+
+    def first_frame(self, name: bytes, frame: bytes) -> None:
+        """The router's call for the first frame of an awaited stream (`awaiting`) since its
+        connect: if the last answer's open row is older than the candle it shows, the stream
+        is due again (a call under way is judged when it answers). Never blocks."""
+        t = frame_candle(frame)
+        if t is None:
+            return  # shows no candle: the next frame decides
+        self.awaiting.discard(name)
+        stream = name.decode()
+        self.shown[stream] = t
+        if stream not in self.due and not self.whole(stream):
+            log.info("a candle closed between the kline history and the stream's first frame:"
+                     " history asked again", extra={"stream": stream})
+            self.request((stream,))
+
+    def whole(self, stream: str) -> bool:
+        """Do the last answer and the stream leave no candle out? True until both are known
+        (an answer with no open row cannot be judged: the projection refuses it anyway)."""
+        shown, opened = self.shown.get(stream), self.open_rows.get(stream)
+        return shown is None or opened is None or opened >= shown
 
     async def serve(self, drops: DropCounts) -> None:
         """`run` and `watch_drops` until cancelled; then the REST client is closed, after both
@@ -119,10 +193,10 @@ class KlineHistory:
             self._wake = trio.Event()
             while self.due:
                 name = min(self.due)
-                if await self._fetch(name):
+                if await self._fetch(name) and self.whole(name):
                     self.due.discard(name)
                     self.backoff.reset()
-                else:
+                else:  # failed, or answered before a candle closed that the stream skipped
                     await trio.sleep(self.backoff.next_delay())
 
     async def watch_drops(self, drops: DropCounts, every: float = DROPS_CHECK_S) -> None:
@@ -152,4 +226,12 @@ class KlineHistory:
             "limit": self.limit + 1, "fetched_at_ms": int(self.clock() * 1000),
             "weight_used_1m": self.rest.budget.used, "response": rows})
         self.logged += 1
+        opened = answer_open_row(rows)
+        if opened is None:
+            self.open_rows.pop(name, None)
+        else:
+            self.open_rows[name] = opened
+        if not self.whole(name):
+            log.info("a candle closed between the kline history and the stream's first frame:"
+                     " history asked again", extra={"stream": name})
         return True

@@ -22,7 +22,7 @@ import trio
 
 from pipeline.config import Settings, load_settings
 from pipeline.eventlog import ControlEntry
-from pipeline.ingest_market import run_market_ingest
+from pipeline.ingest_market import cached_router, run_market_ingest
 from pipeline.klinehistory import KlineHistory
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import make_client
@@ -183,6 +183,69 @@ async def test_history_is_fetched_per_stream_paced_by_weight_retried_and_asked_a
     await rest.aclose()
 
 
+@attrs.define
+class HeldClock:
+    """The simulator's clock (unix seconds), moved only by the test."""
+
+    t: float
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def kline_frame(open_time: int, *, closed: bool = False) -> bytes:
+    """A combined `btcusdt@kline_1m` frame showing the candle that opened at `open_time`."""
+    return orjson.dumps({"stream": "btcusdt@kline_1m", "data": {
+        "e": "kline", "E": open_time + 1000, "s": "BTCUSDT", "k": {
+            "t": open_time, "T": open_time + MINUTE - 1, "s": "BTCUSDT", "i": "1m",
+            "o": "1", "c": "1", "h": "1", "l": "1", "v": "0", "n": 0, "x": closed}}})
+
+
+async def test_an_answer_older_than_the_stream_s_first_frame_is_fetched_again(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The first frame after a connect judges the history (pipeline.klinehistory): REST
+    answered while candle A was open, the stream's first frame shows B, so A is in neither
+    and the stream is fetched again; a first frame not newer than the answer's open row asks
+    nothing more. The first frame here comes in while the call is under way."""
+    boundary = 1_795_000_020 // 60 * 60
+    a, b = (boundary - 60) * 1000, boundary * 1000
+    clock = HeldClock(boundary - 5.0)  # the exchange's clock, moved by the test
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",)), clock=clock)
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        _, rest_url = await nursery.start(sim.run)
+        rest = RestClient(rest_url, clock=clock)
+        fetcher = KlineHistory(rest, rec, ["btcusdt@kline_1m"], 500, clock=trio.current_time)
+        nursery.start_soon(fetcher.run)
+        route = cached_router(history=fetcher)
+
+        def open_rows() -> list[int]:
+            return [s.body["response"][-1][0] for s in rec.controls("snapshot")]
+
+        fetcher.connected(["btcusdt@kline_1m"])  # the call starts; the stream's first frame:
+        assert route(kline_frame(b)) == "raw:market:kline_1m" and fetcher.awaiting == set()
+        await rec.until(lambda: open_rows() == [a], within=10)  # answered as of A's time
+        clock.t = boundary + 1.0
+        await rec.until(lambda: open_rows() == [a, b], within=120)  # asked again: A is there
+        await trio.sleep(300)
+        assert open_rows() == [a, b]  # and no more
+
+        for shown in (b, b - MINUTE):  # a first frame of the open row's candle, or older
+            before = len(open_rows())
+            fetcher.connected(["btcusdt@kline_1m"])  # a reconnect: answered first this time
+            await rec.until(functools.partial(lambda n: len(open_rows()) == n, before + 1),
+                            within=10)
+            route(b'{"stream":"btcusdt@kline_1m","data":{"e":"other"}}')  # shows no candle
+            assert fetcher.awaiting == {b"btcusdt@kline_1m"}
+            route(kline_frame(shown, closed=shown < b))
+            route(kline_frame(b + MINUTE))  # not a first frame: not judged
+            assert fetcher.awaiting == set() and fetcher.shown == {"btcusdt@kline_1m": shown}
+            await trio.sleep(300)
+            assert open_rows()[before:] == [b]  # nothing more asked
+        nursery.cancel_scope.cancel()
+    await rest.aclose()
+
+
 # --- the whole path ----------------------------------------------------------------------------
 
 FAST = Timing(connect_timeout=3.0, disconnect_timeout=0.5, backoff_base=0.05, backoff_cap=0.2,
@@ -222,6 +285,55 @@ def whole(r: redis.Redis, sim: Simulator, n: int = 500) -> list[dict[str, Any]]:
     if len(times) < n or not all(a - b == MINUTE for a, b in itertools.pairwise(times)):
         return []
     return candles if last_closed - times[0] <= 2 * MINUTE else []
+
+
+def kline_frames(r: redis.Redis) -> list[dict[str, Any]]:
+    """The kline payloads of the stream in the log, oldest first."""
+    return [orjson.loads(f[b"frame"])["data"]["k"]
+            for _, f in r.xrange("raw:market:kline_1m") if b"frame" in f]
+
+
+async def test_a_candle_that_closes_between_the_history_and_the_stream_s_first_frame_is_fetched(
+        redis_server: LocalRedis) -> None:
+    """The race of every (re)connect, made explicit: REST answers while candle A is open, A
+    closes before the stream's first frame, which shows the next candle B. The stream never
+    sends A (it did not show it) and the history took it as the open row: without a second
+    look, A is a hole for good."""
+    boundary = (int(time.time()) - 3600) // 60 * 60  # a minute an hour ago, seconds
+    a, b = (boundary - 60) * 1000, boundary * 1000
+    clock = HeldClock(boundary - 5.0)
+    sim = Simulator(SimConfig(symbols=("BTCUSDT",), rate=20), clock=clock)
+    sim.set_silence()  # the connection opens and the stream is quiet: no first frame yet
+    r = redis_server.client()
+    client = make_client(redis_server.url)
+    async with trio.open_nursery() as nursery:
+        ws_url, rest_url = await nursery.start(sim.run)
+        settings = settings_for(redis_server.url, ws_url, rest_url)
+        nursery.start_soon(functools.partial(run_projector, settings, choose(settings, "kline"),
+                                             RunOptions(block_ms=50)))
+        async with trio.open_nursery() as ingesting:
+            ingest = await ingesting.start(functools.partial(
+                run_market_ingest, settings, client, ("BTCUSDT",), timing=FAST))
+            history = ingest.history
+            assert history is not None
+            await until(lambda: history.logged == 1, r)  # answered while A is open
+            [snapshot] = [orjson.loads(f[b"body"]) for _, f in r.xrange("raw:market:kline_1m")
+                          if f.get(b"ctl") == b"snapshot"]
+            assert snapshot["response"][-1][0] == a
+            clock.t = boundary + 1.0  # A closes; then the stream's first frame shows B
+            sim.set_silence(False)
+            first = await until(lambda: kline_frames(r), r)
+            assert first[0]["t"] == b and first[0]["x"] is False
+            clock.t = boundary + 61.0  # the stream closes B, the one it showed
+            got = await until(lambda: (got := whole(r, sim)) and got[0]["open_time"] == b
+                              and got, r)
+            ingest.stop()
+        nursery.cancel_scope.cancel()
+    client.close()
+    assert got[0]["source"] == "websocket" and got[1]["open_time"] == a
+    assert got[1]["source"] == "rest"  # A came from the second look at REST
+    assert history.logged == 2
+    r.close()
 
 
 async def test_klines_are_whole_at_start_and_across_a_gap_in_the_stream(
