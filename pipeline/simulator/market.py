@@ -226,6 +226,7 @@ class Market:
         self.rng = random.Random(seed)
         self.base_ms = now_ms - now_ms % 1000  # market time 0 (cadence mode)
         self.tick = 0.0  # cadence: the market clock's tick (see `stamp`), set by the server
+        self._stamped: tuple[float, float, int] = (math.nan, 0.0, 0)  # (due, tick, E) last
         self.listings: dict[str, listings.Listing] = {}
         for s in symbols:
             self.listings[s] = listings.new_listing(s, None, now_ms)
@@ -430,10 +431,12 @@ class Market:
 
     # -- events on the exchange's clock (cadence mode) --
 
-    def advance(self, t: float) -> int:
+    def advance(self, t: float, limit: float = math.inf) -> int:
         """Make every event due by market time `t`, in time order, and wake the connections
-        that got some. Returns how many clocks fired."""
-        fired = self.schedule.run_until(t)
+        that got some. Returns how many clocks fired. With `limit`, stop after that many
+        clocks (the next call goes on where this one stopped, in the same order): the server
+        lets its senders write between such chunks of a big tick."""
+        fired = self.schedule.run_until(t, limit)
         if self._woken:
             woken = list(self._woken.values())
             self._woken.clear()
@@ -458,9 +461,14 @@ class Market:
         market's clock it is made in (`tick` seconds; 0: exactly `due`), so frames leave as
         soon as they are stamped and fixed cadences stay on whole seconds."""
         tick = self.tick
+        if due == self._stamped[0] and tick == self._stamped[1]:
+            return self._stamped[2]  # a grid time: hundreds of feeds in a row stamp it
+        at = due
         if tick:
-            due = math.ceil(round(due / tick, 6)) * tick
-        return self.base_ms + round(due * 1000)
+            at = math.ceil(round(due / tick, 6)) * tick
+        ms = self.base_ms + round(at * 1000)
+        self._stamped = (due, tick, ms)
+        return ms
 
     def _start_feed(self, feed: Feed, at: float) -> None:
         spec = feed.spec
@@ -475,7 +483,25 @@ class Market:
             feed.clock = cadence.PoissonClock(rng, min_gap=1.0)
         first = (cadence.aligned(at, spec.interval) if feed.clock is None
                  else at + self._gap(feed, at))
-        self.schedule.add(first, functools.partial(self._fire_feed, feed))
+        fire = functools.partial(self._fire_feed, feed)
+        self.schedule.add(first, self._kline_clock(feed, fire) if spec.kind == "kline" else fire)
+
+    def _kline_clock(self, feed: Feed, fire: Callable[[float], float | None]
+                     ) -> Callable[[float], float | None]:
+        """A kline stream's clock: every 250 ms, though most ticks its candle has not changed
+        and nothing is sent (a whole market's klines fire 2,200 times a second). That case is
+        told apart first, without side effects; any other goes to `fire` (`_fire_feed`)."""
+        sm = self.symbol(feed.spec.symbol or "")
+        interval, period = feed.spec.kline, feed.spec.interval
+
+        def quiet_or_fire(due: float) -> float | None:
+            series = sm.candles.get(interval)
+            if (series is not None and not feed.closed and feed.kline_version == series.version
+                    and feed.kline_open == series.current.start
+                    and self.stamp(due) <= series.current.end):
+                return round(due + period, 6)  # what `_kline` would find: nothing to send
+            return fire(due)
+        return quiet_or_fire
 
     def _gap(self, feed: Feed, t: float) -> float:
         spec = feed.spec
@@ -547,7 +573,9 @@ class Market:
                 return None
             sm.book.step()
             rate = full if sm.book_feeds > 0 else cadence.IDLE_BOOK_CHANGES_PER_S
-            factor = self.crash.factor(due) * self.activity(sm.spec.symbol, self.ms(due))
+            factor = self.crash.factor(due)
+            if self._tradfi:  # 1.0 otherwise
+                factor *= self.activity(sm.spec.symbol, self.ms(due))
             return due + clock.gap(rate * factor)
 
         self.schedule.add(at + clock.gap(full), step)
