@@ -25,9 +25,11 @@ user data named there are accepted and never sent. Any other path is refused wit
 Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, wakes every
 5 ms (`CADENCE_TICK`), makes every event due by then (`Market.advance`, see `cadence.py`) and
 wakes the connections that read them; each connection's sender then writes what its outbox
-holds, in the order it was made. An event's `E` is the tick it was made in, so a frame leaves
-as soon as its `E` has come: a client on the same machine reads it about 1 ms after `E` (p99
-5 ms, measured with the machine's two cores busy).
+holds, in the order it was made. A big tick (a whole second: 550 mark prices, 550 klines and
+the depth streams at once) is made in chunks of `CADENCE_CHUNK` clocks, and the senders write
+each chunk's frames before the next is made, so the first frames of the burst leave before
+the last are made. An event's `E` is the tick it was made in (chunks or not), so a frame
+leaves as soon as its `E` has come and its turn in the tick is made.
 
 Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
 subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
@@ -86,6 +88,9 @@ CLOSED_KEPT = 200  # closed connections remembered in stats
 # simulator a tenth of a core.
 CADENCE_TICK = 0.005
 MAX_WRITE = 4096  # frames per write in cadence mode
+# Clocks fired between two turns of the senders in cadence mode (~1 ms of making): the first
+# frames of a big tick leave while the rest are made.
+CADENCE_CHUNK = 200
 MARKET_PATHS = (PUBLIC, MARKET, LEGACY)
 
 
@@ -455,14 +460,23 @@ class Simulator:
                 await self._market_changed.wait()
             if self._market_changed.is_set():
                 self._market_changed = trio.Event()
-            self.advance_market()
+            while not self.advance_market(CADENCE_CHUNK):
+                # a big tick (a whole second: 550 mark prices, 550 klines, ...): the senders
+                # write what is made so far before the next chunk is made. Three turns of the
+                # scheduler: a woken sender takes its frames in the first, its write lock
+                # yields once, its send_all reaches the socket in the third.
+                for _ in range(3):
+                    await trio.lowlevel.checkpoint()
 
-    def advance_market(self) -> None:
+    def advance_market(self, limit: float = math.inf) -> bool:
         """Cadence mode: make what is due up to the last tick of the market's clock (REST then
-        answers what the streams show); never later, so no `E` is in the future."""
-        if self.market.cadence:
-            ticks = math.floor(round(self.market_time() / CADENCE_TICK, 6))
-            self.market.advance(ticks * CADENCE_TICK)
+        answers what the streams show); never later, so no `E` is in the future. With `limit`,
+        at most that many clocks fire; True when nothing due by that tick is left."""
+        if not self.market.cadence:
+            return True
+        t = math.floor(round(self.market_time() / CADENCE_TICK, 6)) * CADENCE_TICK
+        self.market.advance(t, limit)
+        return self.market.schedule.next_due() > t
 
     def _activity(self, symbol: str | None) -> float:
         return self.market.activity(symbol, int(self.clock() * 1000))
