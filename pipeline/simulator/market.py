@@ -149,6 +149,8 @@ class SymbolMarket:
         self.epoch = 0  # cadence: bumped when its clocks (re)start; older clocks then stop
         pair = listing.pair if listing is not None else spec.symbol
         self.head = f'"s":"{spec.symbol}","ps":"{pair}"'
+        self.equity = listing is not None and listing.tradfi_market == "EQUITY"
+        self._long: dict[int, str] = {}  # `long_price` texts seen lately
         self.tail = f',"st":{symbol_type}}}'
 
     def mark_units(self) -> int:
@@ -156,7 +158,13 @@ class SymbolMarket:
 
     def long_price(self, units: int) -> str:
         """Mark and index prices carry 8 decimals on the wire, e.g. "95000.10000000"."""
-        return self.spec.price_text(units) + "0" * (8 - self.spec.price_decimals)
+        text = self._long.get(units)
+        if text is None:
+            if len(self._long) >= 4096:
+                self._long.clear()
+            text = self.spec.price_text(units) + "0" * (8 - self.spec.price_decimals)
+            self._long[units] = text
+        return text
 
 
 def next_funding_ms(now_ms: int) -> int:
@@ -483,8 +491,27 @@ class Market:
             feed.clock = cadence.PoissonClock(rng, min_gap=1.0)
         first = (cadence.aligned(at, spec.interval) if feed.clock is None
                  else at + self._gap(feed, at))
-        fire = functools.partial(self._fire_feed, feed)
-        self.schedule.add(first, self._kline_clock(feed, fire) if spec.kind == "kline" else fire)
+        fire: Callable[[float], float | None] = functools.partial(self._fire_feed, feed)
+        if spec.kind == "kline":
+            fire = self._kline_clock(feed, fire)
+        elif spec.kind == "markPrice":
+            fire = self._mark_clock(feed)
+        self.schedule.add(first, fire)
+
+    def _mark_clock(self, feed: Feed) -> Callable[[float], float | None]:
+        """A markPrice stream's clock: `_fire_feed` and `_mark_price` in one (a whole market's
+        mark prices fall on the same whole second, and the first of them wait for the last)."""
+        symbol, period = feed.spec.symbol or "", feed.spec.interval
+        sm = self.symbol(symbol)
+
+        def mark(due: float) -> float | None:
+            if feed.closed:
+                return None
+            now_ms = self.stamp(due)
+            if not (self._tradfi and self._quiet(symbol, now_ms)):
+                self._publish(feed, self._mark_payload(sm, now_ms))
+            return round(due + period, 6)  # stays on the grid, as `_fire_feed` keeps it
+        return mark
 
     def _kline_clock(self, feed: Feed, fire: Callable[[float], float | None]
                      ) -> Callable[[float], float | None]:
@@ -620,9 +647,7 @@ class Market:
     # -- payloads (field order as Binance sends them) --
 
     def _index_units(self, sm: SymbolMarket, mark: int, now_ms: int) -> int:
-        listing = sm.listing
-        if (listing is not None and listing.tradfi_market == "EQUITY"
-                and not self.hours.in_session("EQUITY", now_ms)):
+        if sm.equity and not self.hours.in_session("EQUITY", now_ms):
             # outside its session an equity's index stays where the market closed
             if sm.frozen_index is None:
                 sm.frozen_index = mark
