@@ -49,6 +49,7 @@ LIQUIDATIONS_PER_S = 0.02
 IDLE_BOOK_CHANGES_PER_S = 1.0
 OFF_HOURS_ACTIVITY = 0.1  # TradFi outside a session: weekend volume is a tenth or less
 BURSTY = ("aggTrade", "bookTicker")
+Fire = Callable[[float], float | None]
 _CLUSTER_RATE = 1 / CLUSTER_GAP_S
 _PARETO_EXP = -1.0 / CLUSTER_ALPHA
 _log = math.log
@@ -121,24 +122,27 @@ class Schedule:
     when it is due next, at or after `due` (None: it stopped).
 
     Fired in time order and, at one time, in the order added (a fire that answers its own
-    `due` again goes last). Kept as a heap of the distinct due times, each with the list of
-    what is due then: the fixed cadences share their grid times (at a whole second 550 mark
-    prices, 550 klines, the depth streams), so most of their adds are an append to a list that
-    is there already, and a grid time costs one heap operation, not one per stream.
+    `due` again goes last). Kept as a heap of the distinct due times and, for each, what is due
+    then: one fire (the random clocks: books, trades, book tickers) or a list of them (the
+    fixed cadences share their grid times: at a whole second 550 mark prices, 550 klines, the
+    depth streams), so a grid time costs one heap operation, not one per stream, and a random
+    clock's heap compares floats, not tuples.
     """
 
     def __init__(self) -> None:
         self._times: list[float] = []  # a heap of the distinct due times
-        self._due: dict[float, list[Callable[[float], float | None]]] = {}
-        self._done = 0  # entries of the earliest time fired already (`run_until`'s `limit`)
+        self._due: dict[float, Fire | list[Fire]] = {}
+        self._done = 0  # entries of the earliest list fired already (`run_until`'s `limit`)
 
-    def add(self, due: float, fire: Callable[[float], float | None]) -> None:
-        bucket = self._due.get(due)
-        if bucket is None:
-            self._due[due] = [fire]
+    def add(self, due: float, fire: Fire) -> None:
+        there = self._due.get(due)
+        if there is None:
+            self._due[due] = fire
             heapq.heappush(self._times, due)
+        elif isinstance(there, list):
+            there.append(fire)
         else:
-            bucket.append(fire)
+            self._due[due] = [there, fire]
 
     def next_due(self) -> float:
         return self._times[0] if self._times else math.inf
@@ -146,24 +150,34 @@ class Schedule:
     def run_until(self, t: float, limit: float = math.inf) -> int:
         """Fire everything due by `t`, in order; returns how many fired. With `limit`, stop
         after that many (the rest is fired by the next call, in the same order)."""
-        times, buckets, add = self._times, self._due, self.add
+        times, due_at, add = self._times, self._due, self.add
         fired = 0
         while times and times[0] <= t:
             due = times[0]
-            bucket = buckets[due]
+            there = due_at[due]
+            if not isinstance(there, list):
+                if fired >= limit:
+                    return fired
+                heapq.heappop(times)
+                del due_at[due]
+                fired += 1
+                nxt = there(due)
+                if nxt is not None:
+                    add(nxt, there)
+                continue
             i = self._done
-            while i < len(bucket):
+            while i < len(there):
                 if fired >= limit:
                     self._done = i
                     return fired
-                fire = bucket[i]
+                fire = there[i]
                 i += 1
                 fired += 1
                 nxt = fire(due)
                 if nxt is not None:
-                    add(nxt, fire)
+                    add(nxt, fire)  # at `due` again: appended to `there`, fired in this loop
             self._done = 0
-            del buckets[due]
+            del due_at[due]
             if times[0] == due:
                 heapq.heappop(times)
             else:  # a fire answered a time before its own (a broken clock): keep the heap whole

@@ -462,11 +462,11 @@ class Simulator:
                 self._market_changed = trio.Event()
             while not self.advance_market(CADENCE_CHUNK):
                 # a big tick (a whole second: 550 mark prices, 550 klines, ...): the senders
-                # write what is made so far before the next chunk is made. Three turns of the
-                # scheduler: a woken sender takes its frames in the first, its write lock
-                # yields once, its send_all reaches the socket in the third.
-                for _ in range(3):
-                    await trio.lowlevel.checkpoint()
+                # write what is made so far before the next chunk is made. A woken sender
+                # takes its frames and sends them in its first turn (`_write`); two turns of
+                # this task, so that it is not the first of the next batch to run either.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
 
     def advance_market(self, limit: float = math.inf) -> bool:
         """Cadence mode: make what is due up to the last tick of the market's clock (REST then
@@ -484,7 +484,14 @@ class Simulator:
     async def _write(self, conn: Connection, data: bytes, frames: int) -> bool:
         """Send `data` unless the connection is closing; True when it went out."""
         stream = conn.stream
-        async with stream.lock:
+        lock = stream.lock
+        try:
+            # free nearly always: taken without a turn of the scheduler (`acquire` yields once
+            # even then), so the frames reach the socket in the sender's first turn
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             closed = conn.ws.closed is not None
             if not closed:
                 stream.torn = True
@@ -493,6 +500,8 @@ class Simulator:
                     stream.torn = False
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     closed = True
+        finally:
+            lock.release()
         if closed:
             # the peer went away; the reader notices too, this only stops the writing
             conn.close_reason = "closed by client"
