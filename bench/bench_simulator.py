@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_simulator.py [--seconds 5] [--only flat|cadence]
     .venv/bin/python bench/bench_simulator.py --only cadence --compare DIR [--rounds 3]
+    .venv/bin/python bench/bench_simulator.py --only market --seconds 20 --compare DIR
 
 Two measurements, each against `pipeline simulate` in its own process:
 
@@ -20,7 +21,15 @@ Two measurements, each against `pipeline simulate` in its own process:
   made in) gives p50 / p99 per family (markPrice, kline, aggTrade, depth), as
   bench_full_market.py's observer does.
 
-`--compare DIR` runs the cadence measurement against two versions of the simulator,
+- market (`--only market`, not part of the default run): the cadence market alone, no
+  sockets, no trio, in a process of its own: the same 1,660 streams (depth20@100ms of the
+  50 most traded, as bench_full_market.py reads them) driven through `--seconds` of market
+  time in 5 ms ticks, each tick's frames taken and framed as the server's sender does. It
+  reports the process's CPU time per 1,000 frames, calm and at x5 (the least noisy figure of
+  the market's cost), and a SHA-256 of every connection's bytes: two versions that make the
+  same events for the same seed print the same digest.
+
+`--compare DIR` runs the cadence (or market) measurement against two versions of the simulator,
 alternately (DIR first, then this checkout, `--rounds` times): DIR is another copy of the
 project (for instance `git archive <commit> pipeline projections | tar -x -C DIR`), whose
 `pipeline simulate` is started with DIR as its working directory. The machine's other load
@@ -199,13 +208,13 @@ async def measure_flat(ws_url: str, rest_url: str, seconds: float) -> dict[str, 
 
 # --- the whole market -------------------------------------------------------------------------
 
-def whole_market_plan() -> list[tuple[str, list[str]]]:
+def whole_market_plan(depth_symbols: int = TRADED) -> list[tuple[str, list[str]]]:
     """(path, stream names) of each connection, as the ingestor would plan them."""
     symbols = [s.lower() for s in market_symbols(("BTCUSDT", "ETHUSDT", "SOLUSDT"),
                                                  MARKET_SIZE)]
     market = [f"{s}@{k}" for s in symbols for k in ("markPrice@1s", "aggTrade", "kline_1m")]
     half = len(market) // 2
-    public = [f"{s}@depth20@100ms" for s in symbols[:TRADED]]
+    public = [f"{s}@depth20@100ms" for s in symbols[:depth_symbols]]
     return [("/market/ws", market[:half]), ("/market/ws", market[half:]),
             ("/public/ws", public)]
 
@@ -266,6 +275,55 @@ def run_cadence(root: Path, seconds: float, multipliers: tuple[float, ...]
         proc.wait(10)
 
 
+# --- the market alone ----------------------------------------------------------------------
+
+MARKET_CHILD = """
+import hashlib, json, math, sys, time
+from pipeline.simulator.cadence import Crash
+from pipeline.simulator.market import Market, Outbox, parse_stream
+from pipeline.simulator.session import ws_frame
+job = json.load(sys.stdin)
+crash = Crash(job["multiplier"], 0.0, 1e9) if job["multiplier"] > 1 else None
+market = Market(job["symbols"], 1, cadence_mode=True, crash=crash, now_ms=1_793_615_400_000)
+market.tick = 0.005
+boxes = []
+for names in job["plan"]:
+    box = Outbox(lambda: None)
+    boxes.append(box)
+    for name in names:
+        market.open_stream(parse_stream(name, market.streaming()), False, box, 0.0)
+digests = [hashlib.sha256() for _ in boxes]
+frames = 0
+cpu = time.process_time()
+for step in range(1, round(job["seconds"] / 0.005) + 1):
+    market.advance(step * 0.005)
+    for box, digest in zip(boxes, digests):
+        parts = []
+        while box.pending:
+            text = market.take(box.pending.popleft())
+            if text is not None:
+                parts.append(ws_frame(text.encode()))
+        if parts:
+            digest.update(b"".join(parts))
+            frames += len(parts)
+cpu = time.process_time() - cpu
+total = hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest()
+print(json.dumps({"frames": frames, "cpu_s": cpu, "sha256": total}))
+"""
+
+
+def run_market_alone(root: Path, seconds: float, multiplier: float) -> dict[str, object]:
+    symbols = list(market_symbols(("BTCUSDT", "ETHUSDT", "SOLUSDT"), MARKET_SIZE))
+    plan = [names for _, names in whole_market_plan(depth_symbols=50)]
+    job = {"symbols": symbols, "plan": plan, "seconds": seconds, "multiplier": multiplier}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "BINANCE_"))}
+    out = subprocess.run([sys.executable, "-c", MARKET_CHILD], input=json.dumps(job),
+                         capture_output=True, text=True, cwd=root, env=env, check=True)
+    r = json.loads(out.stdout)
+    r["cpu_ms_per_1000_frames"] = 1e6 * r["cpu_s"] / r["frames"]
+    return dict(r)
+
+
 def report(results: dict[str, object]) -> None:
     flat = results.get("flat")
     if isinstance(flat, dict):
@@ -274,6 +332,13 @@ def report(results: dict[str, object]) -> None:
         for name, r in flat.items():
             print(f"{name:34} {r['raw_drain_sent_per_s']:>20,.0f} "
                   f"{r['bare_trio_websocket_per_s']:>22,.0f}")
+    alone = results.get("market_runs")
+    if isinstance(alone, list):
+        print(f"\nthe market alone (no sockets), {MARKET_SIZE} symbols, 50 depth20@100ms")
+        print(f"{'run':10} {'phase':8} {'frames':>8} {'CPU s':>7} {'ms/1k fr':>9}  sha256")
+        for r in alone:
+            print(f"{r['version']:10} {r['phase']:8} {r['frames']:>8,} {r['cpu_s']:>7.3f} "
+                  f"{r['cpu_ms_per_1000_frames']:>9.1f}  {str(r['sha256'])[:16]}")
     runs = results.get("cadence_runs")
     if isinstance(runs, list):
         print(f"\ncadence, {MARKET_SIZE} symbols; lag = receipt - E, ms, p50/p99")
@@ -295,7 +360,7 @@ def report(results: dict[str, object]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--only", choices=("flat", "cadence"), default=None)
+    parser.add_argument("--only", choices=("flat", "cadence", "market"), default=None)
     parser.add_argument("--multipliers", default="5,20",
                         help="cadence: the crash phases after the calm one, comma-separated")
     parser.add_argument("--compare", type=Path, default=None, metavar="DIR",
@@ -311,10 +376,18 @@ def main() -> int:
             results["flat"] = trio.run(measure_flat, ws_url, rest_url, args.seconds)
         finally:
             proc.terminate()
+    versions = [("this", ROOT)]
+    if args.compare is not None:
+        versions.insert(0, ("compared", args.compare.resolve()))
+    if args.only == "market":
+        alone: list[dict[str, object]] = []
+        for _ in range(args.rounds):
+            for phase, m in (("calm", 1.0), ("crash x5", 5.0)):
+                for version, root in versions:
+                    alone.append({"version": version, "phase": phase,
+                                  **run_market_alone(root, args.seconds, m)})
+        results["market_runs"] = alone
     if args.only in (None, "cadence"):
-        versions = [("this", ROOT)]
-        if args.compare is not None:
-            versions.insert(0, ("compared", args.compare.resolve()))
         runs: list[dict[str, object]] = []
         for _ in range(args.rounds):
             for version, root in versions:
