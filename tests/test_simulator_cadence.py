@@ -12,17 +12,20 @@ import itertools
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import pytest
 import trio
+import trio_websocket
 
 from pipeline.simulator import server
 from pipeline.simulator.cadence import Crash, Schedule
@@ -228,6 +231,50 @@ async def test_a_whole_second_is_made_in_chunks_and_its_first_frames_leave_befor
            if fired == server.CADENCE_CHUNK and not done]
     assert cut
     assert any(calls[i + 1][0] > calls[i][0] for i in cut if i + 1 < len(calls))
+
+
+async def test_a_reader_that_stalls_gets_every_frame_whole_once_it_reads_again(
+        start_sim: Start) -> None:
+    """The market's clock writes a connection's frames itself while the socket takes them;
+    what a full socket does not take waits (`LockedStream.backlog`) and goes out first later."""
+    sim, ws_url, _ = await start_sim(cadence=True, market_size=550, seed=3)
+    traded = [s.lower() for s in SYMBOLS[:30]]
+    names = [f"{s}@aggTrade" for s in traded] + [f"{s.lower()}@markPrice@1s" for s in SYMBOLS]
+    parts = urlsplit(ws_url)
+    assert parts.hostname is not None and parts.port is not None
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills within a second
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    trades: dict[str, list[int]] = {}
+    marks: dict[str, list[int]] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, parts.hostname, f"/market/stream?streams={'/'.join(names)}",
+                max_message_size=4 * 1024 * 1024)
+            with trio.fail_after(20):  # not reading: the clock's writes stop short
+                while True:
+                    if any(c.stream.short_writes for c in sim.connections.values()):
+                        break
+                    await trio.sleep(0.02)
+            await trio.sleep(0.5)  # and the sender's wait for the socket, meanwhile
+            with trio.move_on_after(2.5):
+                while True:
+                    msg = orjson.loads(await ws.get_message())  # each frame whole
+                    data = msg["data"]
+                    if data["e"] == "aggTrade":
+                        trades.setdefault(data["s"], []).append(data["a"])
+                    else:
+                        marks.setdefault(data["s"], []).append(data["E"])
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert len(marks) == 550 and sum(map(len, trades.values())) > 50
+    # nothing lost, nothing twice, in order
+    assert all(b == a + 1 for ids in trades.values() for a, b in itertools.pairwise(ids))
+    assert all(b == a + 1000 for es in marks.values() for a, b in itertools.pairwise(es))
 
 
 async def event_times(mkt: Any, pub: Any, seconds: float) -> dict[str, list[int]]:

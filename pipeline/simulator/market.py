@@ -34,7 +34,8 @@ per connection, each subscribed stream has a `StreamState` (its place in the fee
 made in one of two ways: on demand, when a connection's pacer (`session.py`) finds the stream
 due and no other connection has made the next event yet (`frame`); or, in cadence mode, on the
 exchange's own clock whoever listens (`advance`, see `cadence.py`), each event then queued in
-the `Outbox` of every connection that reads the stream (`take`).
+the `Outbox` of every connection that reads the stream (`take`), which the server writes out
+when the clock's turn ends (`Outbox.flush`).
 """
 
 from __future__ import annotations
@@ -198,13 +199,16 @@ class Feed:
 class Outbox:
     """Cadence mode: the events made for one connection, in the order the exchange made them
     (each entry names the stream whose next event is due). Bounded: a connection that does not
-    keep up loses the oldest, as it would on Binance."""
+    keep up loses the oldest, as it would on Binance. When a clock's turn made some, `advance`
+    calls `flush` (the server writes them at once, if it can: True) or else `wake`."""
 
-    __slots__ = ("pending", "wake")
+    __slots__ = ("flush", "pending", "wake")
 
-    def __init__(self, wake: Callable[[], None], limit: int = 200_000) -> None:
+    def __init__(self, wake: Callable[[], None], limit: int = 200_000,
+                 flush: Callable[[], bool] | None = None) -> None:
         self.pending: deque[StreamState] = deque(maxlen=limit)
         self.wake = wake
+        self.flush = flush
 
 
 @attrs.define(eq=False)
@@ -440,8 +444,9 @@ class Market:
     # -- events on the exchange's clock (cadence mode) --
 
     def advance(self, t: float, limit: float = math.inf) -> int:
-        """Make every event due by market time `t`, in time order, and wake the connections
-        that got some. Returns how many clocks fired. With `limit`, stop after that many
+        """Make every event due by market time `t`, in time order, and flush (or else wake) the
+        outbox of each connection that got some. Returns how many clocks fired. With `limit`,
+        stop after that many
         clocks (the next call goes on where this one stopped, in the same order): the server
         lets its senders write between such chunks of a big tick."""
         fired = self.schedule.run_until(t, limit)
@@ -449,7 +454,8 @@ class Market:
             woken = list(self._woken.values())
             self._woken.clear()
             for box in woken:
-                box.wake()
+                if box.flush is None or not box.flush():
+                    box.wake()
         return fired
 
     def take(self, state: StreamState) -> str | None:

@@ -23,13 +23,17 @@ Paths, as Binance routes them since 2026-04-23: `/public/...` (depth, bookTicker
 user data named there are accepted and never sent. Any other path is refused with 404.
 
 Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, wakes every
-5 ms (`CADENCE_TICK`), makes every event due by then (`Market.advance`, see `cadence.py`) and
-wakes the connections that read them; each connection's sender then writes what its outbox
-holds, in the order it was made. A big tick (a whole second: 550 mark prices, 550 klines and
-the depth streams at once) is made in chunks of `CADENCE_CHUNK` clocks, and the senders write
-each chunk's frames before the next is made, so the first frames of the burst leave before
-the last are made. An event's `E` is the tick it was made in (chunks or not), so a frame
-leaves as soon as its `E` has come and its turn in the tick is made.
+5 ms (`CADENCE_TICK`) and makes every event due by then (`Market.advance`, see `cadence.py`),
+each queued in the outbox of every connection that reads its stream. It then writes each
+connection's new frames itself, in the order they were made, with one non-blocking write
+(`_write_now`): a turn of the scheduler per connection and tick would cost more than the
+market. What a full socket does not take, and whatever else it cannot write at once (another
+write under way, malformed frames to send first, silence), it leaves to the connection's
+sender task, which writes it before anything newer. A big tick (a whole second: 550 mark
+prices, 550 klines and the depth streams at once) is made in chunks of `CADENCE_CHUNK` clocks,
+each chunk's frames written before the next is made, so the first frames of the burst leave
+before the last are made. An event's `E` is the tick it was made in (chunks or not), so a
+frame leaves as soon as its `E` has come and its turn in the tick is made.
 
 Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
 subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
@@ -41,10 +45,12 @@ their weights), the account's endpoints and the control API under `/sim/` to thi
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -101,10 +107,36 @@ class LockedStream(trio.abc.Stream):
         self.stream = stream
         self.lock = trio.Lock()
         self.torn = False  # a write was cancelled half-way: no more frames can follow
+        self.backlog = b""  # the rest of a `write_now` the socket did not take at once
+        self.short_writes = 0  # `write_now`s that left a backlog
+
+    def write_now(self, data: bytes) -> bool:
+        """Write `data` without waiting, if no other write is under way (False: the caller
+        must send it itself). What the socket does not take at once is kept in `backlog`, and
+        every locked write sends it first. Raises OSError if the connection is gone."""
+        if self.lock.locked() or self.backlog:
+            return False
+        try:
+            sent = os.write(self.stream.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self.backlog = data[sent:]
+            self.torn = True
+            self.short_writes += 1
+        return True
+
+    async def send_backlog(self) -> None:
+        """With the lock held: what `write_now` left, before anything else goes out."""
+        if self.backlog:
+            self.torn = True
+            data, self.backlog = self.backlog, b""
+            await self.stream.send_all(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self.lock:
             self.torn = True
+            await self.send_backlog()
             await self.stream.send_all(data)
             self.torn = False
 
@@ -267,6 +299,8 @@ class Simulator:
                           self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
         conn.target = request.path
+        if self.market.cadence and self.sent is None:
+            conn.outbox.flush = functools.partial(self._write_now, conn)
         self.connections[conn.id] = conn
         self._notify()
         log.info("simulator connection opened", extra={"conn": conn.id, "path": path})
@@ -410,7 +444,7 @@ class Simulator:
 
     async def _send_frames(self, conn: Connection, parts: list[bytes],
                            payloads: list[bytes]) -> None:
-        if not parts:
+        if not parts and not conn.stream.backlog:
             await trio.lowlevel.checkpoint()
             return
         sent = await self._write(conn, b"".join(parts), len(parts))
@@ -419,31 +453,58 @@ class Simulator:
             self.sent.extend((conn.id, p) for p in payloads)
 
     async def _cadence_sender(self, conn: Connection) -> None:
-        """Cadence mode: write what the market's clock made for this connection, in order."""
-        market, pending = self.market, conn.outbox.pending
-        counts = self.frames_by_stream
+        """Cadence mode: write what the market's clock made for this connection, in order, when
+        the clock could not (`_write_now`)."""
+        pending, stream = conn.outbox.pending, conn.stream
         while True:
             if conn.bad:
                 await self._send_malformed(conn)
             if pending and self.silent:
                 pending.clear()
-            if pending:
-                parts: list[bytes] = []
-                payloads: list[bytes] = []
-                while pending and len(parts) < MAX_WRITE:
-                    state = pending.popleft()
-                    text = market.take(state) if state.active else None
-                    if text is None:
-                        continue
-                    payload = text.encode()
-                    parts.append(ws_frame(payload))
-                    payloads.append(payload)
-                    name = state.spec.name
-                    counts[name] = counts.get(name, 0) + 1
+            if pending or stream.backlog:
+                parts, payloads = self._take(conn)
                 await self._send_frames(conn, parts, payloads)
                 continue
             await conn.wake.wait()
             conn.wake = trio.Event()
+
+    def _take(self, conn: Connection) -> tuple[list[bytes], list[bytes]]:
+        """The next frames (at most MAX_WRITE) of `conn`'s outbox, framed, and their payloads."""
+        market, pending, counts = self.market, conn.outbox.pending, self.frames_by_stream
+        parts: list[bytes] = []
+        payloads: list[bytes] = []
+        while pending and len(parts) < MAX_WRITE:
+            state = pending.popleft()
+            text = market.take(state) if state.active else None
+            if text is None:
+                continue
+            payload = text.encode()
+            parts.append(ws_frame(payload))
+            payloads.append(payload)
+            name = state.spec.name
+            counts[name] = counts.get(name, 0) + 1
+        return parts, payloads
+
+    def _write_now(self, conn: Connection) -> bool:
+        """Cadence mode, from the market's clock: write what `conn`'s outbox holds at once,
+        without waking its sender (a quiet market's cost is mostly turns of the scheduler, one
+        per connection and tick). False leaves it to the sender: bad frames to go first,
+        silence, another write under way or unfinished, more than MAX_WRITE frames."""
+        stream = conn.stream
+        if (conn.bad or self.silent or stream.backlog or stream.lock.locked()
+                or conn.ws.closed is not None):
+            return False
+        parts, _ = self._take(conn)
+        if parts:
+            try:
+                stream.write_now(b"".join(parts))
+            except OSError:  # the peer went away; the reader notices too
+                conn.close_reason = "closed by client"
+                conn.scope.cancel()
+                return True
+            conn.frames += len(parts)
+            self.frames_total += len(parts)
+        return not (conn.outbox.pending or stream.backlog)
 
     def market_time(self) -> float:
         """Seconds on the market's clock (cadence mode): 0 at the simulator's start."""
@@ -461,10 +522,10 @@ class Simulator:
             if self._market_changed.is_set():
                 self._market_changed = trio.Event()
             while not self.advance_market(CADENCE_CHUNK):
-                # a big tick (a whole second: 550 mark prices, 550 klines, ...): the senders
-                # write what is made so far before the next chunk is made. A woken sender
-                # takes its frames and sends them in its first turn (`_write`); two turns of
-                # this task, so that it is not the first of the next batch to run either.
+                # a big tick (a whole second: 550 mark prices, 550 klines, ...), made a chunk
+                # at a time: each chunk's frames are written (by `_write_now`, or by a sender
+                # this wakes, which sends in its first turn) before the next is made. Two
+                # turns of this task, so that it is not the first of the next batch either.
                 await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
 
@@ -496,7 +557,9 @@ class Simulator:
             if not closed:
                 stream.torn = True
                 try:
-                    await stream.stream.send_all(data)
+                    await stream.send_backlog()
+                    if data:
+                        await stream.stream.send_all(data)
                     stream.torn = False
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     closed = True
