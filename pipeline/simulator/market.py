@@ -446,9 +446,8 @@ class Market:
     def advance(self, t: float, limit: float = math.inf) -> int:
         """Make every event due by market time `t`, in time order, and flush (or else wake) the
         outbox of each connection that got some. Returns how many clocks fired. With `limit`,
-        stop after that many
-        clocks (the next call goes on where this one stopped, in the same order): the server
-        lets its senders write between such chunks of a big tick."""
+        stop after that many clocks (the next call goes on where this one stopped, in the same
+        order), their frames flushed: the server writes a big tick's frames chunk by chunk."""
         fired = self.schedule.run_until(t, limit)
         if self._woken:
             woken = list(self._woken.values())
