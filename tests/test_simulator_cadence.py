@@ -9,20 +9,26 @@ over real sockets.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import pytest
 import trio
+import trio_websocket
 
-from pipeline.simulator.cadence import Crash
+from pipeline.simulator import server
+from pipeline.simulator.cadence import Crash, Schedule
 from pipeline.simulator.listings import market_symbols
 from pipeline.simulator.market import Market, Outbox, parse_stream
 from tests.conftest import run_cli
@@ -42,9 +48,11 @@ def start_sim(nursery: trio.Nursery) -> Start:
 
 
 def run_market(names: list[str], seconds: float, seed: int = 1,
-               crash: Crash | None = None) -> list[tuple[float, str, str]]:
+               crash: Crash | None = None, chunk: float = math.inf
+               ) -> list[tuple[float, str, str]]:
     """(market time, stream, payload) of every frame the market makes for one reader of
-    `names` subscribed at time 0, through `seconds` of market time in 10 ms steps."""
+    `names` subscribed at time 0, through `seconds` of market time in 10 ms steps; each step
+    made `chunk` clocks at a time, the frames taken between chunks (as the server does)."""
     market = Market(SYMBOLS, seed, cadence_mode=True, crash=crash, now_ms=NOW_MS)
     box = Outbox(lambda: None)
     for name in names:
@@ -53,12 +61,16 @@ def run_market(names: list[str], seconds: float, seed: int = 1,
         market.open_stream(spec, False, box, 0.0)
     out = []
     for step in range(1, int(seconds * 100) + 1):
-        market.advance(step / 100)
-        while box.pending:
-            state = box.pending.popleft()
-            payload = market.take(state)
-            if payload is not None:
-                out.append((step / 100, state.spec.name, payload))
+        t = step / 100
+        while True:
+            market.advance(t, chunk)
+            while box.pending:
+                state = box.pending.popleft()
+                payload = market.take(state)
+                if payload is not None:
+                    out.append((t, state.spec.name, payload))
+            if market.schedule.next_due() > t:
+                break
     return out
 
 
@@ -74,6 +86,41 @@ def test_same_seed_same_events_in_the_same_order_and_another_seed_differs() -> N
     assert first == again
     assert [p for *_, p in first] != [p for *_, p in other]
     assert {n for _, n, _ in first} == set(names)
+
+
+def test_a_tick_made_in_chunks_gives_the_same_events_in_the_same_order() -> None:
+    names = ["btcusdt@aggTrade", "btcusdt@depth@100ms", "ethusdt@kline_1m",
+             "btcusdt@bookTicker", "btcusdt@forceOrder", "!markPrice@arr@1s",
+             *(f"{s.lower()}@markPrice@1s" for s in SYMBOLS[:120])]
+    whole = run_market(names, 3, seed=6)
+    assert len({t for t, n, _ in whole if n.endswith("@markPrice@1s")}) == 4  # 0 s to 3 s
+    assert run_market(names, 3, seed=6, chunk=7) == whole
+    assert run_market(names, 3, seed=6, chunk=1) == whole
+
+
+def test_the_schedule_fires_in_time_then_added_order_and_a_limit_resumes_in_place() -> None:
+    fired: list[str] = []
+
+    def clock(name: str, *gaps: float) -> Callable[[float], float | None]:
+        left = list(gaps)
+
+        def fire(due: float) -> float | None:
+            fired.append(f"{name}@{due:g}")
+            return due + left.pop(0) if left else None
+        return fire
+
+    schedule = Schedule()
+    schedule.add(1.0, clock("a", 1.0))  # a grid time shared by a, b, c
+    schedule.add(0.5, clock("r", 0.5, 0.7))  # a random clock: 0.5, then 1.0 (added after a)
+    schedule.add(1.0, clock("b", 0.0))  # answers its own time again: goes last at 1.0
+    schedule.add(1.0, clock("c"))
+    assert schedule.next_due() == 0.5
+    assert schedule.run_until(1.0, limit=3) == 3  # r@0.5, then a and b of 1.0
+    assert schedule.next_due() == 1.0
+    assert schedule.run_until(1.0) == 3 and schedule.run_until(1.0) == 0
+    assert fired == ["r@0.5", "a@1", "b@1", "c@1", "r@1", "b@1"]
+    assert schedule.run_until(5.0) == 2 and fired[-2:] == ["r@1.7", "a@2"]
+    assert schedule.next_due() == math.inf
 
 
 def test_each_stream_keeps_its_own_cadence() -> None:
@@ -154,6 +201,80 @@ async def test_cadence_over_sockets_each_stream_at_its_rate_and_the_crash_switch
     trades = [len(t["btcusdt@aggTrade"]) for t in (calm, crash)]
     assert trades[0] > 20 and trades[1] > 2 * trades[0]
     assert len(calm[f"{TAIL}@aggTrade"]) < trades[0] / 10
+
+
+async def test_a_whole_second_is_made_in_chunks_and_its_first_frames_leave_before_its_last(
+        start_sim: Start) -> None:
+    sim, ws_url, _ = await start_sim(cadence=True, market_size=550, seed=2)
+    schedule = sim.market.schedule
+    run_until = schedule.run_until
+    calls: list[tuple[int, int, bool]] = []  # (frames written before, clocks fired, tick done)
+
+    def recording(t: float, limit: float = math.inf) -> int:
+        before = sim.frames_total
+        fired = run_until(t, limit)
+        calls.append((before, fired, schedule.next_due() > t))
+        return fired
+
+    schedule.run_until = recording  # type: ignore[method-assign]
+    names = [f"{s.lower()}@markPrice@1s" for s in SYMBOLS]
+    seconds: Counter[int] = Counter()
+    async with connect(f"{ws_url}/market/stream?streams={'/'.join(names)}") as ws:
+        while len(seconds) < 3:
+            msg = orjson.loads(await ws.get_message())
+            seconds[msg["data"]["E"]] += 1
+    # every mark price of a second carries that second, however it was sent
+    assert all(e % 1000 == 0 for e in seconds)
+    assert all(n == 550 for e, n in seconds.items() if e not in (min(seconds), max(seconds)))
+    # a tick cut into chunks, and frames written between its chunks
+    cut = [i for i, (_, fired, done) in enumerate(calls)
+           if fired == server.CADENCE_CHUNK and not done]
+    assert cut
+    assert any(calls[i + 1][0] > calls[i][0] for i in cut if i + 1 < len(calls))
+
+
+async def test_a_reader_that_stalls_gets_every_frame_whole_once_it_reads_again(
+        start_sim: Start) -> None:
+    """The market's clock writes a connection's frames itself while the socket takes them;
+    what a full socket does not take waits (`LockedStream.backlog`) and goes out first later."""
+    sim, ws_url, _ = await start_sim(cadence=True, market_size=550, seed=3)
+    traded = [s.lower() for s in SYMBOLS[:30]]
+    names = [f"{s}@aggTrade" for s in traded] + [f"{s.lower()}@markPrice@1s" for s in SYMBOLS]
+    parts = urlsplit(ws_url)
+    assert parts.hostname is not None and parts.port is not None
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills within a second
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    trades: dict[str, list[int]] = {}
+    marks: dict[str, list[int]] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, parts.hostname, f"/market/stream?streams={'/'.join(names)}",
+                max_message_size=4 * 1024 * 1024)
+            with trio.fail_after(20):  # not reading: the clock's writes stop short
+                while True:
+                    if any(c.stream.short_writes for c in sim.connections.values()):
+                        break
+                    await trio.sleep(0.02)
+            await trio.sleep(0.5)  # and the sender's wait for the socket, meanwhile
+            with trio.move_on_after(2.5):
+                while True:
+                    msg = orjson.loads(await ws.get_message())  # each frame whole
+                    data = msg["data"]
+                    if data["e"] == "aggTrade":
+                        trades.setdefault(data["s"], []).append(data["a"])
+                    else:
+                        marks.setdefault(data["s"], []).append(data["E"])
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert len(marks) == 550 and sum(map(len, trades.values())) > 50
+    # nothing lost, nothing twice, in order
+    assert all(b == a + 1 for ids in trades.values() for a, b in itertools.pairwise(ids))
+    assert all(b == a + 1000 for es in marks.values() for a, b in itertools.pairwise(es))
 
 
 async def event_times(mkt: Any, pub: Any, seconds: float) -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ client following Binance's documented sequencing ends equal to a fresh snapshot.
 from __future__ import annotations
 
 import bisect
-import functools
+import math
 import random
 from collections import deque
 
@@ -25,6 +25,8 @@ import attrs
 
 HISTORY_STEPS = 20_000
 TARGET_LEVELS = 400  # per side; a limit=1000 snapshot holds the whole book
+_DEPTH_LOW, _DEPTH_HIGH = TARGET_LEVELS - 20, TARGET_LEVELS + 20  # kept within these
+_log = math.log
 
 
 @attrs.frozen
@@ -38,14 +40,35 @@ class SymbolSpec:
     qty_decimals: int
     step: int  # in qty units
 
+    # the wire text of each price and quantity seen lately: the hot path formats the same few
+    # hundred prices and the same few thousand quantities again and again (a dict look-up is
+    # half the cost of a cached call); emptied when it holds TEXTS_KEPT
+    _prices: dict[int, str] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+    _qtys: dict[int, str] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+
     def price_text(self, units: int) -> str:
-        return _fixed(units, self.price_decimals)
+        text = self._prices.get(units)
+        if text is None:
+            text = _remember(self._prices, units, self.price_decimals)
+        return text
 
     def qty_text(self, units: int) -> str:
-        return _fixed(units, self.qty_decimals)
+        text = self._qtys.get(units)
+        if text is None:
+            text = _remember(self._qtys, units, self.qty_decimals)
+        return text
 
 
-@functools.lru_cache(maxsize=1 << 16)  # the hot path formats the same few prices again and again
+TEXTS_KEPT = 1 << 14  # per symbol and kind (kline volumes are new numbers every time)
+
+
+def _remember(texts: dict[int, str], units: int, decimals: int) -> str:
+    if len(texts) >= TEXTS_KEPT:
+        texts.clear()
+    text = texts[units] = _fixed(units, decimals)
+    return text
+
+
 def _fixed(units: int, decimals: int) -> str:
     if decimals == 0:
         return str(units)
@@ -97,15 +120,16 @@ class BookSide:
         self.prices = sorted(levels)
 
     def set(self, price: int, qty: int) -> None:
+        qtys = self.qty
         if qty <= 0:
-            if price in self.qty:
-                del self.qty[price]
+            if price in qtys:
+                del qtys[price]
                 self.frag.pop(price, None)
                 del self.prices[bisect.bisect_left(self.prices, price)]
             return
-        if price not in self.qty:
+        if price not in qtys:
             bisect.insort(self.prices, price)
-        self.qty[price] = qty
+        qtys[price] = qty
         self.frag.pop(price, None)
 
     def _format(self, price: int) -> str:
@@ -178,22 +202,26 @@ class Book:
         side, touched = (self.bids, bid_touched) if side_is_bid else (self.asks, ask_touched)
         sign = -1 if side_is_bid else 1
         roll = rng.random()
+        # `rng.expovariate(x)` and `_random_qty()` written out (the same draws and arithmetic):
+        # a whole market of books steps thousands of times a second
         if roll < 0.6:
-            p = side.nth(int(rng.expovariate(0.25)))
-            side.set(p, self._random_qty())
+            p = side.nth(int(-_log(1.0 - rng.random()) / 0.25))
+            side.set(p, self.spec.step * (1 + int(rng.random() * 5000)))
             touched.append(p)
         elif roll < 0.75 and len(side.prices) > 20:
-            p = side.nth(1 + int(rng.expovariate(0.2)))
+            p = side.nth(1 + int(-_log(1.0 - rng.random()) / 0.2))
             side.set(p, 0)
             touched.append(p)
         elif roll < 0.9:
             p = side.best() + sign * tick * rng.randint(1, 30)
-            side.set(p, self._random_qty())
+            side.set(p, self.spec.step * (1 + int(rng.random() * 5000)))
             touched.append(p)
         else:
             self._move_price(side_is_bid, bid_touched, ask_touched)
-        self._keep_depth(self.bids, bid_touched, -1)
-        self._keep_depth(self.asks, ask_touched, 1)
+        if not _DEPTH_LOW <= len(self.bids.prices) <= _DEPTH_HIGH:
+            self._keep_depth(self.bids, bid_touched, -1)
+        if not _DEPTH_LOW <= len(self.asks.prices) <= _DEPTH_HIGH:
+            self._keep_depth(self.asks, ask_touched, 1)
         first = self.update_id + 1
         self.update_id += 1 + int(rng.random() * 4)
         self.history.append((first, self.update_id, tuple(bid_touched), tuple(ask_touched)))
@@ -214,11 +242,11 @@ class Book:
             ask_touched.append(p)
 
     def _keep_depth(self, side: BookSide, touched: list[int], sign: int) -> None:
-        while len(side.prices) > TARGET_LEVELS + 20:
+        while len(side.prices) > _DEPTH_HIGH:
             p = side.worst()
             side.set(p, 0)
             touched.append(p)
-        if len(side.prices) < TARGET_LEVELS - 20:
+        if len(side.prices) < _DEPTH_LOW:
             p = side.worst() + sign * self.spec.tick
             side.set(p, self._random_qty())
             touched.append(p)

@@ -34,7 +34,6 @@ starting) takes effect from each clock's next gap.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -50,6 +49,10 @@ LIQUIDATIONS_PER_S = 0.02
 IDLE_BOOK_CHANGES_PER_S = 1.0
 OFF_HOURS_ACTIVITY = 0.1  # TradFi outside a session: weekend volume is a tenth or less
 BURSTY = ("aggTrade", "bookTicker")
+Fire = Callable[[float], float | None]
+_CLUSTER_RATE = 1 / CLUSTER_GAP_S
+_PARETO_EXP = -1.0 / CLUSTER_ALPHA
+_log = math.log
 
 
 class Crash:
@@ -88,12 +91,14 @@ class BurstClock:
         self.left = 0
 
     def gap(self, rate: float) -> float:
+        # `rng.expovariate` and `rng.paretovariate` written out: the same arithmetic, so the
+        # same floats, without two calls a trade
         rng = self.rng
         if self.left > 0:
             self.left -= 1
-            return rng.expovariate(1 / CLUSTER_GAP_S)
-        self.left = min(CLUSTER_CAP, int(rng.paretovariate(CLUSTER_ALPHA))) - 1
-        return rng.expovariate(rate / MEAN_CLUSTER)
+            return -_log(1.0 - rng.random()) / _CLUSTER_RATE
+        self.left = min(CLUSTER_CAP, int((1.0 - rng.random()) ** _PARETO_EXP)) - 1
+        return -_log(1.0 - rng.random()) / (rate / MEAN_CLUSTER)
 
 
 class PoissonClock:
@@ -102,7 +107,9 @@ class PoissonClock:
         self.min_gap = min_gap
 
     def gap(self, rate: float) -> float:
-        return max(self.min_gap, self.rng.expovariate(rate))
+        # `rng.expovariate(rate)` written out (the same arithmetic, so the same floats): a
+        # whole market of books steps thousands of times a second
+        return max(self.min_gap, -_log(1.0 - self.rng.random()) / rate)
 
 
 def aligned(t: float, period: float) -> float:
@@ -111,27 +118,69 @@ def aligned(t: float, period: float) -> float:
 
 
 class Schedule:
-    """Due times of everything that fires on its own: a heap of (due, order, fire). `fire(due)`
-    makes what is due and answers when it is due next (None: it stopped)."""
+    """Due times of everything that fires on its own. `fire(due)` makes what is due and answers
+    when it is due next, at or after `due` (None: it stopped).
+
+    Fired in time order and, at one time, in the order added (a fire that answers its own
+    `due` again goes last). Kept as a heap of the distinct due times and, for each, what is due
+    then: one fire (the random clocks: books, trades, book tickers) or a list of them (the
+    fixed cadences share their grid times: at a whole second 550 mark prices, 550 klines, the
+    depth streams), so a grid time costs one heap operation, not one per stream, and a random
+    clock's heap compares floats, not tuples.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[float], float | None]]] = []
-        self._order = itertools.count()
+        self._times: list[float] = []  # a heap of the distinct due times
+        self._due: dict[float, Fire | list[Fire]] = {}
+        self._done = 0  # entries of the earliest list fired already (`run_until`'s `limit`)
 
-    def add(self, due: float, fire: Callable[[float], float | None]) -> None:
-        heapq.heappush(self._heap, (due, next(self._order), fire))
+    def add(self, due: float, fire: Fire) -> None:
+        there = self._due.get(due)
+        if there is None:
+            self._due[due] = fire
+            heapq.heappush(self._times, due)
+        elif isinstance(there, list):
+            there.append(fire)
+        else:
+            self._due[due] = [there, fire]
 
     def next_due(self) -> float:
-        return self._heap[0][0] if self._heap else math.inf
+        return self._times[0] if self._times else math.inf
 
-    def run_until(self, t: float) -> int:
-        """Fire everything due by `t`, in time order; returns how many fired."""
-        heap, order = self._heap, self._order
+    def run_until(self, t: float, limit: float = math.inf) -> int:
+        """Fire everything due by `t`, in order; returns how many fired. With `limit`, stop
+        after that many (the rest is fired by the next call, in the same order)."""
+        times, due_at, add = self._times, self._due, self.add
         fired = 0
-        while heap and heap[0][0] <= t:
-            due, _, fire = heapq.heappop(heap)
-            nxt = fire(due)
-            fired += 1
-            if nxt is not None:
-                heapq.heappush(heap, (nxt, next(order), fire))
+        while times and times[0] <= t:
+            due = times[0]
+            there = due_at[due]
+            if not isinstance(there, list):
+                if fired >= limit:
+                    return fired
+                heapq.heappop(times)
+                del due_at[due]
+                fired += 1
+                nxt = there(due)
+                if nxt is not None:
+                    add(nxt, there)
+                continue
+            i = self._done
+            while i < len(there):
+                if fired >= limit:
+                    self._done = i
+                    return fired
+                fire = there[i]
+                i += 1
+                fired += 1
+                nxt = fire(due)
+                if nxt is not None:
+                    add(nxt, fire)  # at `due` again: appended to `there`, fired in this loop
+            self._done = 0
+            del due_at[due]
+            if times[0] == due:
+                heapq.heappop(times)
+            else:  # a fire answered a time before its own (a broken clock): keep the heap whole
+                times.remove(due)
+                heapq.heapify(times)
         return fired

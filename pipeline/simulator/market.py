@@ -34,7 +34,8 @@ per connection, each subscribed stream has a `StreamState` (its place in the fee
 made in one of two ways: on demand, when a connection's pacer (`session.py`) finds the stream
 due and no other connection has made the next event yet (`frame`); or, in cadence mode, on the
 exchange's own clock whoever listens (`advance`, see `cadence.py`), each event then queued in
-the `Outbox` of every connection that reads the stream (`take`).
+the `Outbox` of every connection that reads the stream (`take`), which the server writes out
+when the clock's turn ends (`Outbox.flush`).
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class SymbolMarket:
         self.epoch = 0  # cadence: bumped when its clocks (re)start; older clocks then stop
         pair = listing.pair if listing is not None else spec.symbol
         self.head = f'"s":"{spec.symbol}","ps":"{pair}"'
+        self.equity = listing is not None and listing.tradfi_market == "EQUITY"
+        self._long: dict[int, str] = {}  # `long_price` texts seen lately
         self.tail = f',"st":{symbol_type}}}'
 
     def mark_units(self) -> int:
@@ -156,7 +159,13 @@ class SymbolMarket:
 
     def long_price(self, units: int) -> str:
         """Mark and index prices carry 8 decimals on the wire, e.g. "95000.10000000"."""
-        return self.spec.price_text(units) + "0" * (8 - self.spec.price_decimals)
+        text = self._long.get(units)
+        if text is None:
+            if len(self._long) >= 4096:
+                self._long.clear()
+            text = self.spec.price_text(units) + "0" * (8 - self.spec.price_decimals)
+            self._long[units] = text
+        return text
 
 
 def next_funding_ms(now_ms: int) -> int:
@@ -190,13 +199,16 @@ class Feed:
 class Outbox:
     """Cadence mode: the events made for one connection, in the order the exchange made them
     (each entry names the stream whose next event is due). Bounded: a connection that does not
-    keep up loses the oldest, as it would on Binance."""
+    keep up loses the oldest, as it would on Binance. When a clock's turn made some, `advance`
+    calls `flush` (the server writes them at once, if it can: True) or else `wake`."""
 
-    __slots__ = ("pending", "wake")
+    __slots__ = ("flush", "pending", "wake")
 
-    def __init__(self, wake: Callable[[], None], limit: int = 200_000) -> None:
+    def __init__(self, wake: Callable[[], None], limit: int = 200_000,
+                 flush: Callable[[], bool] | None = None) -> None:
         self.pending: deque[StreamState] = deque(maxlen=limit)
         self.wake = wake
+        self.flush = flush
 
 
 @attrs.define(eq=False)
@@ -226,6 +238,7 @@ class Market:
         self.rng = random.Random(seed)
         self.base_ms = now_ms - now_ms % 1000  # market time 0 (cadence mode)
         self.tick = 0.0  # cadence: the market clock's tick (see `stamp`), set by the server
+        self._stamped: tuple[float, float, int] = (math.nan, 0.0, 0)  # (due, tick, E) last
         self.listings: dict[str, listings.Listing] = {}
         for s in symbols:
             self.listings[s] = listings.new_listing(s, None, now_ms)
@@ -430,15 +443,18 @@ class Market:
 
     # -- events on the exchange's clock (cadence mode) --
 
-    def advance(self, t: float) -> int:
-        """Make every event due by market time `t`, in time order, and wake the connections
-        that got some. Returns how many clocks fired."""
-        fired = self.schedule.run_until(t)
+    def advance(self, t: float, limit: float = math.inf) -> int:
+        """Make every event due by market time `t`, in time order, and flush (or else wake) the
+        outbox of each connection that got some. Returns how many clocks fired. With `limit`,
+        stop after that many clocks (the next call goes on where this one stopped, in the same
+        order), their frames flushed: the server writes a big tick's frames chunk by chunk."""
+        fired = self.schedule.run_until(t, limit)
         if self._woken:
             woken = list(self._woken.values())
             self._woken.clear()
             for box in woken:
-                box.wake()
+                if box.flush is None or not box.flush():
+                    box.wake()
         return fired
 
     def take(self, state: StreamState) -> str | None:
@@ -458,9 +474,14 @@ class Market:
         market's clock it is made in (`tick` seconds; 0: exactly `due`), so frames leave as
         soon as they are stamped and fixed cadences stay on whole seconds."""
         tick = self.tick
+        if due == self._stamped[0] and tick == self._stamped[1]:
+            return self._stamped[2]  # a grid time: hundreds of feeds in a row stamp it
+        at = due
         if tick:
-            due = math.ceil(round(due / tick, 6)) * tick
-        return self.base_ms + round(due * 1000)
+            at = math.ceil(round(due / tick, 6)) * tick
+        ms = self.base_ms + round(at * 1000)
+        self._stamped = (due, tick, ms)
+        return ms
 
     def _start_feed(self, feed: Feed, at: float) -> None:
         spec = feed.spec
@@ -475,7 +496,44 @@ class Market:
             feed.clock = cadence.PoissonClock(rng, min_gap=1.0)
         first = (cadence.aligned(at, spec.interval) if feed.clock is None
                  else at + self._gap(feed, at))
-        self.schedule.add(first, functools.partial(self._fire_feed, feed))
+        fire: Callable[[float], float | None] = functools.partial(self._fire_feed, feed)
+        if spec.kind == "kline":
+            fire = self._kline_clock(feed, fire)
+        elif spec.kind == "markPrice":
+            fire = self._mark_clock(feed)
+        self.schedule.add(first, fire)
+
+    def _mark_clock(self, feed: Feed) -> Callable[[float], float | None]:
+        """A markPrice stream's clock: `_fire_feed` and `_mark_price` in one (a whole market's
+        mark prices fall on the same whole second, and the first of them wait for the last)."""
+        symbol, period = feed.spec.symbol or "", feed.spec.interval
+        sm = self.symbol(symbol)
+
+        def mark(due: float) -> float | None:
+            if feed.closed:
+                return None
+            now_ms = self.stamp(due)
+            if not (self._tradfi and self._quiet(symbol, now_ms)):
+                self._publish(feed, self._mark_payload(sm, now_ms))
+            return round(due + period, 6)  # stays on the grid, as `_fire_feed` keeps it
+        return mark
+
+    def _kline_clock(self, feed: Feed, fire: Callable[[float], float | None]
+                     ) -> Callable[[float], float | None]:
+        """A kline stream's clock: every 250 ms, though most ticks its candle has not changed
+        and nothing is sent (a whole market's klines fire 2,200 times a second). That case is
+        told apart first, without side effects; any other goes to `fire` (`_fire_feed`)."""
+        sm = self.symbol(feed.spec.symbol or "")
+        interval, period = feed.spec.kline, feed.spec.interval
+
+        def quiet_or_fire(due: float) -> float | None:
+            series = sm.candles.get(interval)
+            if (series is not None and not feed.closed and feed.kline_version == series.version
+                    and feed.kline_open == series.current.start
+                    and self.stamp(due) <= series.current.end):
+                return round(due + period, 6)  # what `_kline` would find: nothing to send
+            return fire(due)
+        return quiet_or_fire
 
     def _gap(self, feed: Feed, t: float) -> float:
         spec = feed.spec
@@ -547,7 +605,9 @@ class Market:
                 return None
             sm.book.step()
             rate = full if sm.book_feeds > 0 else cadence.IDLE_BOOK_CHANGES_PER_S
-            factor = self.crash.factor(due) * self.activity(sm.spec.symbol, self.ms(due))
+            factor = self.crash.factor(due)
+            if self._tradfi:  # 1.0 otherwise
+                factor *= self.activity(sm.spec.symbol, self.ms(due))
             return due + clock.gap(rate * factor)
 
         self.schedule.add(at + clock.gap(full), step)
@@ -592,9 +652,7 @@ class Market:
     # -- payloads (field order as Binance sends them) --
 
     def _index_units(self, sm: SymbolMarket, mark: int, now_ms: int) -> int:
-        listing = sm.listing
-        if (listing is not None and listing.tradfi_market == "EQUITY"
-                and not self.hours.in_session("EQUITY", now_ms)):
+        if sm.equity and not self.hours.in_session("EQUITY", now_ms):
             # outside its session an equity's index stays where the market closed
             if sm.frozen_index is None:
                 sm.frozen_index = mark

@@ -23,11 +23,17 @@ Paths, as Binance routes them since 2026-04-23: `/public/...` (depth, bookTicker
 user data named there are accepted and never sent. Any other path is refused with 404.
 
 Cadence mode (`SimConfig.cadence`, issue #16): one more task, the market's clock, wakes every
-5 ms (`CADENCE_TICK`), makes every event due by then (`Market.advance`, see `cadence.py`) and
-wakes the connections that read them; each connection's sender then writes what its outbox
-holds, in the order it was made. An event's `E` is the tick it was made in, so a frame leaves
-as soon as its `E` has come: a client on the same machine reads it about 1 ms after `E` (p99
-5 ms, measured with the machine's two cores busy).
+5 ms (`CADENCE_TICK`) and makes every event due by then (`Market.advance`, see `cadence.py`),
+each queued in the outbox of every connection that reads its stream. It then writes each
+connection's new frames itself, in the order they were made, with one non-blocking write
+(`_write_now`): a turn of the scheduler per connection and tick would cost more than the
+market. What a full socket does not take, and whatever else it cannot write at once (another
+write under way, malformed frames to send first, silence), it leaves to the connection's
+sender task, which writes it before anything newer. A big tick (a whole second: 550 mark
+prices, 550 klines and the depth streams at once) is made in chunks of `CADENCE_CHUNK` clocks,
+each chunk's frames written before the next is made, so the first frames of the burst leave
+before the last are made. An event's `E` is the tick it was made in (chunks or not), so a
+frame leaves as soon as its `E` has come and its turn in the tick is made.
 
 Listings change while running (`list_symbol`, `delist`): a connection keeps every name it
 subscribed to, and serves those of a symbol from the moment it trades until it is delisted.
@@ -39,10 +45,12 @@ their weights), the account's endpoints and the control API under `/sim/` to thi
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -86,6 +94,9 @@ CLOSED_KEPT = 200  # closed connections remembered in stats
 # simulator a tenth of a core.
 CADENCE_TICK = 0.005
 MAX_WRITE = 4096  # frames per write in cadence mode
+# Clocks fired between two turns of the senders in cadence mode (~1 ms of making): the first
+# frames of a big tick leave while the rest are made.
+CADENCE_CHUNK = 200
 MARKET_PATHS = (PUBLIC, MARKET, LEGACY)
 
 
@@ -96,10 +107,36 @@ class LockedStream(trio.abc.Stream):
         self.stream = stream
         self.lock = trio.Lock()
         self.torn = False  # a write was cancelled half-way: no more frames can follow
+        self.backlog = b""  # the rest of a `write_now` the socket did not take at once
+        self.short_writes = 0  # `write_now`s that left a backlog
+
+    def write_now(self, data: bytes) -> bool:
+        """Write `data` without waiting, if no other write is under way (False: the caller
+        must send it itself). What the socket does not take at once is kept in `backlog`, and
+        every locked write sends it first. Raises OSError if the connection is gone."""
+        if self.lock.locked() or self.backlog:
+            return False
+        try:
+            sent = os.write(self.stream.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self.backlog = data[sent:]
+            self.torn = True
+            self.short_writes += 1
+        return True
+
+    async def send_backlog(self) -> None:
+        """With the lock held: what `write_now` left, before anything else goes out."""
+        if self.backlog:
+            self.torn = True
+            data, self.backlog = self.backlog, b""
+            await self.stream.send_all(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self.lock:
             self.torn = True
+            await self.send_backlog()
             await self.stream.send_all(data)
             self.torn = False
 
@@ -262,6 +299,8 @@ class Simulator:
                           self.clock())
         conn.pacer.configure(self.rate, self.burst, self.burst_every, trio.current_time())
         conn.target = request.path
+        if self.market.cadence and self.sent is None:
+            conn.outbox.flush = functools.partial(self._write_now, conn)
         self.connections[conn.id] = conn
         self._notify()
         log.info("simulator connection opened", extra={"conn": conn.id, "path": path})
@@ -405,7 +444,7 @@ class Simulator:
 
     async def _send_frames(self, conn: Connection, parts: list[bytes],
                            payloads: list[bytes]) -> None:
-        if not parts:
+        if not parts and not conn.stream.backlog:
             await trio.lowlevel.checkpoint()
             return
         sent = await self._write(conn, b"".join(parts), len(parts))
@@ -414,31 +453,58 @@ class Simulator:
             self.sent.extend((conn.id, p) for p in payloads)
 
     async def _cadence_sender(self, conn: Connection) -> None:
-        """Cadence mode: write what the market's clock made for this connection, in order."""
-        market, pending = self.market, conn.outbox.pending
-        counts = self.frames_by_stream
+        """Cadence mode: write what the market's clock made for this connection, in order, when
+        the clock could not (`_write_now`)."""
+        pending, stream = conn.outbox.pending, conn.stream
         while True:
             if conn.bad:
                 await self._send_malformed(conn)
             if pending and self.silent:
                 pending.clear()
-            if pending:
-                parts: list[bytes] = []
-                payloads: list[bytes] = []
-                while pending and len(parts) < MAX_WRITE:
-                    state = pending.popleft()
-                    text = market.take(state) if state.active else None
-                    if text is None:
-                        continue
-                    payload = text.encode()
-                    parts.append(ws_frame(payload))
-                    payloads.append(payload)
-                    name = state.spec.name
-                    counts[name] = counts.get(name, 0) + 1
+            if pending or stream.backlog:
+                parts, payloads = self._take(conn)
                 await self._send_frames(conn, parts, payloads)
                 continue
             await conn.wake.wait()
             conn.wake = trio.Event()
+
+    def _take(self, conn: Connection) -> tuple[list[bytes], list[bytes]]:
+        """The next frames (at most MAX_WRITE) of `conn`'s outbox, framed, and their payloads."""
+        market, pending, counts = self.market, conn.outbox.pending, self.frames_by_stream
+        parts: list[bytes] = []
+        payloads: list[bytes] = []
+        while pending and len(parts) < MAX_WRITE:
+            state = pending.popleft()
+            text = market.take(state) if state.active else None
+            if text is None:
+                continue
+            payload = text.encode()
+            parts.append(ws_frame(payload))
+            payloads.append(payload)
+            name = state.spec.name
+            counts[name] = counts.get(name, 0) + 1
+        return parts, payloads
+
+    def _write_now(self, conn: Connection) -> bool:
+        """Cadence mode, from the market's clock: write what `conn`'s outbox holds at once,
+        without waking its sender (a quiet market's cost is mostly turns of the scheduler, one
+        per connection and tick). False leaves it to the sender: bad frames to go first,
+        silence, another write under way or unfinished, more than MAX_WRITE frames."""
+        stream = conn.stream
+        if (conn.bad or self.silent or stream.backlog or stream.lock.locked()
+                or conn.ws.closed is not None):
+            return False
+        parts, _ = self._take(conn)
+        if parts:
+            try:
+                stream.write_now(b"".join(parts))
+            except OSError:  # the peer went away; the reader notices too
+                conn.close_reason = "closed by client"
+                conn.scope.cancel()
+                return True
+            conn.frames += len(parts)
+            self.frames_total += len(parts)
+        return not (conn.outbox.pending or stream.backlog)
 
     def market_time(self) -> float:
         """Seconds on the market's clock (cadence mode): 0 at the simulator's start."""
@@ -455,14 +521,23 @@ class Simulator:
                 await self._market_changed.wait()
             if self._market_changed.is_set():
                 self._market_changed = trio.Event()
-            self.advance_market()
+            while not self.advance_market(CADENCE_CHUNK):
+                # a big tick (a whole second: 550 mark prices, 550 klines, ...), made a chunk
+                # at a time: each chunk's frames are written (by `_write_now`, or by a sender
+                # this wakes, which sends in its first turn) before the next is made. Two
+                # turns of this task, so that it is not the first of the next batch either.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
 
-    def advance_market(self) -> None:
+    def advance_market(self, limit: float = math.inf) -> bool:
         """Cadence mode: make what is due up to the last tick of the market's clock (REST then
-        answers what the streams show); never later, so no `E` is in the future."""
-        if self.market.cadence:
-            ticks = math.floor(round(self.market_time() / CADENCE_TICK, 6))
-            self.market.advance(ticks * CADENCE_TICK)
+        answers what the streams show); never later, so no `E` is in the future. With `limit`,
+        at most that many clocks fire; True when nothing due by that tick is left."""
+        if not self.market.cadence:
+            return True
+        t = math.floor(round(self.market_time() / CADENCE_TICK, 6)) * CADENCE_TICK
+        self.market.advance(t, limit)
+        return self.market.schedule.next_due() > t
 
     def _activity(self, symbol: str | None) -> float:
         return self.market.activity(symbol, int(self.clock() * 1000))
@@ -470,15 +545,26 @@ class Simulator:
     async def _write(self, conn: Connection, data: bytes, frames: int) -> bool:
         """Send `data` unless the connection is closing; True when it went out."""
         stream = conn.stream
-        async with stream.lock:
+        lock = stream.lock
+        try:
+            # free nearly always: taken without a turn of the scheduler (`acquire` yields once
+            # even then), so the frames reach the socket in the sender's first turn
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             closed = conn.ws.closed is not None
             if not closed:
                 stream.torn = True
                 try:
-                    await stream.stream.send_all(data)
+                    await stream.send_backlog()
+                    if data:
+                        await stream.stream.send_all(data)
                     stream.torn = False
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     closed = True
+        finally:
+            lock.release()
         if closed:
             # the peer went away; the reader notices too, this only stops the writing
             conn.close_reason = "closed by client"
