@@ -351,7 +351,9 @@ async def test_klines_are_whole_at_start_and_across_a_gap_in_the_stream(
             ingest = await ingesting.start(functools.partial(
                 run_market_ingest, settings, client, ("BTCUSDT",), timing=SLOW_RECONNECT))
             await until(lambda: whole(r, sim), r, within=10)  # "within seconds of start"
-            assert ingest.history is not None and ingest.history.logged == 1
+            # once; twice when a candle closed between the answer and the stream's first
+            # frame (a minute is 2 s here: the first frame judges the answer)
+            assert ingest.history is not None and ingest.history.logged in (1, 2)
             # the stream's own closed candles go on top of the history
             await until(lambda: [c for c in whole(r, sim)[:2] if c["source"] == "websocket"], r)
             gap_from = whole(r, sim)[0]["open_time"]
