@@ -88,7 +88,8 @@ async def test_every_frame_in_order_and_a_burst_without_a_switch_per_frame(
     assert [f.frame for f in got] == [agg(i) for i in range(1, 6 + BURST)]
     assert [f.seq for f in got] == list(range(1, 6 + BURST))
     assert len({f.conn for f in got}) == 1
-    # 2,000 frames of ~70 bytes arrive in a few 64 KB reads: the reader hands them over as it
-    # parses them, a few task steps in all (a channel hand-off takes two or more per frame)
+    # 2,000 frames of ~70 bytes (~150 KB) arrive in a few reads of up to 64 KB: the reader
+    # hands them over as it parses them, a few task steps a read; a channel hand-off takes two
+    # or more a frame (5,342 for this burst). The bound leaves room for reads of 1 KB.
     taken = rec.steps_at[5 + BURST] - rec.steps_at[6]
-    assert taken < BURST // 20, taken
+    assert taken < BURST // 4, taken
