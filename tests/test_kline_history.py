@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import itertools
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -22,7 +24,7 @@ import trio
 
 from pipeline.config import Settings, load_settings
 from pipeline.eventlog import ControlEntry
-from pipeline.ingest_market import cached_router, run_market_ingest
+from pipeline.ingest_market import MarketIngest, cached_router, run_market_ingest
 from pipeline.klinehistory import KlineHistory
 from pipeline.localredis import LocalRedis
 from pipeline.redisconn import make_client
@@ -293,6 +295,28 @@ def kline_frames(r: redis.Redis) -> list[dict[str, Any]]:
             for _, f in r.xrange("raw:market:kline_1m") if b"frame" in f]
 
 
+@asynccontextmanager
+async def klines_running(redis_server: LocalRedis, sim: Simulator, timing: Timing
+                         ) -> AsyncIterator[MarketIngest]:
+    """The simulator, a kline projector and a market ingestor for BTCUSDT's kline_1m, all on
+    `redis_server`; the ingestor stopped on leaving."""
+    client = make_client(redis_server.url)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws_url, rest_url = await nursery.start(sim.run)
+            settings = settings_for(redis_server.url, ws_url, rest_url)
+            nursery.start_soon(functools.partial(
+                run_projector, settings, choose(settings, "kline"), RunOptions(block_ms=50)))
+            async with trio.open_nursery() as ingesting:
+                ingest = await ingesting.start(functools.partial(
+                    run_market_ingest, settings, client, ("BTCUSDT",), timing=timing))
+                yield ingest
+                ingest.stop()
+            nursery.cancel_scope.cancel()
+    finally:
+        client.close()
+
+
 async def test_a_candle_that_closes_between_the_history_and_the_stream_s_first_frame_is_fetched(
         redis_server: LocalRedis) -> None:
     """The race of every (re)connect, made explicit: REST answers while candle A is open, A
@@ -305,31 +329,20 @@ async def test_a_candle_that_closes_between_the_history_and_the_stream_s_first_f
     sim = Simulator(SimConfig(symbols=("BTCUSDT",), rate=20), clock=clock)
     sim.set_silence()  # the connection opens and the stream is quiet: no first frame yet
     r = redis_server.client()
-    client = make_client(redis_server.url)
-    async with trio.open_nursery() as nursery:
-        ws_url, rest_url = await nursery.start(sim.run)
-        settings = settings_for(redis_server.url, ws_url, rest_url)
-        nursery.start_soon(functools.partial(run_projector, settings, choose(settings, "kline"),
-                                             RunOptions(block_ms=50)))
-        async with trio.open_nursery() as ingesting:
-            ingest = await ingesting.start(functools.partial(
-                run_market_ingest, settings, client, ("BTCUSDT",), timing=FAST))
-            history = ingest.history
-            assert history is not None
-            await until(lambda: history.logged == 1, r)  # answered while A is open
-            [snapshot] = [orjson.loads(f[b"body"]) for _, f in r.xrange("raw:market:kline_1m")
-                          if f.get(b"ctl") == b"snapshot"]
-            assert snapshot["response"][-1][0] == a
-            clock.t = boundary + 1.0  # A closes; then the stream's first frame shows B
-            sim.set_silence(False)
-            first = await until(lambda: kline_frames(r), r)
-            assert first[0]["t"] == b and first[0]["x"] is False
-            clock.t = boundary + 61.0  # the stream closes B, the one it showed
-            got = await until(lambda: (got := whole(r, sim)) and got[0]["open_time"] == b
-                              and got, r)
-            ingest.stop()
-        nursery.cancel_scope.cancel()
-    client.close()
+    async with klines_running(redis_server, sim, FAST) as ingest:
+        history = ingest.history
+        assert history is not None
+        await until(lambda: history.logged == 1, r)  # answered while A is open
+        [snapshot] = [orjson.loads(f[b"body"]) for _, f in r.xrange("raw:market:kline_1m")
+                      if f.get(b"ctl") == b"snapshot"]
+        assert snapshot["response"][-1][0] == a
+        clock.t = boundary + 1.0  # A closes; then the stream's first frame shows B
+        sim.set_silence(False)
+        first = await until(lambda: kline_frames(r), r)
+        assert first[0]["t"] == b and first[0]["x"] is False
+        clock.t = boundary + 61.0  # the stream closes B, the one it showed
+        got = await until(lambda: (got := whole(r, sim)) and got[0]["open_time"] == b
+                          and got, r)
     assert got[0]["source"] == "websocket" and got[1]["open_time"] == a
     assert got[1]["source"] == "rest"  # A came from the second look at REST
     assert history.logged == 2
@@ -341,31 +354,20 @@ async def test_klines_are_whole_at_start_and_across_a_gap_in_the_stream(
     sim = Simulator(SimConfig(symbols=("BTCUSDT",), rate=20),
                     clock=fast_clock(30, start=time.time() - 3600))
     r = redis_server.client()
-    client = make_client(redis_server.url)
-    async with trio.open_nursery() as nursery:
-        ws_url, rest_url = await nursery.start(sim.run)
-        settings = settings_for(redis_server.url, ws_url, rest_url)
-        nursery.start_soon(functools.partial(run_projector, settings, choose(settings, "kline"),
-                                             RunOptions(block_ms=50)))
-        async with trio.open_nursery() as ingesting:
-            ingest = await ingesting.start(functools.partial(
-                run_market_ingest, settings, client, ("BTCUSDT",), timing=SLOW_RECONNECT))
-            await until(lambda: whole(r, sim), r, within=10)  # "within seconds of start"
-            # once; twice when a candle closed between the answer and the stream's first
-            # frame (a minute is 2 s here: the first frame judges the answer)
-            assert ingest.history is not None and ingest.history.logged in (1, 2)
-            # the stream's own closed candles go on top of the history
-            await until(lambda: [c for c in whole(r, sim)[:2] if c["source"] == "websocket"], r)
-            gap_from = whole(r, sim)[0]["open_time"]
+    async with klines_running(redis_server, sim, SLOW_RECONNECT) as ingest:
+        await until(lambda: whole(r, sim), r, within=10)  # "within seconds of start"
+        # once; twice when a candle closed between the answer and the stream's first
+        # frame (a minute is 2 s here: the first frame judges the answer)
+        assert ingest.history is not None and ingest.history.logged in (1, 2)
+        # the stream's own closed candles go on top of the history
+        await until(lambda: [c for c in whole(r, sim)[:2] if c["source"] == "websocket"], r)
+        gap_from = whole(r, sim)[0]["open_time"]
 
-            assert sim.drop("market") == 1  # the exchange sends nothing to a closed connection
-            after = await until(lambda: ingest.history.logged >= 2 and (got := whole(r, sim))
-                                and got[0]["source"] == "websocket"
-                                and got[0]["open_time"] >= gap_from + 5 * MINUTE and got,
-                                r, within=40)
-            ingest.stop()
-        nursery.cancel_scope.cancel()
-    client.close()
+        assert sim.drop("market") == 1  # the exchange sends nothing to a closed connection
+        after = await until(lambda: ingest.history.logged >= 2 and (got := whole(r, sim))
+                            and got[0]["source"] == "websocket"
+                            and got[0]["open_time"] >= gap_from + 5 * MINUTE and got,
+                            r, within=40)
     # the candles that closed while no connection was open came from REST, in their place
     assert [c for c in after if c["open_time"] > gap_from and c["source"] == "rest"]
 
