@@ -9,7 +9,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -148,11 +148,14 @@ def wait_sync(predicate: Any, timeout: float = 20.0) -> None:
 
 async def project_until_drained(settings: Settings, r: redis.Redis,
                                 opts: runner.RunOptions | None = None,
-                                only: str | None = None) -> None:
+                                only: str | None = None,
+                                also: Callable[[], bool] | None = None) -> None:
+    """Run the projections until every group has acknowledged everything and `also()` holds
+    (e.g. a dead letter, written in a round trip after its entry's acknowledgement)."""
     specs = choose(settings, only)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(runner.run, settings, specs, opts or runner.RunOptions())
-        await wait_for(lambda: drained(r, groups_of(specs)))
+        await wait_for(lambda: drained(r, groups_of(specs)) and (also is None or also()))
         nursery.cancel_scope.cancel()
 
 
