@@ -86,14 +86,16 @@ class Peer:
         head, _, rest = bytes(self.received).partition(b"\r\n\r\n")
         self.request, self.received = head, bytearray(rest)
 
-    async def accept(self) -> None:
+    async def accept(self, then: bytes = b"") -> None:
+        """The 101 answer; `then`: bytes sent in the same write (frames that arrive with the
+        handshake, in the client's first read)."""
         await self.read_request()
         key = next(line.split(b":", 1)[1].strip() for line in self.request.split(b"\r\n")
                    if line.lower().startswith(b"sec-websocket-key:"))
         accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
         await self.stream.send_all(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + then)
 
     async def reject(self, status: int) -> None:
         await self.read_request()

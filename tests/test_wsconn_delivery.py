@@ -8,16 +8,13 @@ the 101 answer and the first frames in one write, so they arrive in one read.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-
 import trio
 import trio.testing
 
 from pipeline.eventlog import route_frame
 from pipeline.wsconn import ConnSpec, WsConnection
 from projections.core.keys import KEY_CONN_MARKET
-from tests.hostile_ws import GUID, TEXT, HostileServer, Peer, frame
+from tests.hostile_ws import TEXT, HostileServer, Peer, frame
 from tests.recorder import Recorder
 
 BURST = 2000
@@ -53,16 +50,9 @@ class CountingRecorder(Recorder):
 async def test_every_frame_in_order_and_a_burst_without_a_switch_per_frame(
         autojump_clock: trio.testing.MockClock) -> None:
     async def script(peer: Peer) -> None:
-        await peer.read_request()
-        key = next(line.split(b":", 1)[1].strip() for line in peer.request.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))
-        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
         # the handshake's answer and five frames in one write: the reader queues them before
         # the link has taken over
-        await peer.stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-            + b"".join(frame(TEXT, agg(i)) for i in range(1, 6)))
+        await peer.accept(then=b"".join(frame(TEXT, agg(i)) for i in range(1, 6)))
         await trio.sleep(1)
         await peer.stream.send_all(b"".join(frame(TEXT, agg(i)) for i in range(6, 6 + BURST)))
         await peer.hang()
