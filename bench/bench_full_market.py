@@ -49,7 +49,12 @@ Per phase it reports:
   `raw:market:forceOrder`, which no projection reads);
 - mark-price view age over all symbols: every 0.25-0.75 s (random, so the reads fall anywhere
   in the second) all `mark_price` views are read (MGET) and now - timestamp (the event time)
-  taken; p50/p99 over all reads of the phase;
+  taken; p50/p99 over all reads of the phase. These reads are few (~2 a second, each of 550
+  views that all moved at the same instant), so their p99 is nearly the max of one or two
+  reads near a second's turn and swings between runs; the figure the target is judged on is
+  therefore also computed exactly (`view_ages`): from the projector's writes of every
+  mark-price entry (written_at, E), each view's age at EVERY instant of the phase, p50/p99
+  weighted by time, and the share of time a view is older than 1 s;
 - frame->view latency p50/p99 (bench_projector.py's method: the instant right after the batch's
   write + ack returned minus the frame's `E`; coalesced frames count, their view was written
   with the same or a newer value), with the receive / log / project legs, by family, and from
@@ -107,7 +112,7 @@ FAMILIES = ("markPrice", "kline_1m", "aggTrade", "depth20", "other", "markPrice_
 RAW_KEYS = [market_key(f) for f in FAMILIES]
 UNPROJECTED = (market_key("other"), market_key("forceOrder"))  # logged, folded by nobody
 CONN_KEY = "raw:conn:market"
-COLS = 7  # written_at, E, recv_ts, id_ms, key index, conn index, seq (after the join)
+COLS = 8  # written_at, E, recv_ts, id_ms, key index, conn index, seq, id seq (after the join)
 RECORDED = 4  # written_at, id_ms, id_seq, key index: what the projector child records
 P99_LIMIT_MS = 10.0
 SIM_SATURATED = 0.9  # cores: the simulator is saturated and cannot make more; stop raising
@@ -445,7 +450,7 @@ class Bench:
 
 def load_samples(path: Path, log: dict[str, Any]) -> list[tuple[float, ...]]:
     """The projector child's records joined with the log (`scan_log`'s `frames`): one
-    (written_at, E, recv_ts, id_ms, key index, conn index, seq) per folded frame entry; the
+    (written_at, E, recv_ts, id_ms, key index, conn index, seq, id seq) per folded frame entry; the
     connection names (`scan_log`'s `conns`, by index) go to `<samples>.conns`."""
     frames = log["frames"]
     arr = array.array("d")
@@ -460,7 +465,7 @@ def load_samples(path: Path, log: dict[str, Any]) -> list[tuple[float, ...]]:
             missing += 1  # trimmed from the log before the scan: counted, not timed
             continue
         e, recv, ci, seq = got
-        out.append((at, e, recv, ms, k, ci, seq))
+        out.append((at, e, recv, ms, k, ci, seq, sq))
     path.with_suffix(".conns").write_text("\n".join(log["conns"]) + "\n")
     if missing:
         print(f"WARNING: {missing} folded entries were no longer in the log: not timed",
@@ -496,6 +501,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
             log: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     conn_names = (b.samples_path.with_suffix(".conns")).read_text().split()
+    writes = mark_writes(samples, log["marks"])
     for ph in phases:
         t0, t1 = ph["t0"], ph["t1"]
         c0, c1 = ph["c0"], ph["c1"]
@@ -508,7 +514,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
         folded = 0
         by_family: dict[str, list[float]] = defaultdict(list)
         by_family_recv: dict[str, list[float]] = defaultdict(list)
-        for w, e, recv, id_ms, k, _c, _s in samples:
+        for w, e, recv, id_ms, k, _c, _s, _q in samples:
             if t0 <= w < t1:
                 folded += 1
                 fam = FAMILIES[int(k)]
@@ -556,6 +562,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
             "sim_send_lag_ms": {kind: {"p50": quantiles(v)[0], "p99": quantiles(v)[1],
                                        "frames": len(v)} for kind, v in observed.items()},
             "mark_age_s": {"p50": a50, "p99": a99, "max": amax, "reads": len(ph["mark_ages"])},
+            "mark_age_exact_s": view_ages(writes, t0, t1),
             "cpu_ms_per_1000_frames": {n: 1e6 * v / sent if sent else float("nan")
                                        for n, v in cpu.items()},
             "cpu_cores": {n: v / wall for n, v in cpu.items()},
@@ -600,6 +607,11 @@ def scan_log(r: Any) -> dict[str, Any]:
     frames: dict[tuple[int, int, int], tuple[float, float, int, int]] = {}
     conns: dict[bytes, int] = {}
     trades: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    # mark-price frames by (key index, id ms, id seq): the symbol ("*": an `!markPrice@arr`
+    # frame, every symbol at once)
+    marks: dict[tuple[int, int, int], str] = {}
+    mark_keys = {RAW_KEYS.index(market_key("markPrice")): False,
+                 RAW_KEYS.index(market_key("markPrice_arr")): True}
     for ki, key in enumerate(RAW_KEYS):
         count: Counter[str] = Counter()
         last = "-"
@@ -624,6 +636,13 @@ def scan_log(r: Any) -> dict[str, Any]:
                     ci = conns[conn] = len(conns)
                 frames[(ki, int(ms), int(sq))] = (e, float(f[b"recv_ts"]), ci,
                                                   int(f.get(b"seq", b"0")))
+                if ki in mark_keys:
+                    if mark_keys[ki]:
+                        marks[(ki, int(ms), int(sq))] = "*"
+                    else:
+                        j = frame.find(b'"s":"')
+                        marks[(ki, int(ms), int(sq))] = frame[j + 5:frame.find(b'"', j + 5)
+                                                              ].decode()
                 if key in UNPROJECTED:
                     other.append((float(f[b"recv_ts"]), f[b"conn"].decode(), int(f[b"seq"])))
                 elif key == market_key("aggTrade"):
@@ -632,7 +651,57 @@ def scan_log(r: Any) -> dict[str, Any]:
             last = chunk[-1][0].decode()
         kinds[key] = count
     return {"kinds": kinds, "other": other, "trades": trades, "frames": frames,
-            "conns": [c.decode() for c in conns]}
+            "conns": [c.decode() for c in conns], "marks": marks}
+
+
+def mark_writes(samples: list[tuple[float, ...]], marks: dict[tuple[int, int, int], str]
+                ) -> dict[str, list[tuple[float, float]]]:
+    """Per symbol the (written_at s, E s) of every mark-price frame entry the projector wrote
+    (a sample is `load_samples`' row; `marks` is `scan_log`'s)."""
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for w, e, _recv, id_ms, k, _c, _s, id_sq in samples:
+        symbol = marks.get((int(k), int(id_ms), int(id_sq)))
+        if symbol is not None and e > 0:
+            out[symbol].append((w, e / 1000.0))
+    return out
+
+
+def view_ages(writes: dict[str, list[tuple[float, float]]], t0: float, t1: float
+              ) -> dict[str, float]:
+    """The mark-price views' age (now - the event time of the value a view holds) over every
+    instant of [t0, t1) and every symbol, exactly, from the projector's writes: per symbol
+    the view holds, from each write on, the newest `E` written so far (views.lua refuses an
+    older one), so its age rises with slope 1 between two writes that change it. Returns the
+    time-weighted p50 and p99 (the age a view read at a random instant exceeds with
+    probability 0.5 and 0.01), the max, and the share of time a view is older than 1 s (=
+    the mean latency of its updates when they come once a second)."""
+    segments: list[tuple[float, float]] = []  # (age at start, age at end), seconds
+    for rows in writes.values():
+        rows = sorted(rows)
+        held = None
+        for i, (w, e) in enumerate(rows):
+            held = e if held is None else max(held, e)
+            start = max(w, t0)
+            end = min(rows[i + 1][0] if i + 1 < len(rows) else t1, t1)
+            if end > start:
+                segments.append((start - held, end - held))
+    total = sum(hi - lo for lo, hi in segments)
+    if not total:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"),
+                "over_1s": float("nan")}
+
+    def above(x: float) -> float:
+        return sum(hi - max(lo, x) for lo, hi in segments if hi > x) / total
+
+    def quantile(tail: float) -> float:
+        lo, hi = min(s[0] for s in segments), max(s[1] for s in segments)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if above(mid) > tail else (lo, mid)
+        return hi
+
+    return {"p50": quantile(0.5), "p99": quantile(0.01),
+            "max": max(s[1] for s in segments), "over_1s": above(1.0)}
 
 
 def busiest(ph: dict[str, Any]) -> str:
@@ -672,7 +741,7 @@ def report(results: dict[str, Any]) -> None:
           f"{results['load_after']:.2f} after")
     names = results["processes"]
     for ph in results["phases"]:
-        lat, age = ph["latency_ms"], ph["mark_age_s"]
+        lat, age, exact = ph["latency_ms"], ph["mark_age_s"], ph["mark_age_exact_s"]
         print(f"\n[{ph['phase']} x{ph['multiplier']:g}] {ph['seconds']:.0f} s, load "
               f"{ph['load_avg']:.2f}: {ph['sent_per_s']:,.0f} frames/s; sent {ph['sent']:,}, "
               f"logged {ph['logged']:,}, folded {ph['folded']:,}; lost: seq holes "
@@ -693,7 +762,9 @@ def report(results: dict[str, Any]) -> None:
         print("  the simulator's own lag (E -> a bare raw-socket reader) p50/p99 ms: " + ", ".join(
             f"{k} {v['p50']:.2f}/{v['p99']:.2f}" for k, v in ph["sim_send_lag_ms"].items()))
         print(f"  mark-price view age p50 {age['p50']:.3f} / p99 {age['p99']:.3f} / max "
-              f"{age['max']:.3f} s over {age['reads']:,} reads")
+              f"{age['max']:.3f} s over {age['reads']:,} reads; over every instant, from "
+              f"the writes: p50 {exact['p50']:.3f} / p99 {exact['p99']:.3f} / max "
+              f"{exact['max']:.3f} s, older than 1 s {100 * exact['over_1s']:.2f} % of the time")
         print("  " + "  ".join(
             f"{n}: {ph['cpu_ms_per_1000_frames'][n]:.1f} ms/1k ({ph['cpu_cores'][n]:.2f} "
             f"cores, {ph['rss_mb'][n]:.0f} MB)" for n in names))
@@ -724,10 +795,13 @@ def markdown(results: dict[str, Any]) -> str:
     names = results["processes"]
     lines = ["| phase | frames/s | sent / logged / folded | lost | frame->view p50 / p99 ms "
              "| from recv_ts p50 / p99 | legs p99: receive / log / project | simulator lag p99 "
-             "(markPrice, aggTrade) | mark-price age p50 / p99 s | load |",
-             "|---|---:|---|---|---|---|---|---|---|---|"]
+             "(markPrice, aggTrade) | mark-price age p50 / p99 s (MGET reads) | mark-price "
+             "age p50 / p99 s, every instant; % of time > 1 s | load |",
+             "|---|---:|---|---|---|---|---|---|---|---|---|"]
     for ph in results["phases"]:
         lat, lag = ph["latency_ms"], ph["sim_send_lag_ms"]
+        exact = ph.get("mark_age_exact_s") or dict.fromkeys(("p50", "p99", "over_1s"),
+                                                            float("nan"))
         lost = ph["seq_holes"] + ph["trade_id_holes"]
         lines.append(
             f"| {ph['phase']} x{ph['multiplier']:g} | {ph['sent_per_s']:,.0f} | "
@@ -737,7 +811,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{lat['project_p99']:.1f} | "
             f"{lag.get('markPrice', {}).get('p99', float('nan')):.1f}, "
             f"{lag.get('aggTrade', {}).get('p99', float('nan')):.1f} | "
-            f"{ph['mark_age_s']['p50']:.3f} / **{ph['mark_age_s']['p99']:.3f}** | "
+            f"{ph['mark_age_s']['p50']:.3f} / {ph['mark_age_s']['p99']:.3f} | "
+            f"{exact['p50']:.3f} / **{exact['p99']:.3f}**; {100 * exact['over_1s']:.2f} % | "
             f"{ph['load_avg']:.2f} |")
     lines += ["", "| phase | " + " | ".join(names) + " |",
               "|---|" + "---:|" * len(names)]
