@@ -563,6 +563,7 @@ def analyse(b: Bench, phases: list[dict[str, Any]], samples: list[tuple[float, .
                                        "frames": len(v)} for kind, v in observed.items()},
             "mark_age_s": {"p50": a50, "p99": a99, "max": amax, "reads": len(ph["mark_ages"])},
             "mark_age_exact_s": view_ages(writes, t0, t1),
+            "mark_burst_ms": mark_bursts(samples, log["marks"], t0, t1),
             "cpu_ms_per_1000_frames": {n: 1e6 * v / sent if sent else float("nan")
                                        for n, v in cpu.items()},
             "cpu_cores": {n: v / wall for n, v in cpu.items()},
@@ -666,6 +667,25 @@ def mark_writes(samples: list[tuple[float, ...]], marks: dict[tuple[int, int, in
     return out
 
 
+def mark_bursts(samples: list[tuple[float, ...]], marks: dict[tuple[int, int, int], str],
+                t0: float, t1: float) -> dict[str, float]:
+    """markPrice@1s moves every symbol on the same whole second: per second (the entries that
+    share an `E`), when its first and last mark price reached the ingestor, the log and the
+    view, in ms after that `E`; the medians over the phase's seconds of at least 100 symbols."""
+    by_e: dict[float, list[tuple[float, float, float]]] = defaultdict(list)
+    for w, e, recv, id_ms, k, _c, _s, id_sq in samples:
+        if e > 0 and t0 <= w < t1 and (int(k), int(id_ms), int(id_sq)) in marks:
+            by_e[e].append((recv * 1000 - e, id_ms - e, w * 1000 - e))
+    legs: dict[str, list[float]] = defaultdict(list)
+    for rows in by_e.values():
+        if len(rows) >= 100:
+            for i, leg in enumerate(("received", "logged", "written")):
+                legs[f"{leg}_first"].append(min(r[i] for r in rows))
+                legs[f"{leg}_last"].append(max(r[i] for r in rows))
+            legs["symbols"].append(float(len(rows)))
+    return {k: statistics.median(v) for k, v in legs.items()}
+
+
 def view_ages(writes: dict[str, list[tuple[float, float]]], t0: float, t1: float
               ) -> dict[str, float]:
     """The mark-price views' age (now - the event time of the value a view holds) over every
@@ -765,6 +785,12 @@ def report(results: dict[str, Any]) -> None:
               f"{age['max']:.3f} s over {age['reads']:,} reads; over every instant, from "
               f"the writes: p50 {exact['p50']:.3f} / p99 {exact['p99']:.3f} / max "
               f"{exact['max']:.3f} s, older than 1 s {100 * exact['over_1s']:.2f} % of the time")
+        burst = ph.get("mark_burst_ms") or {}
+        if burst:
+            print(f"  one second's {burst['symbols']:.0f} mark prices, ms after their E (median "
+                  "over the seconds), first / last: " + ", ".join(
+                      f"{leg} {burst[leg + '_first']:.1f} / {burst[leg + '_last']:.1f}"
+                      for leg in ("received", "logged", "written")))
         print("  " + "  ".join(
             f"{n}: {ph['cpu_ms_per_1000_frames'][n]:.1f} ms/1k ({ph['cpu_cores'][n]:.2f} "
             f"cores, {ph['rss_mb'][n]:.0f} MB)" for n in names))

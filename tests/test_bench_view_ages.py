@@ -79,3 +79,21 @@ def test_mark_writes_finds_each_entry_by_its_whole_id() -> None:
                (11.0, 4_002.0, 9.2, 7.0, float(ki + 1), 0.0, 3.0, 0.0)]  # not a mark entry
     assert bench.mark_writes(samples, marks) == {"BTCUSDT": [(10.0, 4.0)],
                                                  "ETHUSDT": [(10.5, 4.001)]}
+
+
+def test_mark_bursts_times_the_first_and_last_of_each_seconds_mark_prices() -> None:
+    ki = float(bench.RAW_KEYS.index(bench.market_key("markPrice")))
+    marks, samples = {}, []
+    for second in range(3):
+        e = 1_000_000.0 + 1_000 * second
+        for n in range(100):  # received n/10 ms after E, logged 1 ms later, written 5 ms later
+            recv = (e + n / 10) / 1000
+            marks[(int(ki), int(e + n / 10 + 1), n)] = f"S{n}"
+            samples.append((recv + 0.006, e, recv, float(int(e + n / 10 + 1)), ki, 0.0,
+                            float(n), float(n)))
+    got = bench.mark_bursts(samples, marks, 0.0, 2e6)
+    assert got["symbols"] == 100
+    assert got["received_first"] == pytest.approx(0.0)
+    assert got["received_last"] == pytest.approx(9.9, abs=1e-6)
+    assert got["written_last"] == pytest.approx(15.9, abs=1e-3)
+    assert got["logged_first"] == 1.0
