@@ -55,6 +55,8 @@ Per phase it reports:
   therefore also computed exactly (`view_ages`): from the projector's writes of every
   mark-price entry (written_at, E), each view's age at EVERY instant of the phase, p50/p99
   weighted by time, and the share of time a view is older than 1 s;
+- one second's mark prices (`mark_bursts`): per second, when the first and the last of the
+  entries sharing an `E` were received, logged and written (medians over the seconds);
 - frame->view latency p50/p99 (bench_projector.py's method: the instant right after the batch's
   write + ack returned minus the frame's `E`; coalesced frames count, their view was written
   with the same or a newer value), with the receive / log / project legs, by family, and from
