@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_full_market.py --quick      # ~1 minute, for a smoke test
     .venv/bin/python bench/bench_full_market.py --steady-s 20 --crash-s 10 --no-headroom
     .venv/bin/python bench/bench_full_market.py --all-families --mark-arr ...  # every family
+    .venv/bin/python bench/bench_full_market.py --split   # a projector per projection, to compare
     .venv/bin/python bench/bench_full_market.py --markdown bench/results/full_market.json
 
 Variants: `--mark-arr` (`!markPrice@arr@1s` instead of 550 markPrice@1s streams), `--shards N`
@@ -128,8 +129,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 # --- the projector child ----------------------------------------------------------------------
 
-def projector_child(out: str) -> int:
-    """`pipeline project` (all market projections, one process) with a recording callback."""
+def projector_child(out: str, only: str | None = None) -> int:
+    """`pipeline project` (all market projections, one process; `only`: that one, as
+    `pipeline project --only NAME`) with a recording callback."""
     import trio
 
     from pipeline.config import load_settings
@@ -138,7 +140,8 @@ def projector_child(out: str) -> int:
     from projections.shell.registry import choose
 
     settings = load_settings(env=dict(os.environ))
-    specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")]
+    specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")
+             and only in (None, s.name)]
     key_index = {k.encode(): i for i, k in enumerate(RAW_KEYS)}
     key_index.update({k: i for i, k in enumerate(RAW_KEYS)})  # type: ignore[dict-item]
     buf = array.array("d")
@@ -314,19 +317,44 @@ class Bench:
             clean_env(**base, PIPELINE_SYMBOLS=",".join(self.symbols[:TOP]),
                       PIPELINE_MARKET_STREAMS=self.book_streams()),
             self.tmp / "ingest_depth.log")
-        proj = start([py, str(Path(__file__).resolve()), "--projector-child",
-                      str(self.samples_path)],
-                     clean_env(**base, PIPELINE_SYMBOLS="ALL",
-                               PIPELINE_MARKET_STREAMS=f"{streams},{self.book_streams()}"),
-                     self.tmp / "projector.log")
-        self.procs["projector"] = proj
-        assert proj.stdout is not None
-        proj.stdout.readline()
+        proj_env = clean_env(**base, PIPELINE_SYMBOLS="ALL",
+                             PIPELINE_MARKET_STREAMS=f"{streams},{self.book_streams()}")
+        for name in self.projector_names(proj_env):
+            label = "projector" if name is None else f"projector_{name}"
+            argv = [py, str(Path(__file__).resolve()), "--projector-child",
+                    str(self.samples_file(name))] + ([] if name is None else ["--only", name])
+            proj = start(argv, proj_env, self.tmp / f"{label}.log")
+            self.procs[label] = proj
+            assert proj.stdout is not None
+            proj.stdout.readline()
         self.pids = {name: p.pid for name, p in self.procs.items()}
         self.pids["redis"] = int(self.r.info("server")["process_id"])
         self.pids["bench"] = os.getpid()
         self.observer = Observer(self.ws, self.symbols)
         self.observer.start()
+
+    def projector_names(self, env: dict[str, str]) -> list[str | None]:
+        """[None]: one projector for all; `--split`: one process per projection's name."""
+        if not self.args.split:
+            return [None]
+        from pipeline.config import load_settings
+        from projections.shell.registry import choose
+        return [s.name for s in choose(load_settings(env=env), None)
+                if s.name not in ("orders", "account")]
+
+    def samples_file(self, name: str | None) -> Path:
+        return self.samples_path if name is None else self.tmp / f"samples-{name}.bin"
+
+    def merge_samples(self) -> None:
+        """`--split`: every projector's records into `samples_path` (each file holds whole
+        records; the analysis sorts nothing by file)."""
+        if self.args.split:
+            with open(self.samples_path, "wb") as out:
+                for label in self.procs:
+                    if label.startswith("projector_"):
+                        path = self.samples_file(label[len("projector_"):])
+                        data = path.read_bytes()
+                        out.write(data[:len(data) // (8 * RECORDED) * 8 * RECORDED])
 
     def book_streams(self) -> str:
         return EVERY_BOOK_STREAM if self.args.all_families else BOOK_STREAMS
@@ -339,8 +367,8 @@ class Bench:
     def stop(self) -> None:
         if hasattr(self, "observer"):
             self.observer.close()
-        for name in ["projector", *(n for n in self.procs if n.startswith("ingest")),
-                     "simulator"]:
+        for name in [*(n for n in self.procs if n.startswith("projector")),
+                     *(n for n in self.procs if n.startswith("ingest")), "simulator"]:
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -872,6 +900,11 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--projector-child", metavar="FILE", help=argparse.SUPPRESS)
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # with --projector-child
+    ap.add_argument("--split", action="store_true",
+                    help="one projector process per projection (as `pipeline project --only "
+                         "NAME` each) instead of ONE for all: what the issue's target excludes, "
+                         "for comparison")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of a results file and "
                                                        "exit (bench/results/full_market.json)")
     ap.add_argument("--steady-s", type=float, default=60.0)
@@ -891,7 +924,7 @@ def main() -> int:
                     help="10 s steady, 8 s crash, headroom x10 and x20 of 6 s")
     args = ap.parse_args()
     if args.projector_child:
-        return projector_child(args.projector_child)
+        return projector_child(args.projector_child, args.only)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
@@ -927,6 +960,7 @@ def main() -> int:
             memory["end"] = b.memory()
             sent = b.drain()
             b.stop()
+            b.merge_samples()
             log = scan_log(b.r)
             samples = load_samples(b.samples_path, log)
             conn_names = (b.samples_path.with_suffix(".conns")).read_text().split()
