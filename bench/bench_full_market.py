@@ -129,6 +129,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 # --- the projector child ----------------------------------------------------------------------
 
+def market_specs(settings: Any, only: str | None = None) -> list[Any]:
+    """The projections `pipeline project` runs for these settings, less the user side's
+    (orders, account: no user stream here); `only`: that one alone."""
+    from projections.shell.registry import choose
+    return [s for s in choose(settings, None) if s.name not in ("orders", "account")
+            and only in (None, s.name)]
+
+
+def whole_records(data: bytes) -> bytes:
+    """A projector child's file up to its last whole record (a child stopped mid-write)."""
+    return data[:len(data) // (8 * RECORDED) * 8 * RECORDED]
+
+
 def projector_child(out: str, only: str | None = None) -> int:
     """`pipeline project` (all market projections, one process; `only`: that one, as
     `pipeline project --only NAME`) with a recording callback."""
@@ -137,11 +150,9 @@ def projector_child(out: str, only: str | None = None) -> int:
     from pipeline.config import load_settings
     from projections.core.batch import Folded, RawEntry
     from projections.shell import project as runner
-    from projections.shell.registry import choose
 
     settings = load_settings(env=dict(os.environ))
-    specs = [s for s in choose(settings, None) if s.name not in ("orders", "account")
-             and only in (None, s.name)]
+    specs = market_specs(settings, only)
     key_index = {k.encode(): i for i, k in enumerate(RAW_KEYS)}
     key_index.update({k: i for i, k in enumerate(RAW_KEYS)})  # type: ignore[dict-item]
     buf = array.array("d")
@@ -338,9 +349,7 @@ class Bench:
         if not self.args.split:
             return [None]
         from pipeline.config import load_settings
-        from projections.shell.registry import choose
-        return [s.name for s in choose(load_settings(env=env), None)
-                if s.name not in ("orders", "account")]
+        return [s.name for s in market_specs(load_settings(env=env))]
 
     def samples_file(self, name: str | None) -> Path:
         return self.samples_path if name is None else self.tmp / f"samples-{name}.bin"
@@ -353,8 +362,7 @@ class Bench:
                 for label in self.procs:
                     if label.startswith("projector_"):
                         path = self.samples_file(label[len("projector_"):])
-                        data = path.read_bytes()
-                        out.write(data[:len(data) // (8 * RECORDED) * 8 * RECORDED])
+                        out.write(whole_records(path.read_bytes()))
 
     def book_streams(self) -> str:
         return EVERY_BOOK_STREAM if self.args.all_families else BOOK_STREAMS
@@ -484,8 +492,7 @@ def load_samples(path: Path, log: dict[str, Any]) -> list[tuple[float, ...]]:
     connection names (`scan_log`'s `conns`, by index) go to `<samples>.conns`."""
     frames = log["frames"]
     arr = array.array("d")
-    data = path.read_bytes()
-    arr.frombytes(data[:len(data) // (8 * RECORDED) * 8 * RECORDED])
+    arr.frombytes(whole_records(path.read_bytes()))
     out: list[tuple[float, ...]] = []
     missing = 0
     for i in range(0, len(arr), RECORDED):
